@@ -1,0 +1,5 @@
+//! Custom resource types. Their doc comments become the CRDs' descriptions.
+
+pub mod rabbit_cluster;
+
+pub use rabbit_cluster::*;

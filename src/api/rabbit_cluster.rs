@@ -1,0 +1,340 @@
+//! The `RabbitCluster` custom resource: one highly available RabbitMQ cluster.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::{Affinity, LocalObjectReference, ResourceRequirements, Toleration};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use kube::{CustomResource, KubeSchema};
+use serde::{Deserialize, Serialize};
+
+/// Annotation that pauses reconciliation of one cluster: while it is `"true"` the operator
+/// writes nothing but the `ReconcileSuccess` condition.
+pub const PAUSE_ANNOTATION: &str = "warren.dev/paused";
+
+/// The default image: the official RabbitMQ image of a current 4.x release, with the management plugin.
+pub const DEFAULT_IMAGE: &str = "rabbitmq:4.1.4-management";
+
+/// Desired state of a highly available RabbitMQ cluster.
+///
+/// The operator turns it into a StatefulSet with stable names and volumes, a headless and a client
+/// Service, an Erlang cookie Secret, default-user credentials, a ConfigMap with rabbitmq.conf and the
+/// bootstrap script, a ServiceAccount and a PodDisruptionBudget; then it applies the HA policy or
+/// default queue type through the management API and reports membership and partitions in status.
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[kube(
+    group = "warren.dev",
+    version = "v1alpha1",
+    kind = "RabbitCluster",
+    namespaced,
+    shortname = "rbc",
+    category = "rabbitmq",
+    status = "RabbitClusterStatus",
+    doc = "A highly available RabbitMQ cluster managed by Warren.",
+    printcolumn(name = "Desired", type_ = "integer", json_path = ".spec.replicas"),
+    printcolumn(name = "Ready", type_ = "integer", json_path = ".status.readyReplicas"),
+    printcolumn(name = "Version", type_ = "string", json_path = ".status.rabbitmqVersion"),
+    printcolumn(
+        name = "Status",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].status"
+    ),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
+    validation = Rule::new("self.metadata.name.size() <= 42").message(
+        "metadata.name: at most 42 characters, so that pod, Service and Secret names derived from it stay valid"
+    ),
+    validation = Rule::new("self.metadata.name.matches('^[a-z]([-a-z0-9]*[a-z0-9])?$')").message(
+        "metadata.name: must be a DNS-1035 label (lower case letters, digits and '-', starting with a letter), since it names Services"
+    )
+)]
+#[serde(rename_all = "camelCase")]
+pub struct RabbitClusterSpec {
+    /// Number of RabbitMQ nodes. Odd counts are recommended: with `pause_minority` an even split
+    /// pauses both halves. Scaling down is refused (see the ReconcileSuccess condition) because
+    /// removing a node needs its queues drained elsewhere first.
+    #[serde(default = "default_replicas")]
+    #[schemars(range(min = 1, max = 99))]
+    pub replicas: i32,
+
+    /// Container image running RabbitMQ. Its tag (for example `4.1.4-management`) tells the operator
+    /// the RabbitMQ version before the broker is reachable.
+    #[serde(default = "default_image")]
+    #[schemars(length(min = 1))]
+    pub image: String,
+
+    /// Secrets used to pull the image.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub image_pull_secrets: Vec<LocalObjectReference>,
+
+    /// Persistent volume of each node (the Mnesia / Khepri data and message store).
+    #[serde(default)]
+    pub persistence: PersistenceSpec,
+
+    /// Compute resources of the RabbitMQ container. Defaults: 1 CPU and 2Gi memory requested,
+    /// 2Gi memory limit. A memory limit sets RabbitMQ's memory high watermark to 40% of it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<ResourceRequirements>,
+
+    /// Pod affinity. Default: prefer spreading the nodes over Kubernetes nodes, so that losing one
+    /// Kubernetes node takes one replica, not two.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub affinity: Option<Affinity>,
+
+    /// Pod tolerations.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tolerations: Vec<Toleration>,
+
+    /// Pod node selector.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub node_selector: BTreeMap<String, String>,
+
+    /// The client Service (AMQP, management, Prometheus).
+    #[serde(default)]
+    pub service: ServiceSpec,
+
+    /// RabbitMQ configuration beyond what the operator sets.
+    #[serde(default)]
+    pub rabbitmq: RabbitmqConfigSpec,
+
+    /// What a node does when it loses contact with its peers. `pause_minority` (default) pauses the
+    /// nodes on the minority side, so a partition never yields two clusters that both accept writes.
+    /// No effect from RabbitMQ 4.3, whose Raft-based metadata store always behaves that way.
+    #[serde(default)]
+    pub partition_handling: PartitionHandling,
+
+    /// How queues survive the loss of a node.
+    #[serde(default)]
+    pub high_availability: HighAvailabilitySpec,
+
+    /// TLS for AMQPS (5671) and the management API over HTTPS (15671).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<TlsSpec>,
+}
+
+fn default_replicas() -> i32 {
+    3
+}
+
+fn default_image() -> String {
+    DEFAULT_IMAGE.to_string()
+}
+
+fn default_storage() -> String {
+    "10Gi".to_string()
+}
+
+/// Persistent storage of each node.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct PersistenceSpec {
+    /// StorageClass of the volume claims; the cluster's default class when omitted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub storage_class_name: Option<String>,
+
+    /// Size of each node's volume, as a Kubernetes quantity (for example `10Gi`).
+    #[serde(default = "default_storage")]
+    #[schemars(regex(pattern = r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|Pi|Ei|k|M|G|T|P|E)?$"))]
+    pub storage: String,
+}
+
+impl Default for PersistenceSpec {
+    fn default() -> Self {
+        Self { storage_class_name: None, storage: default_storage() }
+    }
+}
+
+/// The client Service.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ServiceSpec {
+    /// Service type.
+    #[serde(default, rename = "type")]
+    pub type_: ServiceType,
+
+    /// Annotations put on the client Service (for example for a cloud load balancer).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub annotations: BTreeMap<String, String>,
+}
+
+/// Kubernetes Service type of the client Service.
+#[derive(schemars::JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ServiceType {
+    #[default]
+    ClusterIP,
+    NodePort,
+    LoadBalancer,
+}
+
+/// RabbitMQ configuration files.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct RabbitmqConfigSpec {
+    /// Plugins to enable besides `rabbitmq_management` and `rabbitmq_prometheus`, which are
+    /// always on.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64), inner(regex(pattern = r"^[a-z][a-z0-9_]*$"), length(max = 128)))]
+    pub plugins: Vec<String>,
+
+    /// Extra rabbitmq.conf lines (`key = value`), appended after the operator's own. Keys the
+    /// operator owns (`cluster_partition_handling`, `default_user`, `default_pass`, listeners)
+    /// are refused: set them through the spec instead.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    #[schemars(length(max = 16384))]
+    #[x_kube(validation = Rule::new("!self.matches('(?m)^\\\\s*(cluster_partition_handling|default_user|default_pass|listeners\\\\.)')").message("additionalConfig: cluster_partition_handling, default_user, default_pass and listeners.* are set by the operator"))]
+    pub additional_config: String,
+
+    /// Contents of advanced.config (Erlang terms), for settings rabbitmq.conf cannot express.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    #[schemars(length(max = 65536))]
+    pub advanced_config: String,
+}
+
+/// RabbitMQ's `cluster_partition_handling`.
+#[derive(schemars::JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum PartitionHandling {
+    #[default]
+    PauseMinority,
+    Autoheal,
+    Ignore,
+}
+
+impl PartitionHandling {
+    /// The value rabbitmq.conf expects.
+    pub fn as_config_value(self) -> &'static str {
+        match self {
+            PartitionHandling::PauseMinority => "pause_minority",
+            PartitionHandling::Autoheal => "autoheal",
+            PartitionHandling::Ignore => "ignore",
+        }
+    }
+}
+
+/// How queues survive the loss of a node.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct HighAvailabilitySpec {
+    /// `Auto` (default): classic mirroring on RabbitMQ 3.x, quorum queues as every vhost's default
+    /// queue type on 4.x. `ClassicMirrored` (3.x only: 4.0 removed mirroring), `Quorum` (default
+    /// queue type, RabbitMQ 3.11.12 or later) or `None`.
+    #[serde(default)]
+    pub mode: HighAvailabilityMode,
+
+    /// The classic mirroring policy used on RabbitMQ 3.x.
+    #[serde(default)]
+    pub classic_mirroring: ClassicMirroringSpec,
+}
+
+/// The HA mechanism.
+#[derive(schemars::JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum HighAvailabilityMode {
+    #[default]
+    Auto,
+    ClassicMirrored,
+    Quorum,
+    None,
+}
+
+fn default_policy_name() -> String {
+    "ha-all".to_string()
+}
+
+fn default_policy_pattern() -> String {
+    ".*".to_string()
+}
+
+/// The classic queue mirroring policy (`ha-mode`, `ha-params`, `ha-sync-mode: automatic`).
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("self.haMode != 'exactly' || has(self.haParams)").message("classicMirroring.haParams: required when haMode is exactly"))]
+#[x_kube(validation = Rule::new("self.haMode == 'exactly' || !has(self.haParams)").message("classicMirroring.haParams: only allowed when haMode is exactly"))]
+pub struct ClassicMirroringSpec {
+    /// `all`: a mirror on every node; `exactly`: `haParams` copies in total.
+    #[serde(default)]
+    pub ha_mode: HaMode,
+
+    /// Total number of copies (leader plus mirrors) when `haMode` is `exactly`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 2))]
+    pub ha_params: Option<i32>,
+
+    /// Name of the policy the operator maintains in every vhost.
+    #[serde(default = "default_policy_name")]
+    #[schemars(length(min = 1, max = 255))]
+    pub policy_name: String,
+
+    /// Queue name pattern (a regular expression) of the policy.
+    #[serde(default = "default_policy_pattern")]
+    #[schemars(length(min = 1))]
+    pub pattern: String,
+
+    /// Policy priority; the highest-priority matching policy wins.
+    #[serde(default)]
+    pub priority: i32,
+}
+
+impl Default for ClassicMirroringSpec {
+    fn default() -> Self {
+        Self {
+            ha_mode: HaMode::default(),
+            ha_params: None,
+            policy_name: default_policy_name(),
+            pattern: default_policy_pattern(),
+            priority: 0,
+        }
+    }
+}
+
+/// Classic mirroring `ha-mode`.
+#[derive(schemars::JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum HaMode {
+    #[default]
+    All,
+    Exactly,
+}
+
+/// TLS listeners from Secrets of type kubernetes.io/tls (cert-manager compatible).
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct TlsSpec {
+    /// Secret holding `tls.crt` and `tls.key` (and `ca.crt` unless `caSecretName` is set).
+    #[schemars(length(min = 1))]
+    pub secret_name: String,
+
+    /// Secret holding the CA certificate `ca.crt` used to verify peers; defaults to `secretName`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_secret_name: Option<String>,
+}
+
+/// Observed state of a RabbitCluster.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct RabbitClusterStatus {
+    /// The generation of the spec this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+
+    /// RabbitMQ version reported by the running broker (or read from the image tag until then).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rabbitmq_version: Option<String>,
+
+    /// Replicas of the StatefulSet.
+    #[serde(default)]
+    pub replicas: i32,
+
+    /// Pods ready to serve.
+    #[serde(default)]
+    pub ready_replicas: i32,
+
+    /// Running cluster members, as RabbitMQ node names.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub members: Vec<String>,
+
+    /// Things that work but deserve attention (for example an even replica count).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
+
+    /// Ready, AllReplicasReady, ClusterFormed, HighAvailability, NoPartitions, ReconcileSuccess.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+}

@@ -1,0 +1,149 @@
+//! Step 3 of reconcile: server-side apply of every child, one field manager, owner references.
+//!
+//! Each child carries a hash of what the operator last applied; when the live object carries the
+//! same hash nothing is sent, so a steady cluster costs reads only.
+
+use std::fmt::Debug;
+
+use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service, ServiceAccount};
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use kube::api::{Patch, PatchParams};
+use kube::{Api, Client, Resource, ResourceExt};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use sha2::{Digest, Sha256};
+
+use super::build::Resources;
+use super::validate::ValidatedCluster;
+use crate::error::{Error, Result};
+
+pub const FIELD_MANAGER: &str = "warren";
+pub const APPLIED_HASH_ANNOTATION: &str = "warren.dev/applied-hash";
+
+/// What `apply` changed: `(kind, name)` pairs.
+#[derive(Debug, Default, PartialEq)]
+pub struct Applied {
+    pub created: Vec<(String, String)>,
+    pub updated: Vec<(String, String)>,
+}
+
+/// The children read before applying (they decide credentials and scaling).
+#[derive(Debug, Default)]
+pub struct Existing {
+    pub stateful_set: Option<StatefulSet>,
+    pub erlang_cookie_secret: Option<Secret>,
+    pub default_user_secret: Option<Secret>,
+}
+
+/// GET that turns 404 into `None`.
+pub async fn get_opt<K>(api: &Api<K>, name: &str) -> Result<Option<K>>
+where
+    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug,
+{
+    api.get_opt(name).await.map_err(|e| Error::kube(format!("get {} {name}", K::kind(&())), e))
+}
+
+fn hash_of<K: Serialize>(object: &K) -> Result<String> {
+    let json = serde_json::to_vec(object)
+        .map_err(|e| Error::InvalidSpec { reason: "SerializationFailed", message: e.to_string() })?;
+    Ok(hex::encode(&Sha256::digest(&json)[..12]))
+}
+
+/// Applies one child unless it already carries what would be applied. An object of that name that
+/// this RabbitCluster does not own is left alone and reported: the operator never takes over (or
+/// later garbage-collects) something a user created.
+async fn apply_child<K>(
+    api: &Api<K>,
+    cluster: &ValidatedCluster,
+    mut desired: K,
+    existing: Option<K>,
+    applied: &mut Applied,
+) -> Result<()>
+where
+    K: Resource<DynamicType = ()> + Clone + Serialize + DeserializeOwned + Debug,
+{
+    let kind = K::kind(&()).to_string();
+    let name = desired.name_any();
+    let hash = hash_of(&desired)?;
+    if let Some(live) = &existing {
+        let owned = live.owner_references().iter().any(|o| o.uid == cluster.owner.uid && o.controller == Some(true));
+        if !owned {
+            return Err(Error::ApplyConflict {
+                object: format!("{kind} {name}"),
+                message: "exists and is not owned by this RabbitCluster; rename or delete it".into(),
+            });
+        }
+        if live.annotations().get(APPLIED_HASH_ANNOTATION) == Some(&hash) {
+            return Ok(());
+        }
+    }
+    desired.annotations_mut().insert(APPLIED_HASH_ANNOTATION.into(), hash);
+    // No force: a field another manager took over is reported, not fought over forever.
+    let params = PatchParams::apply(FIELD_MANAGER);
+    match api.patch(&name, &params, &Patch::Apply(&desired)).await {
+        Ok(_) => {
+            let entry = (kind, name);
+            if existing.is_some() {
+                applied.updated.push(entry)
+            } else {
+                applied.created.push(entry)
+            }
+            Ok(())
+        }
+        Err(kube::Error::Api(status)) if status.code == 409 => {
+            Err(Error::ApplyConflict { object: format!("{kind} {name}"), message: status.message.clone() })
+        }
+        Err(e) => Err(Error::kube(format!("apply {kind} {name}"), e)),
+    }
+}
+
+/// Applies every child. The Erlang cookie Secret is only ever created, never rewritten.
+pub async fn apply(
+    client: &Client,
+    cluster: &ValidatedCluster,
+    resources: Resources,
+    existing: Existing,
+) -> Result<Applied> {
+    // Destructured without `..`: a child that `build` makes and this forgets is a compile error.
+    let Resources {
+        headless_service,
+        client_service,
+        erlang_cookie_secret,
+        default_user_secret,
+        config_map,
+        service_account,
+        pod_disruption_budget,
+        stateful_set,
+    } = resources;
+    let ns = cluster.namespace.as_str();
+    let mut applied = Applied::default();
+
+    let service_accounts: Api<ServiceAccount> = Api::namespaced(client.clone(), ns);
+    let live = get_opt(&service_accounts, &cluster.service_account_name()).await?;
+    apply_child(&service_accounts, cluster, service_account, live, &mut applied).await?;
+
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), ns);
+    if existing.erlang_cookie_secret.is_none() {
+        apply_child(&secrets, cluster, erlang_cookie_secret, None, &mut applied).await?;
+    }
+    apply_child(&secrets, cluster, default_user_secret, existing.default_user_secret, &mut applied).await?;
+
+    let config_maps: Api<ConfigMap> = Api::namespaced(client.clone(), ns);
+    let live = get_opt(&config_maps, &cluster.config_map_name()).await?;
+    apply_child(&config_maps, cluster, config_map, live, &mut applied).await?;
+
+    let services: Api<Service> = Api::namespaced(client.clone(), ns);
+    let live = get_opt(&services, &cluster.headless_service_name()).await?;
+    apply_child(&services, cluster, headless_service, live, &mut applied).await?;
+    let live = get_opt(&services, &cluster.client_service_name()).await?;
+    apply_child(&services, cluster, client_service, live, &mut applied).await?;
+
+    let budgets: Api<PodDisruptionBudget> = Api::namespaced(client.clone(), ns);
+    let live = get_opt(&budgets, &cluster.name).await?;
+    apply_child(&budgets, cluster, pod_disruption_budget, live, &mut applied).await?;
+
+    let stateful_sets: Api<StatefulSet> = Api::namespaced(client.clone(), ns);
+    apply_child(&stateful_sets, cluster, stateful_set, existing.stateful_set, &mut applied).await?;
+    Ok(applied)
+}

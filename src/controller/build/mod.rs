@@ -1,0 +1,125 @@
+//! Step 2 of reconcile: a `ValidatedCluster` becomes every child object. Pure: no client.
+
+mod config;
+mod pdb;
+pub mod secrets;
+mod services;
+mod statefulset;
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service, ServiceAccount};
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+
+pub use config::{BOOTSTRAP_SCRIPT, PRE_STOP_SCRIPT, READINESS_SCRIPT, config_hash, rabbitmq_conf};
+pub use secrets::{Credentials, default_user_conf};
+
+use super::validate::ValidatedCluster;
+
+/// Label keys the operator sets on every child.
+pub const NAME_LABEL: &str = "app.kubernetes.io/name";
+pub const INSTANCE_LABEL: &str = "app.kubernetes.io/instance";
+pub const MANAGED_BY_LABEL: &str = "app.kubernetes.io/managed-by";
+pub const COMPONENT_LABEL: &str = "app.kubernetes.io/component";
+/// Annotation on the pod template: a hash of the configuration, so a config change rolls the pods.
+pub const CONFIG_HASH_ANNOTATION: &str = "warren.dev/config-hash";
+
+/// Every object a RabbitCluster owns. `apply` destructures it without `..`, so a child added here
+/// and forgotten there fails to compile.
+#[derive(Clone, Debug)]
+pub struct Resources {
+    pub headless_service: Service,
+    pub client_service: Service,
+    pub erlang_cookie_secret: Secret,
+    pub default_user_secret: Secret,
+    pub config_map: ConfigMap,
+    pub service_account: ServiceAccount,
+    pub pod_disruption_budget: PodDisruptionBudget,
+    pub stateful_set: StatefulSet,
+}
+
+/// Builds every child. `credentials` come from the existing Secrets (or are generated once, by the
+/// caller), so that building stays pure and the cookie never changes.
+pub fn build(cluster: &ValidatedCluster, credentials: &Credentials) -> Resources {
+    let config_map = config::config_map(cluster);
+    Resources {
+        headless_service: services::headless_service(cluster),
+        client_service: services::client_service(cluster),
+        erlang_cookie_secret: secrets::erlang_cookie_secret(cluster, credentials),
+        default_user_secret: secrets::default_user_secret(cluster, credentials),
+        service_account: ServiceAccount {
+            metadata: child_meta(cluster, &cluster.service_account_name()),
+            // Nodes form the cluster with join_cluster, not Kubernetes peer discovery: no API token.
+            automount_service_account_token: Some(false),
+            ..Default::default()
+        },
+        pod_disruption_budget: pdb::pod_disruption_budget(cluster),
+        stateful_set: statefulset::stateful_set(cluster, &config_hash(&config_map)),
+        config_map,
+    }
+}
+
+/// Labels that select a cluster's pods.
+pub fn selector_labels(name: &str) -> BTreeMap<String, String> {
+    BTreeMap::from([(NAME_LABEL.to_string(), "rabbitmq".to_string()), (INSTANCE_LABEL.to_string(), name.to_string())])
+}
+
+/// Labels on every child.
+pub fn labels(name: &str) -> BTreeMap<String, String> {
+    let mut labels = selector_labels(name);
+    labels.insert(MANAGED_BY_LABEL.to_string(), "warren".to_string());
+    labels
+}
+
+fn child_meta(cluster: &ValidatedCluster, name: &str) -> ObjectMeta {
+    ObjectMeta {
+        name: Some(name.to_string()),
+        namespace: Some(cluster.namespace.clone()),
+        labels: Some(labels(&cluster.name)),
+        owner_references: Some(vec![cluster.owner.clone()]),
+        ..Default::default()
+    }
+}
+
+/// Names of the children, derived from the RabbitCluster's name.
+impl ValidatedCluster {
+    pub fn stateful_set_name(&self) -> String {
+        self.name.clone()
+    }
+    pub fn headless_service_name(&self) -> String {
+        format!("{}-nodes", self.name)
+    }
+    pub fn client_service_name(&self) -> String {
+        self.name.clone()
+    }
+    pub fn erlang_cookie_secret_name(&self) -> String {
+        format!("{}-erlang-cookie", self.name)
+    }
+    pub fn default_user_secret_name(&self) -> String {
+        format!("{}-default-user", self.name)
+    }
+    pub fn config_map_name(&self) -> String {
+        format!("{}-config", self.name)
+    }
+    pub fn service_account_name(&self) -> String {
+        format!("{}-rabbitmq", self.name)
+    }
+    /// DNS domain of the pods: `<headless>.<namespace>.svc.<cluster domain>`.
+    pub fn peer_domain(&self) -> String {
+        format!("{}.{}.svc.{}", self.headless_service_name(), self.namespace, self.cluster_domain)
+    }
+    /// Stable DNS name of pod `ordinal`.
+    pub fn pod_host(&self, ordinal: i32) -> String {
+        format!("{}-{ordinal}.{}", self.stateful_set_name(), self.peer_domain())
+    }
+    /// RabbitMQ node name of pod `ordinal` (long names: the pods' FQDNs).
+    pub fn node_name(&self, ordinal: i32) -> String {
+        format!("rabbit@{}", self.pod_host(ordinal))
+    }
+    /// DNS name of the client Service.
+    pub fn client_service_host(&self) -> String {
+        format!("{}.{}.svc.{}", self.client_service_name(), self.namespace, self.cluster_domain)
+    }
+}

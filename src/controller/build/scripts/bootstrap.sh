@@ -1,0 +1,107 @@
+#!/bin/bash
+# Warren node bootstrap: the command of the RabbitMQ container.
+#
+# Starts RabbitMQ and, on a node's first boot only, makes it a member of the cluster with
+# join_cluster. A node that has joined (or seeded) the cluster marks so inside its own data
+# directory; from then on it simply starts, and RabbitMQ re-forms the cluster from its data after
+# any restart. `rabbitmqctl reset` wipes the marker with the data, so a reset node joins again.
+#
+# Environment (from the StatefulSet, or from the test harness for pod i):
+#   RABBITMQ_NODENAME   rabbit@<sts>-<ordinal>.<peer domain> (long names)
+#   WARREN_STS_NAME     the StatefulSet's name
+#   WARREN_PEER_DOMAIN  DNS domain of the pods (the headless Service)
+#   WARREN_CONFIG_DIR   the mounted ConfigMap (holds `replicas`)
+#   WARREN_COOKIE_FILE  the Erlang cookie from its Secret
+set -euo pipefail
+
+log() { echo "warren-bootstrap: $*" >&2; }
+
+: "${RABBITMQ_NODENAME:?must be set}" "${WARREN_STS_NAME:?must be set}" "${WARREN_PEER_DOMAIN:?must be set}"
+config_dir="${WARREN_CONFIG_DIR:-/etc/warren/config}"
+cookie_file="${WARREN_COOKIE_FILE:-/etc/warren/cookie/cookie}"
+mnesia_base="${RABBITMQ_MNESIA_BASE:-/var/lib/rabbitmq/mnesia}"
+marker="${mnesia_base}/${RABBITMQ_NODENAME}/warren-clustered"
+host="${RABBITMQ_NODENAME#*@}"
+pod="${host%%.*}"
+ordinal="${pod##*-}"
+
+# Erlang refuses a cookie file that others can read; Secret volumes are group-readable.
+cookie_target="${HOME:?must be set}/.erlang.cookie"
+rm -f "$cookie_target"
+(umask 077 && cat "$cookie_file" > "$cookie_target")
+chmod 400 "$cookie_target"
+
+rabbitmq-server &
+server_pid=$!
+trap 'kill -TERM "$server_pid" 2>/dev/null || true' TERM INT
+
+server_alive() { kill -0 "$server_pid" 2>/dev/null; }
+
+# The disk nodes of the cluster NODE belongs to, one per line; fails when NODE's RabbitMQ is not running.
+members_of() {
+    local status
+    timeout 60 rabbitmq-diagnostics -q -n "$1" check_running >/dev/null 2>&1 || return 1
+    status=$(timeout 60 rabbitmqctl -q -n "$1" cluster_status --formatter json 2>/dev/null) || return 1
+    sed -n 's/.*"disk_nodes":\[\([^]]*\)\].*/\1/p' <<<"$status" | tr ',' '\n' | tr -d '"' | sed '/^$/d'
+}
+
+join_cluster() {
+    local seed="$1" seed_members="$2"
+    log "joining the cluster of $seed"
+    rabbitmqctl -q stop_app
+    if grep -qxF "$RABBITMQ_NODENAME" <<<"$seed_members"; then
+        # This node's volume was lost: the cluster still lists its old incarnation. Forget it first.
+        log "the cluster still lists $RABBITMQ_NODENAME (its data was lost); forgetting it"
+        rabbitmqctl -q -n "$seed" forget_cluster_node "$RABBITMQ_NODENAME"
+    fi
+    rabbitmqctl -q reset
+    rabbitmqctl -q join_cluster "$seed"
+    rabbitmqctl -q start_app
+}
+
+if [[ -f "$marker" ]]; then
+    log "$RABBITMQ_NODENAME is a cluster member already; starting"
+else
+    until timeout 120 rabbitmqctl -q await_startup >/dev/null 2>&1; do
+        server_alive || { log "RabbitMQ exited during its first boot"; wait "$server_pid"; exit 1; }
+        sleep 2
+    done
+    while true; do
+        own=$(members_of "$RABBITMQ_NODENAME" || true)
+        if [[ $(grep -c . <<<"$own") -gt 1 ]]; then
+            log "other nodes joined $RABBITMQ_NODENAME already"
+            break
+        fi
+        # The lowest-ordinal running peer that is part of the cluster: the seed (ordinal 0) or a node
+        # with company. A lone node with a higher ordinal may be booting for the first time itself.
+        joined=""
+        replicas=$(cat "$config_dir/replicas")
+        for ((i = 0; i < replicas; i++)); do
+            [[ "$i" == "$ordinal" ]] && continue
+            peer="rabbit@${WARREN_STS_NAME}-${i}.${WARREN_PEER_DOMAIN}"
+            members=$(members_of "$peer") || continue
+            if [[ "$i" == 0 || $(grep -c . <<<"$members") -gt 1 ]]; then
+                join_cluster "$peer" "$members"
+                joined="$peer"
+                break
+            fi
+        done
+        [[ -n "$joined" ]] && break
+        if [[ "$ordinal" == 0 ]]; then
+            log "no running cluster member found: $RABBITMQ_NODENAME seeds the cluster"
+            break
+        fi
+        server_alive || { log "RabbitMQ exited while waiting for a peer"; wait "$server_pid"; exit 1; }
+        log "no running cluster member to join yet; retrying in 5 s"
+        sleep 5
+    done
+    touch "$marker"
+    log "$RABBITMQ_NODENAME is clustered"
+fi
+
+set +e
+while true; do
+    wait "$server_pid"
+    status=$?
+    server_alive || exit "$status"
+done

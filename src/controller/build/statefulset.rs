@@ -1,0 +1,277 @@
+//! The StatefulSet: stable names and volumes, Parallel start, non-root, safe stop.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::apps::v1::{
+    StatefulSet, StatefulSetPersistentVolumeClaimRetentionPolicy, StatefulSetSpec, StatefulSetUpdateStrategy,
+};
+use k8s_openapi::api::core::v1::{
+    Capabilities, ConfigMapProjection, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource, EnvVar,
+    EnvVarSource, ExecAction, KeyToPath, Lifecycle, LifecycleHandler, ObjectFieldSelector, PersistentVolumeClaim,
+    PersistentVolumeClaimSpec, PodSecurityContext, PodSpec, PodTemplateSpec, Probe, ProjectedVolumeSource,
+    SeccompProfile, SecretProjection, SecretVolumeSource, SecurityContext, Volume, VolumeMount, VolumeProjection,
+    VolumeResourceRequirements,
+};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
+
+use super::config::{
+    ADDITIONAL_CONF_KEY, ADVANCED_CONFIG_KEY, ENABLED_PLUGINS_KEY, OPERATOR_CONF_KEY, TLS_CA_DIR, TLS_DIR,
+};
+use super::secrets::{COOKIE_KEY, DEFAULT_USER_CONF_KEY};
+use super::services::{DISTRIBUTION_PORT, EPMD_PORT, client_ports};
+use super::{CONFIG_HASH_ANNOTATION, child_meta, labels, selector_labels};
+use crate::controller::validate::ValidatedCluster;
+
+/// uid and gid of the `rabbitmq` user in the official image (and in the Debian-built one).
+const RABBITMQ_UID: i64 = 999;
+const DATA_VOLUME: &str = "data";
+const DATA_DIR: &str = "/var/lib/rabbitmq";
+const CONFIG_DIR: &str = "/etc/warren/config";
+const COOKIE_DIR: &str = "/etc/warren/cookie";
+/// How long preStop may wait for mirrors and quorum queues, and the grace period around it.
+const PRE_STOP_TIMEOUT_SECONDS: i64 = 3000;
+const TERMINATION_GRACE_SECONDS: i64 = 3600;
+
+fn env(name: &str, value: impl Into<String>) -> EnvVar {
+    EnvVar { name: name.into(), value: Some(value.into()), ..Default::default() }
+}
+
+fn env_from_field(name: &str, path: &str) -> EnvVar {
+    EnvVar {
+        name: name.into(),
+        value_from: Some(EnvVarSource {
+            field_ref: Some(ObjectFieldSelector { field_path: path.into(), ..Default::default() }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+fn mount(name: &str, path: &str, read_only: bool) -> VolumeMount {
+    VolumeMount { name: name.into(), mount_path: path.into(), read_only: Some(read_only), ..Default::default() }
+}
+
+fn bash(script: &str) -> Vec<String> {
+    vec!["/bin/bash".into(), format!("{CONFIG_DIR}/{script}")]
+}
+
+fn key(key: &str, path: &str) -> KeyToPath {
+    KeyToPath { key: key.into(), path: path.into(), ..Default::default() }
+}
+
+fn environment(cluster: &ValidatedCluster) -> Vec<EnvVar> {
+    let peer_domain = format!("{}.$(POD_NAMESPACE).svc.{}", cluster.headless_service_name(), cluster.cluster_domain);
+    vec![
+        env_from_field("POD_NAME", "metadata.name"),
+        env_from_field("POD_NAMESPACE", "metadata.namespace"),
+        env("WARREN_STS_NAME", cluster.stateful_set_name()),
+        env("WARREN_PEER_DOMAIN", peer_domain.clone()),
+        env("WARREN_CONFIG_DIR", CONFIG_DIR),
+        env("WARREN_COOKIE_FILE", format!("{COOKIE_DIR}/{COOKIE_KEY}")),
+        env("WARREN_PRESTOP_TIMEOUT", PRE_STOP_TIMEOUT_SECONDS.to_string()),
+        env("RABBITMQ_USE_LONGNAME", "true"),
+        env("RABBITMQ_NODENAME", format!("rabbit@$(POD_NAME).{peer_domain}")),
+        env("RABBITMQ_MNESIA_BASE", format!("{DATA_DIR}/mnesia")),
+        env("RABBITMQ_ENABLED_PLUGINS_FILE", format!("{CONFIG_DIR}/{ENABLED_PLUGINS_KEY}")),
+        env("RABBITMQ_ADVANCED_CONFIG_FILE", format!("{CONFIG_DIR}/{ADVANCED_CONFIG_KEY}")),
+        env("HOME", DATA_DIR),
+    ]
+}
+
+fn volumes(cluster: &ValidatedCluster) -> Vec<Volume> {
+    let mut volumes = vec![
+        Volume {
+            name: "config".into(),
+            config_map: Some(ConfigMapVolumeSource {
+                name: cluster.config_map_name(),
+                default_mode: Some(0o444),
+                ..Default::default()
+            }),
+            ..Default::default()
+        },
+        // conf.d gathers the operator's file, the default user (from its Secret) and the user's lines.
+        Volume {
+            name: "rabbitmq-conf-d".into(),
+            projected: Some(ProjectedVolumeSource {
+                default_mode: Some(0o440),
+                sources: Some(vec![
+                    VolumeProjection {
+                        config_map: Some(ConfigMapProjection {
+                            name: cluster.config_map_name(),
+                            items: Some(vec![
+                                key(OPERATOR_CONF_KEY, OPERATOR_CONF_KEY),
+                                key(ADDITIONAL_CONF_KEY, ADDITIONAL_CONF_KEY),
+                            ]),
+                            ..Default::default()
+                        }),
+                        ..Default::default()
+                    },
+                    VolumeProjection {
+                        secret: Some(SecretProjection {
+                            name: cluster.default_user_secret_name(),
+                            items: Some(vec![key(DEFAULT_USER_CONF_KEY, "11-default-user.conf")]),
+                            ..Default::default()
+                        }),
+                        ..Default::default()
+                    },
+                ]),
+            }),
+            ..Default::default()
+        },
+        Volume {
+            name: "erlang-cookie".into(),
+            secret: Some(SecretVolumeSource {
+                secret_name: Some(cluster.erlang_cookie_secret_name()),
+                default_mode: Some(0o440),
+                ..Default::default()
+            }),
+            ..Default::default()
+        },
+        Volume { name: "tmp".into(), empty_dir: Some(EmptyDirVolumeSource::default()), ..Default::default() },
+    ];
+    if let Some(tls) = &cluster.tls {
+        let secret_volume = |name: &str, secret: &str| Volume {
+            name: name.into(),
+            secret: Some(SecretVolumeSource {
+                secret_name: Some(secret.into()),
+                default_mode: Some(0o440),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        volumes.push(secret_volume("tls", &tls.secret_name));
+        volumes.push(secret_volume("tls-ca", tls.ca_secret_name.as_deref().unwrap_or(&tls.secret_name)));
+    }
+    volumes
+}
+
+fn container(cluster: &ValidatedCluster) -> Container {
+    let mut ports: Vec<ContainerPort> = client_ports(cluster)
+        .into_iter()
+        .chain([("epmd", EPMD_PORT), ("cluster-rpc", DISTRIBUTION_PORT)])
+        .map(|(name, port)| ContainerPort {
+            name: Some(name.into()),
+            container_port: port,
+            protocol: Some("TCP".into()),
+            ..Default::default()
+        })
+        .collect();
+    ports.sort_by_key(|p| p.container_port);
+    let mut volume_mounts = vec![
+        mount(DATA_VOLUME, DATA_DIR, false),
+        mount("config", CONFIG_DIR, true),
+        mount("rabbitmq-conf-d", "/etc/rabbitmq/conf.d", true),
+        mount("erlang-cookie", COOKIE_DIR, true),
+        mount("tmp", "/tmp", false),
+    ];
+    if cluster.tls.is_some() {
+        volume_mounts.push(mount("tls", TLS_DIR, true));
+        volume_mounts.push(mount("tls-ca", TLS_CA_DIR, true));
+    }
+    Container {
+        name: "rabbitmq".into(),
+        image: Some(cluster.image.clone()),
+        command: Some(bash("bootstrap.sh")),
+        env: Some(environment(cluster)),
+        ports: Some(ports),
+        resources: Some(cluster.resources.clone()),
+        volume_mounts: Some(volume_mounts),
+        // Only the node itself: a probe that needs the whole cluster deadlocks a full restart.
+        readiness_probe: Some(Probe {
+            exec: Some(ExecAction { command: Some(bash("ready.sh")) }),
+            initial_delay_seconds: Some(10),
+            period_seconds: Some(10),
+            timeout_seconds: Some(5),
+            failure_threshold: Some(3),
+            ..Default::default()
+        }),
+        lifecycle: Some(Lifecycle {
+            pre_stop: Some(LifecycleHandler {
+                exec: Some(ExecAction { command: Some(bash("pre-stop.sh")) }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        security_context: Some(SecurityContext {
+            allow_privilege_escalation: Some(false),
+            read_only_root_filesystem: Some(true),
+            run_as_non_root: Some(true),
+            capabilities: Some(Capabilities { drop: Some(vec!["ALL".into()]), ..Default::default() }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+pub fn stateful_set(cluster: &ValidatedCluster, config_hash: &str) -> StatefulSet {
+    let mut pod_labels = labels(&cluster.name);
+    pod_labels.insert(super::COMPONENT_LABEL.into(), "broker".into());
+    let pod_spec = PodSpec {
+        service_account_name: Some(cluster.service_account_name()),
+        automount_service_account_token: Some(false),
+        termination_grace_period_seconds: Some(TERMINATION_GRACE_SECONDS),
+        security_context: Some(PodSecurityContext {
+            run_as_user: Some(RABBITMQ_UID),
+            run_as_group: Some(RABBITMQ_UID),
+            fs_group: Some(RABBITMQ_UID),
+            run_as_non_root: Some(true),
+            seccomp_profile: Some(SeccompProfile { type_: "RuntimeDefault".into(), ..Default::default() }),
+            ..Default::default()
+        }),
+        containers: vec![container(cluster)],
+        volumes: Some(volumes(cluster)),
+        affinity: Some(cluster.affinity.clone()),
+        tolerations: (!cluster.tolerations.is_empty()).then(|| cluster.tolerations.clone()),
+        node_selector: (!cluster.node_selector.is_empty()).then(|| cluster.node_selector.clone()),
+        image_pull_secrets: (!cluster.image_pull_secrets.is_empty()).then(|| cluster.image_pull_secrets.clone()),
+        ..Default::default()
+    };
+    let mut claim_spec = PersistentVolumeClaimSpec {
+        access_modes: Some(vec!["ReadWriteOnce".into()]),
+        resources: Some(VolumeResourceRequirements {
+            requests: Some(BTreeMap::from([("storage".to_string(), cluster.storage.clone())])),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    claim_spec.storage_class_name = cluster.storage_class_name.clone();
+    StatefulSet {
+        metadata: child_meta(cluster, &cluster.stateful_set_name()),
+        spec: Some(StatefulSetSpec {
+            replicas: Some(cluster.replicas),
+            service_name: Some(cluster.headless_service_name()),
+            // Parallel: with OrderedReady, pod 0 waits for peers that are not started until it is
+            // ready, and a full restart deadlocks (RabbitMQ clustering guide, "restarts").
+            pod_management_policy: Some("Parallel".into()),
+            selector: LabelSelector { match_labels: Some(selector_labels(&cluster.name)), ..Default::default() },
+            update_strategy: Some(StatefulSetUpdateStrategy {
+                type_: Some("RollingUpdate".into()),
+                ..Default::default()
+            }),
+            // The data outlives the cluster object: PVCs are only deleted by a human.
+            persistent_volume_claim_retention_policy: Some(StatefulSetPersistentVolumeClaimRetentionPolicy {
+                when_deleted: Some("Retain".into()),
+                when_scaled: Some("Retain".into()),
+            }),
+            template: PodTemplateSpec {
+                metadata: Some(ObjectMeta {
+                    labels: Some(pod_labels),
+                    annotations: Some(BTreeMap::from([(CONFIG_HASH_ANNOTATION.to_string(), config_hash.to_string())])),
+                    ..Default::default()
+                }),
+                spec: Some(pod_spec),
+            },
+            volume_claim_templates: Some(vec![PersistentVolumeClaim {
+                metadata: ObjectMeta {
+                    name: Some(DATA_VOLUME.into()),
+                    labels: Some(selector_labels(&cluster.name)),
+                    ..Default::default()
+                },
+                spec: Some(claim_spec),
+                ..Default::default()
+            }]),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}

@@ -1,0 +1,396 @@
+//! The RabbitCluster controller: validate, build, apply, converge, status.
+
+pub mod apply;
+pub mod build;
+pub mod status;
+pub mod validate;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::StreamExt;
+use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service, ServiceAccount};
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::api::{Patch, PatchParams};
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::watcher;
+use kube::{Api, Client, Resource, ResourceExt};
+use serde_json::json;
+
+use self::apply::{Existing, get_opt};
+use self::build::Credentials;
+use self::build::secrets::{COOKIE_KEY, PASSWORD_KEY, USERNAME_KEY};
+use self::status::Verdict;
+use self::validate::{Settings, ValidatedCluster};
+use crate::api::{PAUSE_ANNOTATION, RabbitCluster, RabbitClusterStatus};
+use crate::error::{Error, Result};
+use crate::rabbitmq::broker::{self, BrokerObservation};
+use crate::rabbitmq::management::ManagementClient;
+use crate::server::Metrics;
+
+/// How often a healthy cluster is looked at again (membership and partitions change without any
+/// Kubernetes event).
+const RESYNC: Duration = Duration::from_secs(60);
+/// Back-off bounds after a failure.
+const RETRY_MIN: Duration = Duration::from_secs(5);
+const RETRY_MAX: Duration = Duration::from_secs(300);
+
+/// Everything reconcile needs.
+pub struct Context {
+    pub client: Client,
+    pub recorder: Recorder,
+    pub settings: Settings,
+    /// Management API base URL, with `{service}` and `{namespace}` filled in per cluster.
+    pub management_url_template: String,
+    pub metrics: Metrics,
+    /// Consecutive failures per cluster, for exponential back-off.
+    failures: Mutex<HashMap<String, u32>>,
+}
+
+impl Context {
+    pub fn new(client: Client, settings: Settings, management_url_template: String, metrics: Metrics) -> Self {
+        let reporter = Reporter { controller: "warren".into(), instance: std::env::var("POD_NAME").ok() };
+        Self {
+            recorder: Recorder::new(client.clone(), reporter),
+            client,
+            settings,
+            management_url_template,
+            metrics,
+            failures: Mutex::default(),
+        }
+    }
+
+    fn management_url(&self, cluster: &ValidatedCluster) -> String {
+        self.management_url_template
+            .replace("{service}", &cluster.client_service_name())
+            .replace("{namespace}", &cluster.namespace)
+            .replace("{domain}", &cluster.cluster_domain)
+    }
+
+    async fn event(&self, cluster: &RabbitCluster, type_: EventType, reason: &str, action: &str, note: String) {
+        let event = Event {
+            type_,
+            reason: reason.into(),
+            note: Some(note.chars().take(1000).collect()),
+            action: action.into(),
+            secondary: None,
+        };
+        if let Err(error) = self.recorder.publish(&event, &cluster.object_ref(&())).await {
+            tracing::warn!(%error, cluster = %cluster.name_any(), "publishing an event failed");
+        }
+    }
+
+    fn backoff(&self, key: &str) -> Duration {
+        let mut failures = self.failures.lock().unwrap_or_else(|e| e.into_inner());
+        let count = failures.entry(key.to_string()).or_insert(0);
+        *count = count.saturating_add(1);
+        RETRY_MIN.saturating_mul(1u32 << (*count - 1).min(6)).min(RETRY_MAX)
+    }
+
+    fn succeeded(&self, key: &str) {
+        self.failures.lock().unwrap_or_else(|e| e.into_inner()).remove(key);
+    }
+}
+
+fn object_key(cluster: &RabbitCluster) -> String {
+    format!("{}/{}", cluster.namespace().unwrap_or_default(), cluster.name_any())
+}
+
+/// Runs the controller until the process is asked to stop.
+pub async fn run(ctx: Arc<Context>, namespace: Option<String>) {
+    let client = ctx.client.clone();
+    let api = |c: &Client| match &namespace {
+        Some(ns) => (Api::<RabbitCluster>::namespaced(c.clone(), ns), ns.clone()),
+        None => (Api::<RabbitCluster>::all(c.clone()), String::new()),
+    };
+    let (clusters, ns) = api(&client);
+    fn owned<K: Resource<DynamicType = ()>>(client: &Client, ns: &str) -> Api<K>
+    where
+        K: Resource<Scope = k8s_openapi::NamespaceResourceScope>,
+    {
+        if ns.is_empty() { Api::all(client.clone()) } else { Api::namespaced(client.clone(), ns) }
+    }
+    let children = watcher::Config::default().labels("app.kubernetes.io/managed-by=warren");
+    Controller::new(clusters, watcher::Config::default())
+        .owns(owned::<StatefulSet>(&client, &ns), children.clone())
+        .owns(owned::<Service>(&client, &ns), children.clone())
+        .owns(owned::<ConfigMap>(&client, &ns), children.clone())
+        .owns(owned::<Secret>(&client, &ns), children.clone())
+        .owns(owned::<ServiceAccount>(&client, &ns), children.clone())
+        .owns(owned::<PodDisruptionBudget>(&client, &ns), children)
+        .shutdown_on_signal()
+        .run(reconcile, error_policy, ctx)
+        .for_each(|result| async move {
+            if let Err(error) = result {
+                tracing::debug!(%error, "reconcile loop");
+            }
+        })
+        .await;
+}
+
+/// One reconcile of one RabbitCluster. Errors have already been reported in status and Events
+/// when they come back from here; `error_policy` only schedules the retry.
+pub async fn reconcile(cluster: Arc<RabbitCluster>, ctx: Arc<Context>) -> Result<Action> {
+    let started = std::time::Instant::now();
+    let outcome = reconcile_cluster(&cluster, &ctx).await;
+    ctx.metrics.observe_reconcile(started.elapsed(), outcome.as_ref().err());
+    match outcome {
+        Ok(action) => {
+            ctx.succeeded(&object_key(&cluster));
+            Ok(action)
+        }
+        Err(error) if !error.is_retriable() => {
+            // Only a spec change can help: the watch brings that.
+            tracing::info!(cluster = %object_key(&cluster), reason = error.reason(), "{error}");
+            Ok(Action::await_change())
+        }
+        Err(error) => Err(error),
+    }
+}
+
+pub fn error_policy(cluster: Arc<RabbitCluster>, error: &Error, ctx: Arc<Context>) -> Action {
+    let delay = ctx.backoff(&object_key(&cluster));
+    tracing::warn!(cluster = %object_key(&cluster), reason = error.reason(), retry_in = ?delay, "{error}");
+    Action::requeue(delay)
+}
+
+async fn reconcile_cluster(cluster: &RabbitCluster, ctx: &Context) -> Result<Action> {
+    let paused = cluster.annotations().get(PAUSE_ANNOTATION).is_some_and(|v| v == "true");
+    if paused {
+        let message = format!("reconciliation paused by the annotation {PAUSE_ANNOTATION}");
+        write_status_early(cluster, ctx, "Paused", &message, None).await?;
+        return Ok(Action::await_change());
+    }
+    let validated = match validate::validate(cluster, &ctx.settings) {
+        Ok(v) => v,
+        Err(error) => return fail_early(cluster, ctx, error).await,
+    };
+    match converge_cluster(cluster, &validated, ctx).await {
+        Ok(action) => Ok(action),
+        Err(Stop::Early(error)) => fail_early(cluster, ctx, error).await,
+        Err(Stop::Reported(error)) => Err(error),
+    }
+}
+
+/// Why a pass stopped: before it changed anything (still to be reported), or after it had written
+/// status and Events itself.
+enum Stop {
+    Early(Error),
+    Reported(Error),
+}
+
+impl From<Error> for Stop {
+    fn from(error: Error) -> Self {
+        Stop::Early(error)
+    }
+}
+
+async fn fail_early(cluster: &RabbitCluster, ctx: &Context, error: Error) -> Result<Action> {
+    ctx.event(cluster, EventType::Warning, error.reason(), "Reconcile", error.to_string()).await;
+    write_status_early(cluster, ctx, error.reason(), &error.to_string(), Some(false)).await?;
+    Err(error)
+}
+
+/// Reads what decides credentials and scaling, refuses what must be refused, then applies,
+/// converges the broker and writes status.
+async fn converge_cluster(
+    cluster: &RabbitCluster,
+    validated: &ValidatedCluster,
+    ctx: &Context,
+) -> std::result::Result<Action, Stop> {
+    let ns = validated.namespace.as_str();
+    let stateful_sets: Api<StatefulSet> = Api::namespaced(ctx.client.clone(), ns);
+    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
+    let existing = Existing {
+        stateful_set: get_opt(&stateful_sets, &validated.stateful_set_name()).await?,
+        erlang_cookie_secret: get_opt(&secrets, &validated.erlang_cookie_secret_name()).await?,
+        default_user_secret: get_opt(&secrets, &validated.default_user_secret_name()).await?,
+    };
+    if let Some(current) = existing.stateful_set.as_ref().and_then(|s| s.spec.as_ref()).and_then(|s| s.replicas)
+        && validated.replicas < current
+    {
+        return Err(Stop::Early(Error::ScaleDownRefused { current, desired: validated.replicas }));
+    }
+    check_tls_secrets(&secrets, validated).await?;
+    let credentials = credentials(validated, &existing)?;
+    let resources = build::build(validated, &credentials);
+
+    let applied = apply::apply(&ctx.client, validated, resources, existing).await?;
+    for (kind, name) in &applied.created {
+        ctx.event(cluster, EventType::Normal, "Created", "Apply", format!("created {kind} {name}")).await;
+    }
+    for (kind, name) in &applied.updated {
+        ctx.event(cluster, EventType::Normal, "Updated", "Apply", format!("updated {kind} {name}")).await;
+    }
+    for warning in &validated.warnings {
+        if !cluster.status.as_ref().is_some_and(|s| s.warnings.contains(warning)) {
+            ctx.event(cluster, EventType::Warning, "SpecWarning", "Validate", warning.clone()).await;
+        }
+    }
+
+    // The StatefulSet as it is now (its status is what the pods report).
+    let stateful_set = get_opt(&stateful_sets, &validated.stateful_set_name()).await?;
+    let (_, all_ready) = status::replicas_ready(stateful_set.as_ref(), validated.replicas);
+    let (broker, error) = if all_ready {
+        let expected: Vec<String> = (0..validated.replicas).map(|i| validated.node_name(i)).collect();
+        let outcome = async {
+            let client =
+                ManagementClient::new(&ctx.management_url(validated), &credentials.username, &credentials.password)?;
+            broker::converge(&client, &expected, &validated.high_availability).await
+        }
+        .await;
+        match outcome {
+            Ok(observation) => (Some(observation), None),
+            Err(error) => (None, Some(error)),
+        }
+    } else {
+        (None, None)
+    };
+    if let Some(observation) = &broker {
+        for action in &observation.actions {
+            ctx.event(cluster, EventType::Normal, "BrokerConfigured", "Converge", action.clone()).await;
+        }
+    }
+    if let Some(error) = &error {
+        ctx.event(cluster, EventType::Warning, error.reason(), "Converge", error.to_string()).await;
+    }
+    let why_not_checked = match &error {
+        Some(error) => format!("management API: {error}"),
+        None => "waiting for all pods to be ready".to_string(),
+    };
+    let observed = status::Observed {
+        desired_replicas: validated.replicas,
+        stateful_set: stateful_set.as_ref(),
+        broker: broker.as_ref().ok_or(why_not_checked),
+        error: error.as_ref(),
+    };
+    let verdicts = status::verdicts(&observed);
+    write_status(cluster, ctx, validated, stateful_set.as_ref(), broker.as_ref(), &verdicts).await?;
+    match error {
+        Some(error) => Err(Stop::Reported(error)),
+        None if all_ready => Ok(Action::requeue(RESYNC)),
+        // Pod readiness changes arrive through the owned StatefulSet's watch; this is a safety net.
+        None => Ok(Action::requeue(Duration::from_secs(30))),
+    }
+}
+
+fn secret_value(secret: &Secret, key: &str) -> Option<String> {
+    secret
+        .data
+        .as_ref()
+        .and_then(|d| d.get(key))
+        .and_then(|v| String::from_utf8(v.0.clone()).ok())
+        .filter(|v| !v.is_empty())
+}
+
+/// The cluster's credentials: from the existing Secrets, generated only for what does not exist yet.
+fn credentials(cluster: &ValidatedCluster, existing: &Existing) -> Result<Credentials> {
+    let fresh = Credentials::generate();
+    let erlang_cookie = match &existing.erlang_cookie_secret {
+        Some(secret) => secret_value(secret, COOKIE_KEY).ok_or_else(|| Error::SecretMissing {
+            name: cluster.erlang_cookie_secret_name(),
+            message: format!(
+                "key {COOKIE_KEY:?} is missing or empty; restore it (every node must share the same cookie)"
+            ),
+        })?,
+        None => fresh.erlang_cookie,
+    };
+    let (username, password) = match &existing.default_user_secret {
+        Some(secret) => match (secret_value(secret, USERNAME_KEY), secret_value(secret, PASSWORD_KEY)) {
+            (Some(user), Some(password)) => (user, password),
+            _ => {
+                return Err(Error::SecretMissing {
+                    name: cluster.default_user_secret_name(),
+                    message: "keys \"username\" and \"password\" must be present".into(),
+                });
+            }
+        },
+        None => (fresh.username, fresh.password),
+    };
+    Ok(Credentials { erlang_cookie, username, password })
+}
+
+async fn check_tls_secrets(secrets: &Api<Secret>, cluster: &ValidatedCluster) -> Result<()> {
+    let Some(tls) = &cluster.tls else { return Ok(()) };
+    let ca_secret = tls.ca_secret_name.as_deref().unwrap_or(&tls.secret_name);
+    let mut needed: Vec<(&str, &str)> = vec![(&tls.secret_name, "tls.crt"), (&tls.secret_name, "tls.key")];
+    needed.push((ca_secret, "ca.crt"));
+    let mut fetched: HashMap<&str, Option<Secret>> = HashMap::new();
+    for (name, key) in needed {
+        if !fetched.contains_key(name) {
+            fetched.insert(name, get_opt(secrets, name).await?);
+        }
+        match fetched.get(name).and_then(|s| s.as_ref()) {
+            None => {
+                return Err(Error::SecretMissing {
+                    name: name.to_string(),
+                    message: "named by spec.tls does not exist in the cluster's namespace".into(),
+                });
+            }
+            Some(secret) if secret_value(secret, key).is_none() => {
+                return Err(Error::SecretMissing { name: name.to_string(), message: format!("has no key {key:?}") });
+            }
+            Some(_) => {}
+        }
+    }
+    Ok(())
+}
+
+async fn patch_status(cluster: &RabbitCluster, ctx: &Context, status: RabbitClusterStatus) -> Result<()> {
+    if cluster.status.as_ref() == Some(&status) {
+        return Ok(());
+    }
+    let api: Api<RabbitCluster> = Api::namespaced(ctx.client.clone(), &cluster.namespace().unwrap_or_default());
+    let patch = json!({ "status": status });
+    api.patch_status(&cluster.name_any(), &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .map_err(|e| Error::kube(format!("update status of RabbitCluster {}", cluster.name_any()), e))?;
+    Ok(())
+}
+
+fn now() -> Time {
+    Time(jiff::Timestamp::now())
+}
+
+async fn write_status_early(
+    cluster: &RabbitCluster,
+    ctx: &Context,
+    reason: &str,
+    message: &str,
+    success: Option<bool>,
+) -> Result<()> {
+    let previous = cluster.status.clone().unwrap_or_default();
+    let verdicts = status::early_stop_verdicts(reason, message, success);
+    let conditions = status::merge_conditions(&previous.conditions, &verdicts, cluster.meta().generation, &now());
+    let next = RabbitClusterStatus { observed_generation: cluster.meta().generation, conditions, ..previous };
+    patch_status(cluster, ctx, next).await
+}
+
+async fn write_status(
+    cluster: &RabbitCluster,
+    ctx: &Context,
+    validated: &ValidatedCluster,
+    stateful_set: Option<&StatefulSet>,
+    broker: Option<&BrokerObservation>,
+    verdicts: &[Verdict],
+) -> Result<()> {
+    let previous = cluster.status.clone().unwrap_or_default();
+    let sts_status = stateful_set.and_then(|s| s.status.as_ref());
+    let next = RabbitClusterStatus {
+        observed_generation: cluster.meta().generation,
+        rabbitmq_version: broker
+            .map(|b| b.version.clone())
+            .or_else(|| validated.image_version.map(|v| v.to_string()))
+            .or(previous.rabbitmq_version.clone()),
+        replicas: sts_status.map(|s| s.replicas).unwrap_or(0),
+        ready_replicas: sts_status.and_then(|s| s.ready_replicas).unwrap_or(0),
+        members: broker.map(|b| b.members.clone()).unwrap_or(previous.members.clone()),
+        warnings: validated.warnings.clone(),
+        conditions: status::merge_conditions(&previous.conditions, verdicts, cluster.meta().generation, &now()),
+    };
+    patch_status(cluster, ctx, next).await
+}

@@ -1,0 +1,319 @@
+//! Step 1 of reconcile: a RabbitCluster's spec becomes a `ValidatedCluster`, or a clear error.
+//! Pure: no client. What the CRD schema already rejects is checked again here so that `warren
+//! render` and a cluster with an older CRD give the same answer.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::{
+    Affinity, LocalObjectReference, PodAffinityTerm, PodAntiAffinity, ResourceRequirements, Toleration,
+    WeightedPodAffinityTerm,
+};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, OwnerReference};
+use kube::{Resource, ResourceExt};
+
+use crate::api::{HighAvailabilityMode, HighAvailabilitySpec, PartitionHandling, RabbitCluster, ServiceSpec, TlsSpec};
+use crate::error::{Error, Result};
+use crate::rabbitmq::ha;
+use crate::rabbitmq::version::RabbitVersion;
+
+/// Settings of the operator itself that shape the objects it builds.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    /// The Kubernetes cluster's DNS domain, part of every RabbitMQ node name.
+    pub cluster_domain: String,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self { cluster_domain: "cluster.local".into() }
+    }
+}
+
+/// Plugins every node runs: the operator needs the management API, users need metrics.
+pub const ALWAYS_ENABLED_PLUGINS: [&str; 2] = ["rabbitmq_management", "rabbitmq_prometheus"];
+
+/// rabbitmq.conf keys the operator sets itself; additionalConfig may not override them.
+const OPERATOR_OWNED_KEYS: [&str; 3] = ["cluster_partition_handling", "default_user", "default_pass"];
+
+/// RabbitMQ's share of the container memory limit (its default relative watermark).
+const MEMORY_WATERMARK_FRACTION: f64 = 0.4;
+
+/// A spec that passed every check, with defaults resolved.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ValidatedCluster {
+    pub name: String,
+    pub namespace: String,
+    pub owner: OwnerReference,
+    pub replicas: i32,
+    pub image: String,
+    /// The version the image tag names, if it names one.
+    pub image_version: Option<RabbitVersion>,
+    pub image_pull_secrets: Vec<LocalObjectReference>,
+    pub storage: Quantity,
+    pub storage_class_name: Option<String>,
+    pub resources: ResourceRequirements,
+    pub memory_watermark_bytes: Option<u64>,
+    pub affinity: Affinity,
+    pub tolerations: Vec<Toleration>,
+    pub node_selector: BTreeMap<String, String>,
+    pub service: ServiceSpec,
+    pub plugins: Vec<String>,
+    pub additional_config: String,
+    pub advanced_config: String,
+    pub partition_handling: PartitionHandling,
+    pub high_availability: HighAvailabilitySpec,
+    pub tls: Option<TlsSpec>,
+    pub cluster_domain: String,
+    pub warnings: Vec<String>,
+}
+
+fn invalid(reason: &'static str, message: impl Into<String>) -> Error {
+    Error::InvalidSpec { reason, message: message.into() }
+}
+
+/// Checks a RabbitCluster and resolves its defaults.
+pub fn validate(cluster: &RabbitCluster, settings: &Settings) -> Result<ValidatedCluster> {
+    let name = cluster.name_any();
+    let namespace = cluster
+        .namespace()
+        .ok_or_else(|| invalid("InvalidSpec", "metadata.namespace: a RabbitCluster is namespaced"))?;
+    let owner = cluster
+        .controller_owner_ref(&())
+        .ok_or_else(|| invalid("InvalidSpec", "metadata.uid: missing (the object was not read from the API)"))?;
+    let spec = &cluster.spec;
+
+    if name.len() > 42 || !is_dns_1035_label(&name) {
+        return Err(invalid(
+            "InvalidName",
+            format!("metadata.name {name:?}: must be a DNS-1035 label of at most 42 characters"),
+        ));
+    }
+    if spec.replicas < 1 {
+        return Err(invalid("InvalidReplicas", format!("spec.replicas: {} is below the minimum of 1", spec.replicas)));
+    }
+    let image = spec.image.trim().to_string();
+    if image.is_empty() {
+        return Err(invalid("InvalidImage", "spec.image: must not be empty"));
+    }
+    let image_version = RabbitVersion::from_image(&image);
+
+    let storage_bytes = parse_quantity_bytes(&spec.persistence.storage).map_err(|e| {
+        invalid("InvalidStorage", format!("spec.persistence.storage {:?}: {e}", spec.persistence.storage))
+    })?;
+    if storage_bytes == 0 {
+        return Err(invalid("InvalidStorage", "spec.persistence.storage: must be larger than zero"));
+    }
+
+    let resources = spec.resources.clone().unwrap_or_else(default_resources);
+    let memory_watermark_bytes = match resources.limits.as_ref().and_then(|l| l.get("memory")) {
+        Some(limit) => {
+            let bytes = parse_quantity_bytes(&limit.0)
+                .map_err(|e| invalid("InvalidResources", format!("spec.resources.limits.memory {:?}: {e}", limit.0)))?;
+            Some((bytes as f64 * MEMORY_WATERMARK_FRACTION) as u64)
+        }
+        None => None,
+    };
+
+    check_additional_config(&spec.rabbitmq.additional_config)?;
+    let mut plugins: Vec<String> = ALWAYS_ENABLED_PLUGINS.iter().map(|p| p.to_string()).collect();
+    for plugin in &spec.rabbitmq.plugins {
+        if plugin.is_empty() || !plugin.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_') {
+            return Err(invalid("InvalidPlugin", format!("spec.rabbitmq.plugins: {plugin:?} is not a plugin name")));
+        }
+        if !plugins.contains(plugin) {
+            plugins.push(plugin.clone());
+        }
+    }
+    plugins.sort();
+
+    check_high_availability(&spec.high_availability, image_version)?;
+    if let Some(tls) = &spec.tls
+        && tls.secret_name.trim().is_empty()
+    {
+        return Err(invalid("InvalidTls", "spec.tls.secretName: must not be empty"));
+    }
+
+    let mut warnings = Vec::new();
+    if spec.replicas % 2 == 0 {
+        warnings.push(format!(
+            "spec.replicas is {}: with an even count a partition can split the cluster in halves, and \
+             pause_minority then pauses both; use an odd count",
+            spec.replicas
+        ));
+    }
+    if let Some(copies) = spec.high_availability.classic_mirroring.ha_params
+        && copies > spec.replicas
+    {
+        warnings.push(format!(
+            "highAvailability.classicMirroring.haParams is {copies} but only {} replicas run: every node holds a copy",
+            spec.replicas
+        ));
+    }
+    if image_version.is_none() {
+        warnings.push(format!(
+            "spec.image {image:?} names no version in its tag: the HA mechanism is chosen once the broker reports its version"
+        ));
+    }
+
+    let affinity = spec.affinity.clone().unwrap_or_else(|| spread_over_nodes(&name));
+    Ok(ValidatedCluster {
+        name,
+        namespace,
+        owner,
+        replicas: spec.replicas,
+        image,
+        image_version,
+        image_pull_secrets: spec.image_pull_secrets.clone(),
+        storage: Quantity(spec.persistence.storage.clone()),
+        storage_class_name: spec.persistence.storage_class_name.clone(),
+        resources,
+        memory_watermark_bytes,
+        affinity,
+        tolerations: spec.tolerations.clone(),
+        node_selector: spec.node_selector.clone(),
+        service: spec.service.clone(),
+        plugins,
+        additional_config: spec.rabbitmq.additional_config.clone(),
+        advanced_config: spec.rabbitmq.advanced_config.clone(),
+        partition_handling: spec.partition_handling,
+        high_availability: spec.high_availability.clone(),
+        tls: spec.tls.clone(),
+        cluster_domain: settings.cluster_domain.clone(),
+        warnings,
+    })
+}
+
+fn is_dns_1035_label(name: &str) -> bool {
+    let bytes = name.as_bytes();
+    !bytes.is_empty()
+        && bytes[0].is_ascii_lowercase()
+        && bytes.last().is_some_and(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+        && bytes.iter().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'-')
+}
+
+fn check_high_availability(spec: &HighAvailabilitySpec, image_version: Option<RabbitVersion>) -> Result<()> {
+    let mirroring = &spec.classic_mirroring;
+    match (mirroring.ha_mode, mirroring.ha_params) {
+        (crate::api::HaMode::Exactly, None) => {
+            return Err(invalid(
+                "InvalidHighAvailability",
+                "highAvailability.classicMirroring.haParams: required when haMode is exactly",
+            ));
+        }
+        (crate::api::HaMode::Exactly, Some(copies)) if copies < 2 => {
+            return Err(invalid(
+                "InvalidHighAvailability",
+                format!("highAvailability.classicMirroring.haParams: {copies} is below 2 (a leader and one mirror)"),
+            ));
+        }
+        (crate::api::HaMode::All, Some(_)) => {
+            return Err(invalid(
+                "InvalidHighAvailability",
+                "highAvailability.classicMirroring.haParams: only allowed when haMode is exactly",
+            ));
+        }
+        _ => {}
+    }
+    if mirroring.policy_name.trim().is_empty() || regex::Regex::new(&mirroring.pattern).is_err() {
+        return Err(invalid(
+            "InvalidHighAvailability",
+            format!(
+                "highAvailability.classicMirroring: policyName must not be empty and pattern {:?} must be a regular expression",
+                mirroring.pattern
+            ),
+        ));
+    }
+    // With the image's version known, refuse now what the broker would refuse later.
+    if let Some(version) = image_version
+        && spec.mode != HighAvailabilityMode::Auto
+    {
+        ha::plan(spec, version).map_err(|refusal| invalid(refusal.reason, refusal.message))?;
+    }
+    Ok(())
+}
+
+fn check_additional_config(config: &str) -> Result<()> {
+    for (index, line) in config.lines().enumerate() {
+        let trimmed = line.trim();
+        if trimmed.is_empty() || trimmed.starts_with('#') {
+            continue;
+        }
+        let Some((key, _value)) = trimmed.split_once('=') else {
+            return Err(invalid(
+                "InvalidConfig",
+                format!("spec.rabbitmq.additionalConfig line {}: {trimmed:?} is not `key = value`", index + 1),
+            ));
+        };
+        let key = key.trim();
+        if OPERATOR_OWNED_KEYS.contains(&key) || key.starts_with("listeners.") {
+            return Err(invalid(
+                "InvalidConfig",
+                format!(
+                    "spec.rabbitmq.additionalConfig line {}: {key} is set by the operator (use the spec's own field)",
+                    index + 1
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// 1 CPU and 2Gi, as RabbitMQ's production checklist starts from; the memory limit equals the request
+/// so that the watermark derived from it holds.
+fn default_resources() -> ResourceRequirements {
+    ResourceRequirements {
+        requests: Some(BTreeMap::from([
+            ("cpu".to_string(), Quantity("1".into())),
+            ("memory".to_string(), Quantity("2Gi".into())),
+        ])),
+        limits: Some(BTreeMap::from([("memory".to_string(), Quantity("2Gi".into()))])),
+        ..Default::default()
+    }
+}
+
+/// Prefer one replica per Kubernetes node: losing a node then takes one replica, not two.
+fn spread_over_nodes(name: &str) -> Affinity {
+    Affinity {
+        pod_anti_affinity: Some(PodAntiAffinity {
+            preferred_during_scheduling_ignored_during_execution: Some(vec![WeightedPodAffinityTerm {
+                weight: 100,
+                pod_affinity_term: PodAffinityTerm {
+                    label_selector: Some(LabelSelector {
+                        match_labels: Some(super::build::selector_labels(name)),
+                        ..Default::default()
+                    }),
+                    topology_key: "kubernetes.io/hostname".into(),
+                    ..Default::default()
+                },
+            }]),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// Parses a Kubernetes quantity into bytes (`10Gi`, `512Mi`, `1G`, `1.5Gi`, `1073741824`).
+pub fn parse_quantity_bytes(text: &str) -> std::result::Result<u64, String> {
+    let text = text.trim();
+    let split = text.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(text.len());
+    let (number, suffix) = text.split_at(split);
+    let multiplier: f64 = match suffix {
+        "" => 1.0,
+        "k" => 1e3,
+        "M" => 1e6,
+        "G" => 1e9,
+        "T" => 1e12,
+        "P" => 1e15,
+        "E" => 1e18,
+        "Ki" => 1024f64,
+        "Mi" => 1024f64.powi(2),
+        "Gi" => 1024f64.powi(3),
+        "Ti" => 1024f64.powi(4),
+        "Pi" => 1024f64.powi(5),
+        "Ei" => 1024f64.powi(6),
+        other => return Err(format!("unknown unit {other:?} (use Ki, Mi, Gi, Ti or k, M, G, T)")),
+    };
+    let value: f64 = number.parse().map_err(|_| "not a number followed by a unit, e.g. 10Gi".to_string())?;
+    Ok((value * multiplier).round() as u64)
+}

@@ -1,0 +1,74 @@
+//! The operator's errors. Each becomes a status condition reason and a Kubernetes Event.
+
+/// Everything that can stop a reconcile.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The spec asks for something only reconcile can see is wrong; nothing is changed.
+    #[error("{message}")]
+    InvalidSpec { reason: &'static str, message: String },
+
+    /// A Secret the spec names does not exist or lacks a key.
+    #[error("Secret {name}: {message}")]
+    SecretMissing { name: String, message: String },
+
+    /// Fewer replicas than the StatefulSet runs: refused, see `Error::reason`.
+    #[error(
+        "scale-down from {current} to {desired} replicas refused: removing a RabbitMQ node needs its queues moved \
+         elsewhere and the node forgotten (rabbitmqctl forget_cluster_node); set spec.replicas back to {current}"
+    )]
+    ScaleDownRefused { current: i32, desired: i32 },
+
+    /// Another field manager owns a field the operator applies.
+    #[error("{object}: field conflict with another manager: {message}")]
+    ApplyConflict { object: String, message: String },
+
+    /// A Kubernetes API call failed.
+    #[error("{action}: {source}")]
+    Kube {
+        action: String,
+        #[source]
+        source: kube::Error,
+    },
+
+    /// The RabbitMQ management API refused, failed or could not be reached.
+    #[error("RabbitMQ management API ({what}): {message}")]
+    Broker { reason: &'static str, what: String, message: String },
+}
+
+impl Error {
+    /// Wraps a kube error with what was being done.
+    pub fn kube(action: impl Into<String>, source: kube::Error) -> Self {
+        Error::Kube { action: action.into(), source }
+    }
+
+    /// The condition and Event reason (CamelCase, as Kubernetes expects).
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Error::InvalidSpec { reason, .. } => reason,
+            Error::SecretMissing { .. } => "SecretMissing",
+            Error::ScaleDownRefused { .. } => "ScaleDownRefused",
+            Error::ApplyConflict { .. } => "FieldConflict",
+            Error::Kube { .. } => "KubernetesApiError",
+            Error::Broker { reason, .. } => reason,
+        }
+    }
+
+    /// A short static label for metrics.
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            Error::InvalidSpec { .. } => "invalid_spec",
+            Error::SecretMissing { .. } => "secret_missing",
+            Error::ScaleDownRefused { .. } => "scale_down_refused",
+            Error::ApplyConflict { .. } => "apply_conflict",
+            Error::Kube { .. } => "kube_api",
+            Error::Broker { .. } => "broker_api",
+        }
+    }
+
+    /// Whether retrying without a spec change can help. Errors in the spec wait for the user.
+    pub fn is_retriable(&self) -> bool {
+        !matches!(self, Error::InvalidSpec { .. } | Error::ScaleDownRefused { .. })
+    }
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;

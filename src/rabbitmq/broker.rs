@@ -1,0 +1,115 @@
+//! Step 4 of reconcile: make the running broker match the spec through the management API, and
+//! observe what only the broker knows (version, members, partitions).
+
+use super::ha::{self, HaPlan, is_mirroring_definition};
+use super::management::ManagementClient;
+use super::version::RabbitVersion;
+use crate::api::HighAvailabilitySpec;
+use crate::error::{Error, Result};
+
+/// What the broker reported, and what the operator changed on it.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct BrokerObservation {
+    pub version: String,
+    /// Running members, sorted.
+    pub members: Vec<String>,
+    /// Expected nodes that are not running members.
+    pub missing: Vec<String>,
+    /// `node: partitioned from [peers]`, one entry per node that reports a partition.
+    pub partitions: Vec<String>,
+    /// How HA is provided, for the HighAvailability condition (reason, message).
+    pub high_availability: (String, String),
+    /// Changes made in this pass, for Events.
+    pub actions: Vec<String>,
+}
+
+/// Observes the cluster and applies the HA plan. `expected_nodes` are the node names of the
+/// StatefulSet's pods.
+pub async fn converge(
+    broker: &ManagementClient,
+    expected_nodes: &[String],
+    spec: &HighAvailabilitySpec,
+) -> Result<BrokerObservation> {
+    let version_text = broker.rabbitmq_version().await?;
+    let version = RabbitVersion::parse(&version_text).ok_or_else(|| Error::Broker {
+        reason: "BrokerBadResponse",
+        what: "GET /api/overview".into(),
+        message: format!("unparsable rabbitmq_version {version_text:?}"),
+    })?;
+    let nodes = broker.nodes().await?;
+    let mut members: Vec<String> = nodes.iter().filter(|n| n.running).map(|n| n.name.clone()).collect();
+    members.sort();
+    let missing = expected_nodes.iter().filter(|n| !members.contains(n)).cloned().collect();
+    let partitions = nodes
+        .iter()
+        .filter(|n| !n.partitions.is_empty())
+        .map(|n| format!("{}: partitioned from {}", n.name, n.partitions.join(", ")))
+        .collect();
+
+    let plan = ha::plan(spec, version)
+        .map_err(|refusal| Error::InvalidSpec { reason: refusal.reason, message: refusal.message })?;
+    let mut actions = Vec::new();
+    let vhosts = broker.vhosts().await?;
+    let high_availability = match &plan {
+        HaPlan::ClassicMirroring(policy) => {
+            for vhost in &vhosts {
+                let current = broker.policy(&vhost.name, &policy.name).await?;
+                let up_to_date = current.as_ref().is_some_and(|p| {
+                    p.pattern == policy.pattern
+                        && p.priority == policy.priority
+                        && p.apply_to == "queues"
+                        && p.definition == policy.definition
+                });
+                if !up_to_date {
+                    broker
+                        .put_policy(&vhost.name, &policy.name, &policy.pattern, policy.priority, &policy.definition)
+                        .await?;
+                    actions.push(format!("applied policy {} in vhost {}", policy.name, vhost.name));
+                }
+            }
+            (
+                "ClassicMirroring".to_string(),
+                format!(
+                    "policy {} ({}) with ha-sync-mode automatic in {} vhost(s)",
+                    policy.name,
+                    policy.definition.get("ha-mode").and_then(|v| v.as_str()).unwrap_or("all"),
+                    vhosts.len()
+                ),
+            )
+        }
+        HaPlan::QuorumDefault { vhost_key, stale_policy } => {
+            for vhost in &vhosts {
+                if vhost.effective_default_queue_type() != Some("quorum") {
+                    broker.set_default_queue_type(vhost, vhost_key, "quorum").await?;
+                    actions.push(format!("set default queue type quorum on vhost {}", vhost.name));
+                }
+                remove_mirroring_policy(broker, &vhost.name, stale_policy, &mut actions).await?;
+            }
+            ("QuorumQueues".to_string(), format!("quorum is the default queue type of {} vhost(s)", vhosts.len()))
+        }
+        HaPlan::Disabled { stale_policy } => {
+            for vhost in &vhosts {
+                remove_mirroring_policy(broker, &vhost.name, stale_policy, &mut actions).await?;
+            }
+            ("Disabled".to_string(), "highAvailability.mode is None".to_string())
+        }
+    };
+    Ok(BrokerObservation { version: version.to_string(), members, missing, partitions, high_availability, actions })
+}
+
+/// Removes the operator's mirroring policy after a switch to quorum queues or to no HA. A policy of
+/// that name without `ha-*` keys is the user's and stays.
+async fn remove_mirroring_policy(
+    broker: &ManagementClient,
+    vhost: &str,
+    name: &str,
+    actions: &mut Vec<String>,
+) -> Result<()> {
+    if let Some(policy) = broker.policy(vhost, name).await?
+        && is_mirroring_definition(&policy.definition)
+    {
+        broker.delete_policy(vhost, name).await?;
+        actions.push(format!("removed mirroring policy {name} from vhost {vhost}"));
+    }
+    Ok(())
+}

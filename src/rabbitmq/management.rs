@@ -1,0 +1,221 @@
+//! The few management HTTP API calls the operator makes.
+//!
+//! `rabbitmq_http_client`'s node type has no `running` or `partitions` fields, which are what the
+//! operator watches, so this is a small reqwest client over the documented endpoints.
+
+use std::time::Duration;
+
+use percent_encoding::{NON_ALPHANUMERIC, utf8_percent_encode};
+use reqwest::StatusCode;
+use serde::Deserialize;
+use serde_json::{Map, Value, json};
+
+use crate::error::{Error, Result};
+
+/// A management API endpoint with the credentials to use it.
+#[derive(Clone)]
+pub struct ManagementClient {
+    http: reqwest::Client,
+    base_url: String,
+    username: String,
+    password: String,
+}
+
+// Credentials stay out of logs.
+impl std::fmt::Debug for ManagementClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ManagementClient").field("base_url", &self.base_url).finish_non_exhaustive()
+    }
+}
+
+/// One node of `GET /api/nodes`.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+pub struct NodeInfo {
+    pub name: String,
+    #[serde(default)]
+    pub running: bool,
+    #[serde(default)]
+    pub partitions: Vec<String>,
+}
+
+/// One vhost of `GET /api/vhosts`.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+pub struct VhostInfo {
+    pub name: String,
+    #[serde(default)]
+    pub description: Option<String>,
+    #[serde(default)]
+    pub tags: Option<Value>,
+    #[serde(default)]
+    pub default_queue_type: Option<String>,
+    #[serde(default)]
+    pub metadata: Option<VhostMetadata>,
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+pub struct VhostMetadata {
+    #[serde(default)]
+    pub default_queue_type: Option<String>,
+}
+
+impl VhostInfo {
+    /// The default queue type, wherever this version reports it.
+    pub fn effective_default_queue_type(&self) -> Option<&str> {
+        self.default_queue_type
+            .as_deref()
+            .or_else(|| self.metadata.as_ref().and_then(|m| m.default_queue_type.as_deref()))
+    }
+}
+
+/// A policy as `GET /api/policies/{vhost}/{name}` returns it.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+pub struct PolicyInfo {
+    pub name: String,
+    pub pattern: String,
+    #[serde(rename = "apply-to")]
+    pub apply_to: String,
+    pub priority: i32,
+    pub definition: Map<String, Value>,
+}
+
+#[derive(Deserialize)]
+struct Overview {
+    rabbitmq_version: String,
+}
+
+fn encode(segment: &str) -> String {
+    utf8_percent_encode(segment, NON_ALPHANUMERIC).to_string()
+}
+
+impl ManagementClient {
+    /// `base_url` is the management listener, e.g. `http://demo.ns.svc:15672`.
+    pub fn new(base_url: &str, username: &str, password: &str) -> Result<Self> {
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(5))
+            .timeout(Duration::from_secs(15))
+            .build()
+            .map_err(|e| Error::Broker {
+                reason: "BrokerClientError",
+                what: base_url.to_string(),
+                message: e.to_string(),
+            })?;
+        Ok(Self {
+            http,
+            base_url: base_url.trim_end_matches('/').to_string(),
+            username: username.to_string(),
+            password: password.to_string(),
+        })
+    }
+
+    pub fn base_url(&self) -> &str {
+        &self.base_url
+    }
+
+    async fn send(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> Result<Option<String>> {
+        let what = format!("{method} {path}");
+        let mut request = self
+            .http
+            .request(method, format!("{}{path}", self.base_url))
+            .basic_auth(&self.username, Some(&self.password));
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        let response = request.send().await.map_err(|e| Error::Broker {
+            reason: if e.is_timeout() { "BrokerTimeout" } else { "BrokerUnreachable" },
+            what: what.clone(),
+            message: e.to_string(),
+        })?;
+        let status = response.status();
+        if status == StatusCode::NOT_FOUND {
+            return Ok(None);
+        }
+        let text = response.text().await.map_err(|e| Error::Broker {
+            reason: "BrokerUnreachable",
+            what: what.clone(),
+            message: e.to_string(),
+        })?;
+        if status.is_success() {
+            return Ok(Some(text));
+        }
+        let reason = match status {
+            StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => "BrokerUnauthorized",
+            s if s.is_server_error() => "BrokerUnavailable",
+            _ => "BrokerRejected",
+        };
+        let detail = serde_json::from_str::<Value>(&text)
+            .ok()
+            .and_then(|v| v.get("reason").and_then(Value::as_str).map(str::to_string))
+            .unwrap_or_else(|| text.chars().take(300).collect());
+        Err(Error::Broker { reason, what, message: format!("HTTP {status}: {detail}") })
+    }
+
+    async fn get_json<T: for<'de> Deserialize<'de>>(&self, path: &str) -> Result<Option<T>> {
+        let Some(text) = self.send(reqwest::Method::GET, path, None).await? else {
+            return Ok(None);
+        };
+        serde_json::from_str(&text).map(Some).map_err(|e| Error::Broker {
+            reason: "BrokerBadResponse",
+            what: format!("GET {path}"),
+            message: e.to_string(),
+        })
+    }
+
+    async fn get_required<T: for<'de> Deserialize<'de>>(&self, path: &str) -> Result<T> {
+        self.get_json(path).await?.ok_or_else(|| Error::Broker {
+            reason: "BrokerBadResponse",
+            what: format!("GET {path}"),
+            message: "404 Not Found".into(),
+        })
+    }
+
+    /// The RabbitMQ version the cluster reports.
+    pub async fn rabbitmq_version(&self) -> Result<String> {
+        Ok(self.get_required::<Overview>("/api/overview").await?.rabbitmq_version)
+    }
+
+    pub async fn nodes(&self) -> Result<Vec<NodeInfo>> {
+        self.get_required("/api/nodes").await
+    }
+
+    pub async fn vhosts(&self) -> Result<Vec<VhostInfo>> {
+        self.get_required("/api/vhosts").await
+    }
+
+    pub async fn policy(&self, vhost: &str, name: &str) -> Result<Option<PolicyInfo>> {
+        self.get_json(&format!("/api/policies/{}/{}", encode(vhost), encode(name))).await
+    }
+
+    pub async fn put_policy(
+        &self,
+        vhost: &str,
+        name: &str,
+        pattern: &str,
+        priority: i32,
+        definition: &Map<String, Value>,
+    ) -> Result<()> {
+        let body = json!({"pattern": pattern, "apply-to": "queues", "priority": priority, "definition": definition});
+        let path = format!("/api/policies/{}/{}", encode(vhost), encode(name));
+        self.send(reqwest::Method::PUT, &path, Some(body)).await.map(|_| ())
+    }
+
+    pub async fn delete_policy(&self, vhost: &str, name: &str) -> Result<()> {
+        let path = format!("/api/policies/{}/{}", encode(vhost), encode(name));
+        self.send(reqwest::Method::DELETE, &path, None).await.map(|_| ())
+    }
+
+    /// Sets a vhost's default queue type, keeping its description and tags (a PUT replaces them).
+    pub async fn set_default_queue_type(&self, vhost: &VhostInfo, key: &str, queue_type: &str) -> Result<()> {
+        let mut body = Map::new();
+        if let Some(description) = &vhost.description {
+            body.insert("description".into(), json!(description));
+        }
+        // Older versions take tags only as a comma-separated string; all accept that form.
+        if let Some(Value::Array(tags)) = &vhost.tags {
+            let tags: Vec<&str> = tags.iter().filter_map(Value::as_str).collect();
+            body.insert("tags".into(), json!(tags.join(",")));
+        }
+        body.insert(key.into(), json!(queue_type));
+        let path = format!("/api/vhosts/{}", encode(&vhost.name));
+        self.send(reqwest::Method::PUT, &path, Some(Value::Object(body))).await.map(|_| ())
+    }
+}

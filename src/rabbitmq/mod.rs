@@ -1,0 +1,6 @@
+//! The broker side: version rules, the HA plan and the management API.
+
+pub mod broker;
+pub mod ha;
+pub mod management;
+pub mod version;

@@ -1,0 +1,110 @@
+//! RabbitMQ's version rules, in one place.
+
+use std::fmt;
+
+/// A RabbitMQ release, `major.minor.patch`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct RabbitVersion {
+    pub major: u32,
+    pub minor: u32,
+    pub patch: u32,
+}
+
+impl RabbitVersion {
+    pub const fn new(major: u32, minor: u32, patch: u32) -> Self {
+        Self { major, minor, patch }
+    }
+
+    /// Parses `3.10.8`, `4.1`, `4.1.4-management`, `3.13.7-alpine`: the leading numeric part.
+    pub fn parse(text: &str) -> Option<Self> {
+        let numeric = text.trim().trim_start_matches('v');
+        let numeric = numeric.split(['-', '+', '~']).next()?;
+        let mut parts = numeric.split('.');
+        let major = parts.next()?.parse().ok()?;
+        let minor = parts.next()?.parse().ok()?;
+        let patch = match parts.next() {
+            Some(p) => p.parse().ok()?,
+            None => 0,
+        };
+        Some(Self { major, minor, patch })
+    }
+
+    /// The version an image reference names through its tag, if it does
+    /// (`rabbitmq:4.1.4-management` yes; `rabbitmq:management` or a digest no).
+    pub fn from_image(image: &str) -> Option<Self> {
+        let without_digest = image.split('@').next()?;
+        let last_segment = without_digest.rsplit('/').next()?;
+        let (_, tag) = last_segment.split_once(':')?;
+        Self::parse(tag)
+    }
+
+    /// Classic queue mirroring (`ha-*` policy keys) was removed in 4.0: policies with them are refused.
+    pub fn has_classic_mirroring(self) -> bool {
+        self.major < 4
+    }
+
+    /// A vhost's default queue type: `default_queue_type` from 3.11.12 (earlier 3.11 spelled it
+    /// `defaultqueuetype`, before 3.11 it does not exist).
+    pub fn vhost_default_queue_type_key(self) -> Option<&'static str> {
+        if self >= Self::new(3, 11, 12) {
+            Some("default_queue_type")
+        } else if self >= Self::new(3, 11, 0) {
+            Some("defaultqueuetype")
+        } else {
+            None
+        }
+    }
+
+    /// `cluster_partition_handling` is accepted but has no effect from 4.3 (Khepri only, Raft majority).
+    pub fn honours_partition_handling(self) -> bool {
+        self < Self::new(4, 3, 0)
+    }
+
+    /// Whether the preStop check for synchronised mirrors exists (`rabbitmq-upgrade
+    /// await_online_synchronized_mirror` is gone in 4.0).
+    pub fn has_mirror_sync_check(self) -> bool {
+        self.has_classic_mirroring()
+    }
+}
+
+impl fmt::Display for RabbitVersion {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}.{}.{}", self.major, self.minor, self.patch)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_versions_and_image_tags() {
+        assert_eq!(RabbitVersion::parse("3.10.8"), Some(RabbitVersion::new(3, 10, 8)));
+        assert_eq!(RabbitVersion::parse("4.1"), Some(RabbitVersion::new(4, 1, 0)));
+        assert_eq!(RabbitVersion::parse("management"), None);
+        assert_eq!(RabbitVersion::from_image("rabbitmq:4.1.4-management"), Some(RabbitVersion::new(4, 1, 4)));
+        assert_eq!(
+            RabbitVersion::from_image("registry.local:5000/team/rabbitmq:3.13.7-alpine"),
+            Some(RabbitVersion::new(3, 13, 7))
+        );
+        assert_eq!(RabbitVersion::from_image("registry.local:5000/rabbitmq"), None);
+        assert_eq!(RabbitVersion::from_image("rabbitmq:management"), None);
+        assert_eq!(RabbitVersion::from_image("rabbitmq@sha256:abcd"), None);
+    }
+
+    #[test]
+    fn rules_follow_the_release_notes() {
+        let v3_10 = RabbitVersion::new(3, 10, 8);
+        let v3_11_5 = RabbitVersion::new(3, 11, 5);
+        let v3_13 = RabbitVersion::new(3, 13, 7);
+        let v4_0 = RabbitVersion::new(4, 0, 0);
+        let v4_3 = RabbitVersion::new(4, 3, 0);
+        assert!(v3_10.has_classic_mirroring() && v3_13.has_classic_mirroring());
+        assert!(!v4_0.has_classic_mirroring());
+        assert_eq!(v3_10.vhost_default_queue_type_key(), None);
+        assert_eq!(v3_11_5.vhost_default_queue_type_key(), Some("defaultqueuetype"));
+        assert_eq!(v3_13.vhost_default_queue_type_key(), Some("default_queue_type"));
+        assert!(v4_0.honours_partition_handling());
+        assert!(!v4_3.honours_partition_handling());
+    }
+}
