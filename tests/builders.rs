@@ -1,0 +1,326 @@
+//! Tier 1: from a RabbitCluster fixture to every child object, with no API at all.
+
+mod support;
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::Secret;
+use serde_json::{Value, json};
+use support::fixture;
+use warren::controller::build::{self, CONFIG_HASH_ANNOTATION, Credentials, Resources};
+use warren::controller::validate::{Settings, ValidatedCluster, parse_quantity_bytes, validate};
+
+fn credentials() -> Credentials {
+    Credentials { erlang_cookie: "COOKIECOOKIE".into(), username: "warren-user".into(), password: "s3cret".into() }
+}
+
+fn built(name: &str) -> (ValidatedCluster, Resources) {
+    let validated = validate(&fixture(name), &Settings::default()).expect("valid fixture");
+    let resources = build::build(&validated, &credentials());
+    (validated, resources)
+}
+
+fn json_of<T: serde::Serialize>(object: &T) -> Value {
+    serde_json::to_value(object).expect("serialize")
+}
+
+fn secret_text(secret: &Secret, key: &str) -> String {
+    let data = secret.data.as_ref().expect("data");
+    String::from_utf8(data.get(key).unwrap_or_else(|| panic!("key {key}")).0.clone()).expect("utf-8")
+}
+
+fn env_of(sts: &Value) -> BTreeMap<String, Value> {
+    sts["spec"]["template"]["spec"]["containers"][0]["env"]
+        .as_array()
+        .expect("env")
+        .iter()
+        .map(|e| (e["name"].as_str().unwrap().to_string(), e.get("value").cloned().unwrap_or(e["valueFrom"].clone())))
+        .collect()
+}
+
+#[test]
+fn every_child_is_owned_labelled_and_namespaced() {
+    let (_, r) = built("basic.yaml");
+    let metas = [
+        json_of(&r.headless_service),
+        json_of(&r.client_service),
+        json_of(&r.erlang_cookie_secret),
+        json_of(&r.default_user_secret),
+        json_of(&r.config_map),
+        json_of(&r.service_account),
+        json_of(&r.pod_disruption_budget),
+        json_of(&r.stateful_set),
+    ];
+    let names: Vec<&str> = metas.iter().map(|m| m["metadata"]["name"].as_str().unwrap()).collect();
+    assert_eq!(
+        names,
+        [
+            "demo-nodes",
+            "demo",
+            "demo-erlang-cookie",
+            "demo-default-user",
+            "demo-config",
+            "demo-rabbitmq",
+            "demo",
+            "demo"
+        ]
+    );
+    for object in &metas {
+        let meta = &object["metadata"];
+        assert_eq!(meta["namespace"], "default", "{}", meta["name"]);
+        assert_eq!(meta["labels"]["app.kubernetes.io/instance"], "demo");
+        assert_eq!(meta["labels"]["app.kubernetes.io/managed-by"], "warren");
+        let owner = &meta["ownerReferences"][0];
+        assert_eq!(owner["kind"], "RabbitCluster");
+        assert_eq!(owner["apiVersion"], "warren.dev/v1alpha1");
+        assert_eq!(owner["uid"], "6f1c1c1e-0000-4000-8000-000000000001");
+        assert_eq!(owner["controller"], true);
+    }
+}
+
+#[test]
+fn stateful_set_starts_in_parallel_keeps_volumes_and_runs_non_root() {
+    let (_, r) = built("basic.yaml");
+    let sts = json_of(&r.stateful_set);
+    let spec = &sts["spec"];
+    assert_eq!(spec["replicas"], 3);
+    assert_eq!(spec["podManagementPolicy"], "Parallel");
+    assert_eq!(spec["serviceName"], "demo-nodes");
+    assert_eq!(spec["persistentVolumeClaimRetentionPolicy"], json!({"whenDeleted": "Retain", "whenScaled": "Retain"}));
+    assert_eq!(spec["volumeClaimTemplates"][0]["spec"]["resources"]["requests"]["storage"], "10Gi");
+    assert_eq!(spec["volumeClaimTemplates"][0]["spec"]["accessModes"], json!(["ReadWriteOnce"]));
+
+    let pod = &spec["template"]["spec"];
+    assert_eq!(pod["securityContext"]["runAsNonRoot"], true);
+    assert_eq!(pod["securityContext"]["runAsUser"], 999);
+    assert_eq!(pod["securityContext"]["fsGroup"], 999);
+    assert_eq!(pod["automountServiceAccountToken"], false);
+    assert_eq!(pod["serviceAccountName"], "demo-rabbitmq");
+    let container = &pod["containers"][0];
+    assert_eq!(container["image"], "rabbitmq:4.1.4-management");
+    assert_eq!(container["command"], json!(["/bin/bash", "/etc/warren/config/bootstrap.sh"]));
+    assert_eq!(container["securityContext"]["readOnlyRootFilesystem"], true);
+    assert_eq!(container["securityContext"]["allowPrivilegeEscalation"], false);
+    assert_eq!(container["securityContext"]["capabilities"]["drop"], json!(["ALL"]));
+    assert_eq!(
+        container["lifecycle"]["preStop"]["exec"]["command"],
+        json!(["/bin/bash", "/etc/warren/config/pre-stop.sh"])
+    );
+    assert_eq!(container["readinessProbe"]["exec"]["command"], json!(["/bin/bash", "/etc/warren/config/ready.sh"]));
+    assert!(container.get("livenessProbe").is_none(), "a liveness probe would kill nodes waiting for peers");
+    assert_eq!(container["resources"]["limits"]["memory"], "2Gi");
+    assert_eq!(container["resources"]["requests"]["cpu"], "1");
+    let ports: Vec<i64> =
+        container["ports"].as_array().unwrap().iter().map(|p| p["containerPort"].as_i64().unwrap()).collect();
+    assert_eq!(ports, [4369, 5672, 15672, 15692, 25672]);
+
+    let env = env_of(&sts);
+    assert_eq!(env["RABBITMQ_NODENAME"], "rabbit@$(POD_NAME).demo-nodes.$(POD_NAMESPACE).svc.cluster.local");
+    assert_eq!(env["RABBITMQ_USE_LONGNAME"], "true");
+    assert_eq!(env["WARREN_STS_NAME"], "demo");
+    assert_eq!(env["POD_NAME"]["fieldRef"]["fieldPath"], "metadata.name");
+
+    let anti = &pod["affinity"]["podAntiAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"][0];
+    assert_eq!(anti["podAffinityTerm"]["topologyKey"], "kubernetes.io/hostname");
+    assert_eq!(anti["podAffinityTerm"]["labelSelector"]["matchLabels"]["app.kubernetes.io/instance"], "demo");
+
+    let volumes: Vec<&str> = pod["volumes"].as_array().unwrap().iter().map(|v| v["name"].as_str().unwrap()).collect();
+    assert_eq!(volumes, ["config", "rabbitmq-conf-d", "erlang-cookie", "tmp"]);
+    let projected = &pod["volumes"][1]["projected"]["sources"];
+    assert_eq!(projected[1]["secret"]["name"], "demo-default-user");
+    assert_eq!(projected[1]["secret"]["items"][0]["key"], "default_user.conf");
+    assert_eq!(pod["volumes"][2]["secret"]["secretName"], "demo-erlang-cookie");
+    let hash = spec["template"]["metadata"]["annotations"][CONFIG_HASH_ANNOTATION].as_str().unwrap();
+    assert_eq!(hash.len(), 16);
+}
+
+#[test]
+fn config_map_holds_partition_handling_watermark_plugins_and_scripts() {
+    let (_, r) = built("basic.yaml");
+    let data = r.config_map.data.as_ref().unwrap();
+    let conf = &data["10-operator.conf"];
+    assert!(conf.contains("\ncluster_partition_handling = pause_minority\n"), "{conf}");
+    assert!(conf.contains("\ncluster_name = demo\n"), "{conf}");
+    // 40% of the 2Gi default limit.
+    assert!(conf.contains("\nvm_memory_high_watermark.absolute = 858993459\n"), "{conf}");
+    assert!(!conf.contains("ssl"), "no TLS listeners without spec.tls: {conf}");
+    assert_eq!(data["enabled_plugins"], "[rabbitmq_management,rabbitmq_prometheus].\n");
+    assert_eq!(data["advanced.config"], "[].\n");
+    assert_eq!(data["replicas"], "3");
+    assert!(data["bootstrap.sh"].contains("join_cluster"));
+    assert!(data["bootstrap.sh"].contains("forget_cluster_node"));
+    assert!(data["pre-stop.sh"].contains("await_online_synchronized_mirror"));
+    assert!(data["pre-stop.sh"].contains("await_online_quorum_plus_one"));
+    assert!(data["ready.sh"].contains("warren-clustered"));
+}
+
+#[test]
+fn scaling_does_not_restart_pods_but_a_config_change_does() {
+    let mut cluster = fixture("basic.yaml");
+    let settings = Settings::default();
+    let hash = |cluster: &warren::api::RabbitCluster| {
+        let r = build::build(&validate(cluster, &settings).unwrap(), &credentials());
+        (json_of(&r.stateful_set)["spec"]["template"].clone(), r.config_map.data.unwrap()["replicas"].clone())
+    };
+    let (template_3, replicas_3) = hash(&cluster);
+    cluster.spec.replicas = 5;
+    let (template_5, replicas_5) = hash(&cluster);
+    assert_eq!(template_3, template_5, "the pod template must not change with the replica count");
+    assert_eq!((replicas_3.as_str(), replicas_5.as_str()), ("3", "5"));
+    cluster.spec.partition_handling = warren::api::PartitionHandling::Autoheal;
+    let (template_autoheal, _) = hash(&cluster);
+    assert_ne!(
+        template_3["metadata"]["annotations"][CONFIG_HASH_ANNOTATION],
+        template_autoheal["metadata"]["annotations"][CONFIG_HASH_ANNOTATION]
+    );
+}
+
+#[test]
+fn services_headless_for_peers_and_client_for_ready_pods() {
+    let (_, r) = built("basic.yaml");
+    let headless = json_of(&r.headless_service);
+    assert_eq!(headless["spec"]["clusterIP"], "None");
+    assert_eq!(headless["spec"]["publishNotReadyAddresses"], true);
+    let ports: Vec<&str> =
+        headless["spec"]["ports"].as_array().unwrap().iter().map(|p| p["name"].as_str().unwrap()).collect();
+    assert_eq!(ports, ["epmd", "cluster-rpc", "amqp", "management"]);
+    let client = json_of(&r.client_service);
+    assert_eq!(client["spec"]["type"], "ClusterIP");
+    assert!(client["spec"].get("publishNotReadyAddresses").is_none());
+    let ports: Vec<i64> =
+        client["spec"]["ports"].as_array().unwrap().iter().map(|p| p["port"].as_i64().unwrap()).collect();
+    assert_eq!(ports, [5672, 15672, 15692]);
+    assert_eq!(client["spec"]["selector"]["app.kubernetes.io/instance"], "demo");
+}
+
+#[test]
+fn secrets_hold_the_cookie_credentials_and_failover_uris() {
+    let (_, r) = built("basic.yaml");
+    assert_eq!(secret_text(&r.erlang_cookie_secret, "cookie"), "COOKIECOOKIE");
+    let user = &r.default_user_secret;
+    assert_eq!(secret_text(user, "username"), "warren-user");
+    assert_eq!(secret_text(user, "password"), "s3cret");
+    assert_eq!(secret_text(user, "uri"), "amqp://warren%2Duser:s3cret@demo.default.svc.cluster.local:5672//");
+    let failover = secret_text(user, "failover-uris");
+    let uris: Vec<&str> = failover.split(';').collect();
+    assert_eq!(uris.len(), 3);
+    assert_eq!(uris[2], "amqp://warren%2Duser:s3cret@demo-2.demo-nodes.default.svc.cluster.local:5672//");
+    let conf = secret_text(user, "default_user.conf");
+    assert!(conf.contains("default_user = warren-user\n") && conf.contains("default_pass = s3cret\n"), "{conf}");
+    assert!(conf.contains("default_user_tags.administrator = true"));
+}
+
+#[test]
+fn pdb_allows_one_node_down_and_service_account_has_no_token() {
+    let (_, r) = built("basic.yaml");
+    let pdb = json_of(&r.pod_disruption_budget);
+    assert_eq!(pdb["spec"]["maxUnavailable"], 1);
+    assert_eq!(pdb["spec"]["selector"]["matchLabels"]["app.kubernetes.io/name"], "rabbitmq");
+    assert_eq!(r.service_account.automount_service_account_token, Some(false));
+}
+
+#[test]
+fn classic_mirrored_3x_fixture_sets_plugins_memory_and_additional_config() {
+    let (validated, r) = built("classic-mirrored-3x.yaml");
+    assert_eq!(validated.image_version.map(|v| v.to_string()).as_deref(), Some("3.13.7"));
+    let data = r.config_map.data.as_ref().unwrap();
+    assert_eq!(
+        data["enabled_plugins"],
+        "[rabbitmq_management,rabbitmq_prometheus,rabbitmq_shovel,rabbitmq_shovel_management].\n"
+    );
+    assert!(data["10-operator.conf"].contains("vm_memory_high_watermark.absolute = 429496729\n"));
+    assert!(data["90-additional.conf"].contains("consumer_timeout = 3600000\n"));
+    let sts = json_of(&r.stateful_set);
+    assert_eq!(sts["spec"]["volumeClaimTemplates"][0]["spec"]["resources"]["requests"]["storage"], "20Gi");
+}
+
+#[test]
+fn tls_fixture_adds_listeners_ports_and_volumes() {
+    let (_, r) = built("tls.yaml");
+    let conf = &r.config_map.data.as_ref().unwrap()["10-operator.conf"];
+    assert!(conf.contains("listeners.ssl.default = 5671\n"), "{conf}");
+    assert!(conf.contains("ssl_options.certfile = /etc/warren/tls/tls.crt\n"));
+    assert!(conf.contains("management.ssl.port = 15671\n"));
+    let client = json_of(&r.client_service);
+    assert_eq!(client["spec"]["type"], "LoadBalancer");
+    let ports: Vec<i64> =
+        client["spec"]["ports"].as_array().unwrap().iter().map(|p| p["port"].as_i64().unwrap()).collect();
+    assert_eq!(ports, [5672, 15672, 15692, 5671, 15671]);
+    let pod = &json_of(&r.stateful_set)["spec"]["template"]["spec"];
+    let tls_volumes: Vec<&Value> =
+        pod["volumes"].as_array().unwrap().iter().filter(|v| v["name"].as_str().unwrap().starts_with("tls")).collect();
+    assert_eq!(tls_volumes.len(), 2);
+    assert_eq!(tls_volumes[0]["secret"]["secretName"], "secure-tls");
+    assert_eq!(tls_volumes[1]["secret"]["secretName"], "secure-tls");
+}
+
+#[test]
+fn bad_specs_are_refused_with_a_reason_that_names_the_field() {
+    let cases = [
+        ("bad-mirrored-on-4x.yaml", "ClassicMirroringUnsupported", "ClassicMirrored"),
+        ("bad-storage.yaml", "InvalidStorage", "spec.persistence.storage"),
+        ("bad-partition-in-additional-config.yaml", "InvalidConfig", "cluster_partition_handling"),
+        ("bad-exactly-without-params.yaml", "InvalidHighAvailability", "haParams"),
+        ("bad-zero-replicas.yaml", "InvalidReplicas", "spec.replicas"),
+        ("bad-quorum-on-3-10.yaml", "QuorumDefaultUnsupported", "3.10.8"),
+    ];
+    for (file, reason, field) in cases {
+        let error = validate(&fixture(file), &Settings::default()).expect_err(file);
+        assert_eq!(error.reason(), reason, "{file}: {error}");
+        assert!(error.to_string().contains(field), "{file}: {error:?} should name {field}");
+        assert!(!error.is_retriable(), "{file}: a bad spec waits for the user");
+    }
+}
+
+#[test]
+fn even_replica_counts_are_accepted_with_a_warning() {
+    let validated = validate(&fixture("even-replicas.yaml"), &Settings::default()).unwrap();
+    assert_eq!(validated.replicas, 4);
+    assert_eq!(validated.warnings.len(), 1);
+    assert!(validated.warnings[0].contains("even"), "{:?}", validated.warnings);
+    assert!(validate(&fixture("basic.yaml"), &Settings::default()).unwrap().warnings.is_empty());
+}
+
+#[test]
+fn quantities_parse_like_kubernetes() {
+    assert_eq!(parse_quantity_bytes("2Gi"), Ok(2 * 1024 * 1024 * 1024));
+    assert_eq!(parse_quantity_bytes("1.5Gi"), Ok(1_610_612_736));
+    assert_eq!(parse_quantity_bytes("500M"), Ok(500_000_000));
+    assert_eq!(parse_quantity_bytes("1073741824"), Ok(1_073_741_824));
+    assert!(parse_quantity_bytes("10Gb").is_err());
+    assert!(parse_quantity_bytes("lots").is_err());
+}
+
+#[test]
+fn generated_credentials_are_random_and_never_printed() {
+    let a = Credentials::generate();
+    let b = Credentials::generate();
+    assert_ne!(a.password, b.password);
+    assert_ne!(a.erlang_cookie, b.erlang_cookie);
+    assert_ne!(a.username, "guest");
+    assert!(a.username.starts_with("warren-") && a.username.len() == 19);
+    assert_eq!(a.password.len(), 32);
+    assert_eq!(a.erlang_cookie.len(), 48);
+    let debug = format!("{a:?}");
+    assert!(!debug.contains(&a.password) && !debug.contains(&a.erlang_cookie), "{debug}");
+}
+
+#[test]
+fn render_prints_every_object_without_real_secrets() {
+    let manifest = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/examples/basic.yaml")).unwrap();
+    let yaml = warren::render::render(&manifest, &Settings::default()).expect("render");
+    let kinds: Vec<&str> = yaml.lines().filter_map(|l| l.strip_prefix("kind: ")).collect();
+    assert_eq!(
+        kinds,
+        ["ServiceAccount", "Secret", "Secret", "ConfigMap", "Service", "Service", "PodDisruptionBudget", "StatefulSet"]
+    );
+    let bad = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/bad-storage.yaml")).unwrap();
+    let error = warren::render::render(&bad, &Settings::default()).expect_err("bad storage");
+    assert_eq!(error.reason(), "InvalidStorage");
+}
+
+#[test]
+fn crds_directory_is_up_to_date() {
+    let committed = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/crds/warren.dev.yaml")).unwrap();
+    assert!(committed == warren::crds_yaml(), "crds/warren.dev.yaml is stale: run `make crds`");
+}
