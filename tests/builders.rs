@@ -200,11 +200,11 @@ fn secrets_hold_the_cookie_credentials_and_failover_uris() {
     let user = &r.default_user_secret;
     assert_eq!(secret_text(user, "username"), "warren-user");
     assert_eq!(secret_text(user, "password"), "s3cret");
-    assert_eq!(secret_text(user, "uri"), "amqp://warren%2Duser:s3cret@demo.default.svc.cluster.local:5672//");
+    assert_eq!(secret_text(user, "uri"), "amqp://warren-user:s3cret@demo.default.svc.cluster.local:5672//");
     let failover = secret_text(user, "failover-uris");
     let uris: Vec<&str> = failover.split(';').collect();
     assert_eq!(uris.len(), 3);
-    assert_eq!(uris[2], "amqp://warren%2Duser:s3cret@demo-2.demo-nodes.default.svc.cluster.local:5672//");
+    assert_eq!(uris[2], "amqp://warren-user:s3cret@demo-2.demo-nodes.default.svc.cluster.local:5672//");
     let conf = secret_text(user, "default_user.conf");
     assert!(conf.contains("default_user = warren-user\n") && conf.contains("default_pass = s3cret\n"), "{conf}");
     assert!(conf.contains("default_user_tags.administrator = true"));

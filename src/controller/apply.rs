@@ -44,7 +44,8 @@ where
     api.get_opt(name).await.map_err(|e| Error::kube(format!("get {} {name}", K::kind(&())), e))
 }
 
-fn hash_of<K: Serialize>(object: &K) -> Result<String> {
+/// The hash recorded on a child: of the object as built, before the annotation is added.
+pub fn hash_of<K: Serialize>(object: &K) -> Result<String> {
     let json = serde_json::to_vec(object)
         .map_err(|e| Error::InvalidSpec { reason: "SerializationFailed", message: e.to_string() })?;
     Ok(hex::encode(&Sha256::digest(&json)[..12]))

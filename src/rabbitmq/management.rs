@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use percent_encoding::{NON_ALPHANUMERIC, utf8_percent_encode};
+use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
 use reqwest::StatusCode;
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
@@ -83,8 +83,12 @@ struct Overview {
     rabbitmq_version: String,
 }
 
-fn encode(segment: &str) -> String {
-    utf8_percent_encode(segment, NON_ALPHANUMERIC).to_string()
+/// Everything but RFC 3986's unreserved characters: safe for a path segment and for URI userinfo.
+pub const URI_COMPONENT: &AsciiSet = &NON_ALPHANUMERIC.remove(b'-').remove(b'.').remove(b'_').remove(b'~');
+
+/// Percent-encodes a vhost, user or policy name for a URI (the default vhost `/` becomes `%2F`).
+pub fn encode(component: &str) -> String {
+    utf8_percent_encode(component, URI_COMPONENT).to_string()
 }
 
 impl ManagementClient {

@@ -5,13 +5,13 @@ use std::collections::BTreeMap;
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-use percent_encoding::{NON_ALPHANUMERIC, utf8_percent_encode};
 use rand::Rng;
 use rand::distr::Alphanumeric;
 
 use super::child_meta;
 use super::services::{AMQP_PORT, MANAGEMENT_PORT};
 use crate::controller::validate::ValidatedCluster;
+use crate::rabbitmq::management::encode;
 
 pub const COOKIE_KEY: &str = "cookie";
 pub const USERNAME_KEY: &str = "username";
@@ -80,8 +80,8 @@ fn amqp_uri(user: &str, password: &str, host: &str) -> String {
 /// Credentials plus ready-made connection strings: `uri` through the client Service and
 /// `failover-uris`, one URI per node joined by `;`, the failover list Celery/kombu accept.
 pub fn default_user_secret(cluster: &ValidatedCluster, credentials: &Credentials) -> Secret {
-    let user = utf8_percent_encode(&credentials.username, NON_ALPHANUMERIC).to_string();
-    let password = utf8_percent_encode(&credentials.password, NON_ALPHANUMERIC).to_string();
+    let user = encode(&credentials.username);
+    let password = encode(&credentials.password);
     let host = cluster.client_service_host();
     let failover: Vec<String> =
         (0..cluster.replicas).map(|ordinal| amqp_uri(&user, &password, &cluster.pod_host(ordinal))).collect();
