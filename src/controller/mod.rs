@@ -220,11 +220,17 @@ async fn converge_cluster(
     let resources = build::build(validated, &credentials);
 
     let applied = apply::apply(&ctx.client, validated, resources, existing).await?;
-    for (kind, name) in &applied.created {
-        ctx.event(cluster, EventType::Normal, "Created", "Apply", format!("created {kind} {name}")).await;
+    // One Event per kind of change: the recorder folds Events of equal reason into one series,
+    // which would keep only the first object's name.
+    let describe =
+        |changed: &[(String, String)]| changed.iter().map(|(k, n)| format!("{k} {n}")).collect::<Vec<_>>().join(", ");
+    if !applied.created.is_empty() {
+        ctx.event(cluster, EventType::Normal, "Created", "Apply", format!("created {}", describe(&applied.created)))
+            .await;
     }
-    for (kind, name) in &applied.updated {
-        ctx.event(cluster, EventType::Normal, "Updated", "Apply", format!("updated {kind} {name}")).await;
+    if !applied.updated.is_empty() {
+        ctx.event(cluster, EventType::Normal, "Updated", "Apply", format!("updated {}", describe(&applied.updated)))
+            .await;
     }
     for warning in &validated.warnings {
         if !cluster.status.as_ref().is_some_and(|s| s.warnings.contains(warning)) {
@@ -250,10 +256,8 @@ async fn converge_cluster(
     } else {
         (None, None)
     };
-    if let Some(observation) = &broker {
-        for action in &observation.actions {
-            ctx.event(cluster, EventType::Normal, "BrokerConfigured", "Converge", action.clone()).await;
-        }
+    if let Some(observation) = broker.as_ref().filter(|o| !o.actions.is_empty()) {
+        ctx.event(cluster, EventType::Normal, "BrokerConfigured", "Converge", observation.actions.join("; ")).await;
     }
     if let Some(error) = &error {
         ctx.event(cluster, EventType::Warning, error.reason(), "Converge", error.to_string()).await;

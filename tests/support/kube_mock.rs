@@ -38,8 +38,13 @@ impl Call {
         call.query_contains = vec!["fieldManager=warren".into()];
         call
     }
+    /// A merge patch of a RabbitCluster's status subresource, answered with the object.
     pub fn status_patch(path: impl Into<String>) -> Self {
-        Self::new(Method::PATCH, format!("{}/status", path.into()))
+        let path = path.into();
+        let name = path.rsplit('/').next().unwrap_or_default().to_string();
+        Self::new(Method::PATCH, format!("{path}/status")).returns(json!({
+            "apiVersion": "warren.dev/v1alpha1", "kind": "RabbitCluster",
+            "metadata": {"name": name, "namespace": "default"}, "spec": {}}))
     }
     /// An Event about the RabbitCluster, in its namespace.
     pub fn event(namespace: &str, reason: &'static str) -> Self {

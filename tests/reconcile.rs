@@ -1,0 +1,313 @@
+//! Tier 1: reconcile decisions against a scripted API server, one scenario per test, asserting the
+//! method, path and body of each call.
+
+mod support;
+
+use std::sync::Arc;
+
+use http::Method;
+use k8s_openapi::api::apps::v1::StatefulSetStatus;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::Client;
+use serde_json::{Value, json};
+use support::fixture;
+use support::kube_mock::{Call, scripted_client};
+use support::management_fake::ManagementFake;
+use warren::api::{PAUSE_ANNOTATION, RabbitCluster, RabbitClusterStatus, TlsSpec};
+use warren::controller::apply::{APPLIED_HASH_ANNOTATION, hash_of};
+use warren::controller::build::{self, Credentials};
+use warren::controller::validate::{Settings, validate};
+use warren::controller::{Context, error_policy, reconcile, status};
+use warren::rabbitmq::broker::BrokerObservation;
+use warren::server::Metrics;
+
+const NS: &str = "/api/v1/namespaces/default";
+const STS: &str = "/apis/apps/v1/namespaces/default/statefulsets/demo";
+const PDB: &str = "/apis/policy/v1/namespaces/default/poddisruptionbudgets/demo";
+const CLUSTER: &str = "/apis/warren.dev/v1alpha1/namespaces/default/rabbitclusters/demo";
+
+fn context(client: Client, management_url: &str) -> Arc<Context> {
+    Arc::new(Context::new(client, Settings::default(), management_url.to_string(), Metrics::default()))
+}
+
+fn condition<'a>(status_patch: &'a Value, type_: &str) -> &'a Value {
+    status_patch["status"]["conditions"]
+        .as_array()
+        .and_then(|c| c.iter().find(|c| c["type"] == type_))
+        .unwrap_or_else(|| panic!("no {type_} condition in {status_patch}"))
+}
+
+/// Runs one reconcile against the script; returns its result and every call seen.
+async fn run(
+    cluster: RabbitCluster,
+    script: Vec<Call>,
+    management_url: &str,
+) -> (Result<kube::runtime::controller::Action, warren::error::Error>, Vec<(Method, String, Value)>) {
+    let (client, calls) = scripted_client(script);
+    let ctx = context(client, management_url);
+    let result = reconcile(Arc::new(cluster), ctx.clone()).await;
+    drop(ctx);
+    (result, calls.await.expect("the scripted API server panicked: see above"))
+}
+
+fn owned_by_demo(body: &Value) {
+    assert_eq!(body["metadata"]["ownerReferences"][0]["kind"], "RabbitCluster", "{body}");
+    assert_eq!(body["metadata"]["ownerReferences"][0]["controller"], true);
+    assert!(body["metadata"]["annotations"][APPLIED_HASH_ANNOTATION].is_string(), "{body}");
+}
+
+#[tokio::test]
+async fn a_new_cluster_gets_every_child_then_status() {
+    let applied = |path: String| Call::apply(path).check(owned_by_demo);
+    let script = vec![
+        Call::get_missing(STS),
+        Call::get_missing(format!("{NS}/secrets/demo-erlang-cookie")),
+        Call::get_missing(format!("{NS}/secrets/demo-default-user")),
+        Call::get_missing(format!("{NS}/serviceaccounts/demo-rabbitmq")),
+        applied(format!("{NS}/serviceaccounts/demo-rabbitmq")),
+        applied(format!("{NS}/secrets/demo-erlang-cookie")).check(|body| {
+            owned_by_demo(body);
+            assert_eq!(body["data"]["cookie"].as_str().unwrap().len(), 64, "48 random bytes, base64: {body}");
+        }),
+        applied(format!("{NS}/secrets/demo-default-user")),
+        Call::get_missing(format!("{NS}/configmaps/demo-config")),
+        applied(format!("{NS}/configmaps/demo-config")).check(|body| {
+            owned_by_demo(body);
+            let conf = body["data"]["10-operator.conf"].as_str().unwrap();
+            assert!(conf.contains("cluster_partition_handling = pause_minority"), "{conf}");
+        }),
+        Call::get_missing(format!("{NS}/services/demo-nodes")),
+        applied(format!("{NS}/services/demo-nodes")),
+        Call::get_missing(format!("{NS}/services/demo")),
+        applied(format!("{NS}/services/demo")),
+        Call::get_missing(PDB),
+        applied(PDB.into()),
+        applied(STS.into()).check(|body| {
+            owned_by_demo(body);
+            assert_eq!(body["spec"]["replicas"], 3);
+            assert_eq!(body["spec"]["podManagementPolicy"], "Parallel");
+        }),
+        Call::event("default", "Created").check(|body| {
+            let note = body["note"].as_str().unwrap();
+            for object in ["ServiceAccount demo-rabbitmq", "Secret demo-erlang-cookie", "Secret demo-default-user",
+                           "ConfigMap demo-config", "Service demo-nodes", "Service demo,", "PodDisruptionBudget demo",
+                           "StatefulSet demo"] {
+                assert!(note.contains(object), "{object} missing from {note}");
+            }
+        }),
+        // Right after creation the StatefulSet has no ready pods: the broker is not contacted.
+        Call::get(STS).returns(json!({"apiVersion": "apps/v1", "kind": "StatefulSet",
+            "metadata": {"name": "demo", "namespace": "default", "generation": 1}, "spec": {"replicas": 3,
+            "selector": {}, "template": {}, "serviceName": "demo-nodes"}, "status": {"replicas": 0, "observedGeneration": 1}})),
+        Call::status_patch(CLUSTER).check(|body| {
+            assert_eq!(condition(body, "ReconcileSuccess")["status"], "True");
+            assert_eq!(condition(body, "AllReplicasReady")["status"], "False");
+            assert_eq!(condition(body, "ClusterFormed")["status"], "Unknown");
+            assert_eq!(condition(body, "Ready")["status"], "False");
+            assert_eq!(body["status"]["rabbitmqVersion"], "4.1.4");
+            assert_eq!(body["status"]["observedGeneration"], 1);
+        }),
+    ];
+    let (result, calls) = run(fixture("basic.yaml"), script, "http://127.0.0.1:1").await;
+    assert!(result.is_ok(), "{result:?}");
+    let cookie_patches =
+        calls.iter().filter(|(m, p, _)| m == Method::PATCH && p.ends_with("demo-erlang-cookie")).count();
+    assert_eq!(cookie_patches, 1);
+}
+
+#[tokio::test]
+async fn a_scale_down_is_refused_and_nothing_is_changed() {
+    let mut cluster = fixture("basic.yaml");
+    cluster.spec.replicas = 1;
+    let script = vec![
+        Call::get(STS).returns(json!({"apiVersion": "apps/v1", "kind": "StatefulSet",
+            "metadata": {"name": "demo", "namespace": "default"},
+            "spec": {"replicas": 3, "selector": {}, "template": {}, "serviceName": "demo-nodes"}})),
+        Call::get_missing(format!("{NS}/secrets/demo-erlang-cookie")),
+        Call::get_missing(format!("{NS}/secrets/demo-default-user")),
+        Call::event("default", "ScaleDownRefused").check(|body| {
+            assert_eq!(body["type"], "Warning");
+            assert!(body["note"].as_str().unwrap().contains("from 3 to 1"), "{body}");
+        }),
+        Call::status_patch(CLUSTER).check(|body| {
+            let success = condition(body, "ReconcileSuccess");
+            assert_eq!(success["status"], "False");
+            assert_eq!(success["reason"], "ScaleDownRefused");
+            assert_eq!(condition(body, "Ready")["status"], "False");
+        }),
+    ];
+    let (result, calls) = run(cluster, script, "http://127.0.0.1:1").await;
+    // Waits for a spec change rather than retrying.
+    assert!(result.is_ok(), "{result:?}");
+    assert!(calls.iter().all(|(m, p, _)| m == Method::GET || p.contains("/events") || p.ends_with("/status")));
+}
+
+#[tokio::test]
+async fn a_paused_cluster_gets_only_its_condition() {
+    let mut cluster = fixture("basic.yaml");
+    cluster.metadata.annotations = Some([(PAUSE_ANNOTATION.to_string(), "true".to_string())].into());
+    let script = vec![Call::status_patch(CLUSTER).check(|body| {
+        let success = condition(body, "ReconcileSuccess");
+        assert_eq!(success["status"], "Unknown");
+        assert_eq!(success["reason"], "Paused");
+    })];
+    let (result, _) = run(cluster, script, "http://127.0.0.1:1").await;
+    assert!(result.is_ok());
+}
+
+#[tokio::test]
+async fn a_missing_tls_secret_is_reported_and_retried() {
+    let mut cluster = fixture("basic.yaml");
+    cluster.spec.tls = Some(TlsSpec { secret_name: "demo-tls".into(), ca_secret_name: None });
+    let script = vec![
+        Call::get_missing(STS),
+        Call::get_missing(format!("{NS}/secrets/demo-erlang-cookie")),
+        Call::get_missing(format!("{NS}/secrets/demo-default-user")),
+        Call::get_missing(format!("{NS}/secrets/demo-tls")),
+        Call::event("default", "SecretMissing"),
+        Call::status_patch(CLUSTER).check(|body| {
+            let success = condition(body, "ReconcileSuccess");
+            assert_eq!(success["reason"], "SecretMissing");
+            assert!(success["message"].as_str().unwrap().contains("demo-tls"), "{success}");
+        }),
+    ];
+    let (result, _) = run(cluster, script, "http://127.0.0.1:1").await;
+    let error = result.expect_err("retried with back-off");
+    assert_eq!(error.reason(), "SecretMissing");
+}
+
+#[tokio::test]
+async fn classic_mirroring_on_a_4x_image_is_refused_before_any_read() {
+    let mut cluster = fixture("basic.yaml");
+    cluster.spec.high_availability.mode = warren::api::HighAvailabilityMode::ClassicMirrored;
+    let script = vec![
+        Call::event("default", "ClassicMirroringUnsupported"),
+        Call::status_patch(CLUSTER).check(|body| {
+            assert_eq!(condition(body, "ReconcileSuccess")["reason"], "ClassicMirroringUnsupported");
+        }),
+    ];
+    let (result, _) = run(cluster, script, "http://127.0.0.1:1").await;
+    assert!(result.is_ok(), "a bad spec waits for a change: {result:?}");
+}
+
+#[tokio::test]
+async fn a_child_owned_by_someone_else_is_not_taken_over() {
+    let script = vec![
+        Call::get_missing(STS),
+        Call::get_missing(format!("{NS}/secrets/demo-erlang-cookie")),
+        Call::get_missing(format!("{NS}/secrets/demo-default-user")),
+        Call::get(format!("{NS}/serviceaccounts/demo-rabbitmq")).returns(json!({"apiVersion": "v1",
+            "kind": "ServiceAccount", "metadata": {"name": "demo-rabbitmq", "namespace": "default"}})),
+        Call::event("default", "FieldConflict"),
+        Call::status_patch(CLUSTER).check(|body| {
+            let message = condition(body, "ReconcileSuccess")["message"].as_str().unwrap().to_string();
+            assert!(message.contains("ServiceAccount demo-rabbitmq") && message.contains("not owned"), "{message}");
+        }),
+    ];
+    let (result, _) = run(fixture("basic.yaml"), script, "http://127.0.0.1:1").await;
+    assert_eq!(result.expect_err("reported").reason(), "FieldConflict");
+}
+
+/// Everything exists as the operator would apply it, the pods are ready and the broker converged:
+/// a reconcile then reads, and writes nothing at all.
+#[tokio::test]
+async fn a_steady_cluster_costs_reads_only() {
+    let mut cluster = fixture("basic.yaml");
+    let credentials =
+        Credentials { erlang_cookie: "C".repeat(48), username: "warren-user".into(), password: "pw".into() };
+    let validated = validate(&cluster, &Settings::default()).unwrap();
+    let resources = build::build(&validated, &credentials);
+    fn live<K: serde::Serialize>(object: &K) -> Value {
+        let mut value = serde_json::to_value(object).unwrap();
+        value["metadata"]["annotations"][APPLIED_HASH_ANNOTATION] = json!(hash_of(object).unwrap());
+        value
+    }
+    let mut sts = resources.stateful_set.clone();
+    sts.metadata.generation = Some(1);
+    sts.status = Some(StatefulSetStatus {
+        replicas: 3,
+        ready_replicas: Some(3),
+        updated_replicas: Some(3),
+        current_revision: Some("demo-1".into()),
+        update_revision: Some("demo-1".into()),
+        observed_generation: Some(1),
+        ..Default::default()
+    });
+    let mut sts_live = live(&resources.stateful_set);
+    sts_live["metadata"]["generation"] = json!(1);
+    sts_live["status"] = serde_json::to_value(sts.status.clone().unwrap()).unwrap();
+
+    let fake = ManagementFake::start().await;
+    let nodes: Vec<String> = (0..3).map(|i| validated.node_name(i)).collect();
+    fake.answer("GET", "/api/overview", 200, json!({"rabbitmq_version": "4.1.4"}));
+    fake.answer(
+        "GET",
+        "/api/nodes",
+        200,
+        json!(nodes.iter().map(|n| json!({"name": n, "running": true, "partitions": []})).collect::<Vec<_>>()),
+    );
+    fake.answer("GET", "/api/vhosts", 200, json!([{"name": "/", "default_queue_type": "quorum"}]));
+
+    // The status a previous pass wrote, with the same observation.
+    let observation = BrokerObservation {
+        version: "4.1.4".into(),
+        members: nodes.clone(),
+        high_availability: ("QuorumQueues".into(), "quorum is the default queue type of 1 vhost(s)".into()),
+        ..Default::default()
+    };
+    let verdicts = status::verdicts(&status::Observed {
+        desired_replicas: 3,
+        stateful_set: Some(&sts),
+        broker: Ok(&observation),
+        error: None,
+    });
+    assert!(verdicts.iter().all(|v| v.status == Some(true)), "{verdicts:#?}");
+    let earlier = Time(jiff::Timestamp::from_second(1_700_000_000).unwrap());
+    cluster.status = Some(RabbitClusterStatus {
+        observed_generation: Some(1),
+        rabbitmq_version: Some("4.1.4".into()),
+        replicas: 3,
+        ready_replicas: 3,
+        members: nodes.clone(),
+        warnings: vec![],
+        conditions: status::merge_conditions(&[], &verdicts, Some(1), &earlier),
+    });
+
+    let script = vec![
+        Call::get(STS).returns(sts_live.clone()),
+        Call::get(format!("{NS}/secrets/demo-erlang-cookie")).returns(live(&resources.erlang_cookie_secret)),
+        Call::get(format!("{NS}/secrets/demo-default-user")).returns(live(&resources.default_user_secret)),
+        Call::get(format!("{NS}/serviceaccounts/demo-rabbitmq")).returns(live(&resources.service_account)),
+        Call::get(format!("{NS}/configmaps/demo-config")).returns(live(&resources.config_map)),
+        Call::get(format!("{NS}/services/demo-nodes")).returns(live(&resources.headless_service)),
+        Call::get(format!("{NS}/services/demo")).returns(live(&resources.client_service)),
+        Call::get(PDB).returns(live(&resources.pod_disruption_budget)),
+        Call::get(STS).returns(sts_live),
+    ];
+    let (result, calls) = run(cluster, script, &fake.url).await;
+    assert!(result.is_ok(), "{result:?}");
+    assert!(calls.iter().all(|(method, _, _)| method == Method::GET), "{calls:#?}");
+    assert!(fake.writes().is_empty(), "broker writes: {:?}", fake.writes());
+    assert!(fake.requests().iter().any(|(call, _)| call == "GET /api/nodes"), "membership was checked");
+}
+
+#[tokio::test]
+async fn failures_back_off_exponentially_up_to_five_minutes() {
+    let (client, calls) = scripted_client(vec![]);
+    let ctx = context(client, "http://127.0.0.1:1");
+    let cluster = Arc::new(fixture("basic.yaml"));
+    let error = warren::error::Error::Broker {
+        reason: "BrokerUnavailable",
+        what: "GET /api/overview".into(),
+        message: "503".into(),
+    };
+    let delays: Vec<kube::runtime::controller::Action> =
+        (0..10).map(|_| error_policy(cluster.clone(), &error, ctx.clone())).collect();
+    let expected: Vec<kube::runtime::controller::Action> = [5, 10, 20, 40, 80, 160, 300, 300, 300, 300]
+        .into_iter()
+        .map(|s| kube::runtime::controller::Action::requeue(std::time::Duration::from_secs(s)))
+        .collect();
+    assert_eq!(delays, expected);
+    drop(ctx);
+    assert!(calls.await.unwrap().is_empty());
+}
