@@ -293,7 +293,8 @@ fn secret_value(secret: &Secret, key: &str) -> Option<String> {
 
 /// The cluster's credentials: from the existing Secrets, generated only for what does not exist yet.
 fn credentials(cluster: &ValidatedCluster, existing: &Existing) -> Result<Credentials> {
-    let fresh = Credentials::generate();
+    let needs_fresh = existing.erlang_cookie_secret.is_none() || existing.default_user_secret.is_none();
+    let fresh = if needs_fresh { Credentials::generate() } else { Credentials::default() };
     let erlang_cookie = match &existing.erlang_cookie_secret {
         Some(secret) => secret_value(secret, COOKIE_KEY).ok_or_else(|| Error::SecretMissing {
             name: cluster.erlang_cookie_secret_name(),

@@ -20,7 +20,7 @@ pub const DEFAULT_USER_CONF_KEY: &str = "default_user.conf";
 
 /// The secrets of one cluster. Generated once; afterwards always read back from the Secrets, because
 /// a changed cookie splits the cluster and a changed password locks clients out.
-#[derive(Clone, PartialEq, Eq)]
+#[derive(Clone, Default, PartialEq, Eq)]
 pub struct Credentials {
     pub erlang_cookie: String,
     pub username: String,
