@@ -102,26 +102,24 @@ fn object_key(cluster: &RabbitCluster) -> String {
 
 /// Runs the controller until the process is asked to stop.
 pub async fn run(ctx: Arc<Context>, namespace: Option<String>) {
-    let client = ctx.client.clone();
-    let api = |c: &Client| match &namespace {
-        Some(ns) => (Api::<RabbitCluster>::namespaced(c.clone(), ns), ns.clone()),
-        None => (Api::<RabbitCluster>::all(c.clone()), String::new()),
-    };
-    let (clusters, ns) = api(&client);
-    fn owned<K: Resource<DynamicType = ()>>(client: &Client, ns: &str) -> Api<K>
+    fn scoped<K>(client: &Client, namespace: Option<&str>) -> Api<K>
     where
-        K: Resource<Scope = k8s_openapi::NamespaceResourceScope>,
+        K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>,
     {
-        if ns.is_empty() { Api::all(client.clone()) } else { Api::namespaced(client.clone(), ns) }
+        match namespace {
+            Some(ns) => Api::namespaced(client.clone(), ns),
+            None => Api::all(client.clone()),
+        }
     }
-    let children = watcher::Config::default().labels("app.kubernetes.io/managed-by=warren");
-    Controller::new(clusters, watcher::Config::default())
-        .owns(owned::<StatefulSet>(&client, &ns), children.clone())
-        .owns(owned::<Service>(&client, &ns), children.clone())
-        .owns(owned::<ConfigMap>(&client, &ns), children.clone())
-        .owns(owned::<Secret>(&client, &ns), children.clone())
-        .owns(owned::<ServiceAccount>(&client, &ns), children.clone())
-        .owns(owned::<PodDisruptionBudget>(&client, &ns), children)
+    let (client, ns) = (ctx.client.clone(), namespace.as_deref());
+    let children = watcher::Config::default().labels(&format!("{}=warren", build::MANAGED_BY_LABEL));
+    Controller::new(scoped::<RabbitCluster>(&client, ns), watcher::Config::default())
+        .owns(scoped::<StatefulSet>(&client, ns), children.clone())
+        .owns(scoped::<Service>(&client, ns), children.clone())
+        .owns(scoped::<ConfigMap>(&client, ns), children.clone())
+        .owns(scoped::<Secret>(&client, ns), children.clone())
+        .owns(scoped::<ServiceAccount>(&client, ns), children.clone())
+        .owns(scoped::<PodDisruptionBudget>(&client, ns), children)
         .shutdown_on_signal()
         .run(reconcile, error_policy, ctx)
         .for_each(|result| async move {
@@ -322,24 +320,18 @@ fn credentials(cluster: &ValidatedCluster, existing: &Existing) -> Result<Creden
 async fn check_tls_secrets(secrets: &Api<Secret>, cluster: &ValidatedCluster) -> Result<()> {
     let Some(tls) = &cluster.tls else { return Ok(()) };
     let ca_secret = tls.ca_secret_name.as_deref().unwrap_or(&tls.secret_name);
-    let mut needed: Vec<(&str, &str)> = vec![(&tls.secret_name, "tls.crt"), (&tls.secret_name, "tls.key")];
-    needed.push((ca_secret, "ca.crt"));
-    let mut fetched: HashMap<&str, Option<Secret>> = HashMap::new();
-    for (name, key) in needed {
-        if !fetched.contains_key(name) {
-            fetched.insert(name, get_opt(secrets, name).await?);
-        }
-        match fetched.get(name).and_then(|s| s.as_ref()) {
-            None => {
-                return Err(Error::SecretMissing {
-                    name: name.to_string(),
-                    message: "named by spec.tls does not exist in the cluster's namespace".into(),
-                });
-            }
-            Some(secret) if secret_value(secret, key).is_none() => {
-                return Err(Error::SecretMissing { name: name.to_string(), message: format!("has no key {key:?}") });
-            }
-            Some(_) => {}
+    let mut required = vec![(tls.secret_name.as_str(), vec!["tls.crt", "tls.key"])];
+    match required.iter_mut().find(|(name, _)| *name == ca_secret) {
+        Some((_, keys)) => keys.push("ca.crt"),
+        None => required.push((ca_secret, vec!["ca.crt"])),
+    }
+    for (name, keys) in required {
+        let secret = get_opt(secrets, name).await?.ok_or_else(|| Error::SecretMissing {
+            name: name.to_string(),
+            message: "named by spec.tls does not exist in the cluster's namespace".into(),
+        })?;
+        if let Some(key) = keys.into_iter().find(|key| secret_value(&secret, key).is_none()) {
+            return Err(Error::SecretMissing { name: name.to_string(), message: format!("has no key {key:?}") });
         }
     }
     Ok(())

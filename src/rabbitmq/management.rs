@@ -111,10 +111,6 @@ impl ManagementClient {
         })
     }
 
-    pub fn base_url(&self) -> &str {
-        &self.base_url
-    }
-
     async fn send(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> Result<Option<String>> {
         let what = format!("{method} {path}");
         let mut request = self

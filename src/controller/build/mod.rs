@@ -13,8 +13,8 @@ use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service, ServiceAccount};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
-pub use config::{BOOTSTRAP_SCRIPT, PRE_STOP_SCRIPT, READINESS_SCRIPT, config_hash, rabbitmq_conf};
-pub use secrets::{Credentials, default_user_conf};
+use config::config_hash;
+pub use secrets::Credentials;
 
 use super::validate::ValidatedCluster;
 
