@@ -1,24 +1,52 @@
-# The commands README.md gives. Build caches live outside the clone, keyed by nothing but the
-# toolchain (cargo tracks the rest), so CI does not rebuild the world each run.
+# The commands README.md gives. Build caches live outside the clone (cargo's target dir, Go's build
+# cache, the control plane's binaries keyed by version), so CI does not rebuild the world each run.
 SHELL := /bin/bash
 CACHE_DIR ?= $(HOME)/.cache/warren
+export WARREN_CACHE := $(CACHE_DIR)
 export CARGO_TARGET_DIR ?= $(CACHE_DIR)/target
+export GOCACHE ?= $(CACHE_DIR)/go-build
 CARGO ?= cargo
 WARREN := $(CARGO_TARGET_DIR)/debug/warren
+include e2e/versions.env
+HELM := $(CACHE_DIR)/bin/helm-$(HELM_VERSION)/helm
 
-.PHONY: test build crds render fmt lint up
+.PHONY: test unit e2e bench deps control-plane build crds render fmt lint up down
 
-## test: every test tier that exists today (pure builders, mocked API server, CRD freshness).
-test:
+## test: every tier: pure builders and mocked API server, then the real control plane.
+test: unit e2e
+
+unit:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) test --locked --all-targets
+
+## e2e: tests on a local control plane (etcd, kube-apiserver, kube-controller-manager built from
+## their Go modules on first use), started for the run and removed after it.
+e2e: deps control-plane
+	$(HELM) lint --strict charts/warren
+	$(HELM) lint --strict charts/warren --set watchNamespace=apps --set metrics.serviceMonitor.enabled=true
+	e2e/with-control-plane.sh $(CARGO) test --locked --features e2e --test e2e
+
+## bench: the operator watching 200 RabbitClusters (time to apply, memory, CPU); prints figures.
+bench: deps control-plane
+	e2e/with-control-plane.sh $(CARGO) bench --locked --features e2e --bench controller_scale
+
+## deps: what the tests need from Debian besides Rust and Go.
+deps:
+	@missing=""; for c in openssl:openssl curl:curl ss:iproute2; do \
+	  command -v $${c%%:*} > /dev/null || missing="$$missing $${c##*:}"; done; \
+	if [ -n "$$missing" ]; then apt-get update -q && apt-get install -y -q $$missing; fi
+	@command -v kubectl > /dev/null || { echo "kubectl is required"; exit 1; }
+
+control-plane:
+	e2e/build.sh
 
 build:
 	$(CARGO) build --locked
 
-## crds: regenerate crds/ from the Rust types (a test fails when they are stale).
+## crds: regenerate crds/ and the chart's copy from the Rust types (a test fails when they are stale).
 crds: build
 	$(WARREN) crd > crds/warren.dev.yaml
+	cp crds/warren.dev.yaml charts/warren/crds/warren.dev.yaml
 
 ## render: every object the operator makes for examples/basic.yaml.
 render: build
@@ -28,12 +56,12 @@ fmt:
 	$(CARGO) fmt --all
 
 lint:
-	$(CARGO) clippy --locked --all-targets -- -D warnings
+	$(CARGO) clippy --locked --all-targets --features e2e -- -D warnings
 
-## up: builds the operator and shows what it would create for the basic example. The local
-## control plane it will run against is built by e2e/ (see README, "Status").
-up: build
-	@$(WARREN) render examples/basic.yaml > $(CACHE_DIR)/demo-objects.yaml
-	@echo "warren built: $(WARREN)"
-	@echo "objects for examples/basic.yaml: $(CACHE_DIR)/demo-objects.yaml ($$(grep -c '^kind:' $(CACHE_DIR)/demo-objects.yaml) objects)"
-	@echo "run it against a cluster:  kubectl apply -f crds/ && $(WARREN) run"
+## up: a local control plane with the chart installed, the operator running with the chart's
+## ServiceAccount, and examples/basic.yaml applied. `make down` stops it.
+up: deps control-plane build
+	e2e/up.sh
+
+down:
+	e2e/down.sh

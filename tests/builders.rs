@@ -320,7 +320,9 @@ fn render_prints_every_object_without_real_secrets() {
 }
 
 #[test]
-fn crds_directory_is_up_to_date() {
-    let committed = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/crds/warren.dev.yaml")).unwrap();
-    assert!(committed == warren::crds_yaml(), "crds/warren.dev.yaml is stale: run `make crds`");
+fn crds_directory_and_chart_crds_are_up_to_date() {
+    for file in ["crds/warren.dev.yaml", "charts/warren/crds/warren.dev.yaml"] {
+        let committed = std::fs::read_to_string(format!("{}/{file}", env!("CARGO_MANIFEST_DIR"))).unwrap();
+        assert!(committed == warren::crds_yaml(), "{file} is stale: run `make crds`");
+    }
 }

@@ -311,3 +311,12 @@ async fn failures_back_off_exponentially_up_to_five_minutes() {
     drop(ctx);
     assert!(calls.await.unwrap().is_empty());
 }
+
+/// The binary's TLS stack: kube and reqwest must agree on one rustls crypto provider, or building
+/// an https client panics (found by the e2e tests on the real API server).
+#[tokio::test]
+async fn https_clients_can_be_built() {
+    let config = kube::Config::new("https://127.0.0.1:6443".parse().unwrap());
+    assert!(Client::try_from(config).is_ok());
+    assert!(warren::rabbitmq::management::ManagementClient::new("https://127.0.0.1:15671", "u", "p").is_ok());
+}

@@ -1,0 +1,47 @@
+{{- define "warren.fullname" -}}
+{{- if contains .Chart.Name .Release.Name -}}
+{{- .Release.Name | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name .Chart.Name | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "warren.serviceAccountName" -}}
+{{- default (include "warren.fullname" .) .Values.serviceAccount.name -}}
+{{- end -}}
+
+{{- define "warren.selectorLabels" -}}
+app.kubernetes.io/name: {{ .Chart.Name }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end -}}
+
+{{- define "warren.labels" -}}
+{{ include "warren.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
+{{- end -}}
+
+{{/* The operator's permissions: exactly what it reads, applies and reports. */}}
+{{- define "warren.rules" -}}
+- apiGroups: [warren.dev]
+  resources: [rabbitclusters]
+  verbs: [get, list, watch]
+- apiGroups: [warren.dev]
+  resources: [rabbitclusters/status]
+  verbs: [patch]
+# Children are server-side applied (create + patch) and watched; never deleted: garbage
+# collection follows their owner references.
+- apiGroups: [apps]
+  resources: [statefulsets]
+  verbs: [get, list, watch, create, patch]
+- apiGroups: [""]
+  resources: [services, configmaps, secrets, serviceaccounts]
+  verbs: [get, list, watch, create, patch]
+- apiGroups: [policy]
+  resources: [poddisruptionbudgets]
+  verbs: [get, list, watch, create, patch]
+- apiGroups: [events.k8s.io]
+  resources: [events]
+  verbs: [create, patch]
+{{- end -}}

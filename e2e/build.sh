@@ -1,0 +1,104 @@
+#!/usr/bin/env bash
+# Builds etcd, kube-apiserver, kube-controller-manager and helm from their Go modules into a cache
+# keyed by version. Idempotent: a component whose binary is already cached is not rebuilt.
+# Usage: e2e/build.sh [etcd|kubernetes|helm]...   (default: all)
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+# shellcheck source=e2e/versions.env
+source "$here/versions.env"
+cache=${WARREN_CACHE:-$HOME/.cache/warren}
+export GOTOOLCHAIN=local CGO_ENABLED=0 GOFLAGS=-mod=mod
+export GOCACHE=${GOCACHE:-$cache/go-build}
+
+log() { printf '[build %s] %s\n' "$(date +%T)" "$*" >&2; }
+
+build_etcd() {
+  local out=$cache/bin/etcd-$ETCD_VERSION
+  [[ -x $out/etcd ]] && return 0
+  log "etcd $ETCD_VERSION"
+  local mod=$cache/src/etcd-$ETCD_VERSION
+  mkdir -p "$mod" "$out"
+  # server/v3's own go.mod has relative replaces, so `go install pkg@version` refuses it; as a
+  # dependency of a consumer module those replaces are ignored.
+  cat > "$mod/go.mod" <<MOD
+module warren.dev/e2e/etcd
+
+go 1.24
+
+tool go.etcd.io/etcd/server/v3
+MOD
+  (cd "$mod" && go get "go.etcd.io/etcd/server/v3@$ETCD_VERSION" &&
+    go build -trimpath -ldflags "-s -w" -o "$out/etcd.tmp" go.etcd.io/etcd/server/v3 &&
+    mv "$out/etcd.tmp" "$out/etcd")
+}
+
+build_kubernetes() {
+  local out=$cache/bin/kubernetes-$KUBERNETES_VERSION
+  [[ -x $out/kube-apiserver && -x $out/kube-controller-manager ]] && return 0
+  log "kubernetes $KUBERNETES_VERSION"
+  local mod=$cache/src/kubernetes-$KUBERNETES_VERSION
+  mkdir -p "$mod" "$out"
+  local staging=v0.${KUBERNETES_VERSION#v1.}
+  local upstream_gomod
+  upstream_gomod=$(go mod download -json "k8s.io/kubernetes@$KUBERNETES_VERSION" |
+    sed -n 's/^[[:space:]]*"GoMod": "\(.*\)",$/\1/p')
+  [[ -f $upstream_gomod ]] || { log "no go.mod for k8s.io/kubernetes@$KUBERNETES_VERSION"; return 1; }
+  # Every requirement at v0.0.0 is a staging module that upstream replaces with ./staging/...;
+  # replaces only apply in the main module, so point each one at its published version.
+  {
+    echo "module warren.dev/e2e/kubernetes"
+    echo
+    sed -n 's/^go \(.*\)$/go \1/p' "$upstream_gomod" | head -1
+    grep -E '^godebug ' "$upstream_gomod" || true
+    echo
+    echo "require k8s.io/kubernetes $KUBERNETES_VERSION"
+    echo
+    echo "tool ("
+    echo "	k8s.io/kubernetes/cmd/kube-apiserver"
+    echo "	k8s.io/kubernetes/cmd/kube-controller-manager"
+    echo ")"
+    echo
+    echo "replace ("
+    awk '$2 == "v0.0.0" && $1 ~ /^k8s\.io\// { print $1 }' "$upstream_gomod" | sort -u |
+      while read -r m; do printf '\t%s => %s %s\n' "$m" "$m" "$staging"; done
+    echo ")"
+  } > "$mod/go.mod"
+  local minor=${KUBERNETES_VERSION#v1.}; minor=${minor%%.*}
+  local ld="-s -w" pkg
+  for pkg in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
+    ld+=" -X $pkg.gitVersion=$KUBERNETES_VERSION -X $pkg.gitMajor=1 -X $pkg.gitMinor=$minor"
+    ld+=" -X $pkg.gitCommit=0000000000000000000000000000000000000000 -X $pkg.gitTreeState=clean"
+    ld+=" -X $pkg.buildDate=1970-01-01T00:00:00Z"
+  done
+  (cd "$mod" && go mod tidy &&
+    for cmd in kube-apiserver kube-controller-manager; do
+      log "  $cmd"
+      go build -trimpath -tags selinux,notest -ldflags "$ld" -o "$out/$cmd.tmp" "k8s.io/kubernetes/cmd/$cmd"
+      mv "$out/$cmd.tmp" "$out/$cmd"
+    done)
+}
+
+build_helm() {
+  local out=$cache/bin/helm-$HELM_VERSION
+  [[ -x $out/helm ]] && return 0
+  log "helm $HELM_VERSION"
+  mkdir -p "$out"
+  # Without these, `helm template` and `helm lint` assume Kubernetes 1.20: use the minor of the
+  # client-go helm is built with, as helm's own Makefile does.
+  local gomod minor ld
+  gomod=$(go mod download -json "helm.sh/helm/v3@$HELM_VERSION" | sed -n 's/^[[:space:]]*"GoMod": "\(.*\)",$/\1/p')
+  minor=$(awk '$1 == "k8s.io/client-go" { split($2, v, "."); print v[2] }' "$gomod")
+  ld="-s -w -X helm.sh/helm/v3/internal/version.version=$HELM_VERSION"
+  for pkg in helm.sh/helm/v3/pkg/chartutil helm.sh/helm/v3/pkg/lint/rules; do
+    ld+=" -X $pkg.k8sVersionMajor=1 -X $pkg.k8sVersionMinor=$minor"
+  done
+  GOBIN=$out go install -trimpath -ldflags "$ld" "helm.sh/helm/v3/cmd/helm@$HELM_VERSION"
+}
+
+components=("$@")
+[[ ${#components[@]} -gt 0 ]] || components=(etcd helm kubernetes)
+for c in "${components[@]}"; do
+  start=$SECONDS
+  "build_$c"
+  log "$c ready ($((SECONDS - start)) s)"
+done

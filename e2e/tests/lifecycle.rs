@@ -1,0 +1,196 @@
+//! A RabbitCluster's life with the operator installed by the chart: children with owner
+//! references, spec edits, a cookie that never changes, the pause annotation, deletion.
+
+use std::time::Duration;
+
+use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Secret};
+use k8s_openapi::api::events::v1::Event;
+use kube::api::ListParams;
+use kube::{Api, ResourceExt};
+
+use crate::support::cluster::{self, additional_config, config_map, manifest, wait_condition};
+use crate::support::operator::Operator;
+use crate::support::{TestNamespace, admin_client, describe, ensure_crds, kubectl, ok, wait_for, writes_by};
+
+const NAME: &str = "demo";
+
+#[tokio::test]
+async fn children_are_owned_follow_the_spec_and_the_cookie_never_changes() {
+    ensure_crds().await;
+    let client = admin_client().await;
+    let ns = TestNamespace::create(&client, "e2e-children").await;
+    let operator = Operator::install(&client, &ns.name).await;
+
+    cluster::apply(&ns.name, &manifest(NAME, 3, "consumer_timeout = 3600000\n"));
+    let created = wait_condition(&client, &ns.name, NAME, "ReconcileSuccess", "True", Some("Reconciled")).await;
+    let uid = created.uid().expect("uid");
+    for (child, refs) in cluster::children(&client, &ns.name, NAME).await.expect("children") {
+        let refs = refs.unwrap_or_else(|| panic!("{child} missing; operator log: {}", operator.log.display()));
+        assert!(
+            refs.iter()
+                .any(|r| r.uid == uid && r.kind == "RabbitCluster" && r.name == NAME && r.controller == Some(true)),
+            "{child} is not controlled by RabbitCluster {NAME} ({uid}): {refs:?}"
+        );
+    }
+    let events: Api<Event> = Api::namespaced(client.clone(), &ns.name);
+    let events = events.list(&ListParams::default()).await.expect("events");
+    assert!(
+        events.items.iter().any(|e| e.reason.as_deref() == Some("Created")
+            && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(NAME)
+            && e.note.as_deref().is_some_and(|n| n.contains("StatefulSet demo"))),
+        "no Created Event naming the StatefulSet: {:?}",
+        events.items.iter().map(|e| (&e.reason, &e.note)).collect::<Vec<_>>()
+    );
+
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns.name);
+    let cookie_before = secrets.get("demo-erlang-cookie").await.expect("cookie Secret");
+    let user_before = secrets.get("demo-default-user").await.expect("default-user Secret");
+    let stateful_sets: Api<StatefulSet> = Api::namespaced(client.clone(), &ns.name);
+    let template_before = stateful_sets.get(NAME).await.expect("StatefulSet").spec.expect("spec").template;
+
+    // Scale out and change the configuration.
+    cluster::patch(
+        &ns.name,
+        NAME,
+        r#"{"spec":{"replicas":5,"rabbitmq":{"additionalConfig":"consumer_timeout = 7200000\n"}}}"#,
+    );
+    let updated = wait_condition(&client, &ns.name, NAME, "ReconcileSuccess", "True", Some("Reconciled")).await;
+    assert_eq!(updated.status.as_ref().and_then(|s| s.observed_generation), Some(2));
+    assert_eq!(additional_config(&config_map(&client, &ns.name, NAME).await), "consumer_timeout = 7200000\n");
+    let sts = stateful_sets.get(NAME).await.expect("StatefulSet").spec.expect("spec");
+    assert_eq!(sts.replicas, Some(5));
+    assert_ne!(
+        sts.template.metadata.as_ref().map(|m| m.annotations.clone()),
+        template_before.metadata.as_ref().map(|m| m.annotations.clone()),
+        "a configuration change must roll the pods (config hash annotation of the pod template)"
+    );
+
+    // Compared without printing: these are credentials.
+    let key = |secret: &Secret, key: &str| secret.data.as_ref().and_then(|d| d.get(key)).map(|v| v.0.clone());
+    let cookie_after = secrets.get("demo-erlang-cookie").await.expect("cookie Secret");
+    assert!(key(&cookie_after, "cookie") == key(&cookie_before, "cookie"), "the Erlang cookie changed");
+    assert!(key(&cookie_after, "cookie").is_some_and(|c| c.len() >= 32), "no usable Erlang cookie");
+    assert_eq!(cookie_after.resource_version(), cookie_before.resource_version(), "the cookie Secret was written");
+    let user_after = secrets.get("demo-default-user").await.expect("default-user Secret");
+    for field in ["username", "password"] {
+        assert!(key(&user_after, field) == key(&user_before, field), "the default user's {field} changed");
+    }
+    // The client URIs follow the new replica count.
+    let failover = key(&user_after, "failover-uris").map(|v| String::from_utf8_lossy(&v).matches("amqp://").count());
+    assert_eq!(failover, Some(5), "failover-uris must list the 5 nodes");
+
+    // What the operator wrote, as the API server saw it: status only through the subresource, and
+    // the chart's RBAC allowed every request.
+    let writes = writes_by(&operator.user);
+    let on_cluster: Vec<_> = writes.iter().filter(|w| w.resource == "rabbitclusters").cloned().collect();
+    assert!(!on_cluster.is_empty(), "the operator never wrote status");
+    assert!(
+        on_cluster.iter().all(|w| w.subresource.as_deref() == Some("status")),
+        "RabbitCluster written other than through /status:\n  {}",
+        describe(&on_cluster)
+    );
+    let refused: Vec<_> = writes.iter().filter(|w| w.code >= 400).cloned().collect();
+    assert!(refused.is_empty(), "requests refused to the operator:\n  {}", describe(&refused));
+}
+
+#[tokio::test]
+async fn the_chart_grants_no_more_than_the_operator_needs() {
+    ensure_crds().await;
+    let client = admin_client().await;
+    let ns = TestNamespace::create(&client, "e2e-rbac").await;
+    let operator = Operator::install(&client, &ns.name).await;
+    let can = |verb: &str, resource: &str, namespace: &str| {
+        let out = kubectl(&["auth", "can-i", verb, resource, "-n", namespace, "--as", &operator.user]);
+        String::from_utf8_lossy(&out.stdout).trim() == "yes"
+    };
+    for (verb, resource) in
+        [("patch", "statefulsets.apps"), ("create", "secrets"), ("watch", "rabbitclusters.warren.dev")]
+    {
+        assert!(can(verb, resource, &ns.name), "the operator may not {verb} {resource} in its namespace");
+    }
+    for (verb, resource) in [
+        ("delete", "secrets"),
+        ("delete", "statefulsets.apps"),
+        ("update", "rabbitclusters.warren.dev"),
+        ("create", "pods"),
+        ("create", "clusterroles.rbac.authorization.k8s.io"),
+    ] {
+        assert!(!can(verb, resource, &ns.name), "the operator may {verb} {resource}: more than it needs");
+    }
+    assert!(!can("get", "secrets", "default"), "the namespaced operator may read Secrets of another namespace");
+    assert!(!can("list", "rabbitclusters.warren.dev", "default"), "the namespaced operator watches other namespaces");
+}
+
+#[tokio::test]
+async fn deleting_the_cluster_collects_its_children_but_keeps_volumes() {
+    ensure_crds().await;
+    let client = admin_client().await;
+    let ns = TestNamespace::create(&client, "e2e-delete").await;
+    let _operator = Operator::install(&client, &ns.name).await;
+
+    cluster::apply(&ns.name, &manifest(NAME, 3, ""));
+    wait_condition(&client, &ns.name, NAME, "ReconcileSuccess", "True", None).await;
+    // The StatefulSet controller makes one claim per replica from the volume claim template.
+    let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), &ns.name);
+    let claim_names = wait_for("3 PersistentVolumeClaims", Duration::from_secs(60), || async {
+        let list = claims.list(&ListParams::default()).await.map_err(|e| e.to_string())?;
+        let names: Vec<String> = list.items.iter().map(|c| c.name_any()).collect();
+        if names.len() == 3 { Ok(names) } else { Err(format!("{names:?}")) }
+    })
+    .await;
+
+    ok("kubectl delete RabbitCluster", kubectl(&["delete", "rabbitcluster", NAME, "-n", &ns.name, "--wait=true"]));
+    wait_for("children garbage-collected", Duration::from_secs(90), || async {
+        let left: Vec<String> = cluster::children(&client, &ns.name, NAME)
+            .await?
+            .into_iter()
+            .filter(|(_, refs)| refs.is_some())
+            .map(|(child, _)| child)
+            .collect();
+        if left.is_empty() { Ok(()) } else { Err(format!("still there: {left:?}")) }
+    })
+    .await;
+    let kept = claims.list(&ListParams::default()).await.expect("claims");
+    let mut kept_names: Vec<String> = kept.items.iter().map(|c| c.name_any()).collect();
+    kept_names.sort();
+    let mut expected = claim_names;
+    expected.sort();
+    assert_eq!(kept_names, expected, "PersistentVolumeClaims must outlive the RabbitCluster (they hold the queues)");
+    assert!(
+        kept.items.iter().all(|c| c.metadata.deletion_timestamp.is_none()),
+        "a PersistentVolumeClaim is being deleted"
+    );
+}
+
+#[tokio::test]
+async fn the_pause_annotation_stops_reconciling() {
+    ensure_crds().await;
+    let client = admin_client().await;
+    let ns = TestNamespace::create(&client, "e2e-pause").await;
+    let operator = Operator::install(&client, &ns.name).await;
+
+    cluster::apply(&ns.name, &manifest(NAME, 3, "consumer_timeout = 3600000\n"));
+    wait_condition(&client, &ns.name, NAME, "ReconcileSuccess", "True", None).await;
+    ok("annotate paused", kubectl(&["annotate", "rabbitcluster", NAME, "-n", &ns.name, "warren.dev/paused=true"]));
+    wait_condition(&client, &ns.name, NAME, "ReconcileSuccess", "Unknown", Some("Paused")).await;
+    let children_writes = || {
+        writes_by(&operator.user)
+            .into_iter()
+            .filter(|w| w.resource != "rabbitclusters" && w.resource != "events")
+            .count()
+    };
+    let before = children_writes();
+
+    cluster::patch(&ns.name, NAME, r#"{"spec":{"rabbitmq":{"additionalConfig":"consumer_timeout = 60000\n"}}}"#);
+    // The operator has seen generation 2 (and said it is paused) ...
+    let paused = wait_condition(&client, &ns.name, NAME, "ReconcileSuccess", "Unknown", Some("Paused")).await;
+    assert_eq!(paused.status.as_ref().and_then(|s| s.observed_generation), Some(2));
+    // ... and left the children alone.
+    assert_eq!(additional_config(&config_map(&client, &ns.name, NAME).await), "consumer_timeout = 3600000\n");
+    assert_eq!(children_writes(), before, "children written while paused");
+
+    ok("remove the annotation", kubectl(&["annotate", "rabbitcluster", NAME, "-n", &ns.name, "warren.dev/paused-"]));
+    wait_condition(&client, &ns.name, NAME, "ReconcileSuccess", "True", Some("Reconciled")).await;
+    assert_eq!(additional_config(&config_map(&client, &ns.name, NAME).await), "consumer_timeout = 60000\n");
+}

@@ -1,0 +1,191 @@
+//! What the tests on the local control plane share: the admin client, kubectl and helm, the audit
+//! log, a namespace per test, and the operator run as a process with the chart's ServiceAccount.
+//!
+//! The control plane itself is started and stopped around the test binary by
+//! e2e/with-control-plane.sh, which exports KUBECONFIG, WARREN_E2E_DIR and WARREN_HELM.
+
+#![allow(dead_code)] // each test file uses its own part of this module
+
+pub mod cluster;
+pub mod operator;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::Namespace;
+use kube::api::PostParams;
+use kube::{Api, Client};
+use serde_json::{Value, json};
+use tokio::sync::Mutex;
+
+pub const REPO: &str = env!("CARGO_MANIFEST_DIR");
+
+fn env_path(name: &str) -> PathBuf {
+    PathBuf::from(std::env::var(name).unwrap_or_else(|_| {
+        panic!("{name} is not set: run these tests through e2e/with-control-plane.sh (make test does)")
+    }))
+}
+
+/// The control plane's directory (audit.log, pki/, server).
+pub fn e2e_dir() -> PathBuf {
+    env_path("WARREN_E2E_DIR")
+}
+
+pub async fn admin_client() -> Client {
+    Client::try_default().await.expect("admin client from KUBECONFIG")
+}
+
+/// Runs a command from the repository root; returns its output whatever the exit status.
+pub fn run(program: impl AsRef<std::ffi::OsStr>, args: &[&str], stdin: Option<&str>) -> Output {
+    use std::io::Write;
+    let mut command = Command::new(program.as_ref());
+    command.args(args).current_dir(REPO);
+    command.stdin(std::process::Stdio::piped());
+    command.stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped());
+    let mut child = command.spawn().unwrap_or_else(|e| panic!("{:?}: {e}", program.as_ref()));
+    let mut input = child.stdin.take().expect("stdin");
+    if let Some(text) = stdin {
+        input.write_all(text.as_bytes()).expect("write stdin");
+    }
+    drop(input);
+    child.wait_with_output().expect("wait")
+}
+
+pub fn kubectl(args: &[&str]) -> Output {
+    run("kubectl", args, None)
+}
+
+pub fn kubectl_stdin(args: &[&str], stdin: &str) -> Output {
+    run("kubectl", args, Some(stdin))
+}
+
+pub fn helm(args: &[&str]) -> Output {
+    run(env_path("WARREN_HELM"), args, None)
+}
+
+/// Panics with the command's stderr unless it succeeded; returns stdout.
+pub fn ok(what: &str, output: Output) -> String {
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert!(
+        output.status.success(),
+        "{what} failed ({}):\n{stdout}\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    stdout
+}
+
+static CRDS: Mutex<bool> = Mutex::const_new(false);
+
+/// Applies crds/ once per test binary and waits until they are served.
+pub async fn ensure_crds() {
+    let mut done = CRDS.lock().await;
+    if !*done {
+        ok("kubectl apply crds/", kubectl(&["apply", "--server-side", "-f", "crds/"]));
+        ok(
+            "wait for the CRDs",
+            kubectl(&["wait", "--for=condition=Established", "--timeout=60s", "crd/rabbitclusters.warren.dev"]),
+        );
+        *done = true;
+    }
+}
+
+/// A namespace of one test, deleted when the test ends (pass or fail).
+pub struct TestNamespace {
+    pub name: String,
+}
+
+impl TestNamespace {
+    /// Creates `<prefix>-<random>`: a namespace of an earlier run may still be terminating.
+    pub async fn create(client: &Client, prefix: &str) -> Self {
+        let name = &format!("{prefix}-{:04x}", rand::random::<u16>());
+        let api: Api<Namespace> = Api::all(client.clone());
+        let ns = serde_json::from_value(json!({ "metadata": { "name": name } })).expect("namespace");
+        api.create(&PostParams::default(), &ns).await.unwrap_or_else(|e| panic!("create namespace {name}: {e}"));
+        Self { name: name.to_string() }
+    }
+}
+
+impl Drop for TestNamespace {
+    fn drop(&mut self) {
+        // kubectl rather than the client: this may run while the test's runtime unwinds, and the
+        // client's connection pool lives on that runtime.
+        let _ = kubectl(&["delete", "namespace", &self.name, "--wait=false"]);
+    }
+}
+
+/// Polls `probe` every 200 ms until it returns `Ok`, or panics after `limit` with `what` and the
+/// last thing the probe saw.
+pub async fn wait_for<T, F, Fut>(what: &str, limit: Duration, mut probe: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, String>>,
+{
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        match probe().await {
+            Ok(value) => return value,
+            Err(last) if tokio::time::Instant::now() >= deadline => {
+                panic!("{what}: not after {} s; last seen: {last}", limit.as_secs())
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+        }
+    }
+}
+
+/// One audit event: a request that changed something (see e2e/audit-policy.yaml).
+#[derive(Debug, Clone)]
+pub struct Write {
+    pub user: String,
+    pub verb: String,
+    pub resource: String,
+    pub subresource: Option<String>,
+    pub namespace: Option<String>,
+    pub name: Option<String>,
+    pub code: i64,
+    pub at: jiff::Timestamp,
+}
+
+/// The write requests the API server logged for `user`, in order.
+pub fn writes_by(user: &str) -> Vec<Write> {
+    let log = std::fs::read_to_string(e2e_dir().join("audit.log")).expect("read audit.log");
+    log.lines()
+        .filter_map(|line| serde_json::from_str::<Value>(line).ok())
+        .filter(|event| event["user"]["username"] == user)
+        .map(|event| {
+            let text = |v: &Value| v.as_str().map(str::to_string);
+            Write {
+                user: user.to_string(),
+                verb: text(&event["verb"]).unwrap_or_default(),
+                resource: text(&event["objectRef"]["resource"]).unwrap_or_default(),
+                subresource: text(&event["objectRef"]["subresource"]),
+                namespace: text(&event["objectRef"]["namespace"]),
+                name: text(&event["objectRef"]["name"]),
+                code: event["responseStatus"]["code"].as_i64().unwrap_or(0),
+                at: event["stageTimestamp"].as_str().and_then(|t| t.parse().ok()).unwrap_or_default(),
+            }
+        })
+        .collect()
+}
+
+pub fn describe(writes: &[Write]) -> String {
+    writes
+        .iter()
+        .map(|w| {
+            format!(
+                "{} {}{} {} -> {}",
+                w.verb,
+                w.resource,
+                w.subresource.as_deref().map(|s| format!("/{s}")).unwrap_or_default(),
+                w.name.as_deref().unwrap_or(""),
+                w.code
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("\n  ")
+}
+
+pub fn manifest(path: &Path) -> String {
+    std::fs::read_to_string(Path::new(REPO).join(path)).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
