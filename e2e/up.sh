@@ -39,7 +39,9 @@ echo $! > "$dir/pids/warren"
 
 kubectl apply -f "$repo/examples/basic.yaml" > /dev/null
 kubectl wait rabbitcluster/demo --for=condition=ReconcileSuccess --timeout=60s > /dev/null
-kubectl get rabbitcluster,statefulset,service,secret,configmap,poddisruptionbudget -n default -l app.kubernetes.io/instance=demo
+kubectl get rabbitcluster demo -n default
+echo
+kubectl get statefulset,service,secret,configmap,poddisruptionbudget -n default -l app.kubernetes.io/instance=demo
 cat <<MSG
 
 Warren is up: Kubernetes $KUBERNETES_VERSION on $(cat "$dir/server"), the operator (pid $(cat "$dir/pids/warren"))
