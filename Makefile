@@ -12,10 +12,11 @@ HELM := $(CACHE_DIR)/bin/helm-$(HELM_VERSION)/helm
 
 .PHONY: test unit e2e bench deps control-plane build crds render fmt lint up down
 
-## test: every tier: pure builders and mocked API server, then the real control plane.
+## test: every tier: pure builders and mocked API server, real RabbitMQ nodes (tests/rabbitmq_*.rs),
+## then the real control plane.
 test: unit e2e
 
-unit:
+unit: deps
 	$(CARGO) fmt --all -- --check
 	$(CARGO) test --locked --all-targets
 
@@ -30,11 +31,17 @@ e2e: deps control-plane
 bench: deps control-plane
 	e2e/with-control-plane.sh $(CARGO) bench --locked --features e2e --bench controller_scale
 
-## deps: what the tests need from Debian besides Rust and Go.
+## deps: what the tests need from Debian besides Rust and Go: RabbitMQ nodes for tier 2 (its
+## service is not started: the tests run their own nodes), tools for the control plane.
 deps:
-	@missing=""; for c in openssl:openssl curl:curl ss:iproute2; do \
+	@missing=""; for c in openssl:openssl curl:curl ss:iproute2 ip:iproute2 unshare:util-linux \
+	  /usr/lib/rabbitmq/bin/rabbitmq-server:rabbitmq-server; do \
 	  command -v $${c%%:*} > /dev/null || missing="$$missing $${c##*:}"; done; \
-	if [ -n "$$missing" ]; then apt-get update -q && apt-get install -y -q $$missing; fi
+	if [ -n "$$missing" ]; then \
+	  guard=""; if [ ! -e /usr/sbin/policy-rc.d ]; then \
+	    printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d && guard=1; fi; \
+	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing; status=$$?; \
+	  [ -z "$$guard" ] || rm -f /usr/sbin/policy-rc.d; exit $$status; fi
 	@command -v kubectl > /dev/null || { echo "kubectl is required"; exit 1; }
 
 control-plane:

@@ -2,8 +2,10 @@
 //! management API (a real HTTP server on loopback).
 #![allow(dead_code)]
 
+pub mod amqp;
 pub mod kube_mock;
 pub mod management_fake;
+pub mod rabbit_nodes;
 
 use warren::api::RabbitCluster;
 

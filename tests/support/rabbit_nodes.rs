@@ -1,0 +1,517 @@
+//! Tier 2: real RabbitMQ nodes (Debian's rabbitmq-server) run the way the StatefulSet runs pods.
+//!
+//! Each node is a process tree in its own network namespace (a veth pair onto one bridge: the
+//! network shape of pods on a cluster network), with its own address, hostname and /etc/hosts
+//! (the headless Service's DNS), started through the operator's own bootstrap script with the
+//! environment, ConfigMap files, conf.d and Erlang cookie that the builders produce for pod i. A
+//! per-node directory plays the PersistentVolume.
+//!
+//! Everything a cluster creates is removed when it is dropped (also on a failed assertion): the
+//! processes in its namespaces (by pid, as `ip netns pids` lists them), the namespaces, the bridge,
+//! /etc/netns entries and its directories. Clusters run one at a time: two cores do not start six
+//! Erlang VMs in parallel without timeouts.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::EnvVar;
+use tokio::sync::{Mutex, MutexGuard};
+use warren::api::RabbitCluster;
+use warren::controller::build::{self, Credentials};
+use warren::controller::validate::{Settings, ValidatedCluster, validate};
+
+const RABBITMQ_BIN: &str = "/usr/lib/rabbitmq/bin";
+const NAMESPACE: &str = "harness";
+/// Where the pod mounts each volume, and the node directory that plays it.
+const MOUNTS: [(&str, &str); 5] = [
+    ("/var/lib/rabbitmq", "data"),
+    ("/etc/warren/config", "config"),
+    ("/etc/warren/cookie", "cookie"),
+    ("/etc/rabbitmq/conf.d", "conf.d"),
+    ("/tmp", "tmp"),
+];
+
+static ONE_AT_A_TIME: Mutex<()> = Mutex::const_new(());
+
+fn run(program: &str, args: &[&str]) -> Output {
+    Command::new(program).args(args).output().unwrap_or_else(|e| panic!("{program} {args:?}: {e}"))
+}
+
+/// Runs a setup command that must succeed.
+fn must(program: &str, args: &[&str]) {
+    let out = run(program, args);
+    assert!(out.status.success(), "{program} {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr));
+}
+
+/// Polls `probe` every 500 ms until it returns `Ok`, or panics after `limit` with `what` and what
+/// the probe saw last.
+pub async fn wait_for<T, F, Fut>(what: &str, limit: Duration, mut probe: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, String>>,
+{
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        match probe().await {
+            Ok(value) => return value,
+            Err(last) if tokio::time::Instant::now() >= deadline => {
+                panic!("{what} after {} s: {last}", limit.as_secs())
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(500)).await,
+        }
+    }
+}
+
+/// One node: pod `<sts>-<index>`.
+pub struct Node {
+    pub index: usize,
+    /// `rabbit@demo-0.demo-nodes.harness.svc.cluster.local`
+    pub name: String,
+    pub ip: String,
+    netns: String,
+    host_link: String,
+    dir: PathBuf,
+    env: Vec<(String, String)>,
+    process: Option<Child>,
+}
+
+impl Node {
+    pub fn amqp_url(&self, credentials: &Credentials) -> String {
+        format!("amqp://{}:{}@{}:5672/%2f", credentials.username, credentials.password, self.ip)
+    }
+
+    pub fn management_url(&self) -> String {
+        format!("http://{}:15672", self.ip)
+    }
+
+    /// The node's data directory (its PersistentVolume).
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.join("data")
+    }
+
+    fn console_log(&self) -> PathBuf {
+        self.dir.join("console.log")
+    }
+
+    /// The last lines the node printed, for failure messages.
+    pub fn console_tail(&self) -> String {
+        let text = std::fs::read_to_string(self.console_log()).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(25)..].join("\n")
+    }
+
+    /// A command inside the node's network namespace with the pod's environment (as `kubectl exec`).
+    fn exec(&self, program: &str, args: &[&str]) -> Command {
+        let mut command = Command::new("ip");
+        command.args(["netns", "exec", &self.netns, program]).args(args).env_clear().envs(self.env.iter().cloned());
+        command
+    }
+
+    /// `rabbitmqctl <args>` against this node, run inside its namespace.
+    pub fn rabbitmqctl(&self, args: &[&str]) -> Output {
+        let mut full = vec!["-n", &self.name];
+        full.extend_from_slice(args);
+        self.exec(&format!("{RABBITMQ_BIN}/rabbitmqctl"), &full)
+            .env("HOME", self.dir.join("ctl-home"))
+            .output()
+            .expect("rabbitmqctl")
+    }
+
+    /// What `rabbitmqctl cluster_status` reports, as JSON (Err with its output when it fails).
+    pub fn cluster_status(&self) -> Result<serde_json::Value, String> {
+        let out = self.rabbitmqctl(&["-q", "cluster_status", "--formatter", "json"]);
+        if !out.status.success() {
+            return Err(format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)));
+        }
+        serde_json::from_slice(&out.stdout).map_err(|e| format!("{e}: {}", String::from_utf8_lossy(&out.stdout)))
+    }
+
+    /// Whether the RabbitMQ application runs on this node (a paused node answers "not running").
+    pub fn app_running(&self) -> bool {
+        self.rabbitmqctl(&["-q", "eval", "rabbit:is_running()."]).stdout.starts_with(b"true")
+    }
+
+    /// The pod's readiness probe (ready.sh from the ConfigMap).
+    pub fn ready(&self) -> bool {
+        let script = self.dir.join("config/ready.sh");
+        self.exec("/bin/bash", &[&script.to_string_lossy()]).status().is_ok_and(|s| s.success())
+    }
+
+    pub fn is_started(&self) -> bool {
+        self.process.is_some()
+    }
+
+    fn start(&mut self) {
+        assert!(self.process.is_none(), "node {} is running already", self.index);
+        for dir in ["data", "tmp", "ctl-home"] {
+            std::fs::create_dir_all(self.dir.join(dir)).expect("node dirs");
+        }
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.console_log()).expect("console log");
+        let bootstrap = self.dir.join("config/bootstrap.sh");
+        let pod = self.name.trim_start_matches("rabbit@").split('.').next().unwrap_or_default().to_string();
+        // A UTS namespace of its own: the pod's hostname.
+        let child = self
+            .exec(
+                "unshare",
+                &[
+                    "--uts",
+                    "--",
+                    "/bin/sh",
+                    "-c",
+                    "hostname \"$0\" && exec /bin/bash \"$1\"",
+                    &pod,
+                    &bootstrap.to_string_lossy(),
+                ],
+            )
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("start bootstrap.sh");
+        self.process = Some(child);
+    }
+
+    /// Every process in the node's network namespace (the pod's processes, epmd included).
+    fn pids(&self) -> Vec<i32> {
+        let out = run("ip", &["netns", "pids", &self.netns]);
+        String::from_utf8_lossy(&out.stdout).split_whitespace().filter_map(|p| p.parse().ok()).collect()
+    }
+
+    fn signal_all(&self, signal: &str) {
+        for pid in self.pids() {
+            let _ = run("kill", &[signal, &pid.to_string()]);
+        }
+    }
+
+    /// SIGKILL of every process of the pod, as when its node dies.
+    pub fn kill(&mut self) {
+        self.signal_all("-KILL");
+        if let Some(mut child) = self.process.take() {
+            let _ = child.wait();
+        }
+        for _ in 0..50 {
+            if self.pids().is_empty() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// What the kubelet does on a graceful pod deletion: the preStop hook, then SIGTERM to the
+    /// container's main process, then SIGKILL after the grace period.
+    pub async fn stop_gracefully(&mut self, grace: Duration) {
+        let script = self.dir.join("config/pre-stop.sh");
+        let hook = self.exec("/bin/bash", &[&script.to_string_lossy()]).output().expect("pre-stop.sh");
+        let hook_output = String::from_utf8_lossy(&hook.stderr).into_owned();
+        if let Some(child) = &self.process {
+            let _ = run("kill", &["-TERM", &child.id().to_string()]);
+        }
+        let deadline = tokio::time::Instant::now() + grace;
+        while let Some(child) = self.process.as_mut() {
+            if child.try_wait().ok().flatten().is_some() || tokio::time::Instant::now() >= deadline {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        let exited = self.process.as_mut().is_some_and(|c| c.try_wait().ok().flatten().is_some());
+        assert!(exited, "node {} did not stop within {grace:?} of SIGTERM; preStop said: {hook_output}", self.index);
+        // epmd (and anything else left) goes with the pod.
+        self.kill();
+    }
+
+    /// Cuts the node's link to the pod network, or heals it.
+    pub fn set_link(&self, up: bool) {
+        must("ip", &["link", "set", &self.host_link, if up { "up" } else { "down" }]);
+    }
+}
+
+/// A RabbitCluster's nodes.
+pub struct NodeCluster {
+    pub nodes: Vec<Node>,
+    pub credentials: Credentials,
+    pub cluster: ValidatedCluster,
+    bridge: String,
+    dir: PathBuf,
+    _one_at_a_time: MutexGuard<'static, ()>,
+}
+
+impl NodeCluster {
+    /// Builds the objects for `manifest` (a RabbitCluster) with the operator's builders and lays out
+    /// one node per replica; nothing is started yet.
+    pub async fn create(manifest: &str) -> Self {
+        let guard = ONE_AT_A_TIME.lock().await;
+        let mut resource: RabbitCluster = serde_yaml::from_str(manifest).expect("RabbitCluster manifest");
+        resource.metadata.namespace = Some(NAMESPACE.into());
+        resource.metadata.uid = Some("00000000-0000-4000-8000-00000000feed".into());
+        let cluster = validate(&resource, &Settings::default()).expect("a valid RabbitCluster");
+        let credentials = Credentials::generate();
+        let objects = build::build(&cluster, &credentials);
+
+        let id = format!("{:04x}", rand::random::<u16>());
+        let subnet = free_subnet();
+        let dir = std::env::temp_dir().join(format!("warren-nodes-{id}"));
+        let bridge = format!("wrb{id}");
+        let mut this = Self {
+            nodes: Vec::new(),
+            credentials,
+            cluster,
+            bridge: bridge.clone(),
+            dir: dir.clone(),
+            _one_at_a_time: guard,
+        };
+        // From here on, Drop removes whatever was made, even if a later step fails.
+        must("ip", &["link", "add", &bridge, "type", "bridge"]);
+        must("ip", &["addr", "add", &format!("10.231.{subnet}.254/24"), "dev", &bridge]);
+        must("ip", &["link", "set", &bridge, "up"]);
+
+        let replicas = this.cluster.replicas as usize;
+        let hosts: String = (0..replicas)
+            .map(|i| {
+                let node = this.cluster.node_name(i as i32);
+                let host = node.trim_start_matches("rabbit@");
+                format!("10.231.{subnet}.{} {host} {}\n", i + 1, host.split('.').next().unwrap_or(host))
+            })
+            .collect();
+        let config = objects.config_map.data.clone().unwrap_or_default();
+        let cookie = String::from_utf8(
+            objects.erlang_cookie_secret.data.as_ref().and_then(|d| d.get("cookie")).expect("cookie").0.clone(),
+        )
+        .expect("cookie text");
+        let default_user = String::from_utf8(
+            objects
+                .default_user_secret
+                .data
+                .as_ref()
+                .and_then(|d| d.get("default_user.conf"))
+                .expect("default_user.conf")
+                .0
+                .clone(),
+        )
+        .expect("default_user.conf text");
+        let container_env = objects
+            .stateful_set
+            .spec
+            .as_ref()
+            .and_then(|s| s.template.spec.as_ref())
+            .map(|p| p.containers[0].env.clone().unwrap_or_default())
+            .expect("the StatefulSet's container");
+
+        for i in 0..replicas {
+            let netns = format!("wr{id}-{i}");
+            let host_link = format!("wrv{id}{i}");
+            must("ip", &["netns", "add", &netns]);
+            let node_dir = dir.join(format!("node-{i}"));
+            let ip = format!("10.231.{subnet}.{}", i + 1);
+            // Registered before the rest of its setup, so that Drop removes it whatever fails next.
+            this.nodes.push(Node {
+                index: i,
+                name: this.cluster.node_name(i as i32),
+                ip: ip.clone(),
+                netns: netns.clone(),
+                host_link: host_link.clone(),
+                dir: node_dir.clone(),
+                env: Vec::new(),
+                process: None,
+            });
+            must("ip", &["link", "add", &host_link, "type", "veth", "peer", "name", "eth0", "netns", &netns]);
+            must("ip", &["link", "set", &host_link, "master", &bridge, "up"]);
+            must("ip", &["-n", &netns, "addr", "add", &format!("{ip}/24"), "dev", "eth0"]);
+            must("ip", &["-n", &netns, "link", "set", "eth0", "up"]);
+            must("ip", &["-n", &netns, "link", "set", "lo", "up"]);
+            // `ip netns exec` bind-mounts /etc/netns/<name>/* over /etc: the pod's DNS.
+            let etc = PathBuf::from("/etc/netns").join(&netns);
+            std::fs::create_dir_all(&etc).expect("/etc/netns");
+            std::fs::write(etc.join("hosts"), format!("127.0.0.1 localhost\n{hosts}")).expect("hosts");
+
+            // The volumes: ConfigMap, conf.d (projected), cookie Secret; data starts empty.
+            write_files(&node_dir.join("config"), &config);
+            write_files(
+                &node_dir.join("conf.d"),
+                &BTreeMap::from([
+                    ("10-operator.conf".to_string(), config["10-operator.conf"].clone()),
+                    ("11-default-user.conf".to_string(), default_user.clone()),
+                    ("90-additional.conf".to_string(), config["90-additional.conf"].clone()),
+                ]),
+            );
+            write_files(&node_dir.join("cookie"), &BTreeMap::from([("cookie".to_string(), cookie.clone())]));
+            let ctl_home = node_dir.join("ctl-home");
+            std::fs::create_dir_all(&ctl_home).expect("ctl home");
+            std::fs::write(ctl_home.join(".erlang.cookie"), &cookie).expect("cookie for rabbitmqctl");
+            must("chmod", &["400", &ctl_home.join(".erlang.cookie").to_string_lossy()]);
+            std::fs::write(node_dir.join("rabbitmq-env.conf"), "").expect("env file");
+
+            this.nodes[i].env = pod_environment(&container_env, i, &this.cluster.stateful_set_name(), &node_dir);
+        }
+        this
+    }
+
+    pub fn management_url(&self, index: usize) -> String {
+        self.nodes[index].management_url()
+    }
+
+    /// Starts the nodes given, in parallel (as the StatefulSet's Parallel pod management does).
+    pub fn start(&mut self, indexes: &[usize]) {
+        for &i in indexes {
+            self.nodes[i].start();
+        }
+    }
+
+    pub fn start_all(&mut self) {
+        let all: Vec<usize> = (0..self.nodes.len()).collect();
+        self.start(&all);
+    }
+
+    /// Waits until node `index` is ready (the pod's readiness probe) and `cluster_status` on it
+    /// lists every node in `members` as running.
+    pub async fn wait_members(&self, index: usize, members: &[usize], limit: Duration) {
+        let node = &self.nodes[index];
+        let expected: Vec<&str> = members.iter().map(|&i| self.nodes[i].name.as_str()).collect();
+        wait_for(&format!("node {index}: not ready with running members {members:?}"), limit, || async {
+            let status = node.cluster_status()?;
+            let running: Vec<String> = status["running_nodes"]
+                .as_array()
+                .map(|a| a.iter().filter_map(|v| v.as_str().map(str::to_string)).collect())
+                .unwrap_or_default();
+            let all = expected.iter().all(|n| running.iter().any(|r| r == n));
+            if all && node.ready() {
+                Ok(())
+            } else {
+                Err(format!(
+                    "cluster_status running_nodes {running:?}, ready.sh {}\nconsole:\n{}",
+                    node.ready(),
+                    node.console_tail()
+                ))
+            }
+        })
+        .await;
+    }
+
+    /// Waits until every started node is ready and they all run as one cluster.
+    pub async fn wait_formed(&self, limit: Duration) {
+        let started: Vec<usize> = self.nodes.iter().filter(|n| n.is_started()).map(|n| n.index).collect();
+        for &i in &started {
+            self.wait_members(i, &started, limit).await;
+        }
+    }
+}
+
+impl Drop for NodeCluster {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            for node in &self.nodes {
+                eprintln!("--- node {} ({}), console tail:\n{}", node.index, node.name, node.console_tail());
+            }
+        }
+        for node in &mut self.nodes {
+            node.kill();
+            let _ = run("ip", &["netns", "del", &node.netns]);
+            let _ = std::fs::remove_dir_all(PathBuf::from("/etc/netns").join(&node.netns));
+        }
+        let _ = run("ip", &["link", "del", &self.bridge]);
+        if std::env::var_os("WARREN_KEEP_NODE_DIRS").is_none() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+fn write_files(dir: &Path, files: &BTreeMap<String, String>) {
+    std::fs::create_dir_all(dir).expect("volume dir");
+    for (name, text) in files {
+        std::fs::write(dir.join(name), text).unwrap_or_else(|e| panic!("{}/{name}: {e}", dir.display()));
+    }
+}
+
+/// The container's environment for pod `index`: field references resolved, `$(VAR)` expanded as
+/// the kubelet does, mount paths mapped onto the node's directory, and the PATH of the image.
+fn pod_environment(env: &[EnvVar], index: usize, sts: &str, node_dir: &Path) -> Vec<(String, String)> {
+    let mut resolved: Vec<(String, String)> = Vec::new();
+    for var in env {
+        let value = match (&var.value, var.value_from.as_ref().and_then(|f| f.field_ref.as_ref())) {
+            (Some(value), _) => value.clone(),
+            (None, Some(field)) if field.field_path == "metadata.name" => format!("{sts}-{index}"),
+            (None, Some(field)) if field.field_path == "metadata.namespace" => NAMESPACE.to_string(),
+            other => panic!("env {} not understood by the harness: {other:?}", var.name),
+        };
+        let mut expanded = value;
+        for (name, earlier) in &resolved {
+            expanded = expanded.replace(&format!("$({name})"), earlier);
+        }
+        for (mount, local) in MOUNTS {
+            if expanded == mount || expanded.starts_with(&format!("{mount}/")) {
+                expanded = expanded.replacen(mount, &node_dir.join(local).to_string_lossy(), 1);
+            }
+        }
+        resolved.push((var.name.clone(), expanded));
+    }
+    resolved.extend([
+        ("PATH".to_string(), format!("{RABBITMQ_BIN}:/usr/sbin:/usr/bin:/sbin:/bin")),
+        ("LANG".to_string(), "C.UTF-8".to_string()),
+        // The image reads conf.d from /etc/rabbitmq/conf.d; here it is the node's own.
+        ("RABBITMQ_CONFIG_FILES".to_string(), node_dir.join("conf.d").to_string_lossy().into_owned()),
+        ("RABBITMQ_CONF_ENV_FILE".to_string(), node_dir.join("rabbitmq-env.conf").to_string_lossy().into_owned()),
+        ("RABBITMQ_LOG_BASE".to_string(), node_dir.join("log").to_string_lossy().into_owned()),
+    ]);
+    resolved
+}
+
+/// A /24 in 10.231.0.0/16 that no interface of this machine uses.
+fn free_subnet() -> u8 {
+    let addresses = String::from_utf8_lossy(&run("ip", &["-o", "-4", "addr", "show"]).stdout).into_owned();
+    for _ in 0..100 {
+        let candidate = 1 + rand::random::<u8>() % 250;
+        if !addresses.contains(&format!("10.231.{candidate}.")) {
+            return candidate;
+        }
+    }
+    panic!("no free 10.231.x.0/24 subnet");
+}
+
+impl NodeCluster {
+    /// GET of the management API of node `index`, as JSON.
+    pub async fn api(&self, index: usize, path: &str) -> Result<serde_json::Value, String> {
+        let url = format!("{}{path}", self.management_url(index));
+        let response = reqwest::Client::new()
+            .get(&url)
+            .basic_auth(&self.credentials.username, Some(&self.credentials.password))
+            .timeout(Duration::from_secs(10))
+            .send()
+            .await
+            .map_err(|e| format!("GET {path} on node {index}: {e}"))?;
+        let status = response.status();
+        let text = response.text().await.map_err(|e| format!("GET {path} on node {index}: {e}"))?;
+        if !status.is_success() {
+            return Err(format!("GET {path} on node {index}: {status} {text}"));
+        }
+        serde_json::from_str(&text).map_err(|e| format!("GET {path} on node {index}: {e}"))
+    }
+
+    /// PUT of the management API of node `index`.
+    pub async fn api_put(&self, index: usize, path: &str, body: serde_json::Value) -> Result<(), String> {
+        let response = reqwest::Client::new()
+            .put(format!("{}{path}", self.management_url(index)))
+            .basic_auth(&self.credentials.username, Some(&self.credentials.password))
+            .json(&body)
+            .timeout(Duration::from_secs(10))
+            .send()
+            .await
+            .map_err(|e| format!("PUT {path} on node {index}: {e}"))?;
+        if response.status().is_success() {
+            Ok(())
+        } else {
+            Err(format!(
+                "PUT {path} on node {index}: {} {}",
+                response.status(),
+                response.text().await.unwrap_or_default()
+            ))
+        }
+    }
+
+    /// The names of the nodes at `indexes`, sorted.
+    pub fn names(&self, indexes: &[usize]) -> Vec<String> {
+        let mut names: Vec<String> = indexes.iter().map(|&i| self.nodes[i].name.clone()).collect();
+        names.sort();
+        names
+    }
+}
