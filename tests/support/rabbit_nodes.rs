@@ -74,7 +74,7 @@ pub struct Node {
     host_link: String,
     dir: PathBuf,
     env: Vec<(String, String)>,
-    process: Option<Child>,
+    process: std::sync::Mutex<Option<Child>>,
 }
 
 impl Node {
@@ -140,11 +140,16 @@ impl Node {
     }
 
     pub fn is_started(&self) -> bool {
-        self.process.is_some()
+        self.process.lock().unwrap().is_some()
+    }
+
+    /// The exit status of the pod's main process, if it has exited.
+    pub fn exited(&self) -> Option<std::process::ExitStatus> {
+        self.process.lock().unwrap().as_mut().and_then(|c| c.try_wait().ok().flatten())
     }
 
     fn start(&mut self) {
-        assert!(self.process.is_none(), "node {} is running already", self.index);
+        assert!(!self.is_started(), "node {} is running already", self.index);
         for dir in ["data", "tmp", "ctl-home"] {
             std::fs::create_dir_all(self.dir.join(dir)).expect("node dirs");
         }
@@ -170,7 +175,7 @@ impl Node {
             .stderr(log)
             .spawn()
             .expect("start bootstrap.sh");
-        self.process = Some(child);
+        *self.process.lock().unwrap() = Some(child);
     }
 
     /// Every process in the node's network namespace (the pod's processes, epmd included).
@@ -188,7 +193,7 @@ impl Node {
     /// SIGKILL of every process of the pod, as when its node dies.
     pub fn kill(&mut self) {
         self.signal_all("-KILL");
-        if let Some(mut child) = self.process.take() {
+        if let Some(mut child) = self.process.lock().unwrap().take() {
             let _ = child.wait();
         }
         for _ in 0..50 {
@@ -205,17 +210,15 @@ impl Node {
         let script = self.dir.join("config/pre-stop.sh");
         let hook = self.exec("/bin/bash", &[&script.to_string_lossy()]).output().expect("pre-stop.sh");
         let hook_output = String::from_utf8_lossy(&hook.stderr).into_owned();
-        if let Some(child) = &self.process {
-            let _ = run("kill", &["-TERM", &child.id().to_string()]);
+        let pid = self.process.lock().unwrap().as_ref().map(|c| c.id());
+        if let Some(pid) = pid {
+            let _ = run("kill", &["-TERM", &pid.to_string()]);
         }
         let deadline = tokio::time::Instant::now() + grace;
-        while let Some(child) = self.process.as_mut() {
-            if child.try_wait().ok().flatten().is_some() || tokio::time::Instant::now() >= deadline {
-                break;
-            }
+        while self.exited().is_none() && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
-        let exited = self.process.as_mut().is_some_and(|c| c.try_wait().ok().flatten().is_some());
+        let exited = self.exited().is_some();
         assert!(exited, "node {} did not stop within {grace:?} of SIGTERM; preStop said: {hook_output}", self.index);
         // epmd (and anything else left) goes with the pod.
         self.kill();
@@ -313,7 +316,7 @@ impl NodeCluster {
                 host_link: host_link.clone(),
                 dir: node_dir.clone(),
                 env: Vec::new(),
-                process: None,
+                process: Default::default(),
             });
             must("ip", &["link", "add", &host_link, "type", "veth", "peer", "name", "eth0", "netns", &netns]);
             must("ip", &["link", "set", &host_link, "master", &bridge, "up"]);
@@ -369,6 +372,9 @@ impl NodeCluster {
         let node = &self.nodes[index];
         let expected: Vec<&str> = members.iter().map(|&i| self.nodes[i].name.as_str()).collect();
         wait_for(&format!("node {index}: not ready with running members {members:?}"), limit, || async {
+            if let Some(status) = node.exited() {
+                panic!("node {index}: bootstrap.sh exited ({status}); console:\n{}", node.console_tail());
+            }
             let status = node.cluster_status()?;
             let running: Vec<String> = status["running_nodes"]
                 .as_array()
@@ -438,10 +444,10 @@ fn pod_environment(env: &[EnvVar], index: usize, sts: &str, node_dir: &Path) -> 
         for (name, earlier) in &resolved {
             expanded = expanded.replace(&format!("$({name})"), earlier);
         }
-        for (mount, local) in MOUNTS {
-            if expanded == mount || expanded.starts_with(&format!("{mount}/")) {
-                expanded = expanded.replacen(mount, &node_dir.join(local).to_string_lossy(), 1);
-            }
+        if let Some((mount, local)) =
+            MOUNTS.iter().find(|(mount, _)| expanded == *mount || expanded.starts_with(&format!("{mount}/")))
+        {
+            expanded = expanded.replacen(mount, &node_dir.join(local).to_string_lossy(), 1);
         }
         resolved.push((var.name.clone(), expanded));
     }
