@@ -109,6 +109,19 @@ impl Node {
         command
     }
 
+    /// A shell command inside the node's namespace (sees only what the pod would), with `vars`.
+    pub fn sh(&self, script: &str, vars: &[(&str, &str)]) -> Output {
+        self.exec("/bin/bash", &["-c", script])
+            .envs(vars.iter().copied())
+            .output()
+            .expect("bash in the node's namespace")
+    }
+
+    /// Whether a client inside the pod's network reaches the node's AMQP listener.
+    pub fn serves_amqp(&self) -> bool {
+        self.sh("exec 3<>/dev/tcp/127.0.0.1/5672", &[]).status.success()
+    }
+
     /// `rabbitmqctl <args>` against this node, run inside its namespace.
     pub fn rabbitmqctl(&self, args: &[&str]) -> Output {
         let mut full = vec!["-n", &self.name];
@@ -520,4 +533,61 @@ impl NodeCluster {
         names.sort();
         names
     }
+}
+
+/// Time for nodes to boot and (re)join; generous for two cores.
+pub const BOOT: Duration = Duration::from_secs(240);
+
+impl NodeCluster {
+    /// All nodes started in parallel, formed into one cluster, and the operator's broker reconcile
+    /// run once so the HA policy is in place.
+    pub async fn started(manifest: &str) -> Self {
+        let mut nodes = Self::create(manifest).await;
+        nodes.start_all();
+        nodes.wait_formed(BOOT).await;
+        nodes.converge(0).await.expect("broker reconcile");
+        nodes
+    }
+
+    /// The operator's broker reconcile (its real code) against node `index`'s management API.
+    pub async fn converge(&self, index: usize) -> warren::error::Result<warren::rabbitmq::broker::BrokerObservation> {
+        let client = warren::rabbitmq::management::ManagementClient::new(
+            &self.management_url(index),
+            &self.credentials.username,
+            &self.credentials.password,
+        )?;
+        let all: Vec<usize> = (0..self.nodes.len()).collect();
+        warren::rabbitmq::broker::converge(&client, &self.names(&all), &self.cluster.high_availability).await
+    }
+
+    /// Declares a durable classic queue through node `via` (so its master lives there) and waits
+    /// until the other nodes `mirrors` hold synchronised mirrors of it.
+    pub async fn declare_mirrored_queue(&self, via: usize, queue: &str, mirrors: &[usize]) {
+        let path = format!("/api/queues/%2F/{queue}");
+        self.api_put(via, &path, serde_json::json!({"durable": true})).await.expect("declare queue");
+        let expected = self.names(mirrors);
+        wait_for(&format!("queue {queue}: mirrors on {mirrors:?} synchronised"), Duration::from_secs(60), || async {
+            let info = self.api(via, &path).await?;
+            let synced = node_list(&info["synchronised_slave_nodes"]);
+            if synced == expected && info["node"] == self.nodes[via].name.as_str() {
+                Ok(())
+            } else {
+                Err(info.to_string())
+            }
+        })
+        .await;
+    }
+
+    /// Index of the node named `name`.
+    pub fn index_of(&self, name: &str) -> usize {
+        self.nodes.iter().position(|n| n.name == name).unwrap_or_else(|| panic!("no node {name}"))
+    }
+}
+
+/// A JSON list of node names, sorted.
+pub fn node_list(value: &serde_json::Value) -> Vec<String> {
+    let mut names: Vec<String> =
+        value.as_array().map(|a| a.iter().filter_map(|v| v.as_str().map(str::to_string)).collect()).unwrap_or_default();
+    names.sort();
+    names
 }
