@@ -129,11 +129,14 @@ impl ManagementClient {
         if status == StatusCode::NOT_FOUND {
             return Ok(None);
         }
-        let text = response.text().await.map_err(|e| Error::Broker {
-            reason: "BrokerUnreachable",
-            what: what.clone(),
-            message: e.to_string(),
-        })?;
+        let text = match response.text().await {
+            Ok(text) => text,
+            Err(e) if status.is_success() => {
+                return Err(Error::Broker { reason: "BrokerUnreachable", what, message: e.to_string() });
+            }
+            // The status says what went wrong; a body cut short adds nothing.
+            Err(_) => String::new(),
+        };
         if status.is_success() {
             return Ok(Some(text));
         }

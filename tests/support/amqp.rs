@@ -20,6 +20,23 @@ pub async fn connect(url: &str) -> Result<Connection, String> {
     }
 }
 
+/// Every broker operation gets a bound: a connection to a node that went away can otherwise wait
+/// forever (a close, for example, waits for close-ok).
+async fn within<T, E: std::fmt::Display>(
+    what: &str,
+    operation: impl std::future::Future<Output = Result<T, E>>,
+) -> Result<T, String> {
+    match tokio::time::timeout(Duration::from_secs(30), operation).await {
+        Ok(Ok(value)) => Ok(value),
+        Ok(Err(e)) => Err(format!("{what}: {e}")),
+        Err(_) => Err(format!("{what}: no answer within 30 s")),
+    }
+}
+
+async fn close(connection: Connection) {
+    let _ = tokio::time::timeout(Duration::from_secs(5), connection.close(200, "done".into())).await;
+}
+
 fn body(id: u32) -> Vec<u8> {
     format!("message {id}").into_bytes()
 }
@@ -39,18 +56,25 @@ pub async fn publish(
         Err(e) => return (confirmed, Some(e)),
     };
     let outcome = async {
-        let channel = connection.create_channel().await.map_err(|e| e.to_string())?;
-        channel.confirm_select(ConfirmSelectOptions::default()).await.map_err(|e| e.to_string())?;
+        let channel = within("open a channel", connection.create_channel()).await?;
+        within("confirm.select", channel.confirm_select(ConfirmSelectOptions::default())).await?;
         let ids: Vec<u32> = ids.into_iter().collect();
         for chunk in ids.chunks(window.max(1)) {
             let mut pending = Vec::with_capacity(chunk.len());
             for &id in chunk {
                 let properties =
                     BasicProperties::default().with_delivery_mode(2).with_message_id(id.to_string().into());
-                let confirm = channel
-                    .basic_publish("".into(), queue.into(), BasicPublishOptions::default(), &body(id), properties)
-                    .await
-                    .map_err(|e| e.to_string())?;
+                let confirm = within(
+                    "basic.publish",
+                    channel.basic_publish(
+                        "".into(),
+                        queue.into(),
+                        BasicPublishOptions::default(),
+                        &body(id),
+                        properties,
+                    ),
+                )
+                .await?;
                 pending.push((id, confirm));
             }
             for (id, confirm) in pending {
@@ -65,40 +89,63 @@ pub async fn publish(
         Ok::<(), String>(())
     }
     .await;
-    let _ = connection.close(200, "done".into()).await;
+    close(connection).await;
     (confirmed, outcome.err())
 }
 
 /// Consumes from `queue` until `expected` messages arrived or nothing came for `idle`; acks each
-/// and returns how many times each id was delivered.
-pub async fn drain(url: &str, queue: &str, expected: usize, idle: Duration) -> Result<BTreeMap<u32, u32>, String> {
-    let connection = connect(url).await?;
-    let channel = connection.create_channel().await.map_err(|e| e.to_string())?;
-    channel.basic_qos(500, BasicQosOptions::default()).await.map_err(|e| e.to_string())?;
-    let mut consumer = channel
-        .basic_consume(queue.into(), "warren-test".into(), BasicConsumeOptions::default(), FieldTable::default())
-        .await
-        .map_err(|e| e.to_string())?;
+/// and returns how many times each id was delivered, with the error that ended it early (what was
+/// consumed before a lost connection still counts).
+pub async fn consume(url: &str, queue: &str, expected: usize, idle: Duration) -> (BTreeMap<u32, u32>, Option<String>) {
     let mut seen: BTreeMap<u32, u32> = BTreeMap::new();
-    let mut total = 0;
-    while total < expected {
-        let next = match tokio::time::timeout(idle, consumer.next()).await {
-            Err(_) | Ok(None) => break,
-            Ok(Some(delivery)) => delivery.map_err(|e| e.to_string())?,
-        };
-        let id = next
-            .properties
-            .message_id()
-            .as_ref()
-            .and_then(|m| m.as_str().parse::<u32>().ok())
-            .ok_or_else(|| format!("a message without a numeric message_id: {:?}", next.properties))?;
-        if next.data != body(id) {
-            return Err(format!("message {id} has body {:?}", String::from_utf8_lossy(&next.data)));
+    let connection = match connect(url).await {
+        Ok(c) => c,
+        Err(e) => return (seen, Some(e)),
+    };
+    let outcome = async {
+        let channel = within("open a channel", connection.create_channel()).await?;
+        within("basic.qos", channel.basic_qos(500, BasicQosOptions::default())).await?;
+        let mut consumer = within(
+            "basic.consume",
+            channel.basic_consume(
+                queue.into(),
+                "warren-test".into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            ),
+        )
+        .await?;
+        let mut total = 0;
+        while total < expected {
+            let next = match tokio::time::timeout(idle, consumer.next()).await {
+                Err(_) => break,
+                Ok(None) => return Err("the consumer was cancelled".to_string()),
+                Ok(Some(delivery)) => delivery.map_err(|e| e.to_string())?,
+            };
+            let id = next
+                .properties
+                .message_id()
+                .as_ref()
+                .and_then(|m| m.as_str().parse::<u32>().ok())
+                .ok_or_else(|| format!("a message without a numeric message_id: {:?}", next.properties))?;
+            if next.data != body(id) {
+                return Err(format!("message {id} has body {:?}", String::from_utf8_lossy(&next.data)));
+            }
+            within("basic.ack", next.ack(BasicAckOptions::default())).await?;
+            *seen.entry(id).or_default() += 1;
+            total += 1;
         }
-        next.ack(BasicAckOptions::default()).await.map_err(|e| e.to_string())?;
-        *seen.entry(id).or_default() += 1;
-        total += 1;
+        Ok(())
     }
-    let _ = connection.close(200, "done".into()).await;
-    Ok(seen)
+    .await;
+    close(connection).await;
+    (seen, outcome.err())
+}
+
+/// `consume` that must not fail.
+pub async fn drain(url: &str, queue: &str, expected: usize, idle: Duration) -> Result<BTreeMap<u32, u32>, String> {
+    match consume(url, queue, expected, idle).await {
+        (seen, None) => Ok(seen),
+        (_, Some(error)) => Err(error),
+    }
 }

@@ -258,6 +258,7 @@ impl NodeCluster {
     /// one node per replica; nothing is started yet.
     pub async fn create(manifest: &str) -> Self {
         let guard = ONE_AT_A_TIME.lock().await;
+        sweep_abandoned();
         let mut resource: RabbitCluster = serde_yaml::from_str(manifest).expect("RabbitCluster manifest");
         resource.metadata.namespace = Some(NAMESPACE.into());
         resource.metadata.uid = Some("00000000-0000-4000-8000-00000000feed".into());
@@ -277,7 +278,10 @@ impl NodeCluster {
             dir: dir.clone(),
             _one_at_a_time: guard,
         };
-        // From here on, Drop removes whatever was made, even if a later step fails.
+        // From here on, Drop removes whatever was made, even if a later step fails; if this process
+        // is killed before Drop runs, the next run's sweep finds the owner gone and removes it.
+        std::fs::create_dir_all(&dir).expect("cluster dir");
+        std::fs::write(dir.join("owner.pid"), std::process::id().to_string()).expect("owner.pid");
         must("ip", &["link", "add", &bridge, "type", "bridge"]);
         must("ip", &["addr", "add", &format!("10.231.{subnet}.254/24"), "dev", &bridge]);
         must("ip", &["link", "set", &bridge, "up"]);
@@ -432,6 +436,31 @@ impl Drop for NodeCluster {
         if std::env::var_os("WARREN_KEEP_NODE_DIRS").is_none() {
             let _ = std::fs::remove_dir_all(&self.dir);
         }
+    }
+}
+
+/// Removes what clusters of test processes that no longer exist left behind (a test binary killed
+/// by a signal runs no Drop): the processes in their namespaces, the namespaces, bridge and dirs.
+fn sweep_abandoned() {
+    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else { return };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(id) = name.strip_prefix("warren-nodes-") else { continue };
+        let owner = std::fs::read_to_string(entry.path().join("owner.pid")).unwrap_or_default();
+        if owner.is_empty() || Path::new(&format!("/proc/{}", owner.trim())).exists() {
+            continue;
+        }
+        let namespaces = String::from_utf8_lossy(&run("ip", &["netns", "list"]).stdout).into_owned();
+        for netns in namespaces.split_whitespace().filter(|n| n.starts_with(&format!("wr{id}-"))) {
+            let pids = String::from_utf8_lossy(&run("ip", &["netns", "pids", netns]).stdout).into_owned();
+            for pid in pids.split_whitespace() {
+                let _ = run("kill", &["-KILL", pid]);
+            }
+            let _ = run("ip", &["netns", "del", netns]);
+            let _ = std::fs::remove_dir_all(PathBuf::from("/etc/netns").join(netns));
+        }
+        let _ = run("ip", &["link", "del", &format!("wrb{id}")]);
+        let _ = std::fs::remove_dir_all(entry.path());
     }
 }
 
