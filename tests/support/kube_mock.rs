@@ -72,9 +72,12 @@ pub fn not_found() -> Value {
            "reason": "NotFound", "message": "not found", "code": 404})
 }
 
+/// Every request the mock served: method, path with query, JSON body.
+pub type Served = Vec<(Method, String, Value)>;
+
 /// A client whose requests must follow `script`. The handle finishes once the script is done and
 /// every clone of the client is dropped; it panics on any deviation, so await it.
-pub fn scripted_client(script: Vec<Call>) -> (Client, JoinHandle<Vec<(Method, String, Value)>>) {
+pub fn scripted_client(script: Vec<Call>) -> (Client, JoinHandle<Served>) {
     let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
     let task = tokio::spawn(async move {
         let mut seen = Vec::new();
