@@ -41,6 +41,8 @@ enum Command {
         #[arg(long, env = "WARREN_MANAGEMENT_URL", default_value = "http://{service}.{namespace}.svc.{domain}:15672")]
         management_url_template: String,
     },
+    /// Drains an old RabbitMQ cluster into a new one: definitions, then every message.
+    Migrate(MigrateArgs),
     /// Prints the CustomResourceDefinitions as YAML.
     Crd,
     /// Prints, as YAML, every object the operator would create for the RabbitCluster in FILE.
@@ -49,6 +51,110 @@ enum Command {
         #[arg(long, default_value = "cluster.local")]
         cluster_domain: String,
     },
+}
+
+#[derive(clap::Args)]
+struct MigrateArgs {
+    /// amqp[s]://USER:PASS@HOST:PORT of the old cluster (prefer the environment variable).
+    #[arg(long, env = "WARREN_SOURCE_URI", hide_env_values = true)]
+    source: String,
+    /// http[s]://HOST:PORT of the old cluster's management API.
+    #[arg(long, env = "WARREN_SOURCE_API")]
+    source_api: String,
+    /// amqp[s]://USER:PASS@HOST:PORT of the new cluster (prefer the environment variable).
+    #[arg(long, env = "WARREN_TARGET_URI", hide_env_values = true)]
+    target: String,
+    /// http[s]://HOST:PORT of the new cluster's management API.
+    #[arg(long, env = "WARREN_TARGET_API")]
+    target_api: String,
+    /// Only this vhost (repeatable; all vhosts when omitted).
+    #[arg(long = "vhost")]
+    vhosts: Vec<String>,
+    /// Only queues whose names match this regular expression.
+    #[arg(long)]
+    queues: Option<String>,
+    /// Declare durable classic queues as quorum queues on the target.
+    #[arg(long)]
+    convert_to_quorum: bool,
+    /// Keep draining messages that still arrive until the source was empty for --idle-timeout.
+    #[arg(long)]
+    follow: bool,
+    #[arg(long, default_value = "30s", value_parser = warren::migrate::parse_duration)]
+    idle_timeout: std::time::Duration,
+    /// Wait up to this long for consumers to release messages they hold unacknowledged.
+    #[arg(long, value_parser = warren::migrate::parse_duration, conflicts_with = "force")]
+    wait_for_consumers: Option<std::time::Duration>,
+    /// Move what can be moved although consumers hold messages unacknowledged.
+    #[arg(long)]
+    force: bool,
+    /// Print the plan and change nothing.
+    #[arg(long)]
+    dry_run: bool,
+    /// Write the JSON report here.
+    #[arg(long)]
+    report: Option<std::path::PathBuf>,
+    /// Unconfirmed messages in flight per queue.
+    #[arg(long, default_value_t = 1000)]
+    window: u16,
+    /// Queues moved at the same time.
+    #[arg(long, default_value_t = 8)]
+    parallel_queues: usize,
+}
+
+async fn migrate(args: MigrateArgs) -> std::process::ExitCode {
+    use warren::migrate::{Endpoint, Options, migrate};
+    let endpoints = Endpoint::parse(&args.source, &args.source_api)
+        .and_then(|source| Ok((source, Endpoint::parse(&args.target, &args.target_api)?)));
+    let (source, target) = match endpoints {
+        Ok(pair) => pair,
+        Err(error) => {
+            eprintln!("warren migrate: {error}");
+            return std::process::ExitCode::from(2);
+        }
+    };
+    let queues = match args.queues.as_deref().map(regex::Regex::new).transpose() {
+        Ok(queues) => queues,
+        Err(error) => {
+            eprintln!("warren migrate: --queues: {error}");
+            return std::process::ExitCode::from(2);
+        }
+    };
+    let options = Options {
+        vhosts: args.vhosts,
+        queues,
+        convert_to_quorum: args.convert_to_quorum,
+        follow: args.follow,
+        idle_timeout: args.idle_timeout,
+        wait_for_consumers: args.wait_for_consumers,
+        force: args.force,
+        dry_run: args.dry_run,
+        window: args.window.max(1),
+        parallel_queues: args.parallel_queues.max(1),
+        ..Options::new(source, target)
+    };
+    match migrate(&options).await {
+        Ok(report) => {
+            let json = serde_json::to_string_pretty(&report).unwrap_or_default();
+            if let Some(path) = &args.report
+                && let Err(error) = std::fs::write(path, &json)
+            {
+                eprintln!("warren migrate: writing {}: {error}", path.display());
+                return std::process::ExitCode::FAILURE;
+            }
+            println!("{json}");
+            if report.complete || report.dry_run {
+                std::process::ExitCode::SUCCESS
+            } else {
+                eprintln!("warren migrate: not complete: see the report's queues");
+                std::process::ExitCode::FAILURE
+            }
+        }
+        Err(error) => {
+            tracing::error!(phase = error.phase, reason = error.reason, "{}", error.message);
+            eprintln!("warren migrate: {error}");
+            std::process::ExitCode::FAILURE
+        }
+    }
 }
 
 fn init_tracing(format: LogFormat) {
@@ -69,6 +175,7 @@ async fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     init_tracing(cli.log_format);
     match cli.command {
+        Command::Migrate(args) => migrate(args).await,
         Command::Crd => {
             print!("{}", warren::crds_yaml());
             std::process::ExitCode::SUCCESS

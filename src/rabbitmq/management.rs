@@ -171,6 +171,16 @@ impl ManagementClient {
         })
     }
 
+    /// Any GET, as JSON (`None` on 404).
+    pub async fn get(&self, path: &str) -> Result<Option<Value>> {
+        self.get_json(path).await
+    }
+
+    /// A POST of a JSON body.
+    pub async fn post(&self, path: &str, body: &Value) -> Result<()> {
+        self.send(reqwest::Method::POST, path, Some(body.clone())).await.map(|_| ())
+    }
+
     /// The RabbitMQ version the cluster reports.
     pub async fn rabbitmq_version(&self) -> Result<String> {
         Ok(self.get_required::<Overview>("/api/overview").await?.rabbitmq_version)

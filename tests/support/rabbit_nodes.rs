@@ -250,7 +250,7 @@ pub struct NodeCluster {
     pub cluster: ValidatedCluster,
     bridge: String,
     dir: PathBuf,
-    _one_at_a_time: MutexGuard<'static, ()>,
+    _one_at_a_time: Option<MutexGuard<'static, ()>>,
 }
 
 impl NodeCluster {
@@ -258,6 +258,24 @@ impl NodeCluster {
     /// one node per replica; nothing is started yet.
     pub async fn create(manifest: &str) -> Self {
         let guard = ONE_AT_A_TIME.lock().await;
+        Self::create_holding(manifest, Some(guard))
+    }
+
+    /// Two clusters side by side (a migration's source and target), started and formed.
+    pub async fn started_pair(source: &str, target: &str) -> (Self, Self) {
+        let guard = ONE_AT_A_TIME.lock().await;
+        let mut first = Self::create_holding(source, Some(guard));
+        let mut second = Self::create_holding(target, None);
+        first.start_all();
+        second.start_all();
+        first.wait_formed(BOOT).await;
+        second.wait_formed(BOOT).await;
+        first.converge(0).await.expect("broker reconcile of the source");
+        second.converge(0).await.expect("broker reconcile of the target");
+        (first, second)
+    }
+
+    fn create_holding(manifest: &str, guard: Option<MutexGuard<'static, ()>>) -> Self {
         sweep_abandoned();
         let mut resource: RabbitCluster = serde_yaml::from_str(manifest).expect("RabbitCluster manifest");
         resource.metadata.namespace = Some(NAMESPACE.into());

@@ -1,0 +1,212 @@
+//! Phase 2: definitions exported from the source, converted for the target, imported, verified.
+
+use serde_json::{Map, Value, json};
+
+use super::preflight::Plan;
+use super::{MigrateError, Options};
+use crate::rabbitmq::management::ManagementClient;
+use crate::rabbitmq::version::RabbitVersion;
+
+/// Classic-only queue arguments that quorum queues refuse.
+const CLASSIC_ONLY_ARGUMENTS: [&str; 4] =
+    ["x-queue-mode", "x-queue-master-locator", "x-queue-version", "x-max-priority"];
+
+/// What the import did, for the report.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct DefinitionsReport {
+    pub vhosts: usize,
+    pub queues: usize,
+    pub exchanges: usize,
+    pub bindings: usize,
+    pub policies: usize,
+    pub users: usize,
+    pub notes: Vec<String>,
+}
+
+fn list<'a>(definitions: &'a Value, key: &str) -> impl Iterator<Item = &'a Value> {
+    definitions[key].as_array().into_iter().flatten()
+}
+
+/// A queue's arguments as they decide equivalence (`x-queue-type: classic` is the default).
+pub fn effective_arguments(queue: &Value) -> Value {
+    let mut arguments = queue["arguments"].as_object().cloned().unwrap_or_default();
+    if arguments.get("x-queue-type").and_then(Value::as_str) == Some("classic") {
+        arguments.remove("x-queue-type");
+    }
+    Value::Object(arguments)
+}
+
+/// Keeps the selected vhosts and queues, and converts what the target's version needs.
+pub fn convert(exported: &Value, options: &Options, target: RabbitVersion) -> (Value, Vec<String>) {
+    let mut notes = Vec::new();
+    let vhost_selected = |item: &Value| {
+        let vhost = item["vhost"].as_str().or_else(|| item["name"].as_str()).unwrap_or("/");
+        options.vhosts.is_empty() || options.vhosts.iter().any(|v| v == vhost)
+    };
+    let vhosts: Vec<Value> = list(exported, "vhosts").filter(|v| vhost_selected(v)).cloned().collect();
+
+    let mut queues = Vec::new();
+    for queue in list(exported, "queues").filter(|q| vhost_selected(q)) {
+        let name = queue["name"].as_str().unwrap_or_default();
+        if options.queues.as_ref().is_some_and(|re| !re.is_match(name)) {
+            continue;
+        }
+        let mut queue = queue.clone();
+        let classic = matches!(queue["arguments"]["x-queue-type"].as_str(), None | Some("classic"));
+        let convertible = queue["durable"] == true && queue["auto_delete"] != true;
+        if options.convert_to_quorum && classic && convertible {
+            let arguments = queue["arguments"].as_object_mut().map(std::mem::take).unwrap_or_default();
+            let mut arguments: Map<String, Value> = arguments;
+            for key in CLASSIC_ONLY_ARGUMENTS {
+                if arguments.remove(key).is_some() {
+                    notes.push(format!("queue {name}: dropped {key}, which quorum queues do not support"));
+                }
+            }
+            arguments.insert("x-queue-type".into(), json!("quorum"));
+            queue["arguments"] = Value::Object(arguments);
+            notes.push(format!("queue {name}: declared as a quorum queue"));
+        }
+        queues.push(queue);
+    }
+    let queue_names: Vec<(&str, &str)> =
+        queues.iter().map(|q| (q["vhost"].as_str().unwrap_or("/"), q["name"].as_str().unwrap_or(""))).collect();
+    let bindings: Vec<Value> = list(exported, "bindings")
+        .filter(|b| vhost_selected(b))
+        .filter(|b| {
+            b["destination_type"] != "queue"
+                || queue_names.contains(&(b["vhost"].as_str().unwrap_or("/"), b["destination"].as_str().unwrap_or("")))
+        })
+        .cloned()
+        .collect();
+
+    let mut policies = Vec::new();
+    for policy in list(exported, "policies").filter(|p| vhost_selected(p)) {
+        let mut policy = policy.clone();
+        let name = policy["name"].as_str().unwrap_or_default().to_string();
+        if !target.has_classic_mirroring()
+            && let Some(definition) = policy["definition"].as_object_mut()
+        {
+            let stripped: Vec<String> = definition.keys().filter(|k| k.starts_with("ha-")).cloned().collect();
+            for key in &stripped {
+                definition.remove(key);
+            }
+            if !stripped.is_empty() {
+                notes.push(format!(
+                    "policy {name}: removed {} (classic mirroring does not exist from RabbitMQ 4.0)",
+                    stripped.join(", ")
+                ));
+            }
+            if definition.is_empty() {
+                notes.push(format!("policy {name}: not imported, nothing left in it"));
+                continue;
+            }
+        }
+        policies.push(policy);
+    }
+    let parameters: Vec<Value> = list(exported, "parameters")
+        .filter(|p| vhost_selected(p))
+        .filter(|p| {
+            let component = p["component"].as_str().unwrap_or_default();
+            let keep = !matches!(component, "shovel" | "federation-upstream" | "federation-upstream-set");
+            if !keep {
+                notes.push(format!(
+                    "parameter {component}/{}: not imported (it would move or copy messages)",
+                    p["name"]
+                ));
+            }
+            keep
+        })
+        .cloned()
+        .collect();
+    let converted = json!({
+        "users": list(exported, "users").cloned().collect::<Vec<_>>(),
+        "vhosts": vhosts,
+        "permissions": list(exported, "permissions").filter(|p| vhost_selected(p)).cloned().collect::<Vec<_>>(),
+        "topic_permissions": list(exported, "topic_permissions").filter(|p| vhost_selected(p)).cloned().collect::<Vec<_>>(),
+        "parameters": parameters,
+        "policies": policies,
+        "queues": queues,
+        "exchanges": list(exported, "exchanges").filter(|e| vhost_selected(e)).cloned().collect::<Vec<_>>(),
+        "bindings": bindings,
+    });
+    (converted, notes)
+}
+
+fn fail(reason: &'static str, message: impl Into<String>) -> MigrateError {
+    MigrateError::new("definitions", reason, message)
+}
+
+/// Imports the converted definitions (users that already exist on the target are left as they
+/// are, with their permissions), then checks every vhost, queue, exchange, binding and policy is
+/// there.
+pub async fn import(target: &ManagementClient, plan: &Plan) -> Result<DefinitionsReport, MigrateError> {
+    let current = target.get("/api/definitions").await.map_err(|e| fail(e.reason(), format!("target: {e}")))?;
+    let current = current.unwrap_or(Value::Null);
+    let existing_users: Vec<&str> = list(&current, "users").filter_map(|u| u["name"].as_str()).collect();
+    let mut definitions = plan.definitions.clone();
+    let mut notes = plan.notes.clone();
+    let users: Vec<Value> = list(&definitions, "users")
+        .filter(|u| {
+            let exists = existing_users.contains(&u["name"].as_str().unwrap_or(""));
+            if exists {
+                notes.push(format!("user {}: exists on the target, left unchanged", u["name"]));
+            }
+            !exists
+        })
+        .cloned()
+        .collect();
+    let imported_users: Vec<String> = users.iter().filter_map(|u| u["name"].as_str().map(str::to_string)).collect();
+    definitions["permissions"] = Value::Array(
+        list(&definitions, "permissions")
+            .filter(|p| imported_users.iter().any(|u| p["user"] == u.as_str()))
+            .cloned()
+            .collect(),
+    );
+    definitions["topic_permissions"] = Value::Array(
+        list(&definitions, "topic_permissions")
+            .filter(|p| imported_users.iter().any(|u| p["user"] == u.as_str()))
+            .cloned()
+            .collect(),
+    );
+    definitions["users"] = Value::Array(users);
+    target.post("/api/definitions", &definitions).await.map_err(|e| fail(e.reason(), format!("import: {e}")))?;
+
+    let imported = target
+        .get("/api/definitions")
+        .await
+        .map_err(|e| fail(e.reason(), format!("target: {e}")))?
+        .unwrap_or(Value::Null);
+    let key = |item: &Value, fields: &[&str]| -> String {
+        fields.iter().map(|f| item[*f].to_string()).collect::<Vec<_>>().join("|")
+    };
+    let mut missing = Vec::new();
+    for (kind, fields) in [
+        ("vhosts", &["name"][..]),
+        ("queues", &["vhost", "name"][..]),
+        ("exchanges", &["vhost", "name"][..]),
+        ("bindings", &["vhost", "source", "destination", "destination_type", "routing_key"][..]),
+        ("policies", &["vhost", "name"][..]),
+    ] {
+        let present: Vec<String> = list(&imported, kind).map(|i| key(i, fields)).collect();
+        for item in list(&definitions, kind) {
+            if !present.contains(&key(item, fields)) {
+                missing.push(format!("{kind}: {}", key(item, fields)));
+            }
+        }
+    }
+    if !missing.is_empty() {
+        return Err(fail(
+            "DefinitionsNotImported",
+            format!("missing on the target after import: {}", missing.join("; ")),
+        ));
+    }
+    Ok(DefinitionsReport {
+        vhosts: list(&definitions, "vhosts").count(),
+        queues: list(&definitions, "queues").count(),
+        exchanges: list(&definitions, "exchanges").count(),
+        bindings: list(&definitions, "bindings").count(),
+        policies: list(&definitions, "policies").count(),
+        users: imported_users.len(),
+        notes,
+    })
+}

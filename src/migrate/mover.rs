@@ -1,0 +1,182 @@
+//! Phase 3: messages, queue by queue. The source is consumed with manual acks and a prefetch of
+//! one window; each message is published to the target with `mandatory` and confirms, pipelined up
+//! to a window, and acknowledged on the source only once the target confirmed it. Whatever is in
+//! flight when the migrator dies stays unacknowledged, so the source delivers it again on the next
+//! run: duplicates are bounded by the window, and nothing is lost.
+
+use std::collections::VecDeque;
+use std::time::Duration;
+
+use futures::StreamExt;
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions,
+    QueueDeclareOptions,
+};
+use lapin::types::FieldTable;
+use lapin::{Acker, Channel, Connection, ConnectionProperties, PublisherConfirm};
+
+use super::Options;
+use super::preflight::QueuePlan;
+use super::report::QueueReport;
+
+/// A broker that stops answering must not stall a queue forever.
+const ANSWER_WITHIN: Duration = Duration::from_secs(30);
+
+async fn within<T, E: std::fmt::Display>(
+    what: &str,
+    operation: impl std::future::Future<Output = Result<T, E>>,
+) -> Result<T, String> {
+    match tokio::time::timeout(ANSWER_WITHIN, operation).await {
+        Ok(Ok(value)) => Ok(value),
+        Ok(Err(e)) => Err(format!("{what}: {e}")),
+        Err(_) => Err(format!("{what}: no answer within {} s", ANSWER_WITHIN.as_secs())),
+    }
+}
+
+async fn connect(uri: &str, side: &str) -> Result<Connection, String> {
+    within(&format!("connect to the {side}"), Connection::connect(uri, ConnectionProperties::default())).await
+}
+
+async fn close(connection: Connection) {
+    let _ = tokio::time::timeout(Duration::from_secs(5), connection.close(200, "migration done".into())).await;
+}
+
+/// Ready messages of a queue, as the broker counts them (a passive declare).
+async fn depth(channel: &Channel, queue: &str) -> Result<u64, String> {
+    let options = QueueDeclareOptions { passive: true, ..Default::default() };
+    let declared =
+        within(&format!("queue {queue}"), channel.queue_declare(queue.into(), options, FieldTable::default())).await?;
+    Ok(u64::from(declared.message_count()))
+}
+
+struct InFlight {
+    acker: Acker,
+    redelivered: bool,
+    confirm: PublisherConfirm,
+}
+
+/// Waits for the target's verdict on the oldest message, then acks it on the source (confirmed) or
+/// gives it back (nacked or returned as unroutable).
+async fn settle(message: InFlight, report: &mut QueueReport) -> Result<(), String> {
+    let confirmation = within("target confirm", message.confirm).await?;
+    if confirmation.is_ack() && confirmation.take_message().is_none() {
+        within("source ack", message.acker.ack(BasicAckOptions::default())).await?;
+        report.moved += 1;
+        report.possible_duplicates += u64::from(message.redelivered);
+    } else {
+        let requeue = BasicNackOptions { multiple: false, requeue: true };
+        within("source nack", message.acker.nack(requeue)).await?;
+        report.refused += 1;
+    }
+    Ok(())
+}
+
+async fn drain_queue(options: &Options, plan: &QueuePlan, report: &mut QueueReport) -> Result<(), String> {
+    let source = connect(&options.source.amqp_for(&plan.vhost), "source").await?;
+    let target = match connect(&options.target.amqp_for(&plan.vhost), "target").await {
+        Ok(target) => target,
+        Err(e) => {
+            close(source).await;
+            return Err(e);
+        }
+    };
+    let outcome = async {
+        let from = within("open a source channel", source.create_channel()).await?;
+        let to = within("open a target channel", target.create_channel()).await?;
+        within("confirm.select", to.confirm_select(ConfirmSelectOptions::default())).await?;
+        within("basic.qos", from.basic_qos(options.window, BasicQosOptions::default())).await?;
+        depth(&to, &plan.name).await.map_err(|e| format!("target {e}"))?;
+        report.source_before = depth(&from, &plan.name).await?;
+        let mut consumer = within(
+            "basic.consume",
+            from.basic_consume(
+                plan.name.as_str().into(),
+                "warren-migrate".into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            ),
+        )
+        .await?;
+        let idle = if options.follow { options.idle_timeout } else { Duration::from_secs(3) };
+        let mut pending: VecDeque<InFlight> = VecDeque::new();
+        let mut received = 0u64;
+        loop {
+            // Without --follow, what arrives after preflight is left for the next run.
+            if !options.follow && received >= report.source_before {
+                break;
+            }
+            match tokio::time::timeout(idle, consumer.next()).await {
+                Err(_) => {
+                    while let Some(message) = pending.pop_front() {
+                        settle(message, report).await?;
+                    }
+                    if !options.follow || depth(&from, &plan.name).await? == 0 {
+                        break;
+                    }
+                }
+                Ok(None) => return Err("the source cancelled the consumer (queue deleted?)".to_string()),
+                Ok(Some(Err(e))) => return Err(format!("source: {e}")),
+                Ok(Some(Ok(delivery))) => {
+                    received += 1;
+                    let publish = BasicPublishOptions { mandatory: true, ..Default::default() };
+                    // Same properties and body, byte for byte, to the queue of the same name.
+                    let confirm = within(
+                        "publish to the target",
+                        to.basic_publish(
+                            "".into(),
+                            plan.name.as_str().into(),
+                            publish,
+                            &delivery.data,
+                            delivery.properties,
+                        ),
+                    )
+                    .await?;
+                    pending.push_back(InFlight { acker: delivery.acker, redelivered: delivery.redelivered, confirm });
+                    while pending.len() >= usize::from(options.window) {
+                        if let Some(message) = pending.pop_front() {
+                            settle(message, report).await?;
+                        }
+                    }
+                }
+            }
+        }
+        while let Some(message) = pending.pop_front() {
+            settle(message, report).await?;
+        }
+        // Deliveries prefetched beyond what was moved go back to the queue with the channel.
+        let _ = tokio::time::timeout(Duration::from_secs(5), from.close(200, "done".into())).await;
+        let check = within("open a source channel", source.create_channel()).await?;
+        report.source_after = depth(&check, &plan.name).await?;
+        Ok(())
+    }
+    .await;
+    close(source).await;
+    close(target).await;
+    outcome
+}
+
+async fn move_queue(options: &Options, plan: QueuePlan) -> QueueReport {
+    let mut report = QueueReport {
+        vhost: plan.vhost.clone(),
+        name: plan.name.clone(),
+        source_before: plan.messages,
+        ..Default::default()
+    };
+    tracing::info!(vhost = %plan.vhost, queue = %plan.name, messages = plan.messages, "moving queue");
+    if let Err(error) = drain_queue(options, &plan, &mut report).await {
+        tracing::warn!(vhost = %plan.vhost, queue = %plan.name, moved = report.moved, %error, "queue stopped");
+        report.error = Some(error);
+    } else {
+        tracing::info!(vhost = %plan.vhost, queue = %plan.name, moved = report.moved, left = report.source_after, "queue done");
+    }
+    report
+}
+
+/// Moves every planned queue, `parallel_queues` at a time; order is kept within each queue.
+pub async fn move_all(options: &Options, queues: &[QueuePlan]) -> Vec<QueueReport> {
+    futures::stream::iter(queues.iter().cloned())
+        .map(|plan| move_queue(options, plan))
+        .buffer_unordered(options.parallel_queues.max(1))
+        .collect()
+        .await
+}
