@@ -155,6 +155,16 @@ async fn drain_queue(options: &Options, plan: &QueuePlan, report: &mut QueueRepo
     outcome
 }
 
+/// Adds what to do where RabbitMQ's own words do not say it.
+fn explain(error: String) -> String {
+    if error.contains("user_id property set to") {
+        // RabbitMQ validates user_id against the publishing user, except for impersonators.
+        format!("{error}; to keep messages' user_id, give the target user the `impersonator` tag")
+    } else {
+        error
+    }
+}
+
 async fn move_queue(options: &Options, plan: QueuePlan) -> QueueReport {
     let mut report = QueueReport {
         vhost: plan.vhost.clone(),
@@ -164,8 +174,8 @@ async fn move_queue(options: &Options, plan: QueuePlan) -> QueueReport {
     };
     tracing::info!(vhost = %plan.vhost, queue = %plan.name, messages = plan.messages, "moving queue");
     if let Err(error) = drain_queue(options, &plan, &mut report).await {
-        tracing::warn!(vhost = %plan.vhost, queue = %plan.name, moved = report.moved, %error, "queue stopped");
-        report.error = Some(error);
+        tracing::warn!(vhost = %plan.vhost, queue = %plan.name, moved = report.moved, error = %explain(error.clone()), "queue stopped");
+        report.error = Some(explain(error));
     } else {
         tracing::info!(vhost = %plan.vhost, queue = %plan.name, moved = report.moved, left = report.source_after, "queue done");
     }

@@ -31,6 +31,9 @@ pub struct Plan {
     pub queues: Vec<QueuePlan>,
 }
 
+/// A little more than RabbitMQ's default `collect_statistics_interval`.
+const STATISTICS_INTERVAL: Duration = Duration::from_secs(6);
+
 fn fail(reason: &'static str, message: impl Into<String>) -> MigrateError {
     MigrateError::new("preflight", reason, message)
 }
@@ -89,6 +92,12 @@ pub async fn run(
     // Celery keeps eta/countdown tasks unacknowledged until they are due: those messages cannot
     // be moved while a worker holds them, and would be redelivered on the old cluster later.
     let mut held = held_by_consumers(source, options).await?;
+    if !held.is_empty() && !options.force {
+        // Queue statistics are refreshed every 5 s: a consumer that just went away (a migrator
+        // killed a moment ago, say) still shows. Only what a fresh sample confirms is held.
+        tokio::time::sleep(STATISTICS_INTERVAL).await;
+        held = held_by_consumers(source, options).await?;
+    }
     if !held.is_empty() && !options.force {
         if let Some(limit) = options.wait_for_consumers {
             let deadline = tokio::time::Instant::now() + limit;
