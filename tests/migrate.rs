@@ -322,3 +322,25 @@ async fn bad_input_is_refused_clearly_and_nothing_moves() {
     let target = wait_for("target queue stats", Duration::from_secs(15), || queue_stats(&new, "orders")).await;
     assert_eq!((source["messages"].as_u64(), target["messages"].as_u64()), (Some(50), Some(0)), "something moved");
 }
+
+#[tokio::test]
+async fn follow_drains_messages_published_during_the_migration() {
+    let (old, new) = pair().await;
+    declare(&old, "late", serde_json::json!({})).await;
+    let url = amqp_url(&old);
+    assert_eq!(amqp::publish(&url, "late", 0..1_000, 500).await.0.len(), 1_000);
+    let mut options = options(&old, &new);
+    options.follow = true;
+    options.idle_timeout = Duration::from_secs(5);
+    let migration = tokio::spawn(async move { migrate(&options).await });
+    // Producers not moved yet keep publishing to the old cluster.
+    for batch in 1..5u32 {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let (confirmed, error) = amqp::publish(&url, "late", batch * 1_000..(batch + 1) * 1_000, 500).await;
+        assert_eq!((confirmed.len(), error), (1_000, None));
+    }
+    let report = migration.await.expect("task").expect("migration");
+    assert!(report.complete, "{report:#?}");
+    assert_eq!(report.moved(), 5_000);
+    assert_in_order_once("late", &ordered_ids(&amqp_url(&new), "late").await, 0..5_000);
+}

@@ -210,3 +210,73 @@ pub async fn import(target: &ManagementClient, plan: &Plan) -> Result<Definition
         notes,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::migrate::Endpoint;
+
+    fn options() -> Options {
+        let source = Endpoint::parse("amqp://u:p@old:5672", "http://old:15672").unwrap();
+        let target = Endpoint::parse("amqp://u:p@new:5672", "http://new:15672").unwrap();
+        Options::new(source, target)
+    }
+
+    fn exported() -> Value {
+        json!({
+            "vhosts": [{"name": "/"}, {"name": "other"}],
+            "policies": [
+                {"vhost": "/", "name": "ha-all", "pattern": ".*", "apply-to": "queues", "priority": 0,
+                 "definition": {"ha-mode": "all", "ha-sync-mode": "automatic"}},
+                {"vhost": "/", "name": "ttl", "pattern": "^jobs", "apply-to": "queues", "priority": 1,
+                 "definition": {"ha-mode": "exactly", "ha-params": 2, "message-ttl": 60000}}
+            ],
+            "queues": [
+                {"vhost": "/", "name": "jobs", "durable": true, "auto_delete": false,
+                 "arguments": {"x-queue-mode": "lazy", "x-max-length": 10}},
+                {"vhost": "/", "name": "scratch", "durable": false, "auto_delete": true, "arguments": {}},
+                {"vhost": "other", "name": "elsewhere", "durable": true, "auto_delete": false, "arguments": {}}
+            ],
+            "bindings": [
+                {"vhost": "/", "source": "amq.topic", "destination": "jobs", "destination_type": "queue", "routing_key": "j.#", "arguments": {}},
+                {"vhost": "other", "source": "amq.topic", "destination": "elsewhere", "destination_type": "queue", "routing_key": "#", "arguments": {}}
+            ],
+            "parameters": [{"vhost": "/", "component": "shovel", "name": "old-shovel", "value": {}}]
+        })
+    }
+
+    #[test]
+    fn a_4x_target_gets_no_ha_keys_and_no_empty_policies() {
+        let v4 = RabbitVersion::parse("4.1.4").unwrap();
+        let (converted, notes) = convert(&exported(), &options(), v4);
+        let policies = converted["policies"].as_array().unwrap();
+        assert_eq!(policies.len(), 1, "{policies:?}");
+        assert_eq!(policies[0]["name"], "ttl");
+        assert_eq!(policies[0]["definition"], json!({"message-ttl": 60000}));
+        assert!(notes.iter().any(|n| n.contains("policy ha-all: not imported")), "{notes:?}");
+        assert!(notes.iter().any(|n| n.contains("old-shovel")), "{notes:?}");
+        assert!(converted["parameters"].as_array().unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_3x_target_keeps_mirroring_policies() {
+        let v3 = RabbitVersion::parse("3.13.7").unwrap();
+        let (converted, _) = convert(&exported(), &options(), v3);
+        assert_eq!(converted["policies"], exported()["policies"]);
+    }
+
+    #[test]
+    fn convert_to_quorum_takes_durable_classic_queues_and_drops_classic_arguments() {
+        let mut options = options();
+        options.convert_to_quorum = true;
+        options.vhosts = vec!["/".into()];
+        let (converted, notes) = convert(&exported(), &options, RabbitVersion::parse("4.1.4").unwrap());
+        let queues = converted["queues"].as_array().unwrap();
+        assert_eq!(queues.len(), 2, "vhost filter: {queues:?}");
+        assert_eq!(queues[0]["arguments"], json!({"x-queue-type": "quorum", "x-max-length": 10}));
+        assert_eq!(queues[1]["arguments"], json!({}), "a transient auto-delete queue stays classic");
+        assert!(notes.iter().any(|n| n.contains("jobs: dropped x-queue-mode")));
+        assert_eq!(converted["bindings"].as_array().unwrap().len(), 1);
+        assert_eq!(converted["vhosts"], json!([{"name": "/"}]));
+    }
+}
