@@ -27,8 +27,10 @@ e2e: deps control-plane
 	$(HELM) lint --strict charts/warren --set watchNamespace=apps --set metrics.serviceMonitor.enabled=true
 	e2e/with-control-plane.sh $(CARGO) test --locked --features e2e --test e2e
 
-## bench: the operator watching 200 RabbitClusters (time to apply, memory, CPU); prints figures.
+## bench: prints figures: `warren migrate` vs the Shovel plugin on the same brokers; the operator
+## watching 200 RabbitClusters (time to apply, memory, CPU).
 bench: deps control-plane
+	$(CARGO) bench --locked --bench migrate_vs_shovel
 	e2e/with-control-plane.sh $(CARGO) bench --locked --features e2e --bench controller_scale
 
 ## deps: what the tests need from Debian besides Rust and Go: RabbitMQ nodes for tier 2 (its

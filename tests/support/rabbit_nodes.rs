@@ -249,6 +249,10 @@ pub struct NodeCluster {
     pub credentials: Credentials,
     pub cluster: ValidatedCluster,
     bridge: String,
+    /// The network this cluster's nodes are on: `(subnet, first host number)`.
+    network: (u8, u8),
+    /// False for the second cluster of a pair, which shares the first one's bridge.
+    owns_bridge: bool,
     dir: PathBuf,
     _one_at_a_time: Option<MutexGuard<'static, ()>>,
 }
@@ -258,14 +262,17 @@ impl NodeCluster {
     /// one node per replica; nothing is started yet.
     pub async fn create(manifest: &str) -> Self {
         let guard = ONE_AT_A_TIME.lock().await;
-        Self::create_holding(manifest, Some(guard))
+        Self::create_holding(manifest, Some(guard), None)
     }
 
     /// Two clusters side by side (a migration's source and target), started and formed.
     pub async fn started_pair(source: &str, target: &str) -> (Self, Self) {
         let guard = ONE_AT_A_TIME.lock().await;
-        let mut first = Self::create_holding(source, Some(guard));
-        let mut second = Self::create_holding(target, None);
+        let mut first = Self::create_holding(source, Some(guard), None);
+        // One pod network for both, as two clusters in one Kubernetes cluster: they reach each
+        // other directly (a migration, or a Shovel, connects from one to the other).
+        let shared = Some((first.bridge.clone(), first.network.0, 101));
+        let mut second = Self::create_holding(target, None, shared);
         first.start_all();
         second.start_all();
         first.wait_formed(BOOT).await;
@@ -275,7 +282,11 @@ impl NodeCluster {
         (first, second)
     }
 
-    fn create_holding(manifest: &str, guard: Option<MutexGuard<'static, ()>>) -> Self {
+    fn create_holding(
+        manifest: &str,
+        guard: Option<MutexGuard<'static, ()>>,
+        shared_network: Option<(String, u8, u8)>,
+    ) -> Self {
         sweep_abandoned();
         let mut resource: RabbitCluster = serde_yaml::from_str(manifest).expect("RabbitCluster manifest");
         resource.metadata.namespace = Some(NAMESPACE.into());
@@ -285,14 +296,19 @@ impl NodeCluster {
         let objects = build::build(&cluster, &credentials);
 
         let id = format!("{:04x}", rand::random::<u16>());
-        let subnet = free_subnet();
+        let (bridge, subnet, first_host) = match shared_network {
+            Some(network) => network,
+            None => (format!("wrb{id}"), free_subnet(), 1),
+        };
+        let owns_bridge = first_host == 1;
         let dir = std::env::temp_dir().join(format!("warren-nodes-{id}"));
-        let bridge = format!("wrb{id}");
         let mut this = Self {
             nodes: Vec::new(),
             credentials,
             cluster,
             bridge: bridge.clone(),
+            network: (subnet, first_host),
+            owns_bridge,
             dir: dir.clone(),
             _one_at_a_time: guard,
         };
@@ -300,16 +316,22 @@ impl NodeCluster {
         // is killed before Drop runs, the next run's sweep finds the owner gone and removes it.
         std::fs::create_dir_all(&dir).expect("cluster dir");
         std::fs::write(dir.join("owner.pid"), std::process::id().to_string()).expect("owner.pid");
-        must("ip", &["link", "add", &bridge, "type", "bridge"]);
-        must("ip", &["addr", "add", &format!("10.231.{subnet}.254/24"), "dev", &bridge]);
-        must("ip", &["link", "set", &bridge, "up"]);
+        if owns_bridge {
+            must("ip", &["link", "add", &bridge, "type", "bridge"]);
+            must("ip", &["addr", "add", &format!("10.231.{subnet}.254/24"), "dev", &bridge]);
+            must("ip", &["link", "set", &bridge, "up"]);
+        }
 
         let replicas = this.cluster.replicas as usize;
         let hosts: String = (0..replicas)
             .map(|i| {
                 let node = this.cluster.node_name(i as i32);
                 let host = node.trim_start_matches("rabbit@");
-                format!("10.231.{subnet}.{} {host} {}\n", i + 1, host.split('.').next().unwrap_or(host))
+                format!(
+                    "10.231.{subnet}.{} {host} {}\n",
+                    i + first_host as usize,
+                    host.split('.').next().unwrap_or(host)
+                )
             })
             .collect();
         let config = objects.config_map.data.clone().unwrap_or_default();
@@ -341,7 +363,7 @@ impl NodeCluster {
             let host_link = format!("wrv{id}{i}");
             must("ip", &["netns", "add", &netns]);
             let node_dir = dir.join(format!("node-{i}"));
-            let ip = format!("10.231.{subnet}.{}", i + 1);
+            let ip = format!("10.231.{subnet}.{}", i + first_host as usize);
             // Registered before the rest of its setup, so that Drop removes it whatever fails next.
             this.nodes.push(Node {
                 index: i,
@@ -450,7 +472,9 @@ impl Drop for NodeCluster {
             let _ = run("ip", &["netns", "del", &node.netns]);
             let _ = std::fs::remove_dir_all(PathBuf::from("/etc/netns").join(&node.netns));
         }
-        let _ = run("ip", &["link", "del", &self.bridge]);
+        if self.owns_bridge {
+            let _ = run("ip", &["link", "del", &self.bridge]);
+        }
         if std::env::var_os("WARREN_KEEP_NODE_DIRS").is_none() {
             let _ = std::fs::remove_dir_all(&self.dir);
         }
