@@ -94,7 +94,7 @@ struct MigrateArgs {
     #[arg(long)]
     report: Option<std::path::PathBuf>,
     /// Unconfirmed messages in flight per queue.
-    #[arg(long, default_value_t = 1000)]
+    #[arg(long, default_value_t = 2000)]
     window: u16,
     /// Queues moved at the same time.
     #[arg(long, default_value_t = 8)]

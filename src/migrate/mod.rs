@@ -105,7 +105,7 @@ impl Options {
             wait_for_consumers: None,
             force: false,
             dry_run: false,
-            window: 1000,
+            window: 2000,
             parallel_queues: 8,
         }
     }

@@ -7,7 +7,7 @@
 use std::collections::VecDeque;
 use std::time::Duration;
 
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions,
     QueueDeclareOptions,
@@ -55,20 +55,34 @@ struct InFlight {
     confirm: PublisherConfirm,
 }
 
-/// Waits for the target's verdict on the oldest message, then acks it on the source (confirmed) or
-/// gives it back (nacked or returned as unroutable).
-async fn settle(message: InFlight, report: &mut QueueReport) -> Result<(), String> {
-    let confirmation = within("target confirm", message.confirm).await?;
-    if confirmation.is_ack() && confirmation.take_message().is_none() {
-        within("source ack", message.acker.ack(BasicAckOptions::default())).await?;
-        report.moved += 1;
-        report.possible_duplicates += u64::from(message.redelivered);
-    } else {
-        let requeue = BasicNackOptions { multiple: false, requeue: true };
-        within("source nack", message.acker.nack(requeue)).await?;
-        report.refused += 1;
+/// Waits for the target's verdict on the `count` oldest messages, in order, then acknowledges the
+/// confirmed ones on the source with one `multiple` ack (everything older is settled already) and
+/// gives back each one the target refused (nacked, or returned as unroutable).
+async fn settle(pending: &mut VecDeque<InFlight>, count: usize, report: &mut QueueReport) -> Result<(), String> {
+    let batch: Vec<InFlight> = pending.drain(..count.min(pending.len())).collect();
+    if batch.is_empty() {
+        return Ok(());
     }
-    Ok(())
+    within("target confirms", async {
+        let mut confirmed: Option<Acker> = None;
+        for message in batch {
+            let confirmation = message.confirm.await.map_err(|e| e.to_string())?;
+            if confirmation.is_ack() && confirmation.take_message().is_none() {
+                confirmed = Some(message.acker);
+                report.moved += 1;
+                report.possible_duplicates += u64::from(message.redelivered);
+            } else {
+                let requeue = BasicNackOptions { multiple: false, requeue: true };
+                message.acker.nack(requeue).await.map_err(|e| format!("source nack: {e}"))?;
+                report.refused += 1;
+            }
+        }
+        if let Some(last) = confirmed {
+            last.ack(BasicAckOptions { multiple: true }).await.map_err(|e| format!("source ack: {e}"))?;
+        }
+        Ok::<(), String>(())
+    })
+    .await
 }
 
 async fn drain_queue(options: &Options, plan: &QueuePlan, report: &mut QueueReport) -> Result<(), String> {
@@ -98,18 +112,22 @@ async fn drain_queue(options: &Options, plan: &QueuePlan, report: &mut QueueRepo
         )
         .await?;
         let idle = if options.follow { options.idle_timeout } else { Duration::from_secs(3) };
-        let mut pending: VecDeque<InFlight> = VecDeque::new();
+        let window = usize::from(options.window);
+        let mut pending: VecDeque<InFlight> = VecDeque::with_capacity(window);
         let mut received = 0u64;
         loop {
             // Without --follow, what arrives after preflight is left for the next run.
             if !options.follow && received >= report.source_before {
                 break;
             }
-            match tokio::time::timeout(idle, consumer.next()).await {
+            // A delivery already buffered is taken without arming a timer.
+            let next = match consumer.next().now_or_never() {
+                Some(next) => Ok(next),
+                None => tokio::time::timeout(idle, consumer.next()).await,
+            };
+            match next {
                 Err(_) => {
-                    while let Some(message) = pending.pop_front() {
-                        settle(message, report).await?;
-                    }
+                    settle(&mut pending, window, report).await?;
                     if !options.follow || depth(&from, &plan.name).await? == 0 {
                         break;
                     }
@@ -120,29 +138,24 @@ async fn drain_queue(options: &Options, plan: &QueuePlan, report: &mut QueueRepo
                     received += 1;
                     let publish = BasicPublishOptions { mandatory: true, ..Default::default() };
                     // Same properties and body, byte for byte, to the queue of the same name.
-                    let confirm = within(
-                        "publish to the target",
-                        to.basic_publish(
+                    let confirm = to
+                        .basic_publish(
                             "".into(),
                             plan.name.as_str().into(),
                             publish,
                             &delivery.data,
                             delivery.properties,
-                        ),
-                    )
-                    .await?;
+                        )
+                        .await
+                        .map_err(|e| format!("publish to the target: {e}"))?;
                     pending.push_back(InFlight { acker: delivery.acker, redelivered: delivery.redelivered, confirm });
-                    while pending.len() >= usize::from(options.window) {
-                        if let Some(message) = pending.pop_front() {
-                            settle(message, report).await?;
-                        }
+                    if pending.len() >= window {
+                        settle(&mut pending, window / 4 + 1, report).await?;
                     }
                 }
             }
         }
-        while let Some(message) = pending.pop_front() {
-            settle(message, report).await?;
-        }
+        settle(&mut pending, window, report).await?;
         // Deliveries prefetched beyond what was moved go back to the queue with the channel.
         let _ = tokio::time::timeout(Duration::from_secs(5), from.close(200, "done".into())).await;
         let check = within("open a source channel", source.create_channel()).await?;
