@@ -30,7 +30,7 @@ e2e: deps control-plane
 ## bench: prints figures: `warren migrate` vs the Shovel plugin on the same brokers; the operator
 ## watching 200 RabbitClusters (time to apply, memory, CPU).
 bench: deps control-plane
-	$(CARGO) bench --locked --bench migrate_vs_shovel
+	$(CARGO) bench --locked --features benchmarks --bench migrate_vs_shovel
 	e2e/with-control-plane.sh $(CARGO) bench --locked --features e2e --bench controller_scale
 
 ## deps: what the tests need from Debian besides Rust and Go: RabbitMQ nodes for tier 2 (its
@@ -65,7 +65,7 @@ fmt:
 	$(CARGO) fmt --all
 
 lint:
-	$(CARGO) clippy --locked --all-targets --features e2e -- -D warnings
+	$(CARGO) clippy --locked --all-targets --features e2e,benchmarks -- -D warnings
 
 ## up: a local control plane with the chart installed, the operator running with the chart's
 ## ServiceAccount, and examples/basic.yaml applied. `make down` stops it.

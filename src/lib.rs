@@ -11,6 +11,6 @@ pub mod server;
 /// Every CRD of the project as one YAML stream (what `warren crd` prints and crds/ holds).
 pub fn crds_yaml() -> String {
     use kube::CustomResourceExt;
-    let crds = [api::RabbitCluster::crd()];
+    let crds = [api::RabbitCluster::crd(), api::RabbitMigration::crd()];
     crds.iter().map(|crd| format!("---\n{}", serde_yaml::to_string(crd).unwrap_or_default())).collect()
 }

@@ -37,6 +37,9 @@ enum Command {
         /// The Kubernetes cluster's DNS domain.
         #[arg(long, env = "WARREN_CLUSTER_DOMAIN", default_value = "cluster.local")]
         cluster_domain: String,
+        /// Image of migration Jobs whose RabbitMigration names none.
+        #[arg(long, env = "WARREN_IMAGE", default_value = warren::controller::migration::DEFAULT_IMAGE)]
+        migration_image: String,
         /// Management API URL of a cluster; `{service}`, `{namespace}` and `{domain}` are filled in.
         #[arg(long, env = "WARREN_MANAGEMENT_URL", default_value = "http://{service}.{namespace}.svc.{domain}:15672")]
         management_url_template: String,
@@ -58,12 +61,22 @@ struct MigrateArgs {
     /// amqp[s]://USER:PASS@HOST:PORT of the old cluster (prefer the environment variable).
     #[arg(long, env = "WARREN_SOURCE_URI", hide_env_values = true)]
     source: String,
+    /// User on the old cluster, replacing the URI's (the Job takes it from a Secret).
+    #[arg(long, env = "WARREN_SOURCE_USERNAME", hide_env_values = true)]
+    source_username: Option<String>,
+    #[arg(long, env = "WARREN_SOURCE_PASSWORD", hide_env_values = true)]
+    source_password: Option<String>,
     /// http[s]://HOST:PORT of the old cluster's management API.
     #[arg(long, env = "WARREN_SOURCE_API")]
     source_api: String,
     /// amqp[s]://USER:PASS@HOST:PORT of the new cluster (prefer the environment variable).
     #[arg(long, env = "WARREN_TARGET_URI", hide_env_values = true)]
     target: String,
+    /// User on the new cluster, replacing the URI's.
+    #[arg(long, env = "WARREN_TARGET_USERNAME", hide_env_values = true)]
+    target_username: Option<String>,
+    #[arg(long, env = "WARREN_TARGET_PASSWORD", hide_env_values = true)]
+    target_password: Option<String>,
     /// http[s]://HOST:PORT of the new cluster's management API.
     #[arg(long, env = "WARREN_TARGET_API")]
     target_api: String,
@@ -103,8 +116,12 @@ struct MigrateArgs {
 
 async fn migrate(args: MigrateArgs) -> std::process::ExitCode {
     use warren::migrate::{Endpoint, Options, migrate};
-    let endpoints = Endpoint::parse(&args.source, &args.source_api)
-        .and_then(|source| Ok((source, Endpoint::parse(&args.target, &args.target_api)?)));
+    let source = Endpoint::with_credentials(&args.source, &args.source_api, args.source_username, args.source_password);
+    let endpoints = source.and_then(|source| {
+        let target =
+            Endpoint::with_credentials(&args.target, &args.target_api, args.target_username, args.target_password);
+        Ok((source, target?))
+    });
     let (source, target) = match endpoints {
         Ok(pair) => pair,
         Err(error) => {
@@ -159,7 +176,9 @@ async fn migrate(args: MigrateArgs) -> std::process::ExitCode {
 
 fn init_tracing(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("WARREN_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,kube=warn"));
+        // lapin logs, at error level, channel closes the migrator makes itself; it reports every
+        // real failure on its own.
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,kube=warn,lapin=off"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -197,7 +216,7 @@ async fn main() -> std::process::ExitCode {
                 }
             }
         }
-        Command::Run { namespace, listen, cluster_domain, management_url_template } => {
+        Command::Run { namespace, listen, cluster_domain, migration_image, management_url_template } => {
             let client = match kube::Client::try_default().await {
                 Ok(client) => client,
                 Err(error) => {
@@ -208,7 +227,9 @@ async fn main() -> std::process::ExitCode {
             let metrics = Metrics::default();
             let ready = Arc::new(AtomicBool::new(false));
             let server = tokio::spawn(server::serve(listen, metrics.clone(), ready.clone()));
-            let ctx = Arc::new(Context::new(client, Settings { cluster_domain }, management_url_template, metrics));
+            let mut ctx = Context::new(client, Settings { cluster_domain }, management_url_template, metrics);
+            ctx.migration_image = migration_image;
+            let ctx = Arc::new(ctx);
             tracing::info!(namespace = namespace.as_deref().unwrap_or("<all>"), %listen, "warren controller starting");
             ready.store(true, Ordering::Relaxed);
             tokio::select! {

@@ -243,7 +243,7 @@ async fn a_killed_migration_run_again_loses_nothing() {
             .env("WARREN_SOURCE_API", old.management_url(0))
             .env("WARREN_TARGET_URI", amqp_url(&new))
             .env("WARREN_TARGET_API", new.management_url(0))
-            .env("WARREN_LOG", "warn")
+            .env("WARREN_LOG", "warn,lapin=off")
             .stdout(std::process::Stdio::null())
             .spawn()
             .expect("warren migrate")

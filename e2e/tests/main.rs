@@ -3,6 +3,7 @@
 //! `make test` does.
 
 mod lifecycle;
+mod migration;
 mod schema;
 mod steady_state;
 mod support;

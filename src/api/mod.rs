@@ -3,3 +3,6 @@
 pub mod rabbit_cluster;
 
 pub use rabbit_cluster::*;
+pub mod rabbit_migration;
+
+pub use rabbit_migration::*;

@@ -2,6 +2,7 @@
 
 pub mod apply;
 pub mod build;
+pub mod migration;
 pub mod status;
 pub mod validate;
 
@@ -11,7 +12,8 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::StatefulSet;
-use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service, ServiceAccount};
+use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::core::v1::{ConfigMap, ObjectReference, Secret, Service, ServiceAccount};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::{Patch, PatchParams};
@@ -26,7 +28,7 @@ use self::build::Credentials;
 use self::build::secrets::{COOKIE_KEY, PASSWORD_KEY, USERNAME_KEY};
 use self::status::Verdict;
 use self::validate::{Settings, ValidatedCluster};
-use crate::api::{PAUSE_ANNOTATION, RabbitCluster, RabbitClusterStatus};
+use crate::api::{PAUSE_ANNOTATION, RabbitCluster, RabbitClusterStatus, RabbitMigration};
 use crate::error::{Error, Result};
 use crate::rabbitmq::broker::{self, BrokerObservation};
 use crate::rabbitmq::management::ManagementClient;
@@ -47,6 +49,8 @@ pub struct Context {
     /// Management API base URL, with `{service}` and `{namespace}` filled in per cluster.
     pub management_url_template: String,
     pub metrics: Metrics,
+    /// Image of migration Jobs whose RabbitMigration names none.
+    pub migration_image: String,
     /// Consecutive failures per cluster, for exponential back-off.
     failures: Mutex<HashMap<String, u32>>,
 }
@@ -60,6 +64,7 @@ impl Context {
             settings,
             management_url_template,
             metrics,
+            migration_image: migration::DEFAULT_IMAGE.to_string(),
             failures: Mutex::default(),
         }
     }
@@ -72,6 +77,18 @@ impl Context {
     }
 
     async fn event(&self, cluster: &RabbitCluster, type_: EventType, reason: &str, action: &str, note: String) {
+        self.publish(&cluster.object_ref(&()), type_, reason, action, note).await;
+    }
+
+    /// An Event about `regarding`; a failure to publish is logged, never fatal.
+    pub async fn publish(
+        &self,
+        regarding: &ObjectReference,
+        type_: EventType,
+        reason: &str,
+        action: &str,
+        note: String,
+    ) {
         let event = Event {
             type_,
             reason: reason.into(),
@@ -79,8 +96,8 @@ impl Context {
             action: action.into(),
             secondary: None,
         };
-        if let Err(error) = self.recorder.publish(&event, &cluster.object_ref(&())).await {
-            tracing::warn!(%error, cluster = %cluster.name_any(), "publishing an event failed");
+        if let Err(error) = self.recorder.publish(&event, regarding).await {
+            tracing::warn!(%error, object = ?regarding.name, "publishing an event failed");
         }
     }
 
@@ -113,21 +130,37 @@ pub async fn run(ctx: Arc<Context>, namespace: Option<String>) {
     }
     let (client, ns) = (ctx.client.clone(), namespace.as_deref());
     let children = watcher::Config::default().labels(&format!("{}=warren", build::MANAGED_BY_LABEL));
-    Controller::new(scoped::<RabbitCluster>(&client, ns), watcher::Config::default())
+    let clusters = Controller::new(scoped::<RabbitCluster>(&client, ns), watcher::Config::default())
         .owns(scoped::<StatefulSet>(&client, ns), children.clone())
         .owns(scoped::<Service>(&client, ns), children.clone())
         .owns(scoped::<ConfigMap>(&client, ns), children.clone())
         .owns(scoped::<Secret>(&client, ns), children.clone())
         .owns(scoped::<ServiceAccount>(&client, ns), children.clone())
-        .owns(scoped::<PodDisruptionBudget>(&client, ns), children)
+        .owns(scoped::<PodDisruptionBudget>(&client, ns), children.clone())
         .shutdown_on_signal()
-        .run(reconcile, error_policy, ctx)
+        .run(reconcile, error_policy, ctx.clone())
         .for_each(|result| async move {
             if let Err(error) = result {
                 tracing::debug!(%error, "reconcile loop");
             }
-        })
-        .await;
+        });
+    let migrations = Controller::new(scoped::<RabbitMigration>(&client, ns), watcher::Config::default())
+        .owns(scoped::<Job>(&client, ns), children)
+        .shutdown_on_signal()
+        .run(migration::reconcile, migration_error_policy, ctx)
+        .for_each(|result| async move {
+            if let Err(error) = result {
+                tracing::debug!(%error, "migration reconcile loop");
+            }
+        });
+    futures::join!(clusters, migrations);
+}
+
+fn migration_error_policy(migration: Arc<RabbitMigration>, error: &Error, ctx: Arc<Context>) -> Action {
+    let key = format!("migration/{}/{}", migration.namespace().unwrap_or_default(), migration.name_any());
+    let delay = ctx.backoff(&key);
+    tracing::warn!(migration = %key, reason = error.reason(), retry_in = ?delay, "{error}");
+    Action::requeue(delay)
 }
 
 /// One reconcile of one RabbitCluster. Errors have already been reported in status and Events

@@ -49,6 +49,23 @@ impl Endpoint {
         Ok(Self { amqp, api })
     }
 
+    /// `parse`, with the user and password (when given) put into the AMQP URI, encoded.
+    pub fn with_credentials(
+        amqp_uri: &str,
+        api_uri: &str,
+        username: Option<String>,
+        password: Option<String>,
+    ) -> Result<Self, MigrateError> {
+        let mut amqp = Url::parse(amqp_uri).map_err(|e| MigrateError::input(format!("AMQP URI: {e}")))?;
+        if let Some(user) = username {
+            amqp.set_username(&user).map_err(|_| MigrateError::input("AMQP URI cannot take a user"))?;
+        }
+        if let Some(password) = password {
+            amqp.set_password(Some(&password)).map_err(|_| MigrateError::input("AMQP URI cannot take a password"))?;
+        }
+        Self::parse(amqp.as_str(), api_uri)
+    }
+
     fn decoded(text: &str) -> String {
         percent_encoding::percent_decode_str(text).decode_utf8_lossy().into_owned()
     }

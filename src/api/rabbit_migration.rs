@@ -1,0 +1,103 @@
+//! The `RabbitMigration` custom resource: `warren migrate` run as a Kubernetes Job.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use kube::{CustomResource, KubeSchema};
+use serde::{Deserialize, Serialize};
+
+/// Moves definitions and every message from one RabbitMQ cluster to another. The operator runs
+/// `warren migrate` as a Job (credentials from Secrets, as environment variables) and reflects the
+/// Job in status. Deleting the resource stops the Job; creating it again resumes safely, since a
+/// message leaves the source only after the target confirmed it.
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[kube(
+    group = "warren.dev",
+    version = "v1alpha1",
+    kind = "RabbitMigration",
+    namespaced,
+    shortname = "rbm",
+    category = "rabbitmq",
+    status = "RabbitMigrationStatus",
+    doc = "A migration of definitions and messages from one RabbitMQ cluster to another.",
+    printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
+    printcolumn(name = "Job", type_ = "string", json_path = ".status.jobName"),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+)]
+#[serde(rename_all = "camelCase")]
+pub struct RabbitMigrationSpec {
+    /// Where the messages are now.
+    pub source: MigrationEndpoint,
+    /// Where they go.
+    pub target: MigrationEndpoint,
+    /// Only these vhosts (all when empty).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub vhosts: Vec<String>,
+    /// Only queues whose names match this regular expression.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queues: Option<String>,
+    /// Declare durable classic queues as quorum queues on the target.
+    #[serde(default)]
+    pub convert_to_quorum: bool,
+    /// Keep draining messages that still arrive until the source has been idle for `idleTimeout`.
+    #[serde(default)]
+    pub follow: bool,
+    /// With `follow`: how long the source must stay empty (for example `30s`, `5m`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^[0-9]+(ms|s|m|h)?$"))]
+    pub idle_timeout: Option<String>,
+    /// Wait this long for consumers to release messages they hold unacknowledged (Celery
+    /// eta/countdown tasks) instead of refusing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^[0-9]+(ms|s|m|h)?$"))]
+    pub wait_for_consumers: Option<String>,
+    /// Move what can be moved although consumers hold messages unacknowledged.
+    #[serde(default)]
+    pub force: bool,
+    /// Image of the Job (the operator's own image by default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+}
+
+/// One side of a migration: a RabbitCluster of this namespace, or any broker by address.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("has(self.clusterRef) != has(self.host)").message("set exactly one of clusterRef and host"))]
+#[x_kube(validation = Rule::new("has(self.clusterRef) || has(self.credentialsSecret)").message("credentialsSecret: required with host"))]
+pub struct MigrationEndpoint {
+    /// A RabbitCluster in this namespace: its client Service and its default-user Secret are used.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster_ref: Option<String>,
+    /// Host name of a broker outside Warren (AMQP on `amqpPort`, management API on `managementPort`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
+    #[serde(default = "default_amqp_port")]
+    pub amqp_port: u16,
+    #[serde(default = "default_management_port")]
+    pub management_port: u16,
+    /// With `host`: a Secret of this namespace with keys `username` and `password`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credentials_secret: Option<String>,
+}
+
+fn default_amqp_port() -> u16 {
+    5672
+}
+
+fn default_management_port() -> u16 {
+    15672
+}
+
+/// What the operator observed of the migration Job.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RabbitMigrationStatus {
+    /// Pending, Running, Succeeded or Failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub job_name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// Complete: True when the Job succeeded, False when it failed.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+}

@@ -1,0 +1,228 @@
+//! The RabbitMigration controller: one Job running `warren migrate`, its outcome in status.
+
+use std::sync::Arc;
+
+use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, OwnerReference, Time};
+use kube::api::{Patch, PatchParams, PostParams};
+use kube::runtime::controller::Action;
+use kube::runtime::events::EventType;
+use kube::{Api, Resource, ResourceExt};
+use serde_json::json;
+
+use super::Context;
+use crate::api::{MigrationEndpoint, RabbitMigration, RabbitMigrationStatus};
+use crate::error::{Error, Result};
+
+/// The Job's image when the resource names none: this operator's own release.
+pub const DEFAULT_IMAGE: &str = concat!("ghcr.io/warren-dev/warren:", env!("CARGO_PKG_VERSION"));
+/// A rerun is safe (nothing leaves the source unconfirmed), so failed pods are retried.
+const BACKOFF_LIMIT: i32 = 4;
+
+pub fn job_name(migration: &RabbitMigration) -> String {
+    format!("{}-migrate", migration.name_any())
+}
+
+fn secret_env(name: &str, secret: &str, key: &str) -> serde_json::Value {
+    json!({"name": name, "valueFrom": {"secretKeyRef": {"name": secret, "key": key}}})
+}
+
+/// The environment of one side: addresses in plain values, credentials only as Secret references.
+fn endpoint_env(
+    side: &str,
+    endpoint: &MigrationEndpoint,
+    namespace: &str,
+    domain: &str,
+) -> Result<Vec<serde_json::Value>> {
+    let invalid = |message: String| Error::InvalidSpec { reason: "InvalidSpec", message };
+    let (host, secret) = match (&endpoint.cluster_ref, &endpoint.host, &endpoint.credentials_secret) {
+        (Some(cluster), None, _) => (format!("{cluster}.{namespace}.svc.{domain}"), format!("{cluster}-default-user")),
+        (None, Some(host), Some(secret)) => (host.clone(), secret.clone()),
+        _ => return Err(invalid(format!("{side}: set clusterRef, or host with credentialsSecret"))),
+    };
+    let (amqp_port, api_port) = match endpoint.cluster_ref {
+        Some(_) => (5672, 15672),
+        None => (endpoint.amqp_port, endpoint.management_port),
+    };
+    let upper = side.to_uppercase();
+    Ok(vec![
+        json!({"name": format!("WARREN_{upper}_URI"), "value": format!("amqp://{host}:{amqp_port}/")}),
+        json!({"name": format!("WARREN_{upper}_API"), "value": format!("http://{host}:{api_port}")}),
+        secret_env(&format!("WARREN_{upper}_USERNAME"), &secret, "username"),
+        secret_env(&format!("WARREN_{upper}_PASSWORD"), &secret, "password"),
+    ])
+}
+
+/// The Job of a RabbitMigration (pure: tested from fixtures).
+pub fn build_job(migration: &RabbitMigration, default_image: &str, domain: &str) -> Result<Job> {
+    let namespace = migration.namespace().unwrap_or_default();
+    let spec = &migration.spec;
+    let mut env = endpoint_env("source", &spec.source, &namespace, domain)?;
+    env.extend(endpoint_env("target", &spec.target, &namespace, domain)?);
+    env.push(json!({"name": "WARREN_LOG_FORMAT", "value": "json"}));
+    let mut args = vec!["migrate".to_string()];
+    for vhost in &spec.vhosts {
+        args.extend(["--vhost".into(), vhost.clone()]);
+    }
+    let options: [(&str, Option<&String>); 3] = [
+        ("--queues", spec.queues.as_ref()),
+        ("--idle-timeout", spec.idle_timeout.as_ref()),
+        ("--wait-for-consumers", spec.wait_for_consumers.as_ref()),
+    ];
+    for (flag, value) in options {
+        if let Some(value) = value {
+            args.extend([flag.to_string(), value.clone()]);
+        }
+    }
+    for (flag, on) in
+        [("--convert-to-quorum", spec.convert_to_quorum), ("--follow", spec.follow), ("--force", spec.force)]
+    {
+        if on {
+            args.push(flag.into());
+        }
+    }
+    let owner = OwnerReference {
+        api_version: RabbitMigration::api_version(&()).into(),
+        kind: RabbitMigration::kind(&()).into(),
+        name: migration.name_any(),
+        uid: migration.uid().unwrap_or_default(),
+        controller: Some(true),
+        block_owner_deletion: None,
+    };
+    let labels = json!({"app.kubernetes.io/name": "warren-migrate", "app.kubernetes.io/instance": migration.name_any(),
+                        "app.kubernetes.io/managed-by": "warren"});
+    let job = json!({
+        "apiVersion": "batch/v1", "kind": "Job",
+        "metadata": {"name": job_name(migration), "namespace": namespace, "labels": labels, "ownerReferences": [owner]},
+        "spec": {
+            "backoffLimit": BACKOFF_LIMIT,
+            "template": {
+                "metadata": {"labels": labels},
+                "spec": {
+                    "restartPolicy": "Never",
+                    "automountServiceAccountToken": false,
+                    "securityContext": {"runAsNonRoot": true, "runAsUser": 65532, "runAsGroup": 65532,
+                                        "seccompProfile": {"type": "RuntimeDefault"}},
+                    "containers": [{
+                        "name": "migrate",
+                        "image": spec.image.clone().unwrap_or_else(|| default_image.to_string()),
+                        "args": args,
+                        "env": env,
+                        "securityContext": {"allowPrivilegeEscalation": false, "readOnlyRootFilesystem": true,
+                                            "capabilities": {"drop": ["ALL"]}},
+                        "resources": {"requests": {"cpu": "250m", "memory": "128Mi"}, "limits": {"memory": "512Mi"}}
+                    }]
+                }
+            }
+        }
+    });
+    serde_json::from_value(job).map_err(|e| Error::InvalidSpec { reason: "InvalidSpec", message: e.to_string() })
+}
+
+/// Pending, Running, Succeeded or Failed, from the Job's status.
+pub fn phase(job: &Job) -> &'static str {
+    let status = job.status.clone().unwrap_or_default();
+    let failed = status.conditions.iter().flatten().any(|c| c.type_ == "Failed" && c.status == "True");
+    let complete = status.conditions.iter().flatten().any(|c| c.type_ == "Complete" && c.status == "True");
+    if complete || status.succeeded.unwrap_or(0) > 0 {
+        "Succeeded"
+    } else if failed {
+        "Failed"
+    } else if status.active.unwrap_or(0) > 0 {
+        "Running"
+    } else {
+        "Pending"
+    }
+}
+
+pub async fn reconcile(migration: Arc<RabbitMigration>, ctx: Arc<Context>) -> Result<Action> {
+    let namespace = migration.namespace().unwrap_or_default();
+    let jobs: Api<Job> = Api::namespaced(ctx.client.clone(), &namespace);
+    let name = job_name(&migration);
+    let job = match jobs.get_opt(&name).await.map_err(|e| Error::kube(format!("get Job {name}"), e))? {
+        Some(job) => job,
+        None => {
+            let job = match build_job(&migration, &ctx.migration_image, &ctx.settings.cluster_domain) {
+                Ok(job) => job,
+                Err(error) => {
+                    ctx.publish(
+                        &migration.object_ref(&()),
+                        EventType::Warning,
+                        error.reason(),
+                        "Validate",
+                        error.to_string(),
+                    )
+                    .await;
+                    write_status(&ctx, &migration, "Failed", None, Some((false, error.reason(), error.to_string())))
+                        .await?;
+                    return Ok(Action::await_change());
+                }
+            };
+            let created = jobs
+                .create(&PostParams::default(), &job)
+                .await
+                .map_err(|e| Error::kube(format!("create Job {name}"), e))?;
+            ctx.publish(
+                &migration.object_ref(&()),
+                EventType::Normal,
+                "JobCreated",
+                "Migrate",
+                format!("created Job {name}"),
+            )
+            .await;
+            created
+        }
+    };
+    let phase = phase(&job);
+    let complete = match phase {
+        "Succeeded" => Some((true, "Succeeded", "every queue moved and verified".to_string())),
+        "Failed" => Some((false, "JobFailed", format!("Job {name} failed; see its pods' logs for the report"))),
+        _ => None,
+    };
+    let before = migration.status.as_ref().and_then(|s| s.phase.clone());
+    if before.as_deref() != Some(phase) && complete.is_some() {
+        let type_ = if phase == "Failed" { EventType::Warning } else { EventType::Normal };
+        ctx.publish(&migration.object_ref(&()), type_, phase, "Migrate", format!("Job {name}: {phase}")).await;
+    }
+    write_status(&ctx, &migration, phase, Some(name), complete).await?;
+    Ok(Action::await_change())
+}
+
+async fn write_status(
+    ctx: &Context,
+    migration: &RabbitMigration,
+    phase: &str,
+    job_name: Option<String>,
+    complete: Option<(bool, &str, String)>,
+) -> Result<()> {
+    let previous = migration.status.clone().unwrap_or_default();
+    let mut conditions = previous.conditions.clone();
+    if let Some((ok, reason, message)) = complete {
+        let status = if ok { "True" } else { "False" };
+        if !conditions.iter().any(|c| c.type_ == "Complete" && c.status == status && c.reason == reason) {
+            conditions.retain(|c| c.type_ != "Complete");
+            conditions.push(Condition {
+                type_: "Complete".into(),
+                status: status.into(),
+                reason: reason.into(),
+                message,
+                observed_generation: migration.meta().generation,
+                last_transition_time: Time(jiff::Timestamp::now()),
+            });
+        }
+    }
+    let next = RabbitMigrationStatus {
+        phase: Some(phase.to_string()),
+        job_name: job_name.or(previous.job_name.clone()),
+        observed_generation: migration.meta().generation,
+        conditions,
+    };
+    if migration.status.as_ref() == Some(&next) {
+        return Ok(());
+    }
+    let api: Api<RabbitMigration> = Api::namespaced(ctx.client.clone(), &migration.namespace().unwrap_or_default());
+    api.patch_status(&migration.name_any(), &PatchParams::default(), &Patch::Merge(&json!({ "status": next })))
+        .await
+        .map_err(|e| Error::kube(format!("update status of RabbitMigration {}", migration.name_any()), e))?;
+    Ok(())
+}

@@ -1,0 +1,70 @@
+//! Tier 1: the Job a RabbitMigration becomes, from the example manifest, with no API at all.
+
+use k8s_openapi::api::batch::v1::{Job, JobCondition, JobStatus};
+use warren::api::RabbitMigration;
+use warren::controller::migration::{build_job, phase};
+
+fn example() -> RabbitMigration {
+    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/examples/migration.yaml")).unwrap();
+    let mut migration: RabbitMigration = serde_yaml::from_str(&text).unwrap();
+    migration.metadata.namespace = Some("shop".into());
+    migration.metadata.uid = Some("6f1c1c1e-0000-4000-8000-00000000feed".into());
+    migration
+}
+
+#[test]
+fn the_job_runs_warren_migrate_with_credentials_only_from_secrets() {
+    let job = build_job(&example(), "warren:test", "cluster.local").expect("job");
+    assert_eq!(job.metadata.name.as_deref(), Some("from-legacy-migrate"));
+    let owner = &job.metadata.owner_references.as_ref().unwrap()[0];
+    assert_eq!(
+        (owner.kind.as_str(), owner.name.as_str(), owner.controller),
+        ("RabbitMigration", "from-legacy", Some(true))
+    );
+    let spec = job.spec.unwrap();
+    assert_eq!(spec.backoff_limit, Some(4));
+    let pod = spec.template.spec.unwrap();
+    assert_eq!(pod.restart_policy.as_deref(), Some("Never"));
+    assert_eq!(pod.automount_service_account_token, Some(false));
+    assert_eq!(pod.security_context.as_ref().and_then(|s| s.run_as_non_root), Some(true));
+    let container = &pod.containers[0];
+    assert_eq!(container.image.as_deref(), Some("warren:test"));
+    assert_eq!(container.args.clone().unwrap(), ["migrate", "--wait-for-consumers", "10m", "--convert-to-quorum"]);
+    let env = container.env.clone().unwrap();
+    let value = |name: &str| env.iter().find(|e| e.name == name).and_then(|e| e.value.clone());
+    let secret = |name: &str| {
+        env.iter()
+            .find(|e| e.name == name)
+            .and_then(|e| e.value_from.as_ref()?.secret_key_ref.as_ref())
+            .map(|s| (s.name.clone(), s.key.clone()))
+    };
+    assert_eq!(value("WARREN_SOURCE_URI").as_deref(), Some("amqp://rabbitmq.legacy.svc.cluster.local:5672/"));
+    assert_eq!(value("WARREN_SOURCE_API").as_deref(), Some("http://rabbitmq.legacy.svc.cluster.local:15672"));
+    assert_eq!(secret("WARREN_SOURCE_USERNAME"), Some(("old-rabbitmq-credentials".into(), "username".into())));
+    assert_eq!(secret("WARREN_SOURCE_PASSWORD"), Some(("old-rabbitmq-credentials".into(), "password".into())));
+    assert_eq!(value("WARREN_TARGET_URI").as_deref(), Some("amqp://demo.shop.svc.cluster.local:5672/"));
+    assert_eq!(secret("WARREN_TARGET_PASSWORD"), Some(("demo-default-user".into(), "password".into())));
+    assert!(env.iter().filter(|e| e.name.ends_with("PASSWORD")).all(|e| e.value.is_none()), "a password in plain text");
+}
+
+#[test]
+fn an_endpoint_without_credentials_is_refused() {
+    let mut migration = example();
+    migration.spec.source.credentials_secret = None;
+    let error = build_job(&migration, "warren:test", "cluster.local").expect_err("refused");
+    assert_eq!(error.reason(), "InvalidSpec");
+    assert!(error.to_string().contains("source"), "{error}");
+}
+
+#[test]
+fn the_phase_follows_the_job() {
+    let job = |status: JobStatus| Job { status: Some(status), ..Default::default() };
+    let condition = |type_: &str| JobCondition { type_: type_.into(), status: "True".into(), ..Default::default() };
+    assert_eq!(phase(&Job::default()), "Pending");
+    assert_eq!(phase(&job(JobStatus { active: Some(1), ..Default::default() })), "Running");
+    assert_eq!(
+        phase(&job(JobStatus { conditions: Some(vec![condition("Complete")]), ..Default::default() })),
+        "Succeeded"
+    );
+    assert_eq!(phase(&job(JobStatus { conditions: Some(vec![condition("Failed")]), ..Default::default() })), "Failed");
+}
