@@ -8,6 +8,8 @@ use serde::{Deserialize, Serialize};
 /// `warren migrate` as a Job (credentials from Secrets, as environment variables) and reflects the
 /// Job in status. Deleting the resource stops the Job; creating it again resumes safely, since a
 /// message leaves the source only after the target confirmed it.
+// Clippy reads the repeated `type_ = "string"` of the print columns as duplicated attributes.
+#[allow(clippy::duplicated_attributes)]
 #[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
 #[kube(
     group = "warren.dev",
