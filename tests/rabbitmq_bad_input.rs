@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use kube::runtime::controller::Action;
 use support::fixture;
-use support::rabbit_nodes::NodeCluster;
+use support::rabbit_nodes::{NodeCluster, THREE_NODES};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use warren::api::RabbitCluster;
 use warren::controller::validate::{Settings, validate};
@@ -18,15 +18,6 @@ use warren::error::Error;
 use warren::rabbitmq::broker;
 use warren::rabbitmq::management::ManagementClient;
 use warren::server::Metrics;
-
-const CLUSTER: &str = "
-apiVersion: warren.dev/v1alpha1
-kind: RabbitCluster
-metadata: {name: demo}
-spec:
-  replicas: 3
-  image: rabbitmq:3.10.8-management
-";
 
 /// Mirrors queues whose names contain an em dash. A valid regular expression for the operator, but
 /// Erlang's `re` compiles policy patterns in Latin-1 mode, where `\x{2014}` is out of range.
@@ -76,7 +67,7 @@ async fn scripted_server(answer: Option<(&'static str, &'static str)>) -> String
 
 #[tokio::test]
 async fn broker_errors_are_reported_and_retried_with_backoff() {
-    let nodes = NodeCluster::started(CLUSTER).await;
+    let nodes = NodeCluster::started(THREE_NODES).await;
     let expected = nodes.names(&[0, 1, 2]);
     let (user, password) = (&nodes.credentials.username, &nodes.credentials.password);
     let mut errors = Vec::new();

@@ -8,17 +8,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use support::amqp;
-use support::rabbit_nodes::{BOOT, NodeCluster, node_list, wait_for};
-
-/// A 3-node 3.10 cluster as a user would write it: Auto HA (classic mirroring on 3.x), pause_minority.
-const CLUSTER: &str = "
-apiVersion: warren.dev/v1alpha1
-kind: RabbitCluster
-metadata: {name: demo}
-spec:
-  replicas: 3
-  image: rabbitmq:3.10.8-management
-";
+use support::rabbit_nodes::{BOOT, NodeCluster, THREE_NODES, node_list, wait_for};
 
 /// Every id in `ids` consumed exactly once, nothing else.
 fn assert_exactly_once(seen: &BTreeMap<u32, u32>, ids: impl Iterator<Item = u32>) {
@@ -36,10 +26,10 @@ fn assert_exactly_once(seen: &BTreeMap<u32, u32>, ids: impl Iterator<Item = u32>
 
 #[tokio::test]
 async fn three_nodes_form_one_cluster_and_mirror_queues() {
-    let mut nodes = NodeCluster::create(CLUSTER).await;
+    let mut nodes = NodeCluster::create(THREE_NODES).await;
     nodes.start_all();
     nodes.wait_formed(BOOT).await;
-    let status = nodes.nodes[2].cluster_status().expect("cluster_status");
+    let status = nodes.nodes[2].cluster_status().await.expect("cluster_status");
     assert_eq!(node_list(&status["disk_nodes"]), nodes.names(&[0, 1, 2]), "cluster_status on node 2: {status}");
 
     let observed = nodes.converge(0).await.expect("broker reconcile");
@@ -64,7 +54,7 @@ async fn three_nodes_form_one_cluster_and_mirror_queues() {
 
 #[tokio::test]
 async fn losing_the_master_node_loses_no_confirmed_message() {
-    let mut nodes = NodeCluster::started(CLUSTER).await;
+    let mut nodes = NodeCluster::started(THREE_NODES).await;
     nodes.declare_mirrored_queue(0, "orders", &[1, 2]).await;
     // Published through node 1, whose connection survives the loss of node 0.
     let url = nodes.nodes[1].amqp_url(&nodes.credentials);
@@ -93,7 +83,7 @@ async fn losing_the_master_node_loses_no_confirmed_message() {
 
 #[tokio::test]
 async fn a_full_restart_in_any_order_keeps_cluster_and_messages() {
-    let mut nodes = NodeCluster::started(CLUSTER).await;
+    let mut nodes = NodeCluster::started(THREE_NODES).await;
     nodes.declare_mirrored_queue(0, "durable", &[1, 2]).await;
     let url = nodes.nodes[0].amqp_url(&nodes.credentials);
     let (confirmed, error) = amqp::publish(&url, "durable", 0..1_000, 200).await;
@@ -104,7 +94,7 @@ async fn a_full_restart_in_any_order_keeps_cluster_and_messages() {
     // Back in the reverse order: the last to start was the first to stop.
     nodes.start(&[2, 1, 0]);
     nodes.wait_formed(BOOT).await;
-    let status = nodes.nodes[1].cluster_status().expect("cluster_status");
+    let status = nodes.nodes[1].cluster_status().await.expect("cluster_status");
     assert_eq!(node_list(&status["running_nodes"]), nodes.names(&[0, 1, 2]), "{status}");
     let seen = amqp::drain(&nodes.nodes[2].amqp_url(&nodes.credentials), "durable", 1_000, Duration::from_secs(15))
         .await
@@ -114,7 +104,7 @@ async fn a_full_restart_in_any_order_keeps_cluster_and_messages() {
 
 #[tokio::test]
 async fn a_node_that_lost_its_volume_rejoins_by_itself() {
-    let mut nodes = NodeCluster::started(CLUSTER).await;
+    let mut nodes = NodeCluster::started(THREE_NODES).await;
     nodes.declare_mirrored_queue(0, "kept", &[1, 2]).await;
     let url = nodes.nodes[0].amqp_url(&nodes.credentials);
     let (confirmed, error) = amqp::publish(&url, "kept", 0..500, 100).await;

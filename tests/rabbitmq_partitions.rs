@@ -30,11 +30,13 @@ spec:
 
 /// What node `index` itself reports about its peers, through its own management API (reachable
 /// only from inside its network while it is cut off).
-fn own_view(nodes: &NodeCluster, index: usize, path: &str) -> Result<serde_json::Value, String> {
-    let out = nodes.nodes[index].sh(
-        "curl -fsS --max-time 10 -u \"$U:$P\" \"http://127.0.0.1:15672$API_PATH\"",
-        &[("U", &nodes.credentials.username), ("P", &nodes.credentials.password), ("API_PATH", path)],
-    );
+async fn own_view(nodes: &NodeCluster, index: usize, path: &str) -> Result<serde_json::Value, String> {
+    let out = nodes.nodes[index]
+        .sh(
+            "curl -fsS --max-time 10 -u \"$U:$P\" \"http://127.0.0.1:15672$API_PATH\"",
+            &[("U", &nodes.credentials.username), ("P", &nodes.credentials.password), ("API_PATH", path)],
+        )
+        .await;
     if !out.status.success() {
         return Err(String::from_utf8_lossy(&out.stderr).into_owned());
     }
@@ -52,7 +54,11 @@ async fn pause_minority_pauses_the_cut_off_node_and_loses_nothing() {
     nodes.nodes[2].set_link(false);
     wait_for("node 2 paused (its AMQP listener closed)", Duration::from_secs(90), || async {
         let node = &nodes.nodes[2];
-        if !node.serves_amqp() && !node.app_running() { Ok(()) } else { Err("node 2 still serves AMQP".into()) }
+        if !node.serves_amqp().await && !node.app_running().await {
+            Ok(())
+        } else {
+            Err("node 2 still serves AMQP".into())
+        }
     })
     .await;
     let (during, error) = amqp::publish(&url, "payments", 500..1_500, 100).await;
@@ -108,7 +114,7 @@ async fn with_ignore_both_sides_of_a_partition_accept_writes() {
             .into_iter()
             .flatten()
             .any(|n| n["name"] == nodes.nodes[2].name.as_str() && n["running"] == false);
-        let minority = own_view(&nodes, 2, "/api/queues/%2F/split")?;
+        let minority = own_view(&nodes, 2, "/api/queues/%2F/split").await?;
         if node2_down && minority["node"] == nodes.nodes[2].name.as_str() {
             Ok(())
         } else {
@@ -116,7 +122,10 @@ async fn with_ignore_both_sides_of_a_partition_accept_writes() {
         }
     })
     .await;
-    assert!(nodes.nodes[2].serves_amqp() && nodes.nodes[2].app_running(), "with ignore the cut-off node keeps running");
+    assert!(
+        nodes.nodes[2].serves_amqp().await && nodes.nodes[2].app_running().await,
+        "with ignore the cut-off node keeps running"
+    );
 
     let (majority_side, error) = amqp::publish(&nodes.nodes[0].amqp_url(&nodes.credentials), "split", 0..100, 50).await;
     assert_eq!((majority_side.len(), error), (100, None));
@@ -126,7 +135,8 @@ async fn with_ignore_both_sides_of_a_partition_accept_writes() {
          http://127.0.0.1:15672/api/exchanges/%2F/amq.default/publish \
          -d '{\"properties\":{\"delivery_mode\":2},\"routing_key\":\"split\",\"payload\":\"minority\",\"payload_encoding\":\"string\"}'",
         &[("U", &nodes.credentials.username), ("P", &nodes.credentials.password)],
-    );
+    )
+    .await;
     assert!(String::from_utf8_lossy(&routed.stdout).contains("\"routed\":true"), "{routed:?}");
     // Queue statistics follow a few seconds behind.
     let majority_queue = wait_for("the majority's copy counts its 100 messages", Duration::from_secs(30), || async {
@@ -135,7 +145,7 @@ async fn with_ignore_both_sides_of_a_partition_accept_writes() {
     })
     .await;
     let minority_queue = wait_for("node 2's copy counts its message", Duration::from_secs(30), || async {
-        let q = own_view(&nodes, 2, "/api/queues/%2F/split")?;
+        let q = own_view(&nodes, 2, "/api/queues/%2F/split").await?;
         if q["messages"] == 1 { Ok(q) } else { Err(q.to_string()) }
     })
     .await;

@@ -10,17 +10,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use support::amqp;
-use support::rabbit_nodes::{BOOT, NodeCluster};
+use support::rabbit_nodes::{BOOT, NodeCluster, THREE_NODES};
 use tokio::sync::Mutex;
 
-const CLUSTER: &str = "
-apiVersion: warren.dev/v1alpha1
-kind: RabbitCluster
-metadata: {name: demo}
-spec:
-  replicas: 3
-  image: rabbitmq:3.10.8-management
-";
 const QUEUE: &str = "rolling";
 
 /// Publishes batches of 100 until `stop`, starting on `urls[0]` and moving on when a node fails;
@@ -65,7 +57,7 @@ async fn consumer(urls: Vec<String>, seen: Arc<Mutex<BTreeMap<u32, u32>>>, stop:
 
 #[tokio::test]
 async fn a_rolling_restart_through_pre_stop_loses_no_confirmed_message() {
-    let mut nodes = NodeCluster::started(CLUSTER).await;
+    let mut nodes = NodeCluster::started(THREE_NODES).await;
     nodes.declare_mirrored_queue(1, QUEUE, &[0, 2]).await;
     let url = |i: usize| nodes.nodes[i].amqp_url(&nodes.credentials);
     // The publisher starts on node 0 and the consumer on node 2: both see their node restart.

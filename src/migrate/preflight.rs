@@ -52,10 +52,10 @@ async fn get(api: &ManagementClient, side: &str, path: &str) -> Result<Value, Mi
         .ok_or_else(|| fail("BrokerBadResponse", format!("{side}: GET {path}: not found")))
 }
 
-/// Queues whose messages consumers hold unacknowledged: `(vhost/queue, held, consumers)`.
-async fn held_by_consumers(api: &ManagementClient, options: &Options) -> Result<Vec<(String, u64, u64)>, MigrateError> {
-    let queues = get(api, "source", "/api/queues").await?;
-    Ok(queues
+/// Queues (of `GET /api/queues`) whose messages consumers hold unacknowledged:
+/// `(vhost/queue, held, consumers)`.
+fn held_by_consumers(queues: &Value, options: &Options) -> Vec<(String, u64, u64)> {
+    queues
         .as_array()
         .into_iter()
         .flatten()
@@ -70,7 +70,7 @@ async fn held_by_consumers(api: &ManagementClient, options: &Options) -> Result<
                 )
             })
         })
-        .collect())
+        .collect()
 }
 
 fn selected(options: &Options, queue: &Value) -> bool {
@@ -91,19 +91,22 @@ pub async fn run(
 
     // Celery keeps eta/countdown tasks unacknowledged until they are due: those messages cannot
     // be moved while a worker holds them, and would be redelivered on the old cluster later.
-    let mut held = held_by_consumers(source, options).await?;
+    let mut source_queues = get(source, "source", "/api/queues").await?;
+    let mut held = held_by_consumers(&source_queues, options);
     if !held.is_empty() && !options.force {
         // Queue statistics are refreshed every 5 s: a consumer that just went away (a migrator
         // killed a moment ago, say) still shows. Only what a fresh sample confirms is held.
         tokio::time::sleep(STATISTICS_INTERVAL).await;
-        held = held_by_consumers(source, options).await?;
+        source_queues = get(source, "source", "/api/queues").await?;
+        held = held_by_consumers(&source_queues, options);
     }
     if !held.is_empty() && !options.force {
         if let Some(limit) = options.wait_for_consumers {
             let deadline = tokio::time::Instant::now() + limit;
             while !held.is_empty() && tokio::time::Instant::now() < deadline {
                 tokio::time::sleep(Duration::from_secs(2)).await;
-                held = held_by_consumers(source, options).await?;
+                source_queues = get(source, "source", "/api/queues").await?;
+                held = held_by_consumers(&source_queues, options);
             }
         }
         if !held.is_empty() {
@@ -143,7 +146,7 @@ pub async fn run(
         }
     }
 
-    let source_queues = get(source, "source", "/api/queues").await?;
+    // The queues to move: those the converted definitions kept (selected vhosts and names).
     let wanted: Vec<(String, String)> = definitions["queues"]
         .as_array()
         .into_iter()
@@ -154,7 +157,6 @@ pub async fn run(
         .as_array()
         .into_iter()
         .flatten()
-        .filter(|q| selected(options, q))
         .filter(|q| wanted.iter().any(|(v, n)| q["vhost"] == v.as_str() && q["name"] == n.as_str()))
         .map(|q| QueuePlan {
             vhost: q["vhost"].as_str().unwrap_or("/").to_string(),

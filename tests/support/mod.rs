@@ -6,6 +6,7 @@ pub mod amqp;
 pub mod kube_mock;
 pub mod management_fake;
 pub mod rabbit_nodes;
+pub mod wait;
 
 use warren::api::RabbitCluster;
 

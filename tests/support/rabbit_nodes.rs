@@ -22,6 +22,8 @@ use warren::api::RabbitCluster;
 use warren::controller::build::{self, Credentials};
 use warren::controller::validate::{Settings, ValidatedCluster, validate};
 
+pub use super::wait::wait_for;
+
 const RABBITMQ_BIN: &str = "/usr/lib/rabbitmq/bin";
 const NAMESPACE: &str = "harness";
 /// Where the pod mounts each volume, and the node directory that plays it.
@@ -43,25 +45,6 @@ fn run(program: &str, args: &[&str]) -> Output {
 fn must(program: &str, args: &[&str]) {
     let out = run(program, args);
     assert!(out.status.success(), "{program} {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr));
-}
-
-/// Polls `probe` every 500 ms until it returns `Ok`, or panics after `limit` with `what` and what
-/// the probe saw last.
-pub async fn wait_for<T, F, Fut>(what: &str, limit: Duration, mut probe: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<T, String>>,
-{
-    let deadline = tokio::time::Instant::now() + limit;
-    loop {
-        match probe().await {
-            Ok(value) => return value,
-            Err(last) if tokio::time::Instant::now() >= deadline => {
-                panic!("{what} after {} s: {last}", limit.as_secs())
-            }
-            Err(_) => tokio::time::sleep(Duration::from_millis(500)).await,
-        }
-    }
 }
 
 /// One node: pod `<sts>-<index>`.
@@ -109,32 +92,36 @@ impl Node {
         command
     }
 
+    /// Runs a command of `exec` to completion without blocking the runtime: publishers and
+    /// consumers of the same test keep running while rabbitmqctl or a hook takes its time.
+    async fn output(&self, command: Command, what: &str) -> Output {
+        tokio::process::Command::from(command).output().await.unwrap_or_else(|e| panic!("{what}: {e}"))
+    }
+
     /// A shell command inside the node's namespace (sees only what the pod would), with `vars`.
-    pub fn sh(&self, script: &str, vars: &[(&str, &str)]) -> Output {
-        self.exec("/bin/bash", &["-c", script])
-            .envs(vars.iter().copied())
-            .output()
-            .expect("bash in the node's namespace")
+    pub async fn sh(&self, script: &str, vars: &[(&str, &str)]) -> Output {
+        let mut command = self.exec("/bin/bash", &["-c", script]);
+        command.envs(vars.iter().copied());
+        self.output(command, "bash in the node's namespace").await
     }
 
     /// Whether a client inside the pod's network reaches the node's AMQP listener.
-    pub fn serves_amqp(&self) -> bool {
-        self.sh("exec 3<>/dev/tcp/127.0.0.1/5672", &[]).status.success()
+    pub async fn serves_amqp(&self) -> bool {
+        self.sh("exec 3<>/dev/tcp/127.0.0.1/5672", &[]).await.status.success()
     }
 
     /// `rabbitmqctl <args>` against this node, run inside its namespace.
-    pub fn rabbitmqctl(&self, args: &[&str]) -> Output {
+    pub async fn rabbitmqctl(&self, args: &[&str]) -> Output {
         let mut full = vec!["-n", &self.name];
         full.extend_from_slice(args);
-        self.exec(&format!("{RABBITMQ_BIN}/rabbitmqctl"), &full)
-            .env("HOME", self.dir.join("ctl-home"))
-            .output()
-            .expect("rabbitmqctl")
+        let mut command = self.exec(&format!("{RABBITMQ_BIN}/rabbitmqctl"), &full);
+        command.env("HOME", self.dir.join("ctl-home"));
+        self.output(command, "rabbitmqctl").await
     }
 
     /// What `rabbitmqctl cluster_status` reports, as JSON (Err with its output when it fails).
-    pub fn cluster_status(&self) -> Result<serde_json::Value, String> {
-        let out = self.rabbitmqctl(&["-q", "cluster_status", "--formatter", "json"]);
+    pub async fn cluster_status(&self) -> Result<serde_json::Value, String> {
+        let out = self.rabbitmqctl(&["-q", "cluster_status", "--formatter", "json"]).await;
         if !out.status.success() {
             return Err(format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)));
         }
@@ -142,14 +129,14 @@ impl Node {
     }
 
     /// Whether the RabbitMQ application runs on this node (a paused node answers "not running").
-    pub fn app_running(&self) -> bool {
-        self.rabbitmqctl(&["-q", "eval", "rabbit:is_running()."]).stdout.starts_with(b"true")
+    pub async fn app_running(&self) -> bool {
+        self.rabbitmqctl(&["-q", "eval", "rabbit:is_running()."]).await.stdout.starts_with(b"true")
     }
 
     /// The pod's readiness probe (ready.sh from the ConfigMap).
-    pub fn ready(&self) -> bool {
+    pub async fn ready(&self) -> bool {
         let script = self.dir.join("config/ready.sh");
-        self.exec("/bin/bash", &[&script.to_string_lossy()]).status().is_ok_and(|s| s.success())
+        self.output(self.exec("/bin/bash", &[&script.to_string_lossy()]), "ready.sh").await.status.success()
     }
 
     pub fn is_started(&self) -> bool {
@@ -221,7 +208,7 @@ impl Node {
     /// container's main process, then SIGKILL after the grace period.
     pub async fn stop_gracefully(&mut self, grace: Duration) {
         let script = self.dir.join("config/pre-stop.sh");
-        let hook = self.exec("/bin/bash", &[&script.to_string_lossy()]).output().expect("pre-stop.sh");
+        let hook = self.output(self.exec("/bin/bash", &[&script.to_string_lossy()]), "pre-stop.sh").await;
         let hook_output = String::from_utf8_lossy(&hook.stderr).into_owned();
         let pid = self.process.lock().unwrap().as_ref().map(|c| c.id());
         if let Some(pid) = pid {
@@ -432,18 +419,14 @@ impl NodeCluster {
             if let Some(status) = node.exited() {
                 panic!("node {index}: bootstrap.sh exited ({status}); console:\n{}", node.console_tail());
             }
-            let status = node.cluster_status()?;
-            let running: Vec<String> = status["running_nodes"]
-                .as_array()
-                .map(|a| a.iter().filter_map(|v| v.as_str().map(str::to_string)).collect())
-                .unwrap_or_default();
+            let running = node_list(&node.cluster_status().await?["running_nodes"]);
             let all = expected.iter().all(|n| running.iter().any(|r| r == n));
-            if all && node.ready() {
+            let ready = node.ready().await;
+            if all && ready {
                 Ok(())
             } else {
                 Err(format!(
-                    "cluster_status running_nodes {running:?}, ready.sh {}\nconsole:\n{}",
-                    node.ready(),
+                    "cluster_status running_nodes {running:?}, ready.sh {ready}\nconsole:\n{}",
                     node.console_tail()
                 ))
             }
@@ -605,6 +588,16 @@ impl NodeCluster {
         names
     }
 }
+
+/// A 3-node 3.10 cluster as a user would write it: Auto HA (classic mirroring on 3.x), pause_minority.
+pub const THREE_NODES: &str = "
+apiVersion: warren.dev/v1alpha1
+kind: RabbitCluster
+metadata: {name: demo}
+spec:
+  replicas: 3
+  image: rabbitmq:3.10.8-management
+";
 
 /// Time for nodes to boot and (re)join; generous for two cores.
 pub const BOOT: Duration = Duration::from_secs(240);

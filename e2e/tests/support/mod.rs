@@ -8,10 +8,13 @@
 
 pub mod cluster;
 pub mod operator;
+#[path = "../../../tests/support/wait.rs"]
+mod wait;
+
+pub use wait::wait_for;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
-use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Namespace;
 use kube::api::PostParams;
@@ -112,25 +115,6 @@ impl Drop for TestNamespace {
         // kubectl rather than the client: this may run while the test's runtime unwinds, and the
         // client's connection pool lives on that runtime.
         let _ = kubectl(&["delete", "namespace", &self.name, "--wait=false"]);
-    }
-}
-
-/// Polls `probe` every 200 ms until it returns `Ok`, or panics after `limit` with `what` and the
-/// last thing the probe saw.
-pub async fn wait_for<T, F, Fut>(what: &str, limit: Duration, mut probe: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<T, String>>,
-{
-    let deadline = tokio::time::Instant::now() + limit;
-    loop {
-        match probe().await {
-            Ok(value) => return value,
-            Err(last) if tokio::time::Instant::now() >= deadline => {
-                panic!("{what}: not after {} s; last seen: {last}", limit.as_secs())
-            }
-            Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
-        }
     }
 }
 

@@ -1,0 +1,22 @@
+//! Bounded waiting on real systems, shared by the tier-2 harness and the e2e tests.
+
+use std::time::Duration;
+
+/// Polls `probe` every 250 ms until it returns `Ok`, or panics after `limit` with `what` and the
+/// last thing the probe saw.
+pub async fn wait_for<T, F, Fut>(what: &str, limit: Duration, mut probe: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, String>>,
+{
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        match probe().await {
+            Ok(value) => return value,
+            Err(last) if tokio::time::Instant::now() >= deadline => {
+                panic!("waited {} s for {what}; last seen: {last}", limit.as_secs())
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(250)).await,
+        }
+    }
+}
