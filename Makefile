@@ -10,10 +10,10 @@ WARREN := $(CARGO_TARGET_DIR)/debug/warren
 include e2e/versions.env
 HELM := $(CACHE_DIR)/bin/helm-$(HELM_VERSION)/helm
 
-.PHONY: test unit e2e bench deps control-plane build crds render fmt lint up down
+.PHONY: test unit e2e bench deps control-plane node build crds render fmt lint up down
 
 ## test: every tier: pure builders and mocked API server, real RabbitMQ nodes (tests/rabbitmq_*.rs),
-## then the real control plane.
+## the real control plane, then a real node running RabbitMQ pods.
 test: unit e2e
 
 unit: deps
@@ -21,11 +21,14 @@ unit: deps
 	$(CARGO) test --locked --all-targets
 
 ## e2e: tests on a local control plane (etcd, kube-apiserver, kube-controller-manager built from
-## their Go modules on first use), started for the run and removed after it.
-e2e: deps control-plane
+## their Go modules on first use), then on a local cluster with a real node (kubelet, kube-proxy,
+## containerd, CoreDNS, images built here); each started for its run and removed after it.
+e2e: deps control-plane node
 	$(HELM) lint --strict charts/warren
 	$(HELM) lint --strict charts/warren --set watchNamespace=apps --set metrics.serviceMonitor.enabled=true
 	e2e/with-control-plane.sh $(CARGO) test --locked --features e2e --test e2e
+	$(CARGO) build --locked
+	e2e/with-cluster.sh $(CARGO) test --locked --features e2e --test e2e_node -- --test-threads=1
 
 ## bench: prints figures: `warren migrate` vs the Shovel plugin on the same brokers; the operator
 ## watching 200 RabbitClusters (time to apply, memory, CPU).
@@ -34,11 +37,14 @@ bench: deps control-plane
 	e2e/with-control-plane.sh $(CARGO) bench --locked --features e2e --bench controller_scale
 
 ## deps: what the tests need from Debian besides Rust and Go: RabbitMQ nodes for tier 2 (its
-## service is not started: the tests run their own nodes), tools for the control plane.
+## service is not started: the tests run their own nodes), tools for the control plane, and the
+## node's runtime (containerd, runc, CNI plugins, iptables, conntrack) and image tools (debootstrap).
 deps:
 	@missing=""; for c in openssl:openssl curl:curl ss:iproute2 ip:iproute2 unshare:util-linux \
-	  /usr/lib/rabbitmq/bin/rabbitmq-server:rabbitmq-server; do \
-	  command -v $${c%%:*} > /dev/null || missing="$$missing $${c##*:}"; done; \
+	  /usr/lib/rabbitmq/bin/rabbitmq-server:rabbitmq-server containerd:containerd runc:runc \
+	  /usr/lib/cni/bridge:containernetworking-plugins iptables:iptables conntrack:conntrack \
+	  debootstrap:debootstrap strip:binutils /etc/ssl/certs/ca-certificates.crt:ca-certificates; do \
+	  { command -v $${c%%:*} || test -e $${c%%:*}; } > /dev/null || missing="$$missing $${c##*:}"; done; \
 	if [ -n "$$missing" ]; then \
 	  guard=""; if [ ! -e /usr/sbin/policy-rc.d ]; then \
 	    printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d && guard=1; fi; \
@@ -48,6 +54,10 @@ deps:
 
 control-plane:
 	e2e/build.sh
+
+## node: kube-scheduler, kubelet, kube-proxy (same module as the control plane) and CoreDNS.
+node:
+	e2e/build.sh node coredns
 
 build:
 	$(CARGO) build --locked
@@ -67,9 +77,9 @@ fmt:
 lint:
 	$(CARGO) clippy --locked --all-targets --features e2e,benchmarks -- -D warnings
 
-## up: a local control plane with the chart installed, the operator running with the chart's
-## ServiceAccount, and examples/basic.yaml applied. `make down` stops it.
-up: deps control-plane build
+## up: a local cluster (control plane and a real node), the chart installed with the warren image
+## built here, and examples/basic.yaml running as three RabbitMQ pods. `make down` stops it.
+up: deps control-plane node build
 	e2e/up.sh
 
 down:

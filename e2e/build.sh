@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Builds etcd, kube-apiserver, kube-controller-manager and helm from their Go modules into a cache
-# keyed by version. Idempotent: a component whose binary is already cached is not rebuilt.
-# Usage: e2e/build.sh [etcd|kubernetes|helm]...   (default: all)
+# Builds etcd, the Kubernetes control plane (kube-apiserver, kube-controller-manager), the node
+# (kube-scheduler, kubelet, kube-proxy), CoreDNS and helm from their Go modules into a cache keyed by
+# version. Idempotent: a component whose binaries are already cached is not rebuilt.
+# Usage: e2e/build.sh [etcd|kubernetes|node|coredns|helm]...   (default: etcd helm kubernetes)
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 # shellcheck source=e2e/versions.env
@@ -32,10 +33,12 @@ MOD
     mv "$out/etcd.tmp" "$out/etcd")
 }
 
-build_kubernetes() {
-  local out=$cache/bin/kubernetes-$KUBERNETES_VERSION
-  [[ -x $out/kube-apiserver && -x $out/kube-controller-manager ]] && return 0
-  log "kubernetes $KUBERNETES_VERSION"
+# build_k8s_commands CMD...: builds the named k8s.io/kubernetes commands not yet in the cache.
+build_k8s_commands() {
+  local out=$cache/bin/kubernetes-$KUBERNETES_VERSION cmd missing=()
+  for cmd in "$@"; do [[ -x $out/$cmd ]] || missing+=("$cmd"); done
+  [[ ${#missing[@]} -gt 0 ]] || return 0
+  log "kubernetes $KUBERNETES_VERSION: ${missing[*]}"
   local mod=$cache/src/kubernetes-$KUBERNETES_VERSION
   mkdir -p "$mod" "$out"
   local staging=v0.${KUBERNETES_VERSION#v1.}
@@ -54,8 +57,9 @@ build_kubernetes() {
     echo "require k8s.io/kubernetes $KUBERNETES_VERSION"
     echo
     echo "tool ("
-    echo "	k8s.io/kubernetes/cmd/kube-apiserver"
-    echo "	k8s.io/kubernetes/cmd/kube-controller-manager"
+    for cmd in kube-apiserver kube-controller-manager kube-scheduler kubelet kube-proxy; do
+      printf '\tk8s.io/kubernetes/cmd/%s\n' "$cmd"
+    done
     echo ")"
     echo
     echo "replace ("
@@ -71,11 +75,22 @@ build_kubernetes() {
     ld+=" -X $pkg.buildDate=1970-01-01T00:00:00Z"
   done
   (cd "$mod" && go mod tidy &&
-    for cmd in kube-apiserver kube-controller-manager; do
+    for cmd in "${missing[@]}"; do
       log "  $cmd"
       go build -trimpath -tags selinux,notest -ldflags "$ld" -o "$out/$cmd.tmp" "k8s.io/kubernetes/cmd/$cmd"
       mv "$out/$cmd.tmp" "$out/$cmd"
     done)
+}
+
+build_kubernetes() { build_k8s_commands kube-apiserver kube-controller-manager; }
+build_node() { build_k8s_commands kube-scheduler kubelet kube-proxy; }
+
+build_coredns() {
+  local out=$cache/bin/coredns-$COREDNS_VERSION
+  [[ -x $out/coredns ]] && return 0
+  log "coredns $COREDNS_VERSION"
+  mkdir -p "$out"
+  GOBIN=$out go install -trimpath -ldflags "-s -w" "github.com/coredns/coredns@$COREDNS_VERSION"
 }
 
 build_helm() {

@@ -53,6 +53,9 @@ make_pki() {
     issue admin "/O=system:masters/CN=warren-e2e-admin" "keyUsage=digitalSignature\nextendedKeyUsage=clientAuth\n"
     issue controller-manager /CN=system:kube-controller-manager \
       "keyUsage=digitalSignature\nextendedKeyUsage=clientAuth\n"
+    # How the API server authenticates to kubelets (logs, exec) once e2e/node.sh adds a node.
+    issue kubelet-client "/O=system:masters/CN=kube-apiserver-kubelet-client" \
+      "keyUsage=digitalSignature\nextendedKeyUsage=clientAuth\n"
     # Service-account tokens are signed with this key pair (TokenRequest, the SA controller).
     openssl genpkey -algorithm RSA -pkeyopt rsa_keygen_bits:2048 -out sa.key 2>/dev/null
     openssl pkey -in sa.key -pubout -out sa.pub
@@ -123,6 +126,8 @@ start() {
     --service-account-issuer https://kubernetes.default.svc.cluster.local \
     --service-account-key-file "$pki/sa.pub" --service-account-signing-key-file "$pki/sa.key" \
     --audit-policy-file "$dir/audit-policy.yaml" --audit-log-path "$dir/audit.log" --audit-log-format json \
+    --kubelet-preferred-address-types InternalIP \
+    --kubelet-client-certificate "$pki/kubelet-client.crt" --kubelet-client-key "$pki/kubelet-client.key" \
     --allow-privileged=true --profiling=false --v=1
   local server=https://$advertise:$api_port
   kubeconfig "$dir/admin.kubeconfig" "$server" warren-e2e-admin "$pki/admin.crt" "$pki/admin.key" "$pki"

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# `make up`: a local control plane in $WARREN_CACHE/up, the chart installed, the operator running
-# here with the chart's ServiceAccount token, and examples/basic.yaml applied. `make down` stops it.
+# `make up`: a local cluster in $WARREN_CACHE/up (control plane and one real node, e2e/cluster.sh),
+# the chart installed with the locally built warren image, and examples/basic.yaml running as three
+# RabbitMQ pods. `make down` stops it all.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(dirname "$here")
@@ -8,45 +9,48 @@ repo=$(dirname "$here")
 source "$here/versions.env"
 cache=${WARREN_CACHE:-$HOME/.cache/warren}
 helm=$cache/bin/helm-$HELM_VERSION/helm
-warren=${CARGO_TARGET_DIR:-$cache/target}/debug/warren
 dir=$cache/up
+export WARREN_NODE_NAME=warren-up WARREN_NODE_SUBNET=10.244.1 WARREN_NODE_PORT=10251
+step() { printf '[up %s] %s\n' "$(date +%T)" "$*" >&2; }
 
 [[ -d $dir ]] && "$here/down.sh"
-"$here/control-plane.sh" start "$dir" > /dev/null
+"$here/build.sh" etcd helm kubernetes node coredns
+step "cluster: control plane and node"
+"$here/cluster.sh" start "$dir" > /dev/null
 export KUBECONFIG=$dir/admin.kubeconfig
 
-"$helm" install warren "$repo/charts/warren" -n warren-system --create-namespace > /dev/null
-token=$(kubectl create token warren -n warren-system --duration 24h)
-cat > "$dir/operator.kubeconfig" <<KC
-apiVersion: v1
-kind: Config
-clusters:
-- name: warren-up
-  cluster: {server: $(cat "$dir/server"), certificate-authority: $dir/pki/ca.crt}
-users:
-- name: warren
-  user: {token: $token}
-contexts:
-- name: warren-up
-  context: {cluster: warren-up, user: warren}
-current-context: warren-up
-KC
-chmod 600 "$dir/operator.kubeconfig"
-port=$((20000 + RANDOM % 20000))
-KUBECONFIG=$dir/operator.kubeconfig WARREN_LISTEN=127.0.0.1:$port \
-  "$warren" run > "$dir/logs/warren.log" 2>&1 &
-echo $! > "$dir/pids/warren"
+step "helm install charts/warren (image $WARREN_IMAGE)"
+"$helm" install warren "$repo/charts/warren" -n warren-system --create-namespace \
+  --set image.repository="${WARREN_IMAGE%:*}" --set image.tag="${WARREN_IMAGE##*:}" --set logFormat=text \
+  --wait --timeout 120s > /dev/null
 
-kubectl apply -f "$repo/examples/basic.yaml" > /dev/null
-kubectl wait rabbitcluster/demo --for=condition=ReconcileSuccess --timeout=60s > /dev/null
-kubectl get rabbitcluster demo -n default
-echo
-kubectl get statefulset,service,secret,configmap,poddisruptionbudget -n default -l app.kubernetes.io/instance=demo
+# examples/basic.yaml as is, but on the RabbitMQ image built here and with requests that fit three
+# pods on this machine's two cores (the example's defaults ask for one core each).
+step "kubectl apply examples/basic.yaml (image $RABBITMQ_IMAGE)"
+{
+  cat "$repo/examples/basic.yaml"
+  cat <<YAML
+  image: $RABBITMQ_IMAGE
+  resources:
+    requests: {cpu: 200m, memory: 512Mi}
+    limits: {memory: 1Gi}
+YAML
+} | kubectl apply -n default -f - > /dev/null
+step "waiting for RabbitCluster demo to be Ready"
+kubectl wait rabbitcluster/demo -n default --for=condition=Ready --timeout=300s > /dev/null
+kubectl get rabbitcluster,pods,pvc -n default -o wide
+ip=$(kubectl get service demo -n default -o jsonpath='{.spec.clusterIP}')
+user=$(kubectl get secret demo-default-user -n default -o jsonpath='{.data.username}' | base64 -d)
 cat <<MSG
 
-Warren is up: Kubernetes $KUBERNETES_VERSION on $(cat "$dir/server"), the operator (pid $(cat "$dir/pids/warren"))
-running with the chart's ServiceAccount, RabbitCluster demo applied (its pods stay Pending until a
-node runs them). Operator log: $dir/logs/warren.log   metrics: http://127.0.0.1:$port/metrics
+Warren is up: Kubernetes $KUBERNETES_VERSION (control plane $(cat "$dir/server"), node $WARREN_NODE_NAME),
+the operator running in the cluster (kubectl logs -n warren-system deploy/warren), and RabbitCluster
+demo: three RabbitMQ $RABBITMQ_VERSION pods, one cluster, Ready.
+
+From this machine, through the client Service:
+  AMQP        amqp://$user:<password>@$ip:5672/
+  management  http://$ip:15672/   (user $user)
+  password    kubectl get secret demo-default-user -o jsonpath='{.data.password}' | base64 -d
 Stop everything with: make down
 
 export KUBECONFIG=$dir/admin.kubeconfig

@@ -125,7 +125,7 @@ fn stateful_set_starts_in_parallel_keeps_volumes_and_runs_non_root() {
     assert_eq!(anti["podAffinityTerm"]["labelSelector"]["matchLabels"]["app.kubernetes.io/instance"], "demo");
 
     let volumes: Vec<&str> = pod["volumes"].as_array().unwrap().iter().map(|v| v["name"].as_str().unwrap()).collect();
-    assert_eq!(volumes, ["config", "rabbitmq-conf-d", "erlang-cookie", "tmp"]);
+    assert_eq!(volumes, ["config", "rabbitmq-conf-d", "erlang-cookie", "tmp", "log"]);
     let projected = &pod["volumes"][1]["projected"]["sources"];
     assert_eq!(projected[1]["secret"]["name"], "demo-default-user");
     assert_eq!(projected[1]["secret"]["items"][0]["key"], "default_user.conf");

@@ -101,7 +101,11 @@ impl ManagementClient {
             .map_err(|e| Error::Broker {
                 reason: "BrokerClientError",
                 what: base_url.to_string(),
-                message: e.to_string(),
+                // reqwest's own text is only "builder error": the cause is in its sources.
+                message: std::iter::successors(Some(&e as &dyn std::error::Error), |e| e.source())
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(": "),
             })?;
         Ok(Self {
             http,

@@ -27,12 +27,13 @@ pub use super::wait::wait_for;
 const RABBITMQ_BIN: &str = "/usr/lib/rabbitmq/bin";
 const NAMESPACE: &str = "harness";
 /// Where the pod mounts each volume, and the node directory that plays it.
-const MOUNTS: [(&str, &str); 5] = [
+const MOUNTS: [(&str, &str); 6] = [
     ("/var/lib/rabbitmq", "data"),
     ("/etc/warren/config", "config"),
     ("/etc/warren/cookie", "cookie"),
     ("/etc/rabbitmq/conf.d", "conf.d"),
     ("/tmp", "tmp"),
+    ("/var/log/rabbitmq", "log"),
 ];
 
 static ONE_AT_A_TIME: Mutex<()> = Mutex::const_new(());
@@ -150,7 +151,7 @@ impl Node {
 
     fn start(&mut self) {
         assert!(!self.is_started(), "node {} is running already", self.index);
-        for dir in ["data", "tmp", "ctl-home"] {
+        for dir in ["data", "tmp", "log", "ctl-home"] {
             std::fs::create_dir_all(self.dir.join(dir)).expect("node dirs");
         }
         let log = std::fs::OpenOptions::new().create(true).append(true).open(self.console_log()).expect("console log");
@@ -524,7 +525,6 @@ fn pod_environment(env: &[EnvVar], index: usize, sts: &str, node_dir: &Path) -> 
         // The image reads conf.d from /etc/rabbitmq/conf.d; here it is the node's own.
         ("RABBITMQ_CONFIG_FILES".to_string(), node_dir.join("conf.d").to_string_lossy().into_owned()),
         ("RABBITMQ_CONF_ENV_FILE".to_string(), node_dir.join("rabbitmq-env.conf").to_string_lossy().into_owned()),
-        ("RABBITMQ_LOG_BASE".to_string(), node_dir.join("log").to_string_lossy().into_owned()),
     ]);
     resolved
 }

@@ -28,6 +28,9 @@ const DATA_VOLUME: &str = "data";
 const DATA_DIR: &str = "/var/lib/rabbitmq";
 const CONFIG_DIR: &str = "/etc/warren/config";
 const COOKIE_DIR: &str = "/etc/warren/cookie";
+/// Logs go to the console, but RabbitMQ 3.x still writes its upgrade log and crash dumps here,
+/// and the root filesystem is read-only.
+const LOG_DIR: &str = "/var/log/rabbitmq";
 /// How long preStop may wait for mirrors and quorum queues, and the grace period around it.
 const PRE_STOP_TIMEOUT_SECONDS: i64 = 3000;
 const TERMINATION_GRACE_SECONDS: i64 = 3600;
@@ -74,6 +77,7 @@ fn environment(cluster: &ValidatedCluster) -> Vec<EnvVar> {
         env("RABBITMQ_MNESIA_BASE", format!("{DATA_DIR}/mnesia")),
         env("RABBITMQ_ENABLED_PLUGINS_FILE", format!("{CONFIG_DIR}/{ENABLED_PLUGINS_KEY}")),
         env("RABBITMQ_ADVANCED_CONFIG_FILE", format!("{CONFIG_DIR}/{ADVANCED_CONFIG_KEY}")),
+        env("RABBITMQ_LOG_BASE", LOG_DIR),
         env("HOME", DATA_DIR),
     ]
 }
@@ -128,6 +132,7 @@ fn volumes(cluster: &ValidatedCluster) -> Vec<Volume> {
             ..Default::default()
         },
         Volume { name: "tmp".into(), empty_dir: Some(EmptyDirVolumeSource::default()), ..Default::default() },
+        Volume { name: "log".into(), empty_dir: Some(EmptyDirVolumeSource::default()), ..Default::default() },
     ];
     if let Some(tls) = &cluster.tls {
         let secret_volume = |name: &str, secret: &str| Volume {
@@ -163,6 +168,7 @@ fn container(cluster: &ValidatedCluster) -> Container {
         mount("rabbitmq-conf-d", "/etc/rabbitmq/conf.d", true),
         mount("erlang-cookie", COOKIE_DIR, true),
         mount("tmp", "/tmp", false),
+        mount("log", LOG_DIR, false),
     ];
     if cluster.tls.is_some() {
         volume_mounts.push(mount("tls", TLS_DIR, true));

@@ -1,0 +1,140 @@
+#!/usr/bin/env bash
+# Container images for the local node, built here with no registry and no Docker engine:
+#   pause     Kubernetes' own build/pause/linux/pause.c, compiled static (the pod sandbox)
+#   rabbitmq  Debian bookworm (debootstrap) with Debian's rabbitmq-server, uid/gid 999 as in the
+#             official image, PATH on the server's own scripts (Debian's wrapper would drop to a user)
+#   warren    the warren binary and the shared libraries it links (the migration Job, the operator)
+# Each is written as a `docker save` archive, which `ctr images import` reads.
+#
+#   e2e/images.sh build           build what is missing; prints one `NAME=REF ARCHIVE` line per image
+#   e2e/images.sh import SOCKET   build, then import all of them into containerd's k8s.io namespace
+#
+# pause and rabbitmq are cached under $WARREN_CACHE/images keyed by version; warren is rebuilt
+# when the binary changed.
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+# shellcheck source=e2e/versions.env
+source "$here/versions.env"
+cache=${WARREN_CACHE:-$HOME/.cache/warren}
+images=$cache/images
+warren_bin=${WARREN_BINARY:-${CARGO_TARGET_DIR:-$cache/target}/debug/warren}
+mirror=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
+
+log() { printf '[images %s] %s\n' "$(date +%T)" "$*" >&2; }
+die() { log "$*"; exit 1; }
+
+# pack ROOTFS REF ARCHIVE CONFIG_JSON: one layer holding ROOTFS, as a `docker save` archive.
+pack() {
+  local rootfs=$1 ref=$2 archive=$3 config=$4 work
+  work=$(mktemp -d "$images/pack.XXXXXX")
+  tar --sort=name --mtime=@0 --numeric-owner --xattrs -C "$rootfs" -cf "$work/layer.tar" .
+  local diff_id
+  diff_id=$(sha256sum "$work/layer.tar" | cut -d' ' -f1)
+  mkdir "$work/$diff_id"
+  mv "$work/layer.tar" "$work/$diff_id/layer.tar"
+  printf '{"architecture":"amd64","os":"linux","config":%s,"rootfs":{"type":"layers","diff_ids":["sha256:%s"]}}' \
+    "$config" "$diff_id" > "$work/config.json"
+  local config_id
+  config_id=$(sha256sum "$work/config.json" | cut -d' ' -f1)
+  mv "$work/config.json" "$work/$config_id.json"
+  printf '[{"Config":"%s.json","RepoTags":["%s"],"Layers":["%s/layer.tar"]}]' \
+    "$config_id" "$ref" "$diff_id" > "$work/manifest.json"
+  tar --sort=name --mtime=@0 -C "$work" -cf "$archive.tmp" manifest.json "$config_id.json" "$diff_id"
+  mv "$archive.tmp" "$archive"
+  rm -rf "$work"
+}
+
+build_pause() {
+  local archive=$images/pause-$PAUSE_IMAGE_TAG.tar
+  [[ -f $archive ]] && return 0
+  log "pause $PAUSE_IMAGE_TAG from k8s.io/kubernetes@$KUBERNETES_VERSION build/pause/linux/pause.c"
+  local dir src
+  dir=$(GOTOOLCHAIN=local go mod download -json "k8s.io/kubernetes@$KUBERNETES_VERSION" |
+    sed -n 's/^[[:space:]]*"Dir": "\(.*\)",$/\1/p')
+  src=$dir/build/pause/linux/pause.c
+  [[ -f $src ]] || die "no $src"
+  local rootfs=$images/pause-rootfs
+  rm -rf "$rootfs" && mkdir -p "$rootfs"
+  gcc -Os -Wall -Werror -static -DVERSION="$PAUSE_IMAGE_TAG-warren" -o "$rootfs/pause" "$src"
+  strip "$rootfs/pause"
+  pack "$rootfs" "$PAUSE_IMAGE" "$archive" '{"Entrypoint":["/pause"],"User":"65535:65535"}'
+  rm -rf "$rootfs"
+}
+
+build_rabbitmq() {
+  local archive=$images/rabbitmq-$RABBITMQ_VERSION.tar
+  [[ -f $archive ]] && return 0
+  log "rabbitmq $RABBITMQ_VERSION: debootstrap bookworm with rabbitmq-server (a few minutes, once)"
+  local rootfs=$images/rabbitmq-rootfs
+  rm -rf "$rootfs"
+  debootstrap --variant=minbase --include=rabbitmq-server bookworm "$rootfs" "$mirror" > "$images/debootstrap.log" 2>&1 ||
+    die "debootstrap failed; see $images/debootstrap.log"
+  local installed
+  installed=$(chroot "$rootfs" dpkg-query -W -f '${Version}' rabbitmq-server)
+  [[ $installed == "$RABBITMQ_VERSION"* ]] || die "Debian's rabbitmq-server is $installed, versions.env says $RABBITMQ_VERSION"
+  # The official image runs as rabbitmq 999:999 with HOME /var/lib/rabbitmq; the operator's pods do too.
+  local old_uid old_gid
+  old_uid=$(chroot "$rootfs" id -u rabbitmq); old_gid=$(chroot "$rootfs" id -g rabbitmq)
+  sed -i "s/^rabbitmq:x:$old_uid:$old_gid:/rabbitmq:x:999:999:/" "$rootfs/etc/passwd"
+  sed -i "s/^rabbitmq:x:$old_gid:/rabbitmq:x:999:/" "$rootfs/etc/group"
+  rm -rf "$rootfs"/var/lib/rabbitmq/* "$rootfs"/var/lib/rabbitmq/.erlang.cookie "$rootfs"/var/log/rabbitmq/* \
+    "$rootfs"/var/cache/apt/archives/*.deb "$rootfs"/var/lib/apt/lists/* "$rootfs"/usr/share/doc \
+    "$rootfs"/usr/share/man "$rootfs"/usr/share/locale
+  chown -R 999:999 "$rootfs"/var/lib/rabbitmq "$rootfs"/var/log/rabbitmq "$rootfs"/etc/rabbitmq
+  local path=/usr/lib/rabbitmq/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
+  pack "$rootfs" "$RABBITMQ_IMAGE" "$archive" \
+    "{\"Env\":[\"PATH=$path\",\"HOME=/var/lib/rabbitmq\",\"LANG=C.UTF-8\"],\"Cmd\":[\"rabbitmq-server\"],\"User\":\"999:999\",\"ExposedPorts\":{\"5672/tcp\":{},\"15672/tcp\":{}}}"
+  rm -rf "$rootfs"
+}
+
+build_warren() {
+  [[ -x $warren_bin ]] || die "no warren binary at $warren_bin (cargo build first)"
+  local sum archive
+  sum=$(sha256sum "$warren_bin" | cut -c1-16)
+  archive=$images/warren-$sum.tar
+  if [[ ! -f $archive ]]; then
+    log "warren from $warren_bin"
+    rm -f "$images"/warren-*.tar
+    local rootfs=$images/warren-rootfs lib
+    rm -rf "$rootfs" && mkdir -p "$rootfs/usr/local/bin" "$rootfs/etc" "$rootfs/tmp"
+    install -m 0755 "$warren_bin" "$rootfs/usr/local/bin/warren"
+    strip "$rootfs/usr/local/bin/warren"
+    # The dynamic loader and every library the binary links, at the same paths.
+    for lib in $(ldd "$warren_bin" | grep -o '/[^ ]*'); do
+      mkdir -p "$rootfs$(dirname "$lib")" && cp -L "$lib" "$rootfs$lib"
+    done
+    # Trust roots, as distroless has them: the HTTP client loads them even for plain http.
+    mkdir -p "$rootfs/etc/ssl/certs"
+    cp /etc/ssl/certs/ca-certificates.crt "$rootfs/etc/ssl/certs/"
+    printf 'root:x:0:0::/:/nonexistent\nnonroot:x:65532:65532::/:/nonexistent\n' > "$rootfs/etc/passwd"
+    printf 'root:x:0:\nnonroot:x:65532:\n' > "$rootfs/etc/group"
+    chmod 1777 "$rootfs/tmp"
+    pack "$rootfs" "$WARREN_IMAGE" "$archive" '{"Entrypoint":["/usr/local/bin/warren"],"User":"65532:65532"}'
+    rm -rf "$rootfs"
+  fi
+  echo "$archive" > "$images/warren.current"
+}
+
+build() {
+  mkdir -p "$images"
+  build_pause
+  build_rabbitmq
+  build_warren
+  echo "pause=$PAUSE_IMAGE $images/pause-$PAUSE_IMAGE_TAG.tar"
+  echo "rabbitmq=$RABBITMQ_IMAGE $images/rabbitmq-$RABBITMQ_VERSION.tar"
+  echo "warren=$WARREN_IMAGE $(cat "$images/warren.current")"
+}
+
+import() {
+  local socket=$1 line
+  build | while read -r line; do
+    log "import ${line%% *}"
+    ctr --address "$socket" -n k8s.io images import --no-unpack=false "${line#* }" > /dev/null
+  done
+}
+
+case ${1:-} in
+  build) build ;;
+  import) import "${2:?usage: $0 import SOCKET}" ;;
+  *) die "usage: $0 build | import SOCKET" ;;
+esac
