@@ -15,5 +15,5 @@ trap '"$here/cluster.sh" stop "$dir"' EXIT
 trap 'exit 130' INT TERM
 "$here/cluster.sh" start "$dir" > /dev/null
 export KUBECONFIG=$dir/admin.kubeconfig WARREN_E2E_DIR=$dir
-export WARREN_HELM=$cache/bin/helm-$HELM_VERSION/helm
+export WARREN_HELM=$cache/bin/helm-$HELM_VERSION/helm WARREN_IMAGE RABBITMQ_IMAGE
 "$@"

@@ -112,6 +112,10 @@ struct MigrateArgs {
     /// Queues moved at the same time.
     #[arg(long, default_value_t = 8)]
     parallel_queues: usize,
+    /// Also write a summary (totals, per-queue counts, the error) here, within 4 KiB: the
+    /// migration Job points it at its container's termination message for the operator to read.
+    #[arg(long, env = "WARREN_TERMINATION_LOG")]
+    termination_log: Option<std::path::PathBuf>,
 }
 
 async fn migrate(args: MigrateArgs) -> std::process::ExitCode {
@@ -149,7 +153,17 @@ async fn migrate(args: MigrateArgs) -> std::process::ExitCode {
         parallel_queues: args.parallel_queues.max(1),
         ..Options::new(source, target)
     };
-    match migrate(&options).await {
+    let outcome = migrate(&options).await;
+    if let Some(path) = &args.termination_log {
+        let summary = match &outcome {
+            Ok(report) => warren::migrate::report::Summary::of_report(report),
+            Err(error) => warren::migrate::report::Summary::of_error(error),
+        };
+        if let Err(error) = std::fs::write(path, summary.to_termination_message()) {
+            eprintln!("warren migrate: writing {}: {error}", path.display());
+        }
+    }
+    match outcome {
         Ok(report) => {
             let json = serde_json::to_string_pretty(&report).unwrap_or_default();
             if let Some(path) = &args.report

@@ -45,6 +45,10 @@ fn the_job_runs_warren_migrate_with_credentials_only_from_secrets() {
     assert_eq!(value("WARREN_TARGET_URI").as_deref(), Some("amqp://demo.shop.svc.cluster.local:5672/"));
     assert_eq!(secret("WARREN_TARGET_PASSWORD"), Some(("demo-default-user".into(), "password".into())));
     assert!(env.iter().filter(|e| e.name.ends_with("PASSWORD")).all(|e| e.value.is_none()), "a password in plain text");
+    // The summary goes where the kubelet keeps it for the operator: the termination message.
+    assert_eq!(value("WARREN_TERMINATION_LOG").as_deref(), Some("/dev/termination-log"));
+    assert_eq!(container.termination_message_path.as_deref(), Some("/dev/termination-log"));
+    assert_eq!(container.termination_message_policy.as_deref(), Some("FallbackToLogsOnError"));
 }
 
 #[test]

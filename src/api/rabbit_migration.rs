@@ -102,4 +102,37 @@ pub struct RabbitMigrationStatus {
     /// Complete: True when the Job succeeded, False when it failed.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
+    /// Messages moved in all, once the Job has finished.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub moved: Option<u64>,
+    /// Per queue, once the Job has finished: what was there, what moved, what is left.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub queues: Vec<MigrationQueueStatus>,
+    /// Queues left out of `queues` to keep the Job's report within Kubernetes' 4 KiB termination
+    /// message; the Job's log has them all.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub omitted_queues: Option<u64>,
+}
+
+/// One queue of a finished migration.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct MigrationQueueStatus {
+    pub vhost: String,
+    pub name: String,
+    /// Ready messages on the source when the queue's move began.
+    pub total: u64,
+    /// Published to the target, confirmed, then acknowledged on the source.
+    pub moved: u64,
+    /// Ready messages left on the source.
+    pub left: u64,
+    /// Refused by the target and left on the source.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub refused: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }

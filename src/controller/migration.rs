@@ -3,8 +3,9 @@
 use std::sync::Arc;
 
 use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, OwnerReference, Time};
-use kube::api::{Patch, PatchParams, PostParams};
+use kube::api::{ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
 use kube::{Api, Resource, ResourceExt};
@@ -13,11 +14,14 @@ use serde_json::json;
 use super::Context;
 use crate::api::{MigrationEndpoint, RabbitMigration, RabbitMigrationStatus};
 use crate::error::{Error, Result};
+use crate::migrate::report::Summary;
 
 /// The Job's image when the resource names none: this operator's own release.
 pub const DEFAULT_IMAGE: &str = concat!("ghcr.io/warren-dev/warren:", env!("CARGO_PKG_VERSION"));
 /// A rerun is safe (nothing leaves the source unconfirmed), so failed pods are retried.
 const BACKOFF_LIMIT: i32 = 4;
+/// Where the Job's container leaves its summary (the kubelet's termination message).
+const TERMINATION_LOG: &str = "/dev/termination-log";
 
 pub fn job_name(migration: &RabbitMigration) -> String {
     format!("{}-migrate", migration.name_any())
@@ -60,6 +64,8 @@ pub fn build_job(migration: &RabbitMigration, default_image: &str, domain: &str)
     let mut env = endpoint_env("source", &spec.source, &namespace, domain)?;
     env.extend(endpoint_env("target", &spec.target, &namespace, domain)?);
     env.push(json!({"name": "WARREN_LOG_FORMAT", "value": "json"}));
+    // The summary the operator reads back into status (per-queue counts, the error).
+    env.push(json!({"name": "WARREN_TERMINATION_LOG", "value": TERMINATION_LOG}));
     let mut args = vec!["migrate".to_string()];
     for vhost in &spec.vhosts {
         args.extend(["--vhost".into(), vhost.clone()]);
@@ -108,6 +114,8 @@ pub fn build_job(migration: &RabbitMigration, default_image: &str, domain: &str)
                         "image": spec.image.clone().unwrap_or_else(|| default_image.to_string()),
                         "args": args,
                         "env": env,
+                        "terminationMessagePath": TERMINATION_LOG,
+                        "terminationMessagePolicy": "FallbackToLogsOnError",
                         "securityContext": {"allowPrivilegeEscalation": false, "readOnlyRootFilesystem": true,
                                             "capabilities": {"drop": ["ALL"]}},
                         "resources": {"requests": {"cpu": "250m", "memory": "128Mi"}, "limits": {"memory": "512Mi"}}
@@ -153,8 +161,8 @@ pub async fn reconcile(migration: Arc<RabbitMigration>, ctx: Arc<Context>) -> Re
                         error.to_string(),
                     )
                     .await;
-                    write_status(&ctx, &migration, "Failed", None, Some((false, error.reason(), error.to_string())))
-                        .await?;
+                    let complete = Some((false, error.reason().to_string(), error.to_string()));
+                    write_status(&ctx, &migration, "Failed", None, complete, None).await?;
                     return Ok(Action::await_change());
                 }
             };
@@ -174,18 +182,83 @@ pub async fn reconcile(migration: Arc<RabbitMigration>, ctx: Arc<Context>) -> Re
         }
     };
     let phase = phase(&job);
-    let complete = match phase {
-        "Succeeded" => Some((true, "Succeeded", "every queue moved and verified".to_string())),
-        "Failed" => Some((false, "JobFailed", format!("Job {name} failed; see its pods' logs for the report"))),
+    let before = migration.status.as_ref().and_then(|s| s.phase.clone());
+    let finished = matches!(phase, "Succeeded" | "Failed");
+    // The Job's own report, read once when it finishes: per-queue counts and what stopped it.
+    let summary = match (finished, before.as_deref() == Some(phase)) {
+        (true, false) => last_summary(&ctx, &namespace, &name).await,
         _ => None,
     };
-    let before = migration.status.as_ref().and_then(|s| s.phase.clone());
-    if before.as_deref() != Some(phase) && complete.is_some() {
+    // Set once, when the Job finishes; later passes keep what was written then.
+    let complete = match (phase, &summary) {
+        _ if !finished || before.as_deref() == Some(phase) => None,
+        ("Succeeded", Some(Ok(s))) => Some((
+            true,
+            "Succeeded".to_string(),
+            format!(
+                "{} messages moved from {} queue(s) and verified",
+                s.moved,
+                s.queues.len() as u64 + s.omitted_queues
+            ),
+        )),
+        ("Succeeded", _) => Some((true, "Succeeded".to_string(), "every queue moved and verified".to_string())),
+        ("Failed", Some(Ok(Summary { error: Some(e), .. }))) => {
+            Some((false, reason_of(&e.reason), format!("{}: {}", e.phase, e.message)))
+        }
+        ("Failed", Some(Ok(s))) => Some((
+            false,
+            "Incomplete".to_string(),
+            format!(
+                "{} messages moved; {} queue(s) not fully moved (see status.queues)",
+                s.moved,
+                s.queues.iter().filter(|q| q.left > 0 || q.refused > 0 || q.error.is_some()).count()
+            ),
+        )),
+        ("Failed", Some(Err(text))) => Some((false, "JobFailed".to_string(), format!("Job {name} failed: {text}"))),
+        ("Failed", None) => Some((false, "JobFailed".to_string(), format!("Job {name} failed; see its pods' logs"))),
+        _ => None,
+    };
+    if let Some((_, reason, message)) = &complete {
         let type_ = if phase == "Failed" { EventType::Warning } else { EventType::Normal };
-        ctx.publish(&migration.object_ref(&()), type_, phase, "Migrate", format!("Job {name}: {phase}")).await;
+        let note = format!("Job {name}: {message}");
+        ctx.publish(&migration.object_ref(&()), type_, reason.as_str(), "Migrate", note).await;
     }
-    write_status(&ctx, &migration, phase, Some(name), complete).await?;
+    let summary = summary.and_then(|s| s.ok());
+    write_status(&ctx, &migration, phase, Some(name), complete, summary).await?;
     Ok(Action::await_change())
+}
+
+/// The migrator's reason when it is a valid condition reason, else a generic one.
+fn reason_of(reason: &str) -> String {
+    let valid = reason.chars().next().is_some_and(|c| c.is_ascii_alphabetic())
+        && reason.chars().all(|c| c.is_ascii_alphanumeric())
+        && reason.len() <= 64;
+    if valid { reason.to_string() } else { "MigrationFailed".to_string() }
+}
+
+/// The termination message of the Job's most recently finished pod: the migrator's summary, or
+/// the raw text when it is not one (the end of the log, when the container failed without one).
+async fn last_summary(ctx: &Context, namespace: &str, job: &str) -> Option<std::result::Result<Summary, String>> {
+    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), namespace);
+    let list = match pods.list(&ListParams::default().labels(&format!("job-name={job}"))).await {
+        Ok(list) => list,
+        Err(error) => {
+            tracing::warn!(job, %error, "cannot read the migration pods' termination messages");
+            return None;
+        }
+    };
+    let mut finished: Vec<(Time, String)> = list
+        .items
+        .iter()
+        .filter_map(|pod| {
+            let status = pod.status.as_ref()?.container_statuses.as_ref()?.first()?;
+            let terminated = status.state.as_ref()?.terminated.as_ref()?;
+            Some((terminated.finished_at.clone()?, terminated.message.clone()?))
+        })
+        .collect();
+    finished.sort_by(|a, b| a.0.0.cmp(&b.0.0));
+    let (_, message) = finished.pop()?;
+    Some(serde_json::from_str(&message).map_err(|_| message.chars().take(500).collect()))
 }
 
 async fn write_status(
@@ -193,7 +266,8 @@ async fn write_status(
     migration: &RabbitMigration,
     phase: &str,
     job_name: Option<String>,
-    complete: Option<(bool, &str, String)>,
+    complete: Option<(bool, String, String)>,
+    summary: Option<Summary>,
 ) -> Result<()> {
     let previous = migration.status.clone().unwrap_or_default();
     let mut conditions = previous.conditions.clone();
@@ -211,11 +285,18 @@ async fn write_status(
             });
         }
     }
+    let (moved, queues, omitted_queues) = match summary {
+        Some(s) => (Some(s.moved), s.queues, (s.omitted_queues > 0).then_some(s.omitted_queues)),
+        None => (previous.moved, previous.queues.clone(), previous.omitted_queues),
+    };
     let next = RabbitMigrationStatus {
         phase: Some(phase.to_string()),
         job_name: job_name.or(previous.job_name.clone()),
         observed_generation: migration.meta().generation,
         conditions,
+        moved,
+        queues,
+        omitted_queues,
     };
     if migration.status.as_ref() == Some(&next) {
         return Ok(());

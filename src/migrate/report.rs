@@ -1,6 +1,8 @@
 //! Phase 4: what left the source and what arrived, per queue; the JSON of `--report`.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
+
+use crate::api::MigrationQueueStatus;
 
 use super::definitions::DefinitionsReport;
 use super::preflight::{Plan, QueuePlan};
@@ -62,5 +64,124 @@ impl Report {
 
     pub fn moved(&self) -> u64 {
         self.queues.iter().map(|q| q.moved).sum()
+    }
+}
+
+/// What the migration Job leaves as its pod's termination message, for the operator to put in the
+/// RabbitMigration's status: totals, per-queue counts and the error that stopped it. Kept within the
+/// 4 KiB the kubelet keeps of a termination message.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Summary {
+    pub complete: bool,
+    pub moved: u64,
+    #[serde(default)]
+    pub queues: Vec<MigrationQueueStatus>,
+    #[serde(default)]
+    pub omitted_queues: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<SummaryError>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct SummaryError {
+    pub phase: String,
+    pub reason: String,
+    pub message: String,
+}
+
+/// The kubelet keeps at most this much of a termination message.
+pub const TERMINATION_MESSAGE_LIMIT: usize = 4096;
+
+fn clip(text: &str, limit: usize) -> String {
+    match text.char_indices().nth(limit) {
+        Some((end, _)) => format!("{}...", &text[..end]),
+        None => text.to_string(),
+    }
+}
+
+impl Summary {
+    pub fn of_report(report: &Report) -> Self {
+        let queues = report
+            .queues
+            .iter()
+            .map(|q| MigrationQueueStatus {
+                vhost: q.vhost.clone(),
+                name: q.name.clone(),
+                total: q.source_before,
+                moved: q.moved,
+                left: q.source_after,
+                refused: q.refused,
+                error: q.error.as_deref().map(|e| clip(e, 200)),
+            })
+            .collect();
+        Self { complete: report.complete, moved: report.moved(), queues, omitted_queues: 0, error: None }
+    }
+
+    pub fn of_error(error: &super::MigrateError) -> Self {
+        Self {
+            error: Some(SummaryError {
+                phase: error.phase.to_string(),
+                reason: error.reason.to_string(),
+                message: clip(&error.message, 1000),
+            }),
+            ..Self::default()
+        }
+    }
+
+    /// JSON within [`TERMINATION_MESSAGE_LIMIT`]: queues past what fits are counted, not listed.
+    pub fn to_termination_message(&self) -> String {
+        let mut summary = self.clone();
+        loop {
+            let text = serde_json::to_string(&summary).unwrap_or_default();
+            if text.len() <= TERMINATION_MESSAGE_LIMIT || summary.queues.is_empty() {
+                return text;
+            }
+            summary.queues.pop();
+            summary.omitted_queues += 1;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_summary_of_many_queues_fits_a_termination_message_and_counts_what_it_left_out() {
+        let queue = |i: usize| QueueReport {
+            vhost: "/".into(),
+            name: format!("celery-queue-with-a-long-name-{i:04}"),
+            source_before: 1000,
+            moved: 1000,
+            ..QueueReport::default()
+        };
+        let report = Report {
+            source_version: "3.10.8".into(),
+            target_version: "3.10.8".into(),
+            dry_run: false,
+            planned: Vec::new(),
+            definitions: DefinitionsReport::default(),
+            queues: (0..500).map(queue).collect(),
+            notes: Vec::new(),
+            complete: true,
+        };
+        let text = Summary::of_report(&report).to_termination_message();
+        assert!(text.len() <= TERMINATION_MESSAGE_LIMIT, "{} bytes", text.len());
+        let back: Summary = serde_json::from_str(&text).expect("parses");
+        assert_eq!(back.moved, 500_000);
+        assert!(back.queues.len() > 10, "{} queues kept", back.queues.len());
+        assert_eq!(back.queues.len() as u64 + back.omitted_queues, 500);
+        assert_eq!(
+            back.queues[0],
+            MigrationQueueStatus {
+                vhost: "/".into(),
+                name: "celery-queue-with-a-long-name-0000".into(),
+                total: 1000,
+                moved: 1000,
+                left: 0,
+                refused: 0,
+                error: None,
+            }
+        );
     }
 }

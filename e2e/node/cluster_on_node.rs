@@ -1,0 +1,150 @@
+//! One RabbitCluster through a user's day on a real node: it forms, serves through its client
+//! Service, survives losing a pod and losing every pod, grows, refuses to shrink, and when deleted
+//! takes its pods and Services but leaves the data.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod, Service};
+use kube::api::ListParams;
+use kube::{Api, Client};
+
+use crate::amqp;
+use crate::rig::{Endpoint, POD_TIMEOUT, delete, ensure_operator, manifest, pods, wait_ready};
+use crate::support::cluster::{apply, condition, patch};
+use crate::support::{TestNamespace, admin_client, wait_for};
+
+const NAME: &str = "ha";
+const KEPT: &str = "e2e-kept";
+const KEPT_COUNT: u32 = 500;
+
+async fn volumes(client: &Client, namespace: &str) -> BTreeMap<String, String> {
+    let api: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), namespace);
+    api.list(&ListParams::default())
+        .await
+        .expect("list PVCs")
+        .items
+        .into_iter()
+        .map(|c| (c.metadata.name.unwrap_or_default(), c.spec.and_then(|s| s.volume_name).unwrap_or_default()))
+        .collect()
+}
+
+/// Waits until every pod of the cluster is ready and none of them is one of `old` (by uid).
+async fn wait_replaced(client: &Client, namespace: &str, old: &[String], count: usize) {
+    wait_for(&format!("{count} ready pods, none of the deleted ones"), POD_TIMEOUT, || async {
+        let now = pods(client, namespace, NAME).await;
+        let fresh = now.iter().all(|(_, uid, _)| !old.contains(uid));
+        let ready = now.iter().filter(|(_, _, ready)| *ready).count();
+        if fresh && ready == count { Ok(()) } else { Err(format!("{now:?}")) }
+    })
+    .await;
+}
+
+async fn mirroring_policy(endpoint: &Endpoint) -> Result<(), String> {
+    let policies = endpoint.get("policies/%2F").await?;
+    let found = policies.as_array().into_iter().flatten().find(|p| p["name"] == "ha-all").cloned();
+    match found {
+        Some(p) if p["definition"]["ha-mode"] == "all" && p["definition"]["ha-sync-mode"] == "automatic" => Ok(()),
+        other => Err(format!("ha-all policy: {other:?}")),
+    }
+}
+
+#[tokio::test]
+async fn a_rabbit_cluster_runs_heals_grows_and_keeps_its_data_on_a_real_node() {
+    ensure_operator().await;
+    let client = admin_client().await;
+    let namespace = TestNamespace::create(&client, "node-ha").await;
+    let ns = namespace.name.clone();
+
+    // 1. Three pods running RabbitMQ, one cluster, HA policy applied, conditions true.
+    apply(&ns, &manifest(NAME, 3));
+    let cluster = wait_ready(&client, &ns, NAME, 3).await;
+    for type_ in ["AllReplicasReady", "ClusterFormed", "HighAvailability", "NoPartitions", "ReconcileSuccess"] {
+        let c = condition(&cluster, type_).unwrap_or_else(|| panic!("no {type_}"));
+        assert_eq!(c.status, "True", "{type_}: {}", c.message);
+    }
+    let first_pods = pods(&client, &ns, NAME).await;
+    assert_eq!(first_pods.iter().map(|p| p.0.as_str()).collect::<Vec<_>>(), ["ha-0", "ha-1", "ha-2"]);
+    assert!(first_pods.iter().all(|p| p.2), "all ready: {first_pods:?}");
+    let endpoint = Endpoint::of(&client, &ns, NAME).await;
+    let nodes = endpoint.get("nodes").await.expect("GET /api/nodes");
+    let running: Vec<_> = nodes
+        .as_array()
+        .expect("nodes")
+        .iter()
+        .filter(|n| n["running"] == true)
+        .filter_map(|n| n["name"].as_str())
+        .collect();
+    assert_eq!(running.len(), 3, "one cluster of the three pods: {nodes}");
+    assert!(running.iter().all(|n| n.starts_with("rabbit@ha-")), "{running:?}");
+    wait_for("policy ha-all", Duration::from_secs(30), || mirroring_policy(&endpoint)).await;
+
+    // A message published through the client Service is consumed.
+    endpoint.declare_queue("e2e-hello").await;
+    let (confirmed, error) = amqp::publish(&endpoint.amqp(), "e2e-hello", [7], 1).await;
+    assert_eq!((confirmed, error), (vec![7], None));
+    let got = amqp::drain(&endpoint.amqp(), "e2e-hello", 1, Duration::from_secs(10)).await.expect("consume");
+    assert_eq!(got, BTreeMap::from([(7, 1)]));
+    // Messages for the restarts below: persistent, in a durable queue mirrored by ha-all.
+    endpoint.declare_queue(KEPT).await;
+    let (confirmed, error) = amqp::publish(&endpoint.amqp(), KEPT, 0..KEPT_COUNT, 100).await;
+    assert_eq!((confirmed.len(), error), (KEPT_COUNT as usize, None));
+    let claims = volumes(&client, &ns).await;
+    assert_eq!(claims.len(), 3, "{claims:?}");
+    assert!(claims.values().all(|v| !v.is_empty()), "every claim bound: {claims:?}");
+
+    // 2. Delete one pod: it comes back on its volume and rejoins; the messages are kept.
+    let ha1 = first_pods.iter().find(|p| p.0 == "ha-1").map(|p| p.1.clone()).expect("ha-1");
+    delete(&["pod", "ha-1", "-n", &ns, "--wait=false"]);
+    wait_replaced(&client, &ns, std::slice::from_ref(&ha1), 3).await;
+    wait_ready(&client, &ns, NAME, 3).await;
+    assert_eq!(volumes(&client, &ns).await, claims, "the same volumes");
+    endpoint.wait_depth(KEPT, KEPT_COUNT as u64).await;
+
+    // 3. Delete every pod at once: the cluster re-forms by itself.
+    let before: Vec<String> = pods(&client, &ns, NAME).await.into_iter().map(|p| p.1).collect();
+    delete(&["pod", "-n", &ns, "-l", "app.kubernetes.io/instance=ha", "--wait=false"]);
+    wait_replaced(&client, &ns, &before, 3).await;
+    wait_ready(&client, &ns, NAME, 3).await;
+    assert_eq!(volumes(&client, &ns).await, claims, "the same volumes");
+    endpoint.wait_depth(KEPT, KEPT_COUNT as u64).await;
+
+    // 4. Scale 3 to 5: two more pods join. 5 to 3 is refused with a condition, nothing removed.
+    patch(&ns, NAME, r#"{"spec":{"replicas":5}}"#);
+    wait_ready(&client, &ns, NAME, 5).await;
+    assert_eq!(pods(&client, &ns, NAME).await.len(), 5);
+    patch(&ns, NAME, r#"{"spec":{"replicas":3}}"#);
+    let api: Api<warren::api::RabbitCluster> = Api::namespaced(client.clone(), &ns);
+    wait_for("scale-down refused", Duration::from_secs(60), || async {
+        let c = api.get(NAME).await.map_err(|e| e.to_string())?;
+        match condition(&c, "ReconcileSuccess") {
+            Some(r) if r.status == "False" && r.reason == "ScaleDownRefused" => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+    let sts: Api<StatefulSet> = Api::namespaced(client.clone(), &ns);
+    let replicas = sts.get(NAME).await.expect("StatefulSet").spec.and_then(|s| s.replicas);
+    assert_eq!(replicas, Some(5), "a refused scale-down leaves the StatefulSet alone");
+    assert_eq!(pods(&client, &ns, NAME).await.len(), 5);
+    // Every message is still there, each exactly once.
+    let got = amqp::drain(&endpoint.amqp(), KEPT, KEPT_COUNT as usize, Duration::from_secs(10)).await.expect("drain");
+    assert_eq!(got, (0..KEPT_COUNT).map(|id| (id, 1)).collect::<BTreeMap<_, _>>());
+
+    // 6. Delete the RabbitCluster: pods and Services go, the claims stay.
+    delete(&["rabbitcluster", NAME, "-n", &ns]);
+    let pod_api: Api<Pod> = Api::namespaced(client.clone(), &ns);
+    let service_api: Api<Service> = Api::namespaced(client.clone(), &ns);
+    wait_for("pods and Services gone", POD_TIMEOUT, || async {
+        let pods = pod_api.list(&ListParams::default()).await.map_err(|e| e.to_string())?.items.len();
+        let services = service_api.list(&ListParams::default()).await.map_err(|e| e.to_string())?.items.len();
+        if pods == 0 && services == 0 { Ok(()) } else { Err(format!("{pods} pods, {services} Services")) }
+    })
+    .await;
+    let left = volumes(&client, &ns).await;
+    assert_eq!(left.len(), 5, "every claim kept: {left:?}");
+    for (claim, volume) in &claims {
+        assert_eq!(left.get(claim), Some(volume), "{claim} still bound to its volume");
+    }
+}

@@ -1,0 +1,13 @@
+//! Tier 4: RabbitClusters as pods running RabbitMQ on a real node (kubelet, containerd, CoreDNS,
+//! local volumes; images built here), the operator installed by the chart and running in the
+//! cluster. Run through e2e/with-cluster.sh, one test at a time: `make test` does.
+
+#[path = "../../tests/support/amqp.rs"]
+#[allow(dead_code)]
+mod amqp;
+#[path = "../tests/support/mod.rs"]
+mod support;
+
+mod cluster_on_node;
+mod migration_job;
+mod rig;

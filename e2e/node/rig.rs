@@ -1,0 +1,197 @@
+//! What the node tests share: the operator installed once by the chart with the image built here,
+//! RabbitCluster manifests that fit this machine, and clients that reach a cluster the way a user on
+//! the node does, through its client Service.
+
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::{Pod, Secret, Service};
+use kube::api::ListParams;
+use kube::{Api, Client};
+use serde_json::Value;
+use tokio::sync::Mutex;
+use warren::api::RabbitCluster;
+
+use crate::support::cluster::condition;
+use crate::support::{ensure_crds, helm, kubectl, ok, wait_for};
+
+/// Formation, restarts and rejoins of real pods on two cores: generous, never asserted on.
+pub const POD_TIMEOUT: Duration = Duration::from_secs(300);
+
+fn image(variable: &str) -> String {
+    std::env::var(variable).unwrap_or_else(|_| {
+        panic!("{variable} is not set: run these tests through e2e/with-cluster.sh (make test does)")
+    })
+}
+
+static OPERATOR: Mutex<bool> = Mutex::const_new(false);
+
+/// `helm install` of charts/warren in warren-system, watching every namespace, with the warren image
+/// built and imported by e2e/images.sh; waits until its Deployment is available.
+pub async fn ensure_operator() {
+    let mut done = OPERATOR.lock().await;
+    if *done {
+        return;
+    }
+    ensure_crds().await;
+    let warren = image("WARREN_IMAGE");
+    let (repository, tag) = warren.rsplit_once(':').expect("image with a tag");
+    ok(
+        "helm install",
+        helm(&[
+            "install",
+            "warren",
+            "charts/warren",
+            "-n",
+            "warren-system",
+            "--create-namespace",
+            "--set",
+            &format!("image.repository={repository}"),
+            "--set",
+            &format!("image.tag={tag}"),
+            "--set",
+            "logFormat=text",
+            "--wait",
+            "--timeout",
+            "180s",
+        ]),
+    );
+    *done = true;
+}
+
+/// A RabbitCluster of `replicas` on the RabbitMQ image built here, with requests that fit several
+/// pods on this machine.
+pub fn manifest(name: &str, replicas: i32) -> String {
+    format!(
+        "apiVersion: warren.dev/v1alpha1\nkind: RabbitCluster\nmetadata:\n  name: {name}\nspec:\n  replicas: {replicas}\n  \
+         image: {}\n  resources:\n    requests: {{cpu: 100m, memory: 256Mi}}\n    limits: {{memory: 1Gi}}\n",
+        image("RABBITMQ_IMAGE")
+    )
+}
+
+fn summary(cluster: &RabbitCluster) -> String {
+    cluster
+        .status
+        .as_ref()
+        .map(|s| {
+            s.conditions
+                .iter()
+                .map(|c| format!("{}={} {}: {}", c.type_, c.status, c.reason, c.message))
+                .collect::<Vec<_>>()
+                .join("; ")
+        })
+        .unwrap_or_else(|| "no status".into())
+}
+
+/// Waits until the RabbitCluster's status (for its current generation) says Ready with `members`
+/// running members.
+pub async fn wait_ready(client: &Client, namespace: &str, name: &str, members: usize) -> RabbitCluster {
+    let api: Api<RabbitCluster> = Api::namespaced(client.clone(), namespace);
+    wait_for(&format!("RabbitCluster {name} Ready with {members} members"), POD_TIMEOUT, || async {
+        let cluster = api.get(name).await.map_err(|e| e.to_string())?;
+        let current = cluster.status.as_ref().and_then(|s| s.observed_generation) == cluster.metadata.generation;
+        let ready = condition(&cluster, "Ready").is_some_and(|c| c.status == "True");
+        let formed = condition(&cluster, "ClusterFormed")
+            .is_some_and(|c| c.status == "True" && c.message == format!("{members} running members"));
+        if current && ready && formed { Ok(cluster) } else { Err(summary(&cluster)) }
+    })
+    .await
+}
+
+/// The cluster's pods by name: (uid, ready).
+pub async fn pods(client: &Client, namespace: &str, name: &str) -> Vec<(String, String, bool)> {
+    let api: Api<Pod> = Api::namespaced(client.clone(), namespace);
+    let list = api
+        .list(&ListParams::default().labels(&format!("app.kubernetes.io/instance={name}")))
+        .await
+        .expect("list pods");
+    let mut pods: Vec<_> = list
+        .items
+        .into_iter()
+        .map(|p| {
+            let ready = p
+                .status
+                .as_ref()
+                .and_then(|s| s.conditions.as_ref())
+                .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
+            (p.metadata.name.unwrap_or_default(), p.metadata.uid.unwrap_or_default(), ready)
+        })
+        .collect();
+    pods.sort();
+    pods
+}
+
+/// How a client on the node reaches a cluster: its client Service's address and the default user.
+pub struct Endpoint {
+    pub address: String,
+    pub username: String,
+    pub password: String,
+}
+
+impl Endpoint {
+    pub async fn of(client: &Client, namespace: &str, name: &str) -> Self {
+        let services: Api<Service> = Api::namespaced(client.clone(), namespace);
+        let service = services.get(name).await.expect("the client Service");
+        let address = service.spec.and_then(|s| s.cluster_ip).expect("a ClusterIP");
+        let secrets: Api<Secret> = Api::namespaced(client.clone(), namespace);
+        let secret = secrets.get(&format!("{name}-default-user")).await.expect("the default-user Secret");
+        let field = |key: &str| {
+            let bytes = secret.data.as_ref().and_then(|d| d.get(key)).unwrap_or_else(|| panic!("no {key}"));
+            String::from_utf8(bytes.0.clone()).expect("utf-8")
+        };
+        Self { address, username: field("username"), password: field("password") }
+    }
+
+    pub fn amqp(&self) -> String {
+        format!("amqp://{}:{}@{}:5672/%2f", self.username, self.password, self.address)
+    }
+
+    async fn management(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> Result<Value, String> {
+        let mut request = reqwest::Client::new()
+            .request(method, format!("http://{}:15672/api/{path}", self.address))
+            .basic_auth(&self.username, Some(&self.password))
+            .timeout(Duration::from_secs(15));
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        let response = request.send().await.map_err(|e| e.to_string())?;
+        let status = response.status();
+        let text = response.text().await.map_err(|e| e.to_string())?;
+        if !status.is_success() {
+            return Err(format!("{path}: HTTP {status}: {text}"));
+        }
+        Ok(if text.is_empty() { Value::Null } else { serde_json::from_str(&text).map_err(|e| e.to_string())? })
+    }
+
+    pub async fn get(&self, path: &str) -> Result<Value, String> {
+        self.management(reqwest::Method::GET, path, None).await
+    }
+
+    /// Declares a durable classic queue in vhost `/`.
+    pub async fn declare_queue(&self, queue: &str) {
+        self.management(
+            reqwest::Method::PUT,
+            &format!("queues/%2F/{queue}"),
+            Some(serde_json::json!({"durable": true})),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("declare {queue}: {e}"));
+    }
+
+    /// Waits until the management API counts `expected` messages in `queue` (its statistics lag).
+    pub async fn wait_depth(&self, queue: &str, expected: u64) {
+        wait_for(&format!("{expected} messages in {queue}"), POD_TIMEOUT, || async {
+            let q = self.get(&format!("queues/%2F/{queue}")).await?;
+            match q["messages"].as_u64() {
+                Some(n) if n == expected => Ok(()),
+                other => Err(format!("messages: {other:?}")),
+            }
+        })
+        .await;
+    }
+}
+
+pub fn delete(what: &[&str]) {
+    let mut args = vec!["delete"];
+    args.extend_from_slice(what);
+    ok("kubectl delete", kubectl(&args));
+}
