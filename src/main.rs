@@ -120,6 +120,7 @@ struct MigrateArgs {
 
 async fn migrate(args: MigrateArgs) -> std::process::ExitCode {
     use warren::migrate::{Endpoint, Options, migrate};
+    let bars = progress_bars(&args);
     let source = Endpoint::with_credentials(&args.source, &args.source_api, args.source_username, args.source_password);
     let endpoints = source.and_then(|source| {
         let target =
@@ -151,6 +152,7 @@ async fn migrate(args: MigrateArgs) -> std::process::ExitCode {
         dry_run: args.dry_run,
         window: args.window.max(1),
         parallel_queues: args.parallel_queues.max(1),
+        progress: bars,
         ..Options::new(source, target)
     };
     let outcome = migrate(&options).await;
@@ -188,11 +190,17 @@ async fn migrate(args: MigrateArgs) -> std::process::ExitCode {
     }
 }
 
-fn init_tracing(format: LogFormat) {
+/// Bars when a person watches: stderr is a terminal, and the output is not for a machine.
+fn progress_bars(args: &MigrateArgs) -> bool {
+    std::io::IsTerminal::is_terminal(&std::io::stderr()) && !args.dry_run
+}
+
+fn init_tracing(format: LogFormat, bars: bool) {
+    // lapin logs, at error level, channel closes the migrator makes itself; it reports every real
+    // failure on its own. Under progress bars, the per-queue info lines would only scroll them away.
+    let default = if bars { "warn,lapin=off" } else { "info,kube=warn,lapin=off" };
     let filter = tracing_subscriber::EnvFilter::try_from_env("WARREN_LOG")
-        // lapin logs, at error level, channel closes the migrator makes itself; it reports every
-        // real failure on its own.
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,kube=warn,lapin=off"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -206,7 +214,8 @@ fn init_tracing(format: LogFormat) {
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    init_tracing(cli.log_format);
+    let bars = matches!(&cli.command, Command::Migrate(args) if progress_bars(args));
+    init_tracing(cli.log_format, bars);
     match cli.command {
         Command::Migrate(args) => migrate(args).await,
         Command::Crd => {

@@ -287,7 +287,47 @@ async fn a_killed_migration_run_again_loses_nothing() {
 }
 
 #[tokio::test]
+async fn a_target_node_killed_mid_run_is_reconnected_and_nothing_is_lost() {
+    let (old, mut new) = pair().await;
+    let queues: Vec<String> = (0..2).map(|i| format!("tasks-{i}")).collect();
+    for queue in &queues {
+        declare(&old, queue, serde_json::json!({})).await;
+        assert_eq!(amqp::publish(&amqp_url(&old), queue, 0..20_000, 1000).await.0.len(), 20_000);
+    }
+    // A small window keeps the run going long enough to be interrupted.
+    let options = Options { window: 10, ..options(&old, &new) };
+    let run = tokio::spawn(async move { migrate(&options).await });
+    wait_for("some messages moved", Duration::from_secs(120), || async {
+        let q = new.api(0, "/api/queues/%2F/tasks-0").await?;
+        if q["messages"].as_u64().unwrap_or(0) > 2_000 { Ok(()) } else { Err(q.to_string()) }
+    })
+    .await;
+    // The target's only node dies mid-run and comes back a few seconds later on its data.
+    new.nodes[0].kill();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    new.start(&[0]);
+    let report = run.await.expect("migration task").expect("the migration goes on after the node is back");
+    assert!(report.complete, "{report:?}");
+    let reconnects: u64 = report.queues.iter().map(|q| q.reconnects).sum();
+    assert!(reconnects > 0, "the run never lost its connection: {report:?}");
+    for queue in &queues {
+        let got: BTreeMap<u32, usize> =
+            ordered_ids(&amqp_url(&new), queue).await.into_iter().fold(BTreeMap::new(), |mut m, id| {
+                *m.entry(id).or_default() += 1;
+                m
+            });
+        assert_eq!(got.keys().copied().collect::<Vec<u32>>(), (0..20_000).collect::<Vec<u32>>(), "{queue}: lost");
+        let duplicates = got.values().filter(|n| **n > 1).count() as u64;
+        let entry = report.queues.iter().find(|q| &q.name == queue).expect("queue in the report");
+        assert!(duplicates <= entry.possible_duplicates, "{queue}: {duplicates} duplicates, {entry:?}");
+        assert_eq!((entry.source_before, entry.source_after), (20_000, 0), "{entry:?}");
+    }
+}
+
+#[tokio::test]
 async fn bad_input_is_refused_clearly_and_nothing_moves() {
+    // Unreachable source, wrong password, a vhost missing on either side, a queue with other
+    // arguments: each a clear error before anything moves.
     let (old, new) = pair().await;
     declare(&old, "orders", serde_json::json!({})).await;
     assert_eq!(amqp::publish(&amqp_url(&old), "orders", 0..50, 50).await.0.len(), 50);
@@ -310,6 +350,35 @@ async fn bad_input_is_refused_clearly_and_nothing_moves() {
     let error = migrate(&Options::new(wrong, endpoint(&new))).await.expect_err("401");
     assert_eq!(error.reason, "BrokerUnauthorized", "{error}");
     assert!(!error.to_string().contains("not-the-password"));
+
+    // A vhost the source does not have.
+    let mut asked = options(&old, &new);
+    asked.vhosts = vec!["nope".into()];
+    let error = migrate(&asked).await.expect_err("no such vhost");
+    assert_eq!((error.phase, error.reason), ("preflight", "VhostMissing"), "{error}");
+    assert!(error.message.contains("the source has no vhost nope"), "{error}");
+
+    // A vhost the target lacks, and a target user who may not create one (no administrator tag).
+    let all = serde_json::json!({"configure": ".*", "write": ".*", "read": ".*"});
+    old.api_put(0, "/api/vhosts/billing", serde_json::json!({})).await.expect("vhost billing");
+    let permissions = format!("/api/permissions/billing/{}", old.credentials.username);
+    old.api_put(0, &permissions, all.clone()).await.expect("permissions on billing");
+    old.api_put(0, "/api/queues/billing/invoices", serde_json::json!({"durable": true})).await.expect("queue");
+    new.api_put(0, "/api/users/limited", serde_json::json!({"password": "limited-secret-1", "tags": "management"}))
+        .await
+        .expect("user limited");
+    new.api_put(0, "/api/permissions/%2F/limited", all).await.expect("permissions of limited");
+    let limited = Endpoint::parse(
+        &format!("amqp://limited:limited-secret-1@{}:5672/%2f", new.nodes[0].ip),
+        &new.management_url(0),
+    )
+    .expect("endpoint");
+    let error = migrate(&Options::new(endpoint(&old), limited)).await.expect_err("vhost missing on the target");
+    assert_eq!((error.phase, error.reason), ("preflight", "VhostMissing"), "{error}");
+    assert!(error.message.contains("the target has no vhost billing"), "{error}");
+    assert!(error.message.contains("user limited may not create one"), "{error}");
+    assert!(new.api(0, "/api/vhosts/billing").await.is_err(), "nothing created on the target");
+    assert!(!error.to_string().contains("limited-secret-1"));
 
     // The target has a queue of that name with other arguments.
     declare(&new, "orders", serde_json::json!({"x-max-length": 10})).await;

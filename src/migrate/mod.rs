@@ -9,6 +9,7 @@
 pub mod definitions;
 pub mod mover;
 pub mod preflight;
+pub mod progress;
 pub mod report;
 
 use std::time::Duration;
@@ -107,6 +108,10 @@ pub struct Options {
     pub window: u16,
     /// Queues moved at the same time.
     pub parallel_queues: usize,
+    /// Progress bars on stderr (a terminal) rather than per-queue logs only.
+    pub progress: bool,
+    /// How long a queue keeps reconnecting after losing a connection before it stops.
+    pub reconnect_for: Duration,
 }
 
 impl Options {
@@ -124,6 +129,8 @@ impl Options {
             dry_run: false,
             window: 2000,
             parallel_queues: 8,
+            progress: false,
+            reconnect_for: mover::DEFAULT_RECONNECT_FOR,
         }
     }
 }

@@ -17,10 +17,21 @@ use lapin::{Acker, Channel, Connection, ConnectionProperties, PublisherConfirm};
 
 use super::Options;
 use super::preflight::QueuePlan;
+use super::progress::{Progress, QueueBar};
 use super::report::QueueReport;
 
 /// A broker that stops answering must not stall a queue forever.
 const ANSWER_WITHIN: Duration = Duration::from_secs(30);
+/// How long a queue keeps reconnecting after it lost a connection (a node restarting, a client
+/// Service moving to another node) before it stops with the error.
+const RECONNECT_FOR: Duration = Duration::from_secs(90);
+
+/// Why one attempt at a queue ended early. `connection_lost` when a connection to either broker
+/// could not be made or is gone (worth another attempt), not when a broker refused something.
+struct Stopped {
+    error: String,
+    connection_lost: bool,
+}
 
 async fn within<T, E: std::fmt::Display>(
     what: &str,
@@ -58,12 +69,17 @@ struct InFlight {
 /// Waits for the target's verdict on the `count` oldest messages, in order, then acknowledges the
 /// confirmed ones on the source with one `multiple` ack (everything older is settled already) and
 /// gives back each one the target refused (nacked, or returned as unroutable).
-async fn settle(pending: &mut VecDeque<InFlight>, count: usize, report: &mut QueueReport) -> Result<(), String> {
+async fn settle(
+    pending: &mut VecDeque<InFlight>,
+    count: usize,
+    report: &mut QueueReport,
+    bar: Option<&QueueBar>,
+) -> Result<(), String> {
     let batch: Vec<InFlight> = pending.drain(..count.min(pending.len())).collect();
     if batch.is_empty() {
         return Ok(());
     }
-    within("target confirms", async {
+    let outcome = within("target confirms", async {
         let mut confirmed: Option<Acker> = None;
         for message in batch {
             let confirmation = message.confirm.await.map_err(|e| e.to_string())?;
@@ -82,16 +98,27 @@ async fn settle(pending: &mut VecDeque<InFlight>, count: usize, report: &mut Que
         }
         Ok::<(), String>(())
     })
-    .await
+    .await;
+    if let Some(bar) = bar {
+        bar.moved(report.moved);
+    }
+    outcome
 }
 
-async fn drain_queue(options: &Options, plan: &QueuePlan, report: &mut QueueReport) -> Result<(), String> {
-    let source = connect(&options.source.amqp_for(&plan.vhost), "source").await?;
+async fn drain_queue(
+    options: &Options,
+    plan: &QueuePlan,
+    report: &mut QueueReport,
+    bar: Option<&QueueBar>,
+    first_attempt: bool,
+) -> Result<(), Stopped> {
+    let lost = |error: String| Stopped { error, connection_lost: true };
+    let source = connect(&options.source.amqp_for(&plan.vhost), "source").await.map_err(lost)?;
     let target = match connect(&options.target.amqp_for(&plan.vhost), "target").await {
         Ok(target) => target,
         Err(e) => {
             close(source).await;
-            return Err(e);
+            return Err(lost(e));
         }
     };
     let outcome = async {
@@ -100,7 +127,12 @@ async fn drain_queue(options: &Options, plan: &QueuePlan, report: &mut QueueRepo
         within("confirm.select", to.confirm_select(ConfirmSelectOptions::default())).await?;
         within("basic.qos", from.basic_qos(options.window, BasicQosOptions::default())).await?;
         depth(&to, &plan.name).await.map_err(|e| format!("target {e}"))?;
-        report.source_before = depth(&from, &plan.name).await?;
+        // A later attempt (after a lost connection) moves what is there now; the report keeps
+        // the depth the queue had when its move began.
+        let there = depth(&from, &plan.name).await?;
+        if first_attempt {
+            report.source_before = there;
+        }
         let mut consumer = within(
             "basic.consume",
             from.basic_consume(
@@ -117,7 +149,7 @@ async fn drain_queue(options: &Options, plan: &QueuePlan, report: &mut QueueRepo
         let mut received = 0u64;
         loop {
             // Without --follow, what arrives after preflight is left for the next run.
-            if !options.follow && received >= report.source_before {
+            if !options.follow && received >= there {
                 break;
             }
             // A delivery already buffered is taken without arming a timer.
@@ -127,7 +159,7 @@ async fn drain_queue(options: &Options, plan: &QueuePlan, report: &mut QueueRepo
             };
             match next {
                 Err(_) => {
-                    settle(&mut pending, window, report).await?;
+                    settle(&mut pending, window, report, bar).await?;
                     if !options.follow || depth(&from, &plan.name).await? == 0 {
                         break;
                     }
@@ -150,12 +182,12 @@ async fn drain_queue(options: &Options, plan: &QueuePlan, report: &mut QueueRepo
                         .map_err(|e| format!("publish to the target: {e}"))?;
                     pending.push_back(InFlight { acker: delivery.acker, redelivered: delivery.redelivered, confirm });
                     if pending.len() >= window {
-                        settle(&mut pending, window / 4 + 1, report).await?;
+                        settle(&mut pending, window / 4 + 1, report, bar).await?;
                     }
                 }
             }
         }
-        settle(&mut pending, window, report).await?;
+        settle(&mut pending, window, report, bar).await?;
         // Deliveries prefetched beyond what was moved go back to the queue with the channel.
         let _ = tokio::time::timeout(Duration::from_secs(5), from.close(200, "done".into())).await;
         let check = within("open a source channel", source.create_channel()).await?;
@@ -163,9 +195,10 @@ async fn drain_queue(options: &Options, plan: &QueuePlan, report: &mut QueueRepo
         Ok(())
     }
     .await;
+    let connection_lost = !source.status().connected() || !target.status().connected();
     close(source).await;
     close(target).await;
-    outcome
+    outcome.map_err(|error| Stopped { error, connection_lost })
 }
 
 /// Adds what to do where RabbitMQ's own words do not say it.
@@ -178,7 +211,7 @@ fn explain(error: String) -> String {
     }
 }
 
-async fn move_queue(options: &Options, plan: QueuePlan) -> QueueReport {
+async fn move_queue(options: &Options, plan: QueuePlan, progress: Option<&Progress>) -> QueueReport {
     let mut report = QueueReport {
         vhost: plan.vhost.clone(),
         name: plan.name.clone(),
@@ -186,20 +219,58 @@ async fn move_queue(options: &Options, plan: QueuePlan) -> QueueReport {
         ..Default::default()
     };
     tracing::info!(vhost = %plan.vhost, queue = %plan.name, messages = plan.messages, "moving queue");
-    if let Err(error) = drain_queue(options, &plan, &mut report).await {
+    let bar = progress.map(|p| p.queue(&plan.vhost, &plan.name, plan.messages));
+    let mut outcome = drain_queue(options, &plan, &mut report, bar.as_ref(), true).await;
+    // A lost connection: what was unconfirmed went back to the source queue (redelivered, so
+    // counted as a possible duplicate when it comes again); reconnect and go on from there.
+    let mut lost_since: Option<tokio::time::Instant> = None;
+    let mut pause = Duration::from_secs(1);
+    while let Err(Stopped { error, connection_lost: true }) = &outcome {
+        let since = *lost_since.get_or_insert_with(tokio::time::Instant::now);
+        if since.elapsed() >= options.reconnect_for {
+            break;
+        }
+        tracing::warn!(vhost = %plan.vhost, queue = %plan.name, moved = report.moved, error = %error, "connection lost; reconnecting");
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_secs(10));
+        let moved_before = report.moved;
+        outcome = drain_queue(options, &plan, &mut report, bar.as_ref(), false).await;
+        if report.moved > moved_before {
+            // Progress again: a later loss gets the whole budget anew.
+            lost_since = None;
+            pause = Duration::from_secs(1);
+        }
+        report.reconnects += 1;
+    }
+    if let Err(Stopped { error, .. }) = outcome {
         tracing::warn!(vhost = %plan.vhost, queue = %plan.name, moved = report.moved, error = %explain(error.clone()), "queue stopped");
+        if let Some(bar) = &bar {
+            bar.done("stopped: see the report");
+        }
         report.error = Some(explain(error));
     } else {
         tracing::info!(vhost = %plan.vhost, queue = %plan.name, moved = report.moved, left = report.source_after, "queue done");
+        if let Some(bar) = &bar {
+            bar.done(&format!("done, {} left", report.source_after));
+        }
     }
     report
 }
 
+/// Default for [`Options::reconnect_for`].
+pub const DEFAULT_RECONNECT_FOR: Duration = RECONNECT_FOR;
+
 /// Moves every planned queue, `parallel_queues` at a time; order is kept within each queue.
+/// With `options.progress`, bars on the terminal.
 pub async fn move_all(options: &Options, queues: &[QueuePlan]) -> Vec<QueueReport> {
-    futures::stream::iter(queues.iter().cloned())
-        .map(|plan| move_queue(options, plan))
+    let progress = options.progress.then(|| Progress::new(queues.iter().map(|q| q.messages).sum()));
+    let reports = futures::stream::iter(queues.iter().cloned())
+        .map(|plan| move_queue(options, plan, progress.as_ref()))
         .buffer_unordered(options.parallel_queues.max(1))
         .collect()
-        .await
+        .await;
+    if let Some(progress) = &progress {
+        progress.finish();
+    }
+    reports
 }

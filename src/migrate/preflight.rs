@@ -52,6 +52,11 @@ async fn get(api: &ManagementClient, side: &str, path: &str) -> Result<Value, Mi
         .ok_or_else(|| fail("BrokerBadResponse", format!("{side}: GET {path}: not found")))
 }
 
+/// The `name` of each object of a management API list.
+fn names(list: &Value) -> Vec<String> {
+    list.as_array().into_iter().flatten().filter_map(|v| v["name"].as_str()).map(str::to_string).collect()
+}
+
 /// Queues (of `GET /api/queues`) whose messages consumers hold unacknowledged:
 /// `(vhost/queue, held, consumers)`.
 fn held_by_consumers(queues: &Value, options: &Options) -> Vec<(String, u64, u64)> {
@@ -89,6 +94,17 @@ pub async fn run(
     let (source_version, _) = version(source, "source").await?;
     let (target_version, target_parsed) = version(target, "target").await?;
 
+    // Every vhost asked for must be on the source.
+    let source_vhosts = names(&get(source, "source", "/api/vhosts").await?);
+    let unknown: Vec<&str> =
+        options.vhosts.iter().map(String::as_str).filter(|v| !source_vhosts.iter().any(|s| s == v)).collect();
+    if !unknown.is_empty() {
+        return Err(fail(
+            "VhostMissing",
+            format!("the source has no vhost {} (it has: {})", unknown.join(", "), source_vhosts.join(", ")),
+        ));
+    }
+
     // Celery keeps eta/countdown tasks unacknowledged until they are due: those messages cannot
     // be moved while a worker holds them, and would be redelivered on the old cluster later.
     let mut source_queues = get(source, "source", "/api/queues").await?;
@@ -125,6 +141,31 @@ pub async fn run(
 
     let exported = get(source, "source", "/api/definitions").await?;
     let (definitions, notes) = definitions::convert(&exported, options, target_parsed);
+
+    // A vhost the target lacks is created by the import, which takes the administrator tag.
+    let target_vhosts = names(&get(target, "target", "/api/vhosts").await?);
+    let missing: Vec<String> =
+        names(&definitions["vhosts"]).into_iter().filter(|v| !target_vhosts.contains(v)).collect();
+    if !missing.is_empty() {
+        let whoami = get(target, "target", "/api/whoami").await?;
+        let tags: Vec<String> = match &whoami["tags"] {
+            Value::Array(tags) => tags.iter().filter_map(Value::as_str).map(str::to_string).collect(),
+            Value::String(tags) => tags.split(',').map(|t| t.trim().to_string()).collect(),
+            _ => Vec::new(),
+        };
+        if !tags.iter().any(|t| t == "administrator") {
+            return Err(fail(
+                "VhostMissing",
+                format!(
+                    "the target has no vhost {}, and its user {} may not create one (that takes the administrator \
+                     tag): create the vhost on the target and give the user permissions there, or migrate as an \
+                     administrator",
+                    missing.join(", "),
+                    whoami["name"].as_str().unwrap_or("?")
+                ),
+            ));
+        }
+    }
 
     // A queue that exists on the target with other arguments cannot receive these messages.
     for queue in definitions["queues"].as_array().into_iter().flatten() {

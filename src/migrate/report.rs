@@ -23,6 +23,8 @@ pub struct QueueReport {
     pub refused: u64,
     /// Ready messages left on the source afterwards.
     pub source_after: u64,
+    /// Attempts to reconnect after a connection to either broker was lost.
+    pub reconnects: u64,
     pub error: Option<String>,
 }
 
