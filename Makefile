@@ -10,7 +10,7 @@ WARREN := $(CARGO_TARGET_DIR)/debug/warren
 include e2e/versions.env
 HELM := $(CACHE_DIR)/bin/helm-$(HELM_VERSION)/helm
 
-.PHONY: test unit e2e bench deps control-plane node build crds render fmt lint up down
+.PHONY: test unit e2e bench deps control-plane node build crds render fmt lint up down reset
 
 ## test: every tier: pure builders and mocked API server, real RabbitMQ nodes (tests/rabbitmq_*.rs),
 ## the real control plane, then a real node running RabbitMQ pods.
@@ -84,3 +84,6 @@ up: deps control-plane node build
 
 down:
 	e2e/down.sh
+
+## reset: a fresh `make up` (new cluster state, volumes and RabbitMQ data; built parts reused).
+reset: down up

@@ -25,6 +25,11 @@ start() {
       echo "a local node is already running from $other (\`make down\` stops the one of \`make up\`)" >&2
       exit 1
     fi
+    # A run that was killed before it could stop: remove what it left, by its recorded pids.
+    if [[ -d $other ]]; then
+      echo "removing what an interrupted run left in $other" >&2
+      (dir=$other; stop)
+    fi
   fi
   mkdir -p "$dir" "$cache"
   dir=$(cd "$dir" && pwd)

@@ -72,3 +72,62 @@ fn the_phase_follows_the_job() {
     );
     assert_eq!(phase(&job(JobStatus { conditions: Some(vec![condition("Failed")]), ..Default::default() })), "Failed");
 }
+
+#[test]
+fn a_finished_job_is_described_by_the_summary_its_pod_left() {
+    use warren::api::MigrationQueueStatus;
+    use warren::controller::migration::completion;
+    use warren::migrate::report::{Summary, SummaryError};
+
+    let queue = |name: &str, total: u64, moved: u64| MigrationQueueStatus {
+        vhost: "/".into(),
+        name: name.into(),
+        total,
+        moved,
+        left: total - moved,
+        ..Default::default()
+    };
+    let done = Summary {
+        complete: true,
+        moved: 30,
+        queues: vec![queue("a", 10, 10), queue("b", 20, 20)],
+        ..Default::default()
+    };
+    assert_eq!(
+        completion("m-migrate", "Succeeded", Some(&Ok(done))),
+        Some((true, "Succeeded".into(), "30 messages moved from 2 queue(s) and verified".into()))
+    );
+    // The migrator's own reason and words, not a pointer to the logs.
+    let held = Summary {
+        error: Some(SummaryError {
+            phase: "preflight".into(),
+            reason: "MessagesHeldByConsumers".into(),
+            message: "consumers hold messages unacknowledged: /celery: 3".into(),
+        }),
+        ..Default::default()
+    };
+    assert_eq!(
+        completion("m-migrate", "Failed", Some(&Ok(held))),
+        Some((
+            false,
+            "MessagesHeldByConsumers".into(),
+            "preflight: consumers hold messages unacknowledged: /celery: 3".into()
+        ))
+    );
+    let partial = Summary { moved: 15, queues: vec![queue("a", 10, 10), queue("b", 20, 5)], ..Default::default() };
+    assert_eq!(
+        completion("m-migrate", "Failed", Some(&Ok(partial))),
+        Some((false, "Incomplete".into(), "15 messages moved; 1 queue(s) not fully moved (see status.queues)".into()))
+    );
+    // Not a summary (the end of the log of a container that died) and not a condition reason.
+    assert_eq!(
+        completion("m-migrate", "Failed", Some(&Err("thread 'main' panicked".into()))),
+        Some((false, "JobFailed".into(), "Job m-migrate failed: thread 'main' panicked".into()))
+    );
+    let odd = Summary {
+        error: Some(SummaryError { phase: "x".into(), reason: "not a reason!".into(), message: "m".into() }),
+        ..Default::default()
+    };
+    assert_eq!(completion("m-migrate", "Failed", Some(&Ok(odd))).map(|c| c.1), Some("MigrationFailed".into()));
+    assert_eq!(completion("m-migrate", "Running", None), None);
+}

@@ -190,8 +190,28 @@ pub async fn reconcile(migration: Arc<RabbitMigration>, ctx: Arc<Context>) -> Re
         _ => None,
     };
     // Set once, when the Job finishes; later passes keep what was written then.
-    let complete = match (phase, &summary) {
-        _ if !finished || before.as_deref() == Some(phase) => None,
+    let complete = match finished && before.as_deref() != Some(phase) {
+        true => completion(&name, phase, summary.as_ref()),
+        false => None,
+    };
+    if let Some((_, reason, message)) = &complete {
+        let type_ = if phase == "Failed" { EventType::Warning } else { EventType::Normal };
+        let note = format!("Job {name}: {message}");
+        ctx.publish(&migration.object_ref(&()), type_, reason.as_str(), "Migrate", note).await;
+    }
+    let summary = summary.and_then(|s| s.ok());
+    write_status(&ctx, &migration, phase, Some(name), complete, summary).await?;
+    Ok(Action::await_change())
+}
+
+/// The `Complete` condition for a finished Job — (status, reason, message) — from the summary its
+/// last pod left, when there is one.
+pub fn completion(
+    job: &str,
+    phase: &str,
+    summary: Option<&std::result::Result<Summary, String>>,
+) -> Option<(bool, String, String)> {
+    match (phase, summary) {
         ("Succeeded", Some(Ok(s))) => Some((
             true,
             "Succeeded".to_string(),
@@ -214,18 +234,10 @@ pub async fn reconcile(migration: Arc<RabbitMigration>, ctx: Arc<Context>) -> Re
                 s.queues.iter().filter(|q| q.left > 0 || q.refused > 0 || q.error.is_some()).count()
             ),
         )),
-        ("Failed", Some(Err(text))) => Some((false, "JobFailed".to_string(), format!("Job {name} failed: {text}"))),
-        ("Failed", None) => Some((false, "JobFailed".to_string(), format!("Job {name} failed; see its pods' logs"))),
+        ("Failed", Some(Err(text))) => Some((false, "JobFailed".to_string(), format!("Job {job} failed: {text}"))),
+        ("Failed", None) => Some((false, "JobFailed".to_string(), format!("Job {job} failed; see its pods' logs"))),
         _ => None,
-    };
-    if let Some((_, reason, message)) = &complete {
-        let type_ = if phase == "Failed" { EventType::Warning } else { EventType::Normal };
-        let note = format!("Job {name}: {message}");
-        ctx.publish(&migration.object_ref(&()), type_, reason.as_str(), "Migrate", note).await;
     }
-    let summary = summary.and_then(|s| s.ok());
-    write_status(&ctx, &migration, phase, Some(name), complete, summary).await?;
-    Ok(Action::await_change())
 }
 
 /// The migrator's reason when it is a valid condition reason, else a generic one.
