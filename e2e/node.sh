@@ -265,6 +265,10 @@ start() {
   server=https://$gateway:$(sed 's/.*://' "$dir/server")
   mkdir -p "$node"/{pids,logs,pki}
   echo "$name" > "$node/name"
+  # Service traffic between pods on the bridge goes through iptables (kube-proxy) only with this.
+  [[ -d /proc/sys/net/bridge ]] || modprobe br_netfilter
+  # Restored by stop.
+  sysctl -n net.ipv4.ip_forward net.bridge.bridge-nf-call-iptables | paste -sd' ' > "$node/sysctl.saved"
   sysctl -qw net.ipv4.ip_forward=1 net.bridge.bridge-nf-call-iptables=1
   start_containerd
   "$here/images.sh" import "$node/containerd.sock"
@@ -343,6 +347,11 @@ stop() {
   for c in /sys/fs/cgroup/*/"$name"; do
     [[ -d $c ]] && find "$c" -depth -type d -exec rmdir {} + 2>/dev/null || true
   done
+  if [[ -f $node/sysctl.saved ]]; then
+    local forward bridge_nf
+    read -r forward bridge_nf < "$node/sysctl.saved"
+    sysctl -qw "net.ipv4.ip_forward=$forward" "net.bridge.bridge-nf-call-iptables=$bridge_nf" || true
+  fi
   rm -rf "$node"
 }
 

@@ -45,7 +45,7 @@ enum Command {
         management_url_template: String,
     },
     /// Drains an old RabbitMQ cluster into a new one: definitions, then every message.
-    Migrate(MigrateArgs),
+    Migrate(Box<MigrateArgs>),
     /// Prints the CustomResourceDefinitions as YAML.
     Crd,
     /// Prints, as YAML, every object the operator would create for the RabbitCluster in FILE.
@@ -217,7 +217,7 @@ async fn main() -> std::process::ExitCode {
     let bars = matches!(&cli.command, Command::Migrate(args) if progress_bars(args));
     init_tracing(cli.log_format, bars);
     match cli.command {
-        Command::Migrate(args) => migrate(args).await,
+        Command::Migrate(args) => migrate(*args).await,
         Command::Crd => {
             print!("{}", warren::crds_yaml());
             std::process::ExitCode::SUCCESS

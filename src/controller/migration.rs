@@ -268,7 +268,7 @@ async fn last_summary(ctx: &Context, namespace: &str, job: &str) -> Option<std::
             Some((terminated.finished_at.clone()?, terminated.message.clone()?))
         })
         .collect();
-    finished.sort_by(|a, b| a.0.0.cmp(&b.0.0));
+    finished.sort_by_key(|(at, _)| at.0);
     let (_, message) = finished.pop()?;
     Some(serde_json::from_str(&message).map_err(|_| message.chars().take(500).collect()))
 }
@@ -290,7 +290,7 @@ async fn write_status(
             conditions.push(Condition {
                 type_: "Complete".into(),
                 status: status.into(),
-                reason: reason.into(),
+                reason,
                 message,
                 observed_generation: migration.meta().generation,
                 last_transition_time: Time(jiff::Timestamp::now()),
