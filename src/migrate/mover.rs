@@ -195,10 +195,42 @@ async fn drain_queue(
         Ok(())
     }
     .await;
-    let connection_lost = !source.status().connected() || !target.status().connected();
+    // lapin marks a connection closed a little after its IO failed: the error says so first.
+    let down = !source.status().connected() || !target.status().connected();
     close(source).await;
     close(target).await;
-    outcome.map_err(|error| Stopped { error, connection_lost })
+    outcome.map_err(|error| Stopped { connection_lost: down || transport_failure(&error), error })
+}
+
+/// A failure of the connection itself (worth reconnecting), as lapin and this module word it,
+/// rather than a broker refusing something on a channel.
+fn transport_failure(error: &str) -> bool {
+    const MARKS: [&str; 7] = [
+        "IO error",
+        "invalid connection state",
+        "invalid channel state",
+        "no heartbeat",
+        "no answer within",
+        "connect to the",
+        "CONNECTION_FORCED",
+    ];
+    MARKS.iter().any(|mark| error.contains(mark))
+}
+
+/// Ready messages on the source after a queue stopped with an error (on a connection of its own);
+/// when the source cannot say, what was there less what moved.
+async fn left_on_source(options: &Options, plan: &QueuePlan, report: &QueueReport) -> u64 {
+    let measured = async {
+        let connection = connect(&options.source.amqp_for(&plan.vhost), "source").await?;
+        let channel = within("open a source channel", connection.create_channel()).await;
+        let left = match channel {
+            Ok(channel) => depth(&channel, &plan.name).await,
+            Err(e) => Err(e),
+        };
+        close(connection).await;
+        left
+    };
+    measured.await.unwrap_or_else(|_| report.source_before.saturating_sub(report.moved + report.refused))
 }
 
 /// Adds what to do where RabbitMQ's own words do not say it.
@@ -243,6 +275,7 @@ async fn move_queue(options: &Options, plan: QueuePlan, progress: Option<&Progre
         report.reconnects += 1;
     }
     if let Err(Stopped { error, .. }) = outcome {
+        report.source_after = left_on_source(options, &plan, &report).await;
         tracing::warn!(vhost = %plan.vhost, queue = %plan.name, moved = report.moved, error = %explain(error.clone()), "queue stopped");
         if let Some(bar) = &bar {
             bar.done("stopped: see the report");

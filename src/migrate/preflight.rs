@@ -31,9 +31,6 @@ pub struct Plan {
     pub queues: Vec<QueuePlan>,
 }
 
-/// A little more than RabbitMQ's default `collect_statistics_interval`.
-const STATISTICS_INTERVAL: Duration = Duration::from_secs(6);
-
 fn fail(reason: &'static str, message: impl Into<String>) -> MigrateError {
     MigrateError::new("preflight", reason, message)
 }
@@ -57,25 +54,66 @@ fn names(list: &Value) -> Vec<String> {
     list.as_array().into_iter().flatten().filter_map(|v| v["name"].as_str()).map(str::to_string).collect()
 }
 
-/// Queues (of `GET /api/queues`) whose messages consumers hold unacknowledged:
-/// `(vhost/queue, held, consumers)`.
-fn held_by_consumers(queues: &Value, options: &Options) -> Vec<(String, u64, u64)> {
+/// A queue whose messages consumers hold unacknowledged.
+struct Held {
+    vhost: String,
+    name: String,
+    messages: u64,
+    consumers: u64,
+}
+
+/// Queues (of `GET /api/queues`) whose statistics show messages held unacknowledged.
+fn held_by_consumers(queues: &Value, options: &Options) -> Vec<Held> {
     queues
         .as_array()
         .into_iter()
         .flatten()
         .filter(|q| selected(options, q))
         .filter_map(|q| {
-            let held = q["messages_unacknowledged"].as_u64().unwrap_or(0);
-            (held > 0).then(|| {
-                (
-                    format!("{}/{}", q["vhost"].as_str().unwrap_or(""), q["name"].as_str().unwrap_or("")),
-                    held,
-                    q["consumers"].as_u64().unwrap_or(0),
-                )
+            let messages = q["messages_unacknowledged"].as_u64().unwrap_or(0);
+            (messages > 0).then(|| Held {
+                vhost: q["vhost"].as_str().unwrap_or("/").to_string(),
+                name: q["name"].as_str().unwrap_or("").to_string(),
+                messages,
+                consumers: q["consumers"].as_u64().unwrap_or(0),
             })
         })
         .collect()
+}
+
+/// Of `held`, the queues that have a consumer right now. Statistics lag by seconds (more on a busy
+/// broker): a consumer that just went away, a migrator killed a moment ago say, still shows there,
+/// while its messages are back in the queue already. A passive queue.declare counts consumers live.
+async fn still_held(options: &Options, held: Vec<Held>) -> Result<Vec<Held>, MigrateError> {
+    let mut confirmed = Vec::new();
+    for mut queue in held {
+        let url = options.source.amqp_for(&queue.vhost);
+        let connect = lapin::Connection::connect(&url, lapin::ConnectionProperties::default());
+        let connection = match tokio::time::timeout(Duration::from_secs(15), connect).await {
+            Ok(Ok(connection)) => connection,
+            Ok(Err(e)) => return Err(fail("BrokerUnreachable", format!("source AMQP (vhost {}): {e}", queue.vhost))),
+            Err(_) => return Err(fail("BrokerUnreachable", format!("source AMQP (vhost {}): no answer", queue.vhost))),
+        };
+        let declare = async {
+            let channel = connection.create_channel().await?;
+            let options = lapin::options::QueueDeclareOptions { passive: true, ..Default::default() };
+            channel.queue_declare(queue.name.as_str().into(), options, lapin::types::FieldTable::default()).await
+        };
+        let live = tokio::time::timeout(Duration::from_secs(15), declare).await;
+        let _ = tokio::time::timeout(Duration::from_secs(5), connection.close(200, "preflight".into())).await;
+        match live {
+            Ok(Ok(declared)) if declared.consumer_count() > 0 => {
+                queue.consumers = u64::from(declared.consumer_count());
+                confirmed.push(queue);
+            }
+            Ok(Ok(_)) => {}
+            // Gone since the statistics were taken (the broker closes the channel): nothing held.
+            Ok(Err(e)) if matches!(e.kind(), lapin::ErrorKind::ProtocolError(_)) => {}
+            Ok(Err(e)) => return Err(fail("BrokerUnreachable", format!("source AMQP: queue {}: {e}", queue.name))),
+            Err(_) => return Err(fail("BrokerUnreachable", format!("source AMQP: queue {}: no answer", queue.name))),
+        }
+    }
+    Ok(confirmed)
 }
 
 fn selected(options: &Options, queue: &Value) -> bool {
@@ -108,26 +146,29 @@ pub async fn run(
     // Celery keeps eta/countdown tasks unacknowledged until they are due: those messages cannot
     // be moved while a worker holds them, and would be redelivered on the old cluster later.
     let mut source_queues = get(source, "source", "/api/queues").await?;
-    let mut held = held_by_consumers(&source_queues, options);
-    if !held.is_empty() && !options.force {
-        // Queue statistics are refreshed every 5 s: a consumer that just went away (a migrator
-        // killed a moment ago, say) still shows. Only what a fresh sample confirms is held.
-        tokio::time::sleep(STATISTICS_INTERVAL).await;
-        source_queues = get(source, "source", "/api/queues").await?;
-        held = held_by_consumers(&source_queues, options);
+    let mut held = Vec::new();
+    if !options.force {
+        held = still_held(options, held_by_consumers(&source_queues, options)).await?;
     }
-    if !held.is_empty() && !options.force {
+    if !held.is_empty() {
         if let Some(limit) = options.wait_for_consumers {
             let deadline = tokio::time::Instant::now() + limit;
             while !held.is_empty() && tokio::time::Instant::now() < deadline {
                 tokio::time::sleep(Duration::from_secs(2)).await;
                 source_queues = get(source, "source", "/api/queues").await?;
-                held = held_by_consumers(&source_queues, options);
+                held = still_held(options, held_by_consumers(&source_queues, options)).await?;
             }
         }
         if !held.is_empty() {
-            let list: Vec<String> =
-                held.iter().map(|(q, n, c)| format!("{q}: {n} unacknowledged, held by {c} consumer(s)")).collect();
+            let list: Vec<String> = held
+                .iter()
+                .map(|h| {
+                    format!(
+                        "{}/{}: {} unacknowledged, held by {} consumer(s)",
+                        h.vhost, h.name, h.messages, h.consumers
+                    )
+                })
+                .collect();
             return Err(fail(
                 "MessagesHeldByConsumers",
                 format!(
