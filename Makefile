@@ -28,7 +28,7 @@ e2e: deps control-plane node
 	$(HELM) lint --strict charts/warren --set watchNamespace=apps --set metrics.serviceMonitor.enabled=true
 	e2e/with-control-plane.sh $(CARGO) test --locked --features e2e --test e2e
 	$(CARGO) build --locked
-	e2e/with-cluster.sh $(CARGO) test --locked --features e2e --test e2e_node -- --test-threads=1
+	e2e/with-control-plane.sh --node $(CARGO) test --locked --features e2e --test e2e_node -- --test-threads=1
 
 ## bench: prints figures: `warren migrate` vs the Shovel plugin on the same brokers; the operator
 ## watching 200 RabbitClusters (time to apply, memory, CPU).

@@ -17,18 +17,9 @@ etcd_bin=$cache/bin/etcd-$ETCD_VERSION
 service_cidr=10.96.0.0/16
 # The first address of the service range: the `kubernetes` Service, which pods use.
 service_ip=10.96.0.1
-
-log() { printf '[control-plane %s] %s\n' "$(date +%T)" "$*" >&2; }
-die() { log "$*"; exit 1; }
-
-free_port() {
-  local port
-  for _ in $(seq 50); do
-    port=$((20000 + RANDOM % 20000))
-    ss -Htln "sport = :$port" | grep -q . || { echo "$port"; return; }
-  done
-  die "no free TCP port found on 127.0.0.1"
-}
+component=control-plane
+# shellcheck source=e2e/lib.sh
+source "$here/lib.sh"
 
 make_pki() {
   local pki=$1 advertise=$2
@@ -38,86 +29,38 @@ make_pki() {
     umask 077
     openssl ecparam -name prime256v1 -genkey -noout -out ca.key
     openssl req -x509 -new -key ca.key -subj /CN=warren-e2e-ca -days 30 -out ca.crt 2>/dev/null
-    issue() { # name subject [extfile-lines]
-      local name=$1 subject=$2 ext=$3
-      openssl ecparam -name prime256v1 -genkey -noout -out "$name.key"
-      openssl req -new -key "$name.key" -subj "$subject" -out "$name.csr" 2>/dev/null
-      printf '%b' "$ext" > "$name.ext"
-      openssl x509 -req -in "$name.csr" -CA ca.crt -CAkey ca.key -CAcreateserial -days 30 \
-        -extfile "$name.ext" -out "$name.crt" 2>/dev/null
-      rm -f "$name.csr" "$name.ext"
-    }
+    issue() { issue_cert . . "$@"; }
     local sans="DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc"
     sans+=",DNS:kubernetes.default.svc.cluster.local,IP:127.0.0.1,IP:$service_ip,IP:$advertise"
     issue apiserver /CN=kube-apiserver "keyUsage=digitalSignature\nextendedKeyUsage=serverAuth\nsubjectAltName=$sans\n"
-    issue admin "/O=system:masters/CN=warren-e2e-admin" "keyUsage=digitalSignature\nextendedKeyUsage=clientAuth\n"
-    issue controller-manager /CN=system:kube-controller-manager \
-      "keyUsage=digitalSignature\nextendedKeyUsage=clientAuth\n"
+    issue admin "/O=system:masters/CN=warren-e2e-admin" "$client_auth"
+    issue controller-manager /CN=system:kube-controller-manager "$client_auth"
     # How the API server authenticates to kubelets (logs, exec) once e2e/node.sh adds a node.
-    issue kubelet-client "/O=system:masters/CN=kube-apiserver-kubelet-client" \
-      "keyUsage=digitalSignature\nextendedKeyUsage=clientAuth\n"
+    issue kubelet-client "/O=system:masters/CN=kube-apiserver-kubelet-client" "$client_auth"
     # Service-account tokens are signed with this key pair (TokenRequest, the SA controller).
     openssl genpkey -algorithm RSA -pkeyopt rsa_keygen_bits:2048 -out sa.key 2>/dev/null
     openssl pkey -in sa.key -pubout -out sa.pub
   )
 }
 
-kubeconfig() { # file server user cert key
-  local file=$1 server=$2 user=$3 cert=$4 key=$5 pki=$6
-  cat > "$file" <<KC
-apiVersion: v1
-kind: Config
-clusters:
-- name: warren-e2e
-  cluster:
-    server: $server
-    certificate-authority: $pki/ca.crt
-users:
-- name: $user
-  user:
-    client-certificate: $cert
-    client-key: $key
-contexts:
-- name: warren-e2e
-  context: {cluster: warren-e2e, user: $user}
-current-context: warren-e2e
-KC
-  chmod 600 "$file"
-}
-
-# start_process NAME LOG CMD...: runs CMD in the background, records its pid in DIR/pids/NAME.
-start_process() {
-  local name=$1 logfile=$2; shift 2
-  "$@" > "$logfile" 2>&1 &
-  echo $! > "$dir/pids/$name"
-}
-
-wait_for() { # what seconds command...
-  local what=$1 seconds=$2; shift 2
-  local deadline=$((SECONDS + seconds))
-  until "$@" > /dev/null 2>&1; do
-    ((SECONDS < deadline)) || die "$what not ready after $seconds s; see $dir/logs"
-    sleep 0.2
-  done
-}
-
 start() {
   [[ -x $k8s_bin/kube-apiserver && -x $etcd_bin/etcd ]] || "$here/build.sh"
   mkdir -p "$dir"/{pids,logs,etcd}
   dir=$(cd "$dir" && pwd)
+  state=$dir
   local advertise=${WARREN_ADVERTISE_ADDRESS:-127.0.0.1}
   make_pki "$dir/pki" "$advertise"
   local pki=$dir/pki etcd_port etcd_peer api_port cm_port
   etcd_port=$(free_port); etcd_peer=$(free_port); api_port=$(free_port); cm_port=$(free_port)
 
-  start_process etcd "$dir/logs/etcd.log" "$etcd_bin/etcd" --name e2e --data-dir "$dir/etcd" \
+  start_process etcd "$etcd_bin/etcd" --name e2e --data-dir "$dir/etcd" \
     --listen-client-urls "http://127.0.0.1:$etcd_port" --advertise-client-urls "http://127.0.0.1:$etcd_port" \
     --listen-peer-urls "http://127.0.0.1:$etcd_peer" --initial-advertise-peer-urls "http://127.0.0.1:$etcd_peer" \
     --initial-cluster "e2e=http://127.0.0.1:$etcd_peer" --unsafe-no-fsync --log-level warn
   wait_for etcd 30 curl -fsS "http://127.0.0.1:$etcd_port/readyz"
 
   cp "$here/audit-policy.yaml" "$dir/audit-policy.yaml"
-  start_process kube-apiserver "$dir/logs/kube-apiserver.log" "$k8s_bin/kube-apiserver" \
+  start_process kube-apiserver "$k8s_bin/kube-apiserver" \
     --etcd-servers "http://127.0.0.1:$etcd_port" \
     --bind-address "$advertise" --advertise-address "$advertise" --secure-port "$api_port" \
     --tls-cert-file "$pki/apiserver.crt" --tls-private-key-file "$pki/apiserver.key" \
@@ -130,13 +73,13 @@ start() {
     --kubelet-client-certificate "$pki/kubelet-client.crt" --kubelet-client-key "$pki/kubelet-client.key" \
     --allow-privileged=true --profiling=false --v=1
   local server=https://$advertise:$api_port
-  kubeconfig "$dir/admin.kubeconfig" "$server" warren-e2e-admin "$pki/admin.crt" "$pki/admin.key" "$pki"
-  kubeconfig "$dir/controller-manager.kubeconfig" "$server" system:kube-controller-manager \
-    "$pki/controller-manager.crt" "$pki/controller-manager.key" "$pki"
+  write_kubeconfig "$dir/admin.kubeconfig" "$server" "$pki/ca.crt" warren-e2e-admin "$pki/admin.crt" "$pki/admin.key"
+  write_kubeconfig "$dir/controller-manager.kubeconfig" "$server" "$pki/ca.crt" system:kube-controller-manager \
+    "$pki/controller-manager.crt" "$pki/controller-manager.key"
   wait_for kube-apiserver 60 curl -fsS --cacert "$pki/ca.crt" --cert "$pki/admin.crt" --key "$pki/admin.key" \
     "$server/readyz"
 
-  start_process kube-controller-manager "$dir/logs/kube-controller-manager.log" \
+  start_process kube-controller-manager \
     "$k8s_bin/kube-controller-manager" --kubeconfig "$dir/controller-manager.kubeconfig" \
     --authentication-kubeconfig "$dir/controller-manager.kubeconfig" \
     --authorization-kubeconfig "$dir/controller-manager.kubeconfig" \
@@ -153,17 +96,10 @@ start() {
 
 stop() {
   [[ -d $dir ]] || return 0
-  local name pid
+  state=$dir
+  local name
   # Reverse order of start: controllers first, etcd last.
-  for name in kube-controller-manager kube-apiserver etcd; do
-    [[ -f $dir/pids/$name ]] || continue
-    pid=$(cat "$dir/pids/$name")
-    if kill -TERM "$pid" 2>/dev/null; then
-      for _ in $(seq 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-      kill -KILL "$pid" 2>/dev/null || true
-    fi
-    rm -f "$dir/pids/$name"
-  done
+  for name in kube-controller-manager kube-apiserver etcd; do stop_process "$name"; done
   [[ ${WARREN_KEEP_CONTROL_PLANE_DIR:-} == 1 ]] || rm -rf "$dir"
 }
 

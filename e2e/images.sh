@@ -20,8 +20,9 @@ images=$cache/images
 warren_bin=${WARREN_BINARY:-${CARGO_TARGET_DIR:-$cache/target}/debug/warren}
 mirror=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
 
-log() { printf '[images %s] %s\n' "$(date +%T)" "$*" >&2; }
-die() { log "$*"; exit 1; }
+component=images
+# shellcheck source=e2e/lib.sh
+source "$here/lib.sh"
 
 # pack ROOTFS REF ARCHIVE CONFIG_JSON: one layer holding ROOTFS, as a `docker save` archive.
 pack() {

@@ -23,59 +23,13 @@ kubelet_port=${WARREN_NODE_PORT:-10250}
 gateway=$subnet.1
 volumes=${WARREN_NODE_VOLUMES:-24}
 
-log() { printf '[node %s] %s\n' "$(date +%T)" "$*" >&2; }
-die() { log "$*"; exit 1; }
+component=node
+# shellcheck source=e2e/lib.sh
+source "$here/lib.sh"
 
-free_port() {
-  local port
-  for _ in $(seq 50); do
-    port=$((20000 + RANDOM % 20000))
-    ss -Htln "sport = :$port" | grep -q . || { echo "$port"; return; }
-  done
-  die "no free TCP port found"
-}
-
-wait_for() { # what seconds command...
-  local what=$1 seconds=$2; shift 2
-  local deadline=$((SECONDS + seconds))
-  until "$@" > /dev/null 2>&1; do
-    ((SECONDS < deadline)) || die "$what not ready after $seconds s; see $node/logs"
-    sleep 0.5
-  done
-}
-
-start_process() { # name command...
-  local pname=$1; shift
-  "$@" > "$node/logs/$pname.log" 2>&1 &
-  echo $! > "$node/pids/$pname"
-}
-
-client_cert() { # file-stem subject
-  (
-    cd "$pki"
-    umask 077
-    openssl ecparam -name prime256v1 -genkey -noout -out "$node/pki/$1.key"
-    openssl req -new -key "$node/pki/$1.key" -subj "$2" -out "$node/pki/$1.csr" 2>/dev/null
-    printf 'keyUsage=digitalSignature\nextendedKeyUsage=clientAuth\n' > "$node/pki/$1.ext"
-    openssl x509 -req -in "$node/pki/$1.csr" -CA ca.crt -CAkey ca.key -CAcreateserial -days 30 \
-      -extfile "$node/pki/$1.ext" -out "$node/pki/$1.crt" 2>/dev/null
-    rm -f "$node/pki/$1.csr" "$node/pki/$1.ext"
-  )
-  cat > "$node/$1.kubeconfig" <<KC
-apiVersion: v1
-kind: Config
-clusters:
-- name: warren-e2e
-  cluster: {server: $server, certificate-authority: $pki/ca.crt}
-users:
-- name: $1
-  user: {client-certificate: $node/pki/$1.crt, client-key: $node/pki/$1.key}
-contexts:
-- name: warren-e2e
-  context: {cluster: warren-e2e, user: $1}
-current-context: warren-e2e
-KC
-  chmod 600 "$node/$1.kubeconfig"
+client_cert() { # stem subject: a client certificate for the node's part STEM, and its kubeconfig
+  issue_cert "$pki" "$node/pki" "$1" "$2" "$client_auth"
+  write_kubeconfig "$node/$1.kubeconfig" "$server" "$pki/ca.crt" "$1" "$node/pki/$1.crt" "$node/pki/$1.key"
 }
 
 admin() { kubectl --kubeconfig "$dir/admin.kubeconfig" "$@"; }
@@ -261,6 +215,7 @@ start() {
   ip -4 addr show dev "$name" 2>/dev/null | grep -q "inet $gateway/" ||
     die "bridge $name with $gateway/24 is missing (e2e/cluster.sh creates it)"
   node=$dir/node
+  state=$node
   pki=$dir/pki
   server=https://$gateway:$(sed 's/.*://' "$dir/server")
   mkdir -p "$node"/{pids,logs,pki}
@@ -280,24 +235,14 @@ start() {
   log "node $name ready in $SECONDS s (kubelet $KUBERNETES_VERSION, containerd $(containerd --version | awk '{print $3}'))"
 }
 
-stop_pid() { # name
-  local pid
-  [[ -f $node/pids/$1 ]] || return 0
-  pid=$(cat "$node/pids/$1")
-  if kill -TERM "$pid" 2>/dev/null; then
-    for _ in $(seq 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-    kill -KILL "$pid" 2>/dev/null || true
-  fi
-  rm -f "$node/pids/$1"
-}
-
 stop() {
   node=$dir/node
+  state=$node
   [[ -d $node ]] || return 0
   [[ -f $node/name ]] && name=$(cat "$node/name")
   local socket=$node/containerd.sock
-  stop_pid kubelet
-  stop_pid kube-proxy
+  stop_process kubelet
+  stop_process kube-proxy
   # Every container, then every sandbox, through containerd: its shims exit with their tasks.
   if [[ -f $node/pids/containerd ]] && kill -0 "$(cat "$node/pids/containerd")" 2>/dev/null; then
     local id
@@ -318,14 +263,14 @@ stop() {
     [[ -e $ns ]] || continue
     ip netns delete "$(basename "$ns")" 2>/dev/null || { umount "$ns" 2>/dev/null; rm -f "$ns"; }
   done
-  stop_pid containerd
+  stop_process containerd
   # Shims whose tasks could not be deleted: by the pid containerd recorded for each.
   local pidfile
   for pidfile in $(find "$node/containerd/state" -name shim.pid 2>/dev/null); do
     kill -KILL "$(cat "$pidfile")" 2>/dev/null || true
   done
-  stop_pid coredns
-  stop_pid kube-scheduler
+  stop_process coredns
+  stop_process kube-scheduler
   # kube-proxy's rules, its own way; then the chains the kubelet made (iptables and ip6tables).
   [[ ! -f $node/kube-proxy.yaml ]] || "$k8s_bin/kube-proxy" --cleanup --config "$node/kube-proxy.yaml" \
     > "$node/logs/kube-proxy-cleanup.log" 2>&1 || true

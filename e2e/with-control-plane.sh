@@ -1,19 +1,28 @@
 #!/usr/bin/env bash
-# Runs a command against a fresh local control plane, then stops it and removes its directory,
+# Runs a command against a fresh local control plane (with --node: a whole local cluster, the
+# control plane and one real node, e2e/cluster.sh), then stops it and removes everything it made,
 # also when the command fails or is interrupted.
 #   e2e/with-control-plane.sh cargo test --features e2e --test e2e
-# The command sees KUBECONFIG (admin), WARREN_E2E_DIR (audit.log, pki/) and WARREN_HELM.
+#   e2e/with-control-plane.sh --node cargo test --features e2e --test e2e_node
+# The command sees KUBECONFIG (admin), WARREN_E2E_DIR (audit.log, pki/) and WARREN_HELM; with
+# --node also WARREN_IMAGE and RABBITMQ_IMAGE (the images imported into the node).
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 # shellcheck source=e2e/versions.env
 source "$here/versions.env"
 cache=${WARREN_CACHE:-$HOME/.cache/warren}
-"$here/build.sh"
+script=control-plane.sh components=(etcd helm kubernetes)
+if [[ ${1:-} == --node ]]; then
+  shift
+  script=cluster.sh components+=(node coredns)
+  export WARREN_IMAGE RABBITMQ_IMAGE
+fi
+"$here/build.sh" "${components[@]}"
 mkdir -p "$cache/run"
-dir=$(mktemp -d "$cache/run/control-plane.XXXXXX")
-trap '"$here/control-plane.sh" stop "$dir"' EXIT
+dir=$(mktemp -d "$cache/run/${script%.sh}.XXXXXX")
+trap '"$here/$script" stop "$dir"' EXIT
 trap 'exit 130' INT TERM
-"$here/control-plane.sh" start "$dir" > /dev/null
+"$here/$script" start "$dir" > /dev/null
 export KUBECONFIG=$dir/admin.kubeconfig WARREN_E2E_DIR=$dir
 export WARREN_HELM=$cache/bin/helm-$HELM_VERSION/helm
 "$@"

@@ -1,6 +1,6 @@
 //! Tier 4: RabbitClusters as pods running RabbitMQ on a real node (kubelet, containerd, CoreDNS,
 //! local volumes; images built here), the operator installed by the chart and running in the
-//! cluster. Run through e2e/with-cluster.sh, one test at a time: `make test` does.
+//! cluster. Run through `e2e/with-control-plane.sh --node`, one test at a time: `make test` does.
 
 #[path = "../../tests/support/amqp.rs"]
 #[allow(dead_code)]

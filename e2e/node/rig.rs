@@ -11,7 +11,7 @@ use serde_json::Value;
 use tokio::sync::Mutex;
 use warren::api::RabbitCluster;
 
-use crate::support::cluster::condition;
+use crate::support::cluster::{condition, summary};
 use crate::support::{ensure_crds, helm, kubectl, ok, wait_for};
 
 /// Formation, restarts and rejoins of real pods on two cores: generous, never asserted on.
@@ -19,7 +19,7 @@ pub const POD_TIMEOUT: Duration = Duration::from_secs(300);
 
 fn image(variable: &str) -> String {
     std::env::var(variable).unwrap_or_else(|_| {
-        panic!("{variable} is not set: run these tests through e2e/with-cluster.sh (make test does)")
+        panic!("{variable} is not set: run these tests through e2e/with-control-plane.sh --node (make test does)")
     })
 }
 
@@ -66,20 +66,6 @@ pub fn manifest(name: &str, replicas: i32) -> String {
          image: {}\n  resources:\n    requests: {{cpu: 100m, memory: 256Mi}}\n    limits: {{memory: 1Gi}}\n",
         image("RABBITMQ_IMAGE")
     )
-}
-
-fn summary(cluster: &RabbitCluster) -> String {
-    cluster
-        .status
-        .as_ref()
-        .map(|s| {
-            s.conditions
-                .iter()
-                .map(|c| format!("{}={} {}: {}", c.type_, c.status, c.reason, c.message))
-                .collect::<Vec<_>>()
-                .join("; ")
-        })
-        .unwrap_or_else(|| "no status".into())
 }
 
 /// Waits until the RabbitCluster's status (for its current generation) says Ready with `members`

@@ -183,17 +183,11 @@ pub async fn reconcile(migration: Arc<RabbitMigration>, ctx: Arc<Context>) -> Re
     };
     let phase = phase(&job);
     let before = migration.status.as_ref().and_then(|s| s.phase.clone());
-    let finished = matches!(phase, "Succeeded" | "Failed");
-    // The Job's own report, read once when it finishes: per-queue counts and what stopped it.
-    let summary = match (finished, before.as_deref() == Some(phase)) {
-        (true, false) => last_summary(&ctx, &namespace, &name).await,
-        _ => None,
-    };
-    // Set once, when the Job finishes; later passes keep what was written then.
-    let complete = match finished && before.as_deref() != Some(phase) {
-        true => completion(&name, phase, summary.as_ref()),
-        false => None,
-    };
+    // The Job just finished: its own report (per-queue counts, what stopped it) is read once and
+    // the Complete condition set; later passes keep what was written then.
+    let finishing = matches!(phase, "Succeeded" | "Failed") && before.as_deref() != Some(phase);
+    let summary = if finishing { last_summary(&ctx, &namespace, &name).await } else { None };
+    let complete = if finishing { completion(&name, phase, summary.as_ref()) } else { None };
     if let Some((_, reason, message)) = &complete {
         let type_ = if phase == "Failed" { EventType::Warning } else { EventType::Normal };
         let note = format!("Job {name}: {message}");

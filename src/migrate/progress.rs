@@ -10,7 +10,6 @@ pub struct Progress {
 }
 
 /// One queue's bar, which also moves the total.
-#[derive(Clone)]
 pub struct QueueBar {
     bar: ProgressBar,
     total: ProgressBar,

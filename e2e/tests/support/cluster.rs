@@ -34,7 +34,7 @@ pub fn condition<'a>(cluster: &'a RabbitCluster, type_: &str) -> Option<&'a Cond
     cluster.status.as_ref()?.conditions.iter().find(|c| c.type_ == type_)
 }
 
-fn summary(cluster: &RabbitCluster) -> String {
+pub fn summary(cluster: &RabbitCluster) -> String {
     match &cluster.status {
         None => "no status".into(),
         Some(s) => format!(
