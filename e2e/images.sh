@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Container images for the local node, built here with no registry and no Docker engine:
 #   pause     Kubernetes' own build/pause/linux/pause.c, compiled static (the pod sandbox)
-#   rabbitmq  Debian bookworm (debootstrap) with Debian's rabbitmq-server, uid/gid 999 as in the
-#             official image, PATH on the server's own scripts (Debian's wrapper would drop to a user)
+#   rabbitmq  one per RabbitMQ generation of versions.env: the rootfs e2e/rootfs.sh built (Debian
+#             with Debian's rabbitmq-server, uid/gid 999 as in the official image), PATH on the
+#             server's own scripts (Debian's wrapper would drop to a user), named
+#             warren.local/rabbitmq:<version>-management
 #   warren    the warren binary and the shared libraries it links (the migration Job, the operator)
 # Each is written as a `docker save` archive, which `ctr images import` reads.
 #
@@ -10,7 +12,7 @@
 #   e2e/images.sh import SOCKET   build, then import all of them into containerd's k8s.io namespace
 #
 # pause and rabbitmq are cached under $WARREN_CACHE/images keyed by version; warren is rebuilt
-# when the binary changed.
+# when the binary changed. The tier-2 tests run the same rootfs under chroot.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 # shellcheck source=e2e/versions.env
@@ -18,7 +20,6 @@ source "$here/versions.env"
 cache=${WARREN_CACHE:-$HOME/.cache/warren}
 images=$cache/images
 warren_bin=${WARREN_BINARY:-${CARGO_TARGET_DIR:-$cache/target}/debug/warren}
-mirror=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
 
 component=images
 # shellcheck source=e2e/lib.sh
@@ -62,30 +63,18 @@ build_pause() {
   rm -rf "$rootfs"
 }
 
-build_rabbitmq() {
-  local archive=$images/rabbitmq-$RABBITMQ_VERSION.tar
+build_rabbitmq() { # GENERATION
+  local generation=$1 rootfs=$cache/rootfs/rabbitmq-$1
+  "$here/rootfs.sh" "$generation"
+  local version image
+  version=$(cat "$rootfs.version")
+  image=$(rabbitmq_image "$generation")
+  local archive=$images/rabbitmq-$version.tar
   [[ -f $archive ]] && return 0
-  log "rabbitmq $RABBITMQ_VERSION: debootstrap bookworm with rabbitmq-server (a few minutes, once)"
-  local rootfs=$images/rabbitmq-rootfs
-  rm -rf "$rootfs"
-  debootstrap --variant=minbase --include=rabbitmq-server bookworm "$rootfs" "$mirror" > "$images/debootstrap.log" 2>&1 ||
-    die "debootstrap failed; see $images/debootstrap.log"
-  local installed
-  installed=$(chroot "$rootfs" dpkg-query -W -f '${Version}' rabbitmq-server)
-  [[ $installed == "$RABBITMQ_VERSION"* ]] || die "Debian's rabbitmq-server is $installed, versions.env says $RABBITMQ_VERSION"
-  # The official image runs as rabbitmq 999:999 with HOME /var/lib/rabbitmq; the operator's pods do too.
-  local old_uid old_gid
-  old_uid=$(chroot "$rootfs" id -u rabbitmq); old_gid=$(chroot "$rootfs" id -g rabbitmq)
-  sed -i "s/^rabbitmq:x:$old_uid:$old_gid:/rabbitmq:x:999:999:/" "$rootfs/etc/passwd"
-  sed -i "s/^rabbitmq:x:$old_gid:/rabbitmq:x:999:/" "$rootfs/etc/group"
-  rm -rf "$rootfs"/var/lib/rabbitmq/* "$rootfs"/var/lib/rabbitmq/.erlang.cookie "$rootfs"/var/log/rabbitmq/* \
-    "$rootfs"/var/cache/apt/archives/*.deb "$rootfs"/var/lib/apt/lists/* "$rootfs"/usr/share/doc \
-    "$rootfs"/usr/share/man "$rootfs"/usr/share/locale
-  chown -R 999:999 "$rootfs"/var/lib/rabbitmq "$rootfs"/var/log/rabbitmq "$rootfs"/etc/rabbitmq
+  log "rabbitmq $version from $rootfs"
   local path=/usr/lib/rabbitmq/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
-  pack "$rootfs" "$RABBITMQ_IMAGE" "$archive" \
+  pack "$rootfs" "$image" "$archive" \
     "{\"Env\":[\"PATH=$path\",\"HOME=/var/lib/rabbitmq\",\"LANG=C.UTF-8\"],\"Cmd\":[\"rabbitmq-server\"],\"User\":\"999:999\",\"ExposedPorts\":{\"5672/tcp\":{},\"15672/tcp\":{}}}"
-  rm -rf "$rootfs"
 }
 
 build_warren() {
@@ -119,10 +108,13 @@ build_warren() {
 build() {
   mkdir -p "$images"
   build_pause
-  build_rabbitmq
+  local generation
+  for generation in $RABBITMQ_GENERATIONS; do build_rabbitmq "$generation"; done
   build_warren
   echo "pause=$PAUSE_IMAGE $images/pause-$PAUSE_IMAGE_TAG.tar"
-  echo "rabbitmq=$RABBITMQ_IMAGE $images/rabbitmq-$RABBITMQ_VERSION.tar"
+  for generation in $RABBITMQ_GENERATIONS; do
+    echo "rabbitmq-$generation=$(rabbitmq_image "$generation") $images/rabbitmq-$(cat "$cache/rootfs/rabbitmq-$generation.version").tar"
+  done
   echo "warren=$WARREN_IMAGE $(cat "$images/warren.current")"
 }
 

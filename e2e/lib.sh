@@ -79,3 +79,22 @@ current-context: warren-e2e
 KC
   chmod 600 "$file"
 }
+
+# rabbitmq_image GENERATION: the node image of a RabbitMQ generation (`4.3`), named by the exact
+# version its rootfs holds (e2e/rootfs.sh records it).
+rabbitmq_image() {
+  local file=${WARREN_CACHE:-$HOME/.cache/warren}/rootfs/rabbitmq-$1.version
+  [[ -f $file ]] || die "no RabbitMQ $1 rootfs: run e2e/rootfs.sh $1"
+  echo "warren.local/rabbitmq:$(cat "$file")-management"
+}
+
+# export_rabbitmq_images: RABBITMQ_IMAGE (the default generation, what `make up` runs) and
+# RABBITMQ_IMAGE_<generation> (RABBITMQ_IMAGE_3_10, ...) for every generation of versions.env.
+export_rabbitmq_images() {
+  local generation
+  for generation in $RABBITMQ_GENERATIONS; do
+    export "RABBITMQ_IMAGE_${generation//./_}=$(rabbitmq_image "$generation")"
+  done
+  RABBITMQ_IMAGE=$(rabbitmq_image "$RABBITMQ_DEFAULT_GENERATION")
+  export RABBITMQ_IMAGE
+}

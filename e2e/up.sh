@@ -11,10 +11,16 @@ cache=${WARREN_CACHE:-$HOME/.cache/warren}
 helm=$cache/bin/helm-$HELM_VERSION/helm
 dir=$cache/up
 export WARREN_NODE_NAME=warren-up WARREN_NODE_SUBNET=10.244.1 WARREN_NODE_PORT=10251
-step() { printf '[up %s] %s\n' "$(date +%T)" "$*" >&2; }
+component=up
+# shellcheck source=e2e/lib.sh
+source "$here/lib.sh"
+step() { log "$@"; }
 
 [[ -d $dir ]] && "$here/down.sh"
 "$here/build.sh" etcd helm kubernetes node coredns
+"$here/rootfs.sh"
+export_rabbitmq_images
+version=${RABBITMQ_IMAGE##*:}; version=${version%-management}
 step "cluster: control plane and node"
 "$here/cluster.sh" start "$dir" > /dev/null
 export KUBECONFIG=$dir/admin.kubeconfig
@@ -45,7 +51,8 @@ cat <<MSG
 
 Warren is up: Kubernetes $KUBERNETES_VERSION (control plane $(cat "$dir/server"), node $WARREN_NODE_NAME),
 the operator running in the cluster (kubectl logs -n warren-system deploy/warren), and RabbitCluster
-demo: three RabbitMQ $RABBITMQ_VERSION pods, one cluster, Ready.
+demo: three RabbitMQ $version pods, one cluster, Ready (quorum queues by default; the other
+generations' images are imported too: $RABBITMQ_IMAGE_3_10, $RABBITMQ_IMAGE_4_0).
 
 From this machine, through the client Service:
   AMQP        amqp://$user:<password>@$ip:5672/

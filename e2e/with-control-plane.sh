@@ -5,17 +5,23 @@
 #   e2e/with-control-plane.sh cargo test --features e2e --test e2e
 #   e2e/with-control-plane.sh --node cargo test --features e2e --test e2e_node
 # The command sees KUBECONFIG (admin), WARREN_E2E_DIR (audit.log, pki/) and WARREN_HELM; with
-# --node also WARREN_IMAGE and RABBITMQ_IMAGE (the images imported into the node).
+# --node also WARREN_IMAGE, RABBITMQ_IMAGE (the default generation's) and RABBITMQ_IMAGE_<generation>
+# (RABBITMQ_IMAGE_3_10, ...): the images imported into the node.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 # shellcheck source=e2e/versions.env
 source "$here/versions.env"
 cache=${WARREN_CACHE:-$HOME/.cache/warren}
+component=with-control-plane
+# shellcheck source=e2e/lib.sh
+source "$here/lib.sh"
 script=control-plane.sh components=(etcd helm kubernetes)
 if [[ ${1:-} == --node ]]; then
   shift
   script=cluster.sh components+=(node coredns)
-  export WARREN_IMAGE RABBITMQ_IMAGE
+  "$here/rootfs.sh"
+  export WARREN_IMAGE
+  export_rabbitmq_images
 fi
 "$here/build.sh" "${components[@]}"
 mkdir -p "$cache/run"

@@ -18,6 +18,14 @@ pub enum Error {
     )]
     ScaleDownRefused { current: i32, desired: i32 },
 
+    /// spec.image names a RabbitMQ version the running cluster cannot move to in place.
+    #[error(
+        "spec.image changes RabbitMQ from {from} to {to}: {why}. Set spec.image back to {from} (or to the next \
+         minor version), or create a new RabbitCluster on {to} and move queues, messages and definitions \
+         there with a RabbitMigration"
+    )]
+    UpgradeRefused { from: String, to: String, why: String },
+
     /// Another field manager owns a field the operator applies.
     #[error("{object}: field conflict with another manager: {message}")]
     ApplyConflict { object: String, message: String },
@@ -47,6 +55,7 @@ impl Error {
             Error::InvalidSpec { reason, .. } => reason,
             Error::SecretMissing { .. } => "SecretMissing",
             Error::ScaleDownRefused { .. } => "ScaleDownRefused",
+            Error::UpgradeRefused { .. } => "UpgradeRefused",
             Error::ApplyConflict { .. } => "FieldConflict",
             Error::Kube { .. } => "KubernetesApiError",
             Error::Broker { reason, .. } => reason,
@@ -59,6 +68,7 @@ impl Error {
             Error::InvalidSpec { .. } => "invalid_spec",
             Error::SecretMissing { .. } => "secret_missing",
             Error::ScaleDownRefused { .. } => "scale_down_refused",
+            Error::UpgradeRefused { .. } => "upgrade_refused",
             Error::ApplyConflict { .. } => "apply_conflict",
             Error::Kube { .. } => "kube_api",
             Error::Broker { .. } => "broker_api",
@@ -67,7 +77,7 @@ impl Error {
 
     /// Whether retrying without a spec change can help. Errors in the spec wait for the user.
     pub fn is_retriable(&self) -> bool {
-        !matches!(self, Error::InvalidSpec { .. } | Error::ScaleDownRefused { .. })
+        !matches!(self, Error::InvalidSpec { .. } | Error::ScaleDownRefused { .. } | Error::UpgradeRefused { .. })
     }
 }
 

@@ -326,3 +326,19 @@ fn crds_directory_and_chart_crds_are_up_to_date() {
         assert!(committed == warren::crds_yaml(), "{file} is stale: run `make crds`");
     }
 }
+
+#[test]
+fn a_patch_release_changes_only_the_image_and_rolls_one_pod_at_a_time() {
+    let (_, before) = built("basic.yaml");
+    let mut cluster = fixture("basic.yaml");
+    cluster.spec.image = "rabbitmq:4.1.5-management".into();
+    let after = build::build(&validate(&cluster, &Settings::default()).expect("valid"), &credentials());
+    let (mut old, new) = (json_of(&before.stateful_set), json_of(&after.stateful_set));
+    // The StatefulSet controller's RollingUpdate replaces one pod at a time (maxUnavailable unset
+    // is 1, no partition), each stopped through the preStop hook: nothing here overrides it.
+    assert_eq!(new["spec"]["updateStrategy"], json!({"type": "RollingUpdate"}));
+    assert_eq!(new["spec"]["template"]["spec"]["containers"][0]["image"], "rabbitmq:4.1.5-management");
+    old["spec"]["template"]["spec"]["containers"][0]["image"] = json!("rabbitmq:4.1.5-management");
+    assert_eq!(old, new, "a patch release changes nothing but the image");
+    assert_eq!(json_of(&before.config_map), json_of(&after.config_map));
+}

@@ -1,6 +1,8 @@
-//! `warren migrate` between two real RabbitMQ 3.10 clusters (one node each, from the tier-2
-//! harness): every message and property, definitions, consumers holding messages, quorum
-//! conversion, a SIGKILL mid-run, late messages with --follow, and bad input.
+//! `warren migrate` between real RabbitMQ clusters (one node each, from the tier-2 harness). Between
+//! two 3.10 clusters: every message and property, definitions, consumers holding messages, a
+//! SIGKILL mid-run, late messages with --follow, and bad input. Across generations, the upgrades
+//! that cannot be done in place: 3.10 with mirrored classic queues into 4.3 with quorum queues,
+//! and 4.0 into 4.3 (two minors apart).
 
 mod support;
 
@@ -13,17 +15,16 @@ use lapin::options::{
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Connection, ConnectionProperties};
 use support::amqp;
-use support::rabbit_nodes::{NodeCluster, wait_for};
+use support::rabbit_nodes::{NodeCluster, manifest, wait_for};
 use warren::migrate::{Endpoint, Options, migrate};
 
-fn cluster(name: &str) -> String {
-    format!(
-        "apiVersion: warren.dev/v1alpha1\nkind: RabbitCluster\nmetadata: {{name: {name}}}\nspec:\n  replicas: 1\n  image: rabbitmq:3.10.8-management\n"
-    )
+/// A source and a target of one node each, of these generations, formed and with HA applied.
+async fn pair_of(source: &str, target: &str) -> (NodeCluster, NodeCluster) {
+    NodeCluster::started_pair(&manifest("old", 1, source, ""), &manifest("new", 1, target, "")).await
 }
 
 async fn pair() -> (NodeCluster, NodeCluster) {
-    NodeCluster::started_pair(&cluster("old"), &cluster("new")).await
+    pair_of("3.10", "3.10").await
 }
 
 fn endpoint(nodes: &NodeCluster) -> Endpoint {
@@ -82,36 +83,9 @@ async fn every_message_and_property_arrives_exactly_once() {
     }
     // One message with every property set.
     declare(&old, "everything", serde_json::json!({"x-max-priority": 5})).await;
-    let mut headers = FieldTable::default();
-    headers.insert("trace".into(), AMQPValue::LongString("abc-123".into()));
-    headers.insert("retries".into(), AMQPValue::LongInt(3));
-    let properties = BasicProperties::default()
-        .with_content_type("application/json".into())
-        .with_content_encoding("utf-8".into())
-        .with_headers(headers)
-        .with_delivery_mode(2)
-        .with_priority(4)
-        .with_correlation_id("corr-1".into())
-        .with_reply_to("replies".into())
-        .with_expiration("3600000".into())
-        .with_message_id("everything-1".into())
-        .with_timestamp(1_700_000_000)
-        .with_type("celery.task".into())
-        .with_user_id(old.credentials.username.as_str().into())
-        .with_app_id("billing".into());
+    let properties = every_property(&old.credentials.username);
     let body: Vec<u8> = (0u8..=255).chain(b"{\"task\":\"add\"}".iter().copied()).collect();
-    {
-        let connection = Connection::connect(&url, ConnectionProperties::default()).await.expect("connect");
-        let channel = connection.create_channel().await.expect("channel");
-        channel.confirm_select(ConfirmSelectOptions::default()).await.expect("confirms");
-        let confirm = channel
-            .basic_publish("".into(), "everything".into(), BasicPublishOptions::default(), &body, properties.clone())
-            .await
-            .expect("publish")
-            .await
-            .expect("confirm");
-        assert!(confirm.is_ack());
-    }
+    publish_one(&url, "everything", &body, properties.clone()).await;
 
     // Keeping user_id needs a target user RabbitMQ lets publish as another user.
     let first = migrate(&options(&old, &new)).await.expect("migration");
@@ -188,12 +162,66 @@ async fn messages_held_by_consumers_are_detected_and_nothing_moves() {
     assert_in_order_once("celery", &ordered_ids(&amqp_url(&new), "celery").await, 0..10);
 }
 
+/// A message with every AMQP 0-9-1 property set, `user_id` naming `user`.
+fn every_property(user: &str) -> BasicProperties {
+    let mut headers = FieldTable::default();
+    headers.insert("trace".into(), AMQPValue::LongString("abc-123".into()));
+    headers.insert("retries".into(), AMQPValue::LongInt(3));
+    let mut nested = FieldTable::default();
+    nested.insert("eta".into(), AMQPValue::Timestamp(1_700_000_100));
+    headers.insert("celery".into(), AMQPValue::FieldTable(nested));
+    BasicProperties::default()
+        .with_content_type("application/json".into())
+        .with_content_encoding("utf-8".into())
+        .with_headers(headers)
+        .with_delivery_mode(2)
+        .with_priority(4)
+        .with_correlation_id("corr-1".into())
+        .with_reply_to("replies".into())
+        .with_expiration("3600000".into())
+        .with_message_id("everything-1".into())
+        .with_timestamp(1_700_000_000)
+        .with_type("celery.task".into())
+        .with_user_id(user.into())
+        .with_app_id("billing".into())
+}
+
+async fn publish_one(url: &str, queue: &str, body: &[u8], properties: BasicProperties) {
+    let connection = Connection::connect(url, ConnectionProperties::default()).await.expect("connect");
+    let channel = connection.create_channel().await.expect("channel");
+    channel.confirm_select(ConfirmSelectOptions::default()).await.expect("confirms");
+    let confirm = channel
+        .basic_publish("".into(), queue.into(), BasicPublishOptions::default(), body, properties)
+        .await
+        .expect("publish")
+        .await
+        .expect("confirm");
+    assert!(confirm.is_ack(), "{queue}: {confirm:?}");
+}
+
+/// A user's tags, whichever form the version reports them in (a list, or a comma-separated string).
+fn tags(user: &serde_json::Value) -> Vec<String> {
+    let mut tags: Vec<String> = match &user["tags"] {
+        serde_json::Value::Array(t) => t.iter().filter_map(|t| t.as_str().map(str::to_string)).collect(),
+        serde_json::Value::String(t) => t.split(',').filter(|t| !t.is_empty()).map(str::to_string).collect(),
+        _ => Vec::new(),
+    };
+    tags.sort();
+    tags
+}
+
+/// The upgrade users need most, and that RabbitMQ cannot do in place (3.10 to 4.x skips minors):
+/// a 3.10 cluster with ha-all mirrored classic queues into a 4.3 cluster (Khepri) with quorum queues.
 #[tokio::test]
-async fn mirrored_definitions_arrive_and_convert_to_quorum() {
-    let (old, new) = pair().await;
-    // The source's broker reconcile applied ha-all; a priority queue cannot be quorum.
+async fn mirrored_3_10_moves_into_quorum_queues_on_4_3() {
+    let (old, new) = pair_of("3.10", "4.3").await;
+    // The source's broker reconcile applied ha-all. Queues of every kind a Celery setup has, and two
+    // that cannot be quorum queues: a priority queue and a transient one.
+    declare(&old, "emails", serde_json::json!({"x-queue-mode": "lazy"})).await;
+    declare(&old, "everything", serde_json::json!({})).await;
     declare(&old, "invoices", serde_json::json!({"x-max-priority": 3})).await;
-    declare(&old, "emails", serde_json::json!({})).await;
+    let transient = serde_json::json!({"durable": false, "arguments": {}});
+    old.api_put(0, "/api/queues/%2F/scratch", transient).await.expect("declare scratch");
     old.api_put(0, "/api/exchanges/%2F/billing", serde_json::json!({"type": "topic", "durable": true}))
         .await
         .expect("exchange");
@@ -205,24 +233,103 @@ async fn mirrored_definitions_arrive_and_convert_to_quorum() {
         .await
         .expect("bind");
     assert!(bind.status().is_success());
+    let worker = serde_json::json!({"password": "worker-secret-1", "tags": "monitoring"});
+    old.api_put(0, "/api/users/celery-worker", worker).await.expect("user");
+    let permissions = serde_json::json!({"configure": "^celery", "write": ".*", "read": "^(celery|emails)"});
+    old.api_put(0, "/api/permissions/%2F/celery-worker", permissions.clone()).await.expect("permissions");
     let url = amqp_url(&old);
     assert_eq!(amqp::publish(&url, "invoices", 0..300, 100).await.0.len(), 300);
-    assert_eq!(amqp::publish(&url, "emails", 0..200, 100).await.0.len(), 200);
+    assert_eq!(amqp::publish(&url, "emails", 0..2_000, 500).await.0.len(), 2_000);
+    assert_eq!(amqp::publish(&url, "scratch", 0..20, 20).await.0.len(), 20);
+    let body: Vec<u8> = (0u8..=255).chain(b"{\"task\":\"add\"}".iter().copied()).collect();
+    let properties = every_property(&old.credentials.username);
+    publish_one(&url, "everything", &body, properties.clone()).await;
+    for queue in ["emails", "invoices"] {
+        // The policy shows in the queue's statistics, which follow a few seconds later.
+        wait_for(&format!("{queue} mirrored by ha-all on the source"), Duration::from_secs(30), || async {
+            let info = old.api(0, &format!("/api/queues/%2F/{queue}")).await?;
+            if info["policy"] == "ha-all" { Ok(()) } else { Err(info.to_string()) }
+        })
+        .await;
+    }
+    // Keeping user_id takes a target user RabbitMQ lets publish as another user.
+    let tags_on_target =
+        serde_json::json!({"password": new.credentials.password, "tags": "administrator,impersonator"});
+    new.api_put(0, &format!("/api/users/{}", new.credentials.username), tags_on_target).await.expect("impersonator");
 
     let mut options = options(&old, &new);
     options.convert_to_quorum = true;
     let report = migrate(&options).await.expect("migration");
     assert!(report.complete, "{report:#?}");
-    assert!(report.definitions.notes.iter().any(|n| n.contains("invoices: dropped x-max-priority")), "{report:#?}");
-    for (queue, count) in [("invoices", 300), ("emails", 200)] {
+    assert_eq!(
+        (report.source_version.as_str(), report.target_version.as_str()),
+        ("3.10.8", new.cluster.image_version.unwrap().to_string().as_str())
+    );
+    assert_eq!(report.moved(), 2_321, "{report:#?}");
+    // Never silently dropped: what cannot be quorum is named with the reason, and moved as classic.
+    let kept: Vec<(&str, &str)> = report.kept_classic.iter().map(|k| (k.name.as_str(), k.reason.as_str())).collect();
+    assert_eq!(kept.len(), 2, "{kept:?}");
+    assert!(kept[0].0 == "invoices" && kept[0].1.contains("x-max-priority 3"), "{kept:?}");
+    assert!(kept[1].0 == "scratch" && kept[1].1.contains("not durable"), "{kept:?}");
+    assert!(report.definitions.notes.iter().any(|n| n.contains("emails: dropped x-queue-mode")), "{report:#?}");
+    assert!(report.definitions.notes.iter().any(|n| n.contains("policy ha-all: not imported")), "{report:#?}");
+
+    // Definitions: no ha-* key anywhere, quorum where possible, every binding, user and permission.
+    let policies = new.api(0, "/api/policies").await.expect("policies");
+    assert!(!policies.to_string().contains("\"ha-"), "mirroring keys on 4.x: {policies}");
+    for (queue, queue_type, count) in
+        [("emails", "quorum", 2_000), ("invoices", "classic", 300), ("scratch", "classic", 20)]
+    {
         let info = new.api(0, &format!("/api/queues/%2F/{queue}")).await.expect("queue on the target");
-        assert_eq!(info["type"], "quorum", "{info}");
+        assert_eq!(info["type"], queue_type, "{info}");
         assert_in_order_once(queue, &ordered_ids(&amqp_url(&new), queue).await, 0..count);
     }
-    let policy = new.api(0, "/api/policies/%2F/ha-all").await.expect("ha-all on the 3.x target");
-    assert_eq!(policy["definition"]["ha-mode"], "all");
     let bindings = new.api(0, "/api/exchanges/%2F/billing/bindings/source").await.expect("bindings");
     assert!(bindings.as_array().is_some_and(|b| b.iter().any(|b| b["routing_key"] == "invoice.*")), "{bindings}");
+    let user = new.api(0, "/api/users/celery-worker").await.expect("user on the target");
+    assert_eq!(tags(&user), ["monitoring"], "{user}");
+    let granted = new.api(0, "/api/permissions/%2F/celery-worker").await.expect("permissions on the target");
+    for key in ["configure", "write", "read"] {
+        assert_eq!(granted[key], permissions[key], "{granted}");
+    }
+
+    // Every property and the body, byte for byte, from a quorum queue.
+    let info = new.api(0, "/api/queues/%2F/everything").await.expect("queue everything");
+    assert_eq!(info["type"], "quorum", "{info}");
+    let connection = Connection::connect(&amqp_url(&new), ConnectionProperties::default()).await.expect("connect");
+    let channel = connection.create_channel().await.expect("channel");
+    let message = channel
+        .basic_get("everything".into(), BasicGetOptions { no_ack: true })
+        .await
+        .expect("basic.get")
+        .expect("the message arrived");
+    assert_eq!(message.delivery.data, body, "body changed");
+    assert_eq!(message.delivery.properties, properties, "properties changed");
+    // The source is empty: every message left only after the target confirmed it.
+    for queue in ["emails", "everything", "invoices", "scratch"] {
+        let depth = report.queues.iter().find(|q| q.name == queue).map(|q| q.source_after);
+        assert_eq!(depth, Some(0), "queue {queue} on the source");
+    }
+}
+
+/// 4.0 (Mnesia) into 4.3 (Khepri): two minor versions apart, which no in-place upgrade allows.
+#[tokio::test]
+async fn quorum_queues_move_from_4_0_to_4_3() {
+    let (old, new) = pair_of("4.0", "4.3").await;
+    // Declared with no arguments: quorum by the vhost default the operator set.
+    declare(&old, "jobs", serde_json::json!({})).await;
+    let info = old.api(0, "/api/queues/%2F/jobs").await.expect("jobs");
+    assert_eq!(info["type"], "quorum", "{info}");
+    let url = amqp_url(&old);
+    assert_eq!(amqp::publish(&url, "jobs", 0..3_000, 500).await.0.len(), 3_000);
+
+    let report = migrate(&options(&old, &new)).await.expect("migration");
+    assert!(report.complete, "{report:#?}");
+    assert_eq!(report.moved(), 3_000, "{report:#?}");
+    let info = new.api(0, "/api/queues/%2F/jobs").await.expect("jobs on the target");
+    assert_eq!(info["type"], "quorum", "{info}");
+    assert_in_order_once("jobs", &ordered_ids(&amqp_url(&new), "jobs").await, 0..3_000);
+    assert_eq!(report.queues.iter().map(|q| q.source_after).sum::<u64>(), 0, "{report:#?}");
 }
 
 #[tokio::test]

@@ -143,6 +143,37 @@ async fn a_scale_down_is_refused_and_nothing_is_changed() {
 }
 
 #[tokio::test]
+async fn an_image_that_skips_a_minor_version_is_refused_and_nothing_is_changed() {
+    let mut cluster = fixture("basic.yaml");
+    cluster.spec.image = "rabbitmq:4.3.6-management".into();
+    let script = vec![
+        Call::get(STS).returns(json!({"apiVersion": "apps/v1", "kind": "StatefulSet",
+            "metadata": {"name": "demo", "namespace": "default"},
+            "spec": {"replicas": 3, "selector": {}, "serviceName": "demo-nodes", "template": {"spec": {
+                "containers": [{"name": "rabbitmq", "image": "rabbitmq:4.0.5-management"}]}}}})),
+        Call::get_missing(format!("{NS}/secrets/demo-erlang-cookie")),
+        Call::get_missing(format!("{NS}/secrets/demo-default-user")),
+        Call::event("default", "UpgradeRefused").check(|body| {
+            assert_eq!(body["type"], "Warning");
+            let note = body["note"].as_str().unwrap();
+            for says in ["from 4.0.5 to 4.3.6", "skips 4.1, 4.2", "RabbitMigration"] {
+                assert!(note.contains(says), "{says:?} not in {note}");
+            }
+        }),
+        Call::status_patch(CLUSTER).check(|body| {
+            let success = condition(body, "ReconcileSuccess");
+            assert_eq!(success["status"], "False");
+            assert_eq!(success["reason"], "UpgradeRefused");
+            assert!(success["message"].as_str().unwrap().contains("4.0.5"), "{success}");
+        }),
+    ];
+    let (result, calls) = run(cluster, script, "http://127.0.0.1:1").await;
+    // Waits for a spec change rather than retrying; the StatefulSet keeps running 4.0.5.
+    assert!(result.is_ok(), "{result:?}");
+    assert!(calls.iter().all(|(m, p, _)| m == Method::GET || p.contains("/events") || p.ends_with("/status")));
+}
+
+#[tokio::test]
 async fn a_paused_cluster_gets_only_its_condition() {
     let mut cluster = fixture("basic.yaml");
     cluster.metadata.annotations = Some([(PAUSE_ANNOTATION.to_string(), "true".to_string())].into());

@@ -11,7 +11,7 @@ use kube::api::ListParams;
 use kube::{Api, Client};
 
 use crate::amqp;
-use crate::rig::{Endpoint, POD_TIMEOUT, delete, ensure_operator, manifest, pods, wait_ready};
+use crate::rig::{Endpoint, POD_TIMEOUT, default_is_quorum, delete, ensure_operator, manifest, pods, wait_ready};
 use crate::support::cluster::{apply, condition, patch};
 use crate::support::{TestNamespace, admin_client, wait_for};
 
@@ -41,8 +41,17 @@ async fn wait_replaced(client: &Client, namespace: &str, old: &[String], count: 
     .await;
 }
 
-async fn mirroring_policy(endpoint: &Endpoint) -> Result<(), String> {
+/// What HA looks like on the broker: quorum as vhost /'s default queue type and no policy (4.x), or
+/// the ha-all policy with automatic sync (3.x).
+async fn high_availability_applied(endpoint: &Endpoint) -> Result<(), String> {
     let policies = endpoint.get("policies/%2F").await?;
+    if default_is_quorum() {
+        let vhost = endpoint.get("vhosts/%2F").await?;
+        return match (&vhost["default_queue_type"], policies.as_array().map(Vec::len)) {
+            (queue_type, Some(0)) if queue_type == "quorum" => Ok(()),
+            _ => Err(format!("vhost /: {vhost}; policies: {policies}")),
+        };
+    }
     let found = policies.as_array().into_iter().flatten().find(|p| p["name"] == "ha-all").cloned();
     match found {
         Some(p) if p["definition"]["ha-mode"] == "all" && p["definition"]["ha-sync-mode"] == "automatic" => Ok(()),
@@ -57,7 +66,7 @@ async fn a_rabbit_cluster_runs_heals_grows_and_keeps_its_data_on_a_real_node() {
     let namespace = TestNamespace::create(&client, "node-ha").await;
     let ns = namespace.name.clone();
 
-    // 1. Three pods running RabbitMQ, one cluster, HA policy applied, conditions true.
+    // 1. Three pods running RabbitMQ, one cluster, HA applied (quorum by default on 4.x), conditions true.
     apply(&ns, &manifest(NAME, 3));
     let cluster = wait_ready(&client, &ns, NAME, 3).await;
     for type_ in ["AllReplicasReady", "ClusterFormed", "HighAvailability", "NoPartitions", "ReconcileSuccess"] {
@@ -78,7 +87,7 @@ async fn a_rabbit_cluster_runs_heals_grows_and_keeps_its_data_on_a_real_node() {
         .collect();
     assert_eq!(running.len(), 3, "one cluster of the three pods: {nodes}");
     assert!(running.iter().all(|n| n.starts_with("rabbit@ha-")), "{running:?}");
-    wait_for("policy ha-all", Duration::from_secs(30), || mirroring_policy(&endpoint)).await;
+    wait_for("HA on the broker", Duration::from_secs(30), || high_availability_applied(&endpoint)).await;
 
     // A message published through the client Service is consumed.
     endpoint.declare_queue("e2e-hello").await;
@@ -86,8 +95,10 @@ async fn a_rabbit_cluster_runs_heals_grows_and_keeps_its_data_on_a_real_node() {
     assert_eq!((confirmed, error), (vec![7], None));
     let got = amqp::drain(&endpoint.amqp(), "e2e-hello", 1, Duration::from_secs(10)).await.expect("consume");
     assert_eq!(got, BTreeMap::from([(7, 1)]));
-    // Messages for the restarts below: persistent, in a durable queue mirrored by ha-all.
+    // Messages for the restarts below: persistent, in a durable queue declared with no arguments,
+    // replicated on every node (a quorum queue by the vhost's default, or mirrored by ha-all).
     endpoint.declare_queue(KEPT).await;
+    endpoint.wait_copies(KEPT, 3).await;
     let (confirmed, error) = amqp::publish(&endpoint.amqp(), KEPT, 0..KEPT_COUNT, 100).await;
     assert_eq!((confirmed.len(), error), (KEPT_COUNT as usize, None));
     let claims = volumes(&client, &ns).await;
@@ -114,6 +125,8 @@ async fn a_rabbit_cluster_runs_heals_grows_and_keeps_its_data_on_a_real_node() {
     patch(&ns, NAME, r#"{"spec":{"replicas":5}}"#);
     wait_ready(&client, &ns, NAME, 5).await;
     assert_eq!(pods(&client, &ns, NAME).await.len(), 5);
+    // The queue declared on three nodes gains a copy on each new one.
+    endpoint.wait_copies(KEPT, 5).await;
     patch(&ns, NAME, r#"{"spec":{"replicas":3}}"#);
     let api: Api<warren::api::RabbitCluster> = Api::namespaced(client.clone(), &ns);
     wait_for("scale-down refused", Duration::from_secs(60), || async {

@@ -1,5 +1,6 @@
-//! A RabbitMigration between two RabbitClusters, run by the operator as a Job in the cluster (the
-//! warren image built here), moving every message.
+//! A RabbitMigration between two RabbitClusters of different generations — 3.10 with mirrored
+//! classic queues into the default 4.x with quorum queues, the upgrade RabbitMQ cannot do in place —
+//! run by the operator as a Job in the cluster (the warren image built here), moving every message.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -8,7 +9,7 @@ use kube::Api;
 use warren::api::RabbitMigration;
 
 use crate::amqp;
-use crate::rig::{Endpoint, POD_TIMEOUT, ensure_operator, manifest, wait_ready};
+use crate::rig::{Endpoint, POD_TIMEOUT, ensure_operator, generation_image, manifest, manifest_on, wait_ready};
 use crate::support::cluster::apply;
 use crate::support::{TestNamespace, admin_client, kubectl_stdin, ok, wait_for};
 
@@ -21,7 +22,7 @@ async fn a_migration_job_in_the_cluster_moves_every_message() {
     let client = admin_client().await;
     let namespace = TestNamespace::create(&client, "node-migrate").await;
     let ns = namespace.name.clone();
-    apply(&ns, &manifest("old", 1));
+    apply(&ns, &manifest_on("old", 1, &generation_image("3.10")));
     apply(&ns, &manifest("new", 1));
     wait_ready(&client, &ns, "old", 1).await;
     wait_ready(&client, &ns, "new", 1).await;
@@ -35,7 +36,7 @@ async fn a_migration_job_in_the_cluster_moves_every_message() {
     }
 
     let migration = "apiVersion: warren.dev/v1alpha1\nkind: RabbitMigration\nmetadata:\n  name: old-to-new\nspec:\n  \
-                     source:\n    clusterRef: old\n  target:\n    clusterRef: new\n";
+                     source:\n    clusterRef: old\n  target:\n    clusterRef: new\n  convertToQuorum: true\n";
     ok("kubectl apply RabbitMigration", kubectl_stdin(&["apply", "-n", &ns, "-f", "-"], migration));
     let api: Api<RabbitMigration> = Api::namespaced(client.clone(), &ns);
     let done = wait_for("the migration Job to succeed", POD_TIMEOUT, || async {
@@ -59,6 +60,13 @@ async fn a_migration_job_in_the_cluster_moves_every_message() {
     assert_eq!(queues, QUEUES.map(|q| ("/", q, per_queue, per_queue, 0)), "{status:?}");
 
     let new = Endpoint::of(&client, &ns, "new").await;
+    let quorum = crate::rig::default_is_quorum();
+    for queue in QUEUES {
+        let info = new.get(&format!("queues/%2F/{queue}")).await.expect("queue on the target");
+        assert_eq!(info["type"], if quorum { "quorum" } else { "classic" }, "{info}");
+    }
+    let policies = new.get("policies/%2F").await.expect("policies on the target");
+    assert_eq!(policies.to_string().contains("\"ha-"), !quorum, "mirroring keys on the target: {policies}");
     for (i, queue) in QUEUES.iter().enumerate() {
         old.wait_depth(queue, 0).await;
         let first = i as u32 * PER_QUEUE;

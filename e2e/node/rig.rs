@@ -10,6 +10,7 @@ use kube::{Api, Client};
 use serde_json::Value;
 use tokio::sync::Mutex;
 use warren::api::RabbitCluster;
+use warren::rabbitmq::version::RabbitVersion;
 
 use crate::support::cluster::{condition, summary};
 use crate::support::{ensure_crds, helm, kubectl, ok, wait_for};
@@ -58,14 +59,28 @@ pub async fn ensure_operator() {
     *done = true;
 }
 
-/// A RabbitCluster of `replicas` on the RabbitMQ image built here, with requests that fit several
-/// pods on this machine.
+/// A RabbitCluster of `replicas` on the default generation's RabbitMQ image built here (what
+/// `make up` runs), with requests that fit several pods on this machine.
 pub fn manifest(name: &str, replicas: i32) -> String {
+    manifest_on(name, replicas, &image("RABBITMQ_IMAGE"))
+}
+
+/// The image built here of RabbitMQ `generation` (`3.10`, `4.0`, `4.3`).
+pub fn generation_image(generation: &str) -> String {
+    image(&format!("RABBITMQ_IMAGE_{}", generation.replace('.', "_")))
+}
+
+/// A RabbitCluster of `replicas` on `rabbitmq_image`.
+pub fn manifest_on(name: &str, replicas: i32, rabbitmq_image: &str) -> String {
     format!(
         "apiVersion: warren.dev/v1alpha1\nkind: RabbitCluster\nmetadata:\n  name: {name}\nspec:\n  replicas: {replicas}\n  \
-         image: {}\n  resources:\n    requests: {{cpu: 100m, memory: 256Mi}}\n    limits: {{memory: 1Gi}}\n",
-        image("RABBITMQ_IMAGE")
+         image: {rabbitmq_image}\n  resources:\n    requests: {{cpu: 100m, memory: 256Mi}}\n    limits: {{memory: 1Gi}}\n"
     )
+}
+
+/// Whether the default image replicates queues as quorum queues (4.x) rather than by mirroring.
+pub fn default_is_quorum() -> bool {
+    RabbitVersion::from_image(&image("RABBITMQ_IMAGE")).is_some_and(|v| !v.has_classic_mirroring())
 }
 
 /// Waits until the RabbitCluster's status (for its current generation) says Ready with `members`
@@ -152,7 +167,8 @@ impl Endpoint {
         self.management(reqwest::Method::GET, path, None).await
     }
 
-    /// Declares a durable classic queue in vhost `/`.
+    /// Declares a durable queue with no arguments in vhost `/`: its type is the vhost's default
+    /// (quorum on 4.x, which the operator sets; classic, mirrored by ha-all, on 3.x).
     pub async fn declare_queue(&self, queue: &str) {
         self.management(
             reqwest::Method::PUT,
@@ -161,6 +177,22 @@ impl Endpoint {
         )
         .await
         .unwrap_or_else(|e| panic!("declare {queue}: {e}"));
+    }
+
+    /// Waits until `queue` is replicated on `copies` nodes, each online: quorum members (4.x) or a
+    /// master with synchronised mirrors (3.x).
+    pub async fn wait_copies(&self, queue: &str, copies: usize) {
+        wait_for(&format!("{queue} replicated on {copies} nodes"), POD_TIMEOUT, || async {
+            let q = self.get(&format!("queues/%2F/{queue}")).await?;
+            let count = |key: &str| q[key].as_array().map_or(0, Vec::len);
+            let online = if q["type"] == "quorum" {
+                count("online").min(count("members"))
+            } else {
+                count("synchronised_slave_nodes") + usize::from(q["node"].is_string())
+            };
+            if online == copies { Ok(()) } else { Err(q.to_string()) }
+        })
+        .await;
     }
 
     /// Waits until the management API counts `expected` messages in `queue` (its statistics lag).

@@ -32,6 +32,7 @@ use crate::api::{PAUSE_ANNOTATION, RabbitCluster, RabbitClusterStatus, RabbitMig
 use crate::error::{Error, Result};
 use crate::rabbitmq::broker::{self, BrokerObservation};
 use crate::rabbitmq::management::ManagementClient;
+use crate::rabbitmq::version::RabbitVersion;
 use crate::server::Metrics;
 
 /// How often a healthy cluster is looked at again (membership and partitions change without any
@@ -246,6 +247,7 @@ async fn converge_cluster(
     {
         return Err(Stop::Early(Error::ScaleDownRefused { current, desired: validated.replicas }));
     }
+    check_in_place_upgrade(existing.stateful_set.as_ref(), validated)?;
     check_tls_secrets(&secrets, validated).await?;
     let credentials = credentials(validated, &existing)?;
     let resources = build::build(validated, &credentials);
@@ -311,6 +313,23 @@ async fn converge_cluster(
         // Pod readiness changes arrive through the owned StatefulSet's watch; this is a safety net.
         None => Ok(Action::requeue(Duration::from_secs(30))),
     }
+}
+
+/// Refuses an image whose RabbitMQ version the running pods cannot roll to: a skipped minor or a
+/// downgrade (a same-minor patch change rolls the pods one at a time, each through preStop).
+fn check_in_place_upgrade(stateful_set: Option<&StatefulSet>, cluster: &ValidatedCluster) -> Result<()> {
+    let running = stateful_set
+        .and_then(|s| s.spec.as_ref())
+        .and_then(|s| s.template.spec.as_ref())
+        .and_then(|p| p.containers.iter().find(|c| c.name == build::statefulset::RABBITMQ_CONTAINER))
+        .and_then(|c| c.image.as_deref())
+        .and_then(RabbitVersion::from_image);
+    let (Some(from), Some(to)) = (running, cluster.image_version) else { return Ok(()) };
+    from.in_place_change_to(to).map_err(|refusal| Error::UpgradeRefused {
+        from: from.to_string(),
+        to: to.to_string(),
+        why: refusal.0,
+    })
 }
 
 fn secret_value(secret: &Secret, key: &str) -> Option<String> {

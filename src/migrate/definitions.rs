@@ -7,9 +7,49 @@ use super::{MigrateError, Options};
 use crate::rabbitmq::management::ManagementClient;
 use crate::rabbitmq::version::RabbitVersion;
 
-/// Classic-only queue arguments that quorum queues refuse.
-const CLASSIC_ONLY_ARGUMENTS: [&str; 4] =
-    ["x-queue-mode", "x-queue-master-locator", "x-queue-version", "x-max-priority"];
+/// Classic-only queue arguments that quorum queues refuse, and that a quorum queue does without
+/// (it is always on disk, places its own leader, has one storage version).
+const CLASSIC_ONLY_ARGUMENTS: [&str; 3] = ["x-queue-mode", "x-queue-master-locator", "x-queue-version"];
+
+/// A classic queue that `--convert-to-quorum` leaves classic, and why.
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct KeptClassic {
+    pub vhost: String,
+    pub name: String,
+    pub reason: String,
+}
+
+/// The definitions converted for the target, with what the conversion changed or could not.
+#[derive(Clone, Debug)]
+pub struct Conversion {
+    pub definitions: Value,
+    pub notes: Vec<String>,
+    pub kept_classic: Vec<KeptClassic>,
+}
+
+/// Why a classic queue cannot become a quorum queue with the same behaviour, if it cannot.
+fn quorum_obstacle(queue: &Value) -> Option<String> {
+    let arguments = &queue["arguments"];
+    if queue["durable"] != true {
+        return Some("not durable: quorum queues are durable only".into());
+    }
+    if queue["auto_delete"] == true {
+        return Some("auto-delete: a quorum queue cannot be".into());
+    }
+    if queue["exclusive"] == true {
+        return Some("exclusive: a quorum queue cannot be".into());
+    }
+    if let Some(levels) = arguments.get("x-max-priority") {
+        return Some(format!(
+            "x-max-priority {levels}: quorum queues know two priorities only (from RabbitMQ 4.0: above 4, and the \
+             rest), so the delivery order would change"
+        ));
+    }
+    if arguments["x-overflow"] == "reject-publish-dlx" {
+        return Some("x-overflow reject-publish-dlx: quorum queues do not support it".into());
+    }
+    None
+}
 
 /// What the import did, for the report.
 #[derive(Clone, Debug, Default, serde::Serialize)]
@@ -30,6 +70,10 @@ fn list<'a>(definitions: &'a Value, key: &str) -> impl Iterator<Item = &'a Value
 /// A queue's arguments as they decide equivalence (`x-queue-type: classic` is the default).
 pub fn effective_arguments(queue: &Value) -> Value {
     let mut arguments = queue["arguments"].as_object().cloned().unwrap_or_default();
+    // A queue made quorum by its vhost's default type shows it in `type` only.
+    if let Some(queue_type) = queue["type"].as_str().filter(|_| !arguments.contains_key("x-queue-type")) {
+        arguments.insert("x-queue-type".into(), json!(queue_type));
+    }
     if arguments.get("x-queue-type").and_then(Value::as_str) == Some("classic") {
         arguments.remove("x-queue-type");
     }
@@ -37,8 +81,9 @@ pub fn effective_arguments(queue: &Value) -> Value {
 }
 
 /// Keeps the selected vhosts and queues, and converts what the target's version needs.
-pub fn convert(exported: &Value, options: &Options, target: RabbitVersion) -> (Value, Vec<String>) {
+pub fn convert(exported: &Value, options: &Options, target: RabbitVersion) -> Conversion {
     let mut notes = Vec::new();
+    let mut kept_classic = Vec::new();
     let vhost_selected = |item: &Value| {
         let vhost = item["vhost"].as_str().or_else(|| item["name"].as_str()).unwrap_or("/");
         options.vhosts.is_empty() || options.vhosts.iter().any(|v| v == vhost)
@@ -52,20 +97,38 @@ pub fn convert(exported: &Value, options: &Options, target: RabbitVersion) -> (V
             continue;
         }
         let mut queue = queue.clone();
-        let classic = matches!(queue["arguments"]["x-queue-type"].as_str(), None | Some("classic"));
-        let convertible = queue["durable"] == true && queue["auto_delete"] != true;
-        if options.convert_to_quorum && classic && convertible {
-            let arguments = queue["arguments"].as_object_mut().map(std::mem::take).unwrap_or_default();
-            let mut arguments: Map<String, Value> = arguments;
-            for key in CLASSIC_ONLY_ARGUMENTS {
-                if arguments.remove(key).is_some() {
-                    notes.push(format!("queue {name}: dropped {key}, which quorum queues do not support"));
+        // The type is in the arguments when the client chose it, in `type` when the vhost's default did.
+        let declared = queue["arguments"]["x-queue-type"].as_str().or_else(|| queue["type"].as_str());
+        let mut queue_type = declared.unwrap_or("classic").to_string();
+        let obstacle = quorum_obstacle(&queue);
+        let mut arguments: Map<String, Value> =
+            queue["arguments"].as_object_mut().map(std::mem::take).unwrap_or_default();
+        match obstacle {
+            None if options.convert_to_quorum && queue_type == "classic" => {
+                for key in CLASSIC_ONLY_ARGUMENTS {
+                    if arguments.remove(key).is_some() {
+                        notes.push(format!("queue {name}: dropped {key}, which quorum queues do not support"));
+                    }
                 }
+                queue_type = "quorum".into();
+                notes.push(format!("queue {name}: declared as a quorum queue"));
             }
-            arguments.insert("x-queue-type".into(), json!("quorum"));
-            queue["arguments"] = Value::Object(arguments);
-            notes.push(format!("queue {name}: declared as a quorum queue"));
+            Some(reason) if options.convert_to_quorum && queue_type == "classic" => {
+                kept_classic.push(KeptClassic {
+                    vhost: queue["vhost"].as_str().unwrap_or("/").to_string(),
+                    name: name.to_string(),
+                    reason,
+                });
+            }
+            _ => {}
         }
+        // A vhost's default queue type applies to queues declared without one: each queue says
+        // its type, or an operator-managed 4.x target (quorum by default) would make a classic
+        // queue quorum, and a 3.x one a quorum queue classic.
+        if queue_type != "classic" || target.vhost_default_queue_type_key().is_some() {
+            arguments.insert("x-queue-type".into(), json!(queue_type));
+        }
+        queue["arguments"] = Value::Object(arguments);
         queues.push(queue);
     }
     let queue_names: Vec<(&str, &str)> =
@@ -129,7 +192,7 @@ pub fn convert(exported: &Value, options: &Options, target: RabbitVersion) -> (V
         "exchanges": list(exported, "exchanges").filter(|e| vhost_selected(e)).cloned().collect::<Vec<_>>(),
         "bindings": bindings,
     });
-    (converted, notes)
+    Conversion { definitions: converted, notes, kept_classic }
 }
 
 fn fail(reason: &'static str, message: impl Into<String>) -> MigrateError {
@@ -235,6 +298,7 @@ mod tests {
                 {"vhost": "/", "name": "jobs", "durable": true, "auto_delete": false,
                  "arguments": {"x-queue-mode": "lazy", "x-max-length": 10}},
                 {"vhost": "/", "name": "scratch", "durable": false, "auto_delete": true, "arguments": {}},
+                {"vhost": "/", "name": "urgent", "durable": true, "auto_delete": false, "arguments": {"x-max-priority": 9}},
                 {"vhost": "other", "name": "elsewhere", "durable": true, "auto_delete": false, "arguments": {}}
             ],
             "bindings": [
@@ -248,7 +312,7 @@ mod tests {
     #[test]
     fn a_4x_target_gets_no_ha_keys_and_no_empty_policies() {
         let v4 = RabbitVersion::parse("4.1.4").unwrap();
-        let (converted, notes) = convert(&exported(), &options(), v4);
+        let Conversion { definitions: converted, notes, .. } = convert(&exported(), &options(), v4);
         let policies = converted["policies"].as_array().unwrap();
         assert_eq!(policies.len(), 1, "{policies:?}");
         assert_eq!(policies[0]["name"], "ttl");
@@ -259,9 +323,20 @@ mod tests {
     }
 
     #[test]
+    fn classic_queues_stay_classic_without_conversion() {
+        let converted = convert(&exported(), &options(), RabbitVersion::parse("4.3.6").unwrap()).definitions;
+        let types: Vec<&Value> =
+            converted["queues"].as_array().unwrap().iter().map(|q| &q["arguments"]["x-queue-type"]).collect();
+        assert!(types.iter().all(|t| *t == "classic"), "{types:?}");
+        // 3.10 has no default queue type per vhost: nothing to pin.
+        let old = convert(&exported(), &options(), RabbitVersion::parse("3.10.8").unwrap()).definitions;
+        assert_eq!(old["queues"], exported()["queues"]);
+    }
+
+    #[test]
     fn a_3x_target_keeps_mirroring_policies() {
         let v3 = RabbitVersion::parse("3.13.7").unwrap();
-        let (converted, _) = convert(&exported(), &options(), v3);
+        let converted = convert(&exported(), &options(), v3).definitions;
         assert_eq!(converted["policies"], exported()["policies"]);
     }
 
@@ -270,11 +345,19 @@ mod tests {
         let mut options = options();
         options.convert_to_quorum = true;
         options.vhosts = vec!["/".into()];
-        let (converted, notes) = convert(&exported(), &options, RabbitVersion::parse("4.1.4").unwrap());
+        let Conversion { definitions: converted, notes, kept_classic } =
+            convert(&exported(), &options, RabbitVersion::parse("4.1.4").unwrap());
         let queues = converted["queues"].as_array().unwrap();
-        assert_eq!(queues.len(), 2, "vhost filter: {queues:?}");
+        assert_eq!(queues.len(), 3, "vhost filter: {queues:?}");
         assert_eq!(queues[0]["arguments"], json!({"x-queue-type": "quorum", "x-max-length": 10}));
-        assert_eq!(queues[1]["arguments"], json!({}), "a transient auto-delete queue stays classic");
+        // Kept classic, and declared so on a target whose vhosts may default to quorum.
+        assert_eq!(queues[1]["arguments"], json!({"x-queue-type": "classic"}));
+        assert_eq!(queues[2]["arguments"], json!({"x-max-priority": 9, "x-queue-type": "classic"}));
+        let kept: Vec<(&str, &str)> = kept_classic.iter().map(|k| (k.name.as_str(), k.reason.as_str())).collect();
+        assert_eq!(kept.len(), 2, "{kept:?}");
+        assert_eq!(kept[0], ("scratch", "not durable: quorum queues are durable only"));
+        assert_eq!(kept[1].0, "urgent");
+        assert!(kept[1].1.starts_with("x-max-priority 9: quorum queues know two priorities only"), "{kept:?}");
         assert!(notes.iter().any(|n| n.contains("jobs: dropped x-queue-mode")));
         assert_eq!(converted["bindings"].as_array().unwrap().len(), 1);
         assert_eq!(converted["vhosts"], json!([{"name": "/"}]));

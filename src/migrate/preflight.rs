@@ -28,6 +28,8 @@ pub struct Plan {
     pub definitions: Value,
     /// What the conversion changed, for the report.
     pub notes: Vec<String>,
+    /// Queues `--convert-to-quorum` leaves classic, with the reason.
+    pub kept_classic: Vec<definitions::KeptClassic>,
     pub queues: Vec<QueuePlan>,
 }
 
@@ -181,7 +183,11 @@ pub async fn run(
     }
 
     let exported = get(source, "source", "/api/definitions").await?;
-    let (definitions, notes) = definitions::convert(&exported, options, target_parsed);
+    let definitions::Conversion { definitions, notes, kept_classic } =
+        definitions::convert(&exported, options, target_parsed);
+    for kept in &kept_classic {
+        tracing::warn!(vhost = %kept.vhost, queue = %kept.name, "stays a classic queue on the target: {}", kept.reason);
+    }
 
     // A vhost the target lacks is created by the import, which takes the administrator tag.
     let target_vhosts = names(&get(target, "target", "/api/vhosts").await?);
@@ -247,5 +253,5 @@ pub async fn run(
             queue_type: q["type"].as_str().unwrap_or("classic").to_string(),
         })
         .collect();
-    Ok(Plan { source_version, target_version, definitions, notes, queues })
+    Ok(Plan { source_version, target_version, definitions, notes, kept_classic, queues })
 }

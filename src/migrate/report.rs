@@ -4,7 +4,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::api::MigrationQueueStatus;
 
-use super::definitions::DefinitionsReport;
+use super::definitions::{DefinitionsReport, KeptClassic};
 use super::preflight::{Plan, QueuePlan};
 
 /// One queue's outcome.
@@ -35,6 +35,8 @@ pub struct Report {
     pub dry_run: bool,
     /// The plan: the queues and their depths at preflight.
     pub planned: Vec<QueuePlan>,
+    /// Queues `--convert-to-quorum` could not convert: moved as classic queues, with the reason.
+    pub kept_classic: Vec<KeptClassic>,
     pub definitions: DefinitionsReport,
     pub queues: Vec<QueueReport>,
     pub notes: Vec<String>,
@@ -49,6 +51,7 @@ impl Report {
             target_version: plan.target_version.clone(),
             dry_run,
             planned: plan.queues.clone(),
+            kept_classic: plan.kept_classic.clone(),
             definitions: DefinitionsReport { notes: plan.notes.clone(), ..Default::default() },
             queues: Vec::new(),
             notes: Vec::new(),
@@ -162,6 +165,7 @@ mod tests {
             target_version: "3.10.8".into(),
             dry_run: false,
             planned: Vec::new(),
+            kept_classic: Vec::new(),
             definitions: DefinitionsReport::default(),
             queues: (0..500).map(queue).collect(),
             notes: Vec::new(),

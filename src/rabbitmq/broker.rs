@@ -85,7 +85,15 @@ pub async fn converge(
                 }
                 remove_mirroring_policy(broker, &vhost.name, stale_policy, &mut actions).await?;
             }
-            ("QuorumQueues".to_string(), format!("quorum is the default queue type of {} vhost(s)", vhosts.len()))
+            let mut message = format!("quorum is the default queue type of {} vhost(s)", vhosts.len());
+            if !version.honours_partition_handling() {
+                // 4.3 keeps metadata only in Khepri: what pause_minority gave, Raft majorities give.
+                message.push_str(
+                    "; metadata and queues are Raft groups (Khepri): a partitioned minority accepts no writes, \
+                     so cluster_partition_handling has no effect",
+                );
+            }
+            ("QuorumQueues".to_string(), message)
         }
         HaPlan::Disabled { stale_policy } => {
             for vhost in &vhosts {

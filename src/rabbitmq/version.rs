@@ -67,6 +67,50 @@ impl RabbitVersion {
     }
 }
 
+/// Why a running cluster cannot move to another version in place.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UpgradeRefusal(pub String);
+
+impl RabbitVersion {
+    /// Whether a running cluster may change from `self` to `to` by rolling its pods. RabbitMQ
+    /// upgrades one minor at a time, never skips one (3.13 is the way into 4.x, to 4.0, 4.1 or
+    /// 4.2), and never goes back to an older release: its feature flags and metadata only move
+    /// forward (RabbitMQ's upgrade guide).
+    pub fn in_place_change_to(self, to: RabbitVersion) -> Result<(), UpgradeRefusal> {
+        let same_minor = (self.major, self.minor) == (to.major, to.minor);
+        let next_minor = self.major == to.major && to.minor == self.minor + 1;
+        let into_4 = (self.major, self.minor) == (3, 13) && to.major == 4 && to.minor <= 2;
+        if to < self {
+            Err(UpgradeRefusal(format!(
+                "RabbitMQ cannot go back from {self} to {to} in place: enabled feature flags and migrated \
+                 metadata only move forward"
+            )))
+        } else if same_minor || next_minor || into_4 {
+            Ok(())
+        } else {
+            Err(UpgradeRefusal(format!(
+                "RabbitMQ upgrades one minor version at a time, and {self} to {to} skips {}",
+                skipped(self, to)
+            )))
+        }
+    }
+}
+
+/// The minor versions between `from` and `to`, for messages (`3.11, 3.12, 3.13`, `4.1, 4.2`).
+fn skipped(from: RabbitVersion, to: RabbitVersion) -> String {
+    if from.major == to.major {
+        ((from.minor + 1)..to.minor).map(|m| format!("{}.{m}", to.major)).collect::<Vec<_>>().join(", ")
+    } else if from.major == 3 && to.major == 4 {
+        let mut steps: Vec<String> = ((from.minor + 1)..=13).map(|m| format!("3.{m}")).collect();
+        if to.minor > 2 {
+            steps.extend((2..to.minor).map(|m| format!("4.{m}")));
+        }
+        steps.join(", ")
+    } else {
+        format!("the releases between {}.{} and {}.{}", from.major, from.minor, to.major, to.minor)
+    }
+}
+
 impl fmt::Display for RabbitVersion {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}.{}.{}", self.major, self.minor, self.patch)
@@ -106,5 +150,35 @@ mod tests {
         assert_eq!(v3_13.vhost_default_queue_type_key(), Some("default_queue_type"));
         assert!(v4_0.honours_partition_handling());
         assert!(!v4_3.honours_partition_handling());
+    }
+
+    #[test]
+    fn upgrades_go_one_minor_at_a_time_and_never_down() {
+        let v = |text: &str| RabbitVersion::parse(text).unwrap();
+        let allowed = [
+            ("3.10.8", "3.10.8"),
+            ("3.10.8", "3.10.25"),
+            ("3.10.25", "3.11.0"),
+            ("3.13.7", "4.0.5"),
+            ("3.13.7", "4.2.1"),
+            ("4.0.5", "4.1.0"),
+            ("4.2.3", "4.3.6"),
+        ];
+        for (from, to) in allowed {
+            assert_eq!(v(from).in_place_change_to(v(to)), Ok(()), "{from} -> {to}");
+        }
+        let refused = [
+            ("3.10.8", "4.0.5", "skips 3.11, 3.12, 3.13"),
+            ("3.12.1", "4.3.6", "skips 3.13, 4.2"),
+            ("4.0.5", "4.3.6", "skips 4.1, 4.2"),
+            ("3.10.8", "3.12.0", "skips 3.11"),
+            ("4.3.6", "4.0.5", "cannot go back from 4.3.6 to 4.0.5"),
+            ("4.0.5", "4.0.4", "cannot go back"),
+            ("4.0.5", "3.13.7", "cannot go back"),
+        ];
+        for (from, to, says) in refused {
+            let refusal = v(from).in_place_change_to(v(to)).expect_err(&format!("{from} -> {to}"));
+            assert!(refusal.0.contains(says), "{from} -> {to}: {}", refusal.0);
+        }
     }
 }

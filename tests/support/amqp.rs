@@ -1,7 +1,9 @@
 //! AMQP clients for the tier-2 scenarios: a publisher that counts only what the broker confirmed,
 //! and a consumer that records every message id it got.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use futures::StreamExt;
@@ -10,6 +12,7 @@ use lapin::options::{
 };
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Connection, ConnectionProperties};
+use tokio::sync::Mutex;
 
 pub async fn connect(url: &str) -> Result<Connection, String> {
     match tokio::time::timeout(Duration::from_secs(10), Connection::connect(url, ConnectionProperties::default())).await
@@ -148,4 +151,69 @@ pub async fn drain(url: &str, queue: &str, expected: usize, idle: Duration) -> R
         (seen, None) => Ok(seen),
         (_, Some(error)) => Err(error),
     }
+}
+
+/// Publishes batches of 100 to `queue` until `stop`, starting on `urls[0]` and moving to the next
+/// URL when its node fails (a client with a failover list); returns how many times it moved.
+pub async fn publish_until(
+    urls: Vec<String>,
+    queue: &'static str,
+    confirmed: Arc<Mutex<BTreeSet<u32>>>,
+    stop: Arc<AtomicBool>,
+) -> usize {
+    let (mut next, mut target, mut moves) = (0u32, 0usize, 0usize);
+    while !stop.load(Ordering::Relaxed) {
+        let (acked, error) = publish(&urls[target % urls.len()], queue, next..next + 100, 50).await;
+        // Confirms are awaited in order: what was acked is a prefix; the rest is published again.
+        next += acked.len() as u32;
+        confirmed.lock().await.extend(acked);
+        if error.is_some() {
+            target += 1;
+            moves += 1;
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+    }
+    moves
+}
+
+/// Consumes `queue` until `stop` and an idle queue, moving to the next URL when its node fails;
+/// returns how many times it moved.
+pub async fn consume_until(
+    urls: Vec<String>,
+    queue: &'static str,
+    seen: Arc<Mutex<BTreeMap<u32, u32>>>,
+    stop: Arc<AtomicBool>,
+) -> usize {
+    let (mut target, mut moves) = (0usize, 0usize);
+    loop {
+        let (got, error) = consume(&urls[target % urls.len()], queue, usize::MAX, Duration::from_secs(3)).await;
+        let mut all = seen.lock().await;
+        for (id, n) in got {
+            *all.entry(id).or_default() += n;
+        }
+        drop(all);
+        match error {
+            Some(_) => {
+                target += 1;
+                moves += 1;
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+            None if stop.load(Ordering::Relaxed) => return moves,
+            None => {}
+        }
+    }
+}
+
+/// Every id in `ids` consumed exactly once, nothing else.
+pub fn assert_exactly_once(seen: &BTreeMap<u32, u32>, ids: impl Iterator<Item = u32>) {
+    let expected: Vec<u32> = ids.collect();
+    let missing: Vec<&u32> = expected.iter().filter(|id| !seen.contains_key(id)).take(10).collect();
+    let twice: Vec<(&u32, &u32)> = seen.iter().filter(|(_, n)| **n > 1).take(10).collect();
+    assert!(
+        missing.is_empty(),
+        "{} messages lost, first ones: {missing:?}",
+        expected.iter().filter(|id| !seen.contains_key(id)).count()
+    );
+    assert!(twice.is_empty(), "messages delivered more than once: {twice:?}");
+    assert_eq!(seen.len(), expected.len(), "unexpected messages consumed");
 }

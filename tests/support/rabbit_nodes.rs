@@ -1,5 +1,10 @@
 //! Tier 2: real RabbitMQ nodes (Debian's rabbitmq-server) run the way the StatefulSet runs pods.
 //!
+//! Three generations, each from a rootfs that e2e/rootfs.sh builds once per machine (the same bits
+//! the node's images hold): 3.10 (bookworm: classic mirroring), 4.0 (trixie: quorum queues, Mnesia)
+//! and 4.3 (sid: quorum queues, Khepri). The RabbitCluster's image tag chooses the generation; the
+//! pod's commands run under chroot in it, in the node's own network, UTS and mount namespaces.
+//!
 //! Each node is a process tree in its own network namespace (a veth pair onto one bridge: the
 //! network shape of pods on a cluster network), with its own address, hostname and /etc/hosts
 //! (the headless Service's DNS), started through the operator's own bootstrap script with the
@@ -12,6 +17,7 @@
 //! Erlang VMs in parallel without timeouts.
 
 use std::collections::BTreeMap;
+use std::fmt::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::Duration;
@@ -25,6 +31,12 @@ use warren::controller::validate::{Settings, ValidatedCluster, validate};
 pub use super::wait::wait_for;
 
 const RABBITMQ_BIN: &str = "/usr/lib/rabbitmq/bin";
+/// Enters the pod: its hostname, /proc, the test's temporary directory (where the node directories
+/// live) at the same path, the namespace's /etc/hosts, then chroot into the generation's rootfs.
+/// Mounts made here live in the mount namespace `ip netns exec` creates: nothing to unmount.
+const ENTER_POD: &str = r#"hostname "$0" && root=$1 && tmp=$2 && shift 2 &&
+mount -t proc proc "$root/proc" && mount --bind "$tmp" "$root$tmp" && mount --bind /etc/hosts "$root/etc/hosts" &&
+exec chroot "$root" "$@""#;
 const NAMESPACE: &str = "harness";
 /// Where the pod mounts each volume, and the node directory that plays it.
 const MOUNTS: [(&str, &str); 6] = [
@@ -42,6 +54,43 @@ fn run(program: &str, args: &[&str]) -> Output {
     Command::new(program).args(args).output().unwrap_or_else(|e| panic!("{program} {args:?}: {e}"))
 }
 
+/// A RabbitMQ generation's rootfs, built by e2e/rootfs.sh.
+#[derive(Clone, Debug)]
+pub struct Rootfs {
+    pub path: PathBuf,
+    /// The exact version it holds (`4.3.6`).
+    pub version: String,
+}
+
+/// The rootfs of `generation` (`3.10`, `4.0`, `4.3`).
+pub fn rootfs(generation: &str) -> Rootfs {
+    let cache = std::env::var_os("WARREN_CACHE").map(PathBuf::from).unwrap_or_else(|| {
+        PathBuf::from(std::env::var_os("HOME").expect("HOME or WARREN_CACHE")).join(".cache/warren")
+    });
+    let path = cache.join(format!("rootfs/rabbitmq-{generation}"));
+    let version = std::fs::read_to_string(cache.join(format!("rootfs/rabbitmq-{generation}.version")))
+        .unwrap_or_else(|e| {
+            panic!("no RabbitMQ {generation} rootfs at {} ({e}): run e2e/rootfs.sh (make test does)", path.display())
+        })
+        .trim()
+        .to_string();
+    Rootfs { path, version }
+}
+
+/// The image a RabbitCluster names for `generation`, with the exact version its rootfs holds.
+pub fn image(generation: &str) -> String {
+    format!("rabbitmq:{}-management", rootfs(generation).version)
+}
+
+/// A RabbitCluster manifest: `replicas` nodes of `generation`, Auto HA, and `extra` spec lines
+/// (indented by two spaces).
+pub fn manifest(name: &str, replicas: usize, generation: &str, extra: &str) -> String {
+    format!(
+        "apiVersion: warren.dev/v1alpha1\nkind: RabbitCluster\nmetadata: {{name: {name}}}\nspec:\n  replicas: {replicas}\n  image: {}\n{extra}",
+        image(generation)
+    )
+}
+
 /// Runs a setup command that must succeed.
 fn must(program: &str, args: &[&str]) {
     let out = run(program, args);
@@ -57,6 +106,9 @@ pub struct Node {
     netns: String,
     host_link: String,
     dir: PathBuf,
+    /// The pod's name: its hostname.
+    pod: String,
+    root: PathBuf,
     env: Vec<(String, String)>,
     process: std::sync::Mutex<Option<Child>>,
 }
@@ -86,10 +138,18 @@ impl Node {
         lines[lines.len().saturating_sub(25)..].join("\n")
     }
 
-    /// A command inside the node's network namespace with the pod's environment (as `kubectl exec`).
+    /// A command of the pod's image with the pod's environment (as `kubectl exec`).
     fn exec(&self, program: &str, args: &[&str]) -> Command {
+        let tmp = std::env::temp_dir();
         let mut command = Command::new("ip");
-        command.args(["netns", "exec", &self.netns, program]).args(args).env_clear().envs(self.env.iter().cloned());
+        command
+            .args(["netns", "exec", &self.netns, "unshare", "--uts", "--", "/bin/sh", "-c", ENTER_POD, &self.pod])
+            .arg(&self.root)
+            .arg(&tmp)
+            .arg(program)
+            .args(args)
+            .env_clear()
+            .envs(self.env.iter().cloned());
         command
     }
 
@@ -99,10 +159,15 @@ impl Node {
         tokio::process::Command::from(command).output().await.unwrap_or_else(|e| panic!("{what}: {e}"))
     }
 
-    /// A shell command inside the node's namespace (sees only what the pod would), with `vars`.
+    /// A client's shell command (the host's tools: curl, bash) inside the node's network namespace:
+    /// it reaches what a client in the pod would, with `vars` as its only environment.
     pub async fn sh(&self, script: &str, vars: &[(&str, &str)]) -> Output {
-        let mut command = self.exec("/bin/bash", &["-c", script]);
-        command.envs(vars.iter().copied());
+        let mut command = Command::new("ip");
+        command
+            .args(["netns", "exec", &self.netns, "/bin/bash", "-c", script])
+            .env_clear()
+            .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+            .envs(vars.iter().copied());
         self.output(command, "bash in the node's namespace").await
     }
 
@@ -156,21 +221,8 @@ impl Node {
         }
         let log = std::fs::OpenOptions::new().create(true).append(true).open(self.console_log()).expect("console log");
         let bootstrap = self.dir.join("config/bootstrap.sh");
-        let pod = self.name.trim_start_matches("rabbit@").split('.').next().unwrap_or_default().to_string();
-        // A UTS namespace of its own: the pod's hostname.
         let child = self
-            .exec(
-                "unshare",
-                &[
-                    "--uts",
-                    "--",
-                    "/bin/sh",
-                    "-c",
-                    "hostname \"$0\" && exec /bin/bash \"$1\"",
-                    &pod,
-                    &bootstrap.to_string_lossy(),
-                ],
-            )
+            .exec("/bin/bash", &[&bootstrap.to_string_lossy()])
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))
             .stderr(log)
@@ -208,9 +260,19 @@ impl Node {
     /// What the kubelet does on a graceful pod deletion: the preStop hook, then SIGTERM to the
     /// container's main process, then SIGKILL after the grace period.
     pub async fn stop_gracefully(&mut self, grace: Duration) {
+        let hook_output = self.pre_stop().await;
+        self.terminate(grace, &hook_output).await;
+    }
+
+    /// The preStop hook; returns what it printed on stderr.
+    pub async fn pre_stop(&self) -> String {
         let script = self.dir.join("config/pre-stop.sh");
         let hook = self.output(self.exec("/bin/bash", &[&script.to_string_lossy()]), "pre-stop.sh").await;
-        let hook_output = String::from_utf8_lossy(&hook.stderr).into_owned();
+        String::from_utf8_lossy(&hook.stderr).into_owned()
+    }
+
+    /// SIGTERM to the container's main process; fails unless it exits within `grace`.
+    pub async fn terminate(&mut self, grace: Duration, hook_output: &str) {
         let pid = self.process.lock().unwrap().as_ref().map(|c| c.id());
         if let Some(pid) = pid {
             let _ = run("kill", &["-TERM", &pid.to_string()]);
@@ -225,6 +287,33 @@ impl Node {
         self.kill();
     }
 
+    /// Runs `client` on a thread of its own inside the node's network namespace, as a client in the
+    /// pod would: it reaches the node at 127.0.0.1 even while the node's link is cut. Sockets are
+    /// made by the thread that polls them (a current-thread runtime), so they live in that namespace.
+    pub async fn in_network<T, F>(&self, client: impl FnOnce() -> F + Send + 'static) -> T
+    where
+        T: Send + 'static,
+        F: std::future::Future<Output = T>,
+    {
+        use std::os::fd::AsRawFd;
+        let path = PathBuf::from("/run/netns").join(&self.netns);
+        let (sender, receiver) = tokio::sync::oneshot::channel();
+        std::thread::spawn(move || {
+            let namespace = std::fs::File::open(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            // SAFETY: setns on a valid descriptor changes only this thread's network namespace.
+            let entered = unsafe { libc::setns(namespace.as_raw_fd(), libc::CLONE_NEWNET) };
+            assert_eq!(entered, 0, "setns {}: {}", path.display(), std::io::Error::last_os_error());
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+            let _ = sender.send(runtime.block_on(client()));
+        });
+        receiver.await.expect("the client thread in the node's network panicked")
+    }
+
+    /// An AMQP URL for a client in the node's own network (see `in_network`).
+    pub fn local_amqp_url(&self, credentials: &Credentials) -> String {
+        format!("amqp://{}:{}@127.0.0.1:5672/%2f", credentials.username, credentials.password)
+    }
+
     /// Cuts the node's link to the pod network, or heals it.
     pub fn set_link(&self, up: bool) {
         must("ip", &["link", "set", &self.host_link, if up { "up" } else { "down" }]);
@@ -236,6 +325,9 @@ pub struct NodeCluster {
     pub nodes: Vec<Node>,
     pub credentials: Credentials,
     pub cluster: ValidatedCluster,
+    /// What every pod of the StatefulSet gets (the ConfigMap, Secrets, environment, image).
+    template: PodTemplate,
+    id: String,
     bridge: String,
     /// The network this cluster's nodes are on: `(subnet, first host number)`.
     network: (u8, u8),
@@ -243,6 +335,20 @@ pub struct NodeCluster {
     owns_bridge: bool,
     dir: PathBuf,
     _one_at_a_time: Option<MutexGuard<'static, ()>>,
+}
+
+/// The builders' output that every node is made from.
+struct PodTemplate {
+    config: BTreeMap<String, String>,
+    cookie: String,
+    default_user: String,
+    env: Vec<EnvVar>,
+    rootfs: Rootfs,
+}
+
+fn secret_text(secret: &k8s_openapi::api::core::v1::Secret, key: &str) -> String {
+    let bytes = secret.data.as_ref().and_then(|d| d.get(key)).unwrap_or_else(|| panic!("Secret key {key}"));
+    String::from_utf8(bytes.0.clone()).unwrap_or_else(|e| panic!("Secret key {key}: {e}"))
 }
 
 impl NodeCluster {
@@ -280,8 +386,32 @@ impl NodeCluster {
         resource.metadata.namespace = Some(NAMESPACE.into());
         resource.metadata.uid = Some("00000000-0000-4000-8000-00000000feed".into());
         let cluster = validate(&resource, &Settings::default()).expect("a valid RabbitCluster");
+        let version = cluster.image_version.expect("the harness's RabbitCluster names a version in its image tag");
+        let rootfs = rootfs(&format!("{}.{}", version.major, version.minor));
+        assert_eq!(
+            rootfs.version,
+            version.to_string(),
+            "the image names {version}, its rootfs holds {}",
+            rootfs.version
+        );
+        // The mount point of the test's temporary directory inside the rootfs.
+        let tmp = std::env::temp_dir();
+        std::fs::create_dir_all(rootfs.path.join(tmp.strip_prefix("/").unwrap_or(&tmp))).expect("tmp in the rootfs");
         let credentials = Credentials::generate();
         let objects = build::build(&cluster, &credentials);
+        let template = PodTemplate {
+            config: objects.config_map.data.clone().unwrap_or_default(),
+            cookie: secret_text(&objects.erlang_cookie_secret, "cookie"),
+            default_user: secret_text(&objects.default_user_secret, "default_user.conf"),
+            env: objects
+                .stateful_set
+                .spec
+                .as_ref()
+                .and_then(|s| s.template.spec.as_ref())
+                .map(|p| p.containers[0].env.clone().unwrap_or_default())
+                .expect("the StatefulSet's container"),
+            rootfs,
+        };
 
         let id = format!("{:04x}", rand::random::<u16>());
         let (bridge, subnet, first_host) = match shared_network {
@@ -294,6 +424,8 @@ impl NodeCluster {
             nodes: Vec::new(),
             credentials,
             cluster,
+            template,
+            id,
             bridge: bridge.clone(),
             network: (subnet, first_host),
             owns_bridge,
@@ -309,90 +441,93 @@ impl NodeCluster {
             must("ip", &["addr", "add", &format!("10.231.{subnet}.254/24"), "dev", &bridge]);
             must("ip", &["link", "set", &bridge, "up"]);
         }
-
-        let replicas = this.cluster.replicas as usize;
-        let hosts: String = (0..replicas)
-            .map(|i| {
-                let node = this.cluster.node_name(i as i32);
-                let host = node.trim_start_matches("rabbit@");
-                format!(
-                    "10.231.{subnet}.{} {host} {}\n",
-                    i + first_host as usize,
-                    host.split('.').next().unwrap_or(host)
-                )
-            })
-            .collect();
-        let config = objects.config_map.data.clone().unwrap_or_default();
-        let cookie = String::from_utf8(
-            objects.erlang_cookie_secret.data.as_ref().and_then(|d| d.get("cookie")).expect("cookie").0.clone(),
-        )
-        .expect("cookie text");
-        let default_user = String::from_utf8(
-            objects
-                .default_user_secret
-                .data
-                .as_ref()
-                .and_then(|d| d.get("default_user.conf"))
-                .expect("default_user.conf")
-                .0
-                .clone(),
-        )
-        .expect("default_user.conf text");
-        let container_env = objects
-            .stateful_set
-            .spec
-            .as_ref()
-            .and_then(|s| s.template.spec.as_ref())
-            .map(|p| p.containers[0].env.clone().unwrap_or_default())
-            .expect("the StatefulSet's container");
-
-        for i in 0..replicas {
-            let netns = format!("wr{id}-{i}");
-            let host_link = format!("wrv{id}{i}");
-            must("ip", &["netns", "add", &netns]);
-            let node_dir = dir.join(format!("node-{i}"));
-            let ip = format!("10.231.{subnet}.{}", i + first_host as usize);
-            // Registered before the rest of its setup, so that Drop removes it whatever fails next.
-            this.nodes.push(Node {
-                index: i,
-                name: this.cluster.node_name(i as i32),
-                ip: ip.clone(),
-                netns: netns.clone(),
-                host_link: host_link.clone(),
-                dir: node_dir.clone(),
-                env: Vec::new(),
-                process: Default::default(),
-            });
-            must("ip", &["link", "add", &host_link, "type", "veth", "peer", "name", "eth0", "netns", &netns]);
-            must("ip", &["link", "set", &host_link, "master", &bridge, "up"]);
-            must("ip", &["-n", &netns, "addr", "add", &format!("{ip}/24"), "dev", "eth0"]);
-            must("ip", &["-n", &netns, "link", "set", "eth0", "up"]);
-            must("ip", &["-n", &netns, "link", "set", "lo", "up"]);
-            // `ip netns exec` bind-mounts /etc/netns/<name>/* over /etc: the pod's DNS.
-            let etc = PathBuf::from("/etc/netns").join(&netns);
-            std::fs::create_dir_all(&etc).expect("/etc/netns");
-            std::fs::write(etc.join("hosts"), format!("127.0.0.1 localhost\n{hosts}")).expect("hosts");
-
-            // The volumes: ConfigMap, conf.d (projected), cookie Secret; data starts empty.
-            write_files(&node_dir.join("config"), &config);
-            write_files(
-                &node_dir.join("conf.d"),
-                &BTreeMap::from([
-                    ("10-operator.conf".to_string(), config["10-operator.conf"].clone()),
-                    ("11-default-user.conf".to_string(), default_user.clone()),
-                    ("90-additional.conf".to_string(), config["90-additional.conf"].clone()),
-                ]),
-            );
-            write_files(&node_dir.join("cookie"), &BTreeMap::from([("cookie".to_string(), cookie.clone())]));
-            let ctl_home = node_dir.join("ctl-home");
-            std::fs::create_dir_all(&ctl_home).expect("ctl home");
-            std::fs::write(ctl_home.join(".erlang.cookie"), &cookie).expect("cookie for rabbitmqctl");
-            must("chmod", &["400", &ctl_home.join(".erlang.cookie").to_string_lossy()]);
-            std::fs::write(node_dir.join("rabbitmq-env.conf"), "").expect("env file");
-
-            this.nodes[i].env = pod_environment(&container_env, i, &this.cluster.stateful_set_name(), &node_dir);
+        for i in 0..this.cluster.replicas as usize {
+            this.add_node(i);
         }
+        this.write_hosts();
         this
+    }
+
+    /// Lays out pod `i`: its network namespace on the bridge and its volumes; not started.
+    fn add_node(&mut self, i: usize) {
+        let (subnet, first_host) = self.network;
+        let netns = format!("wr{}-{i}", self.id);
+        let host_link = format!("wrv{}{i}", self.id);
+        must("ip", &["netns", "add", &netns]);
+        let node_dir = self.dir.join(format!("node-{i}"));
+        let ip = format!("10.231.{subnet}.{}", i + first_host as usize);
+        let name = self.cluster.node_name(i as i32);
+        // Registered before the rest of its setup, so that Drop removes it whatever fails next.
+        self.nodes.push(Node {
+            index: i,
+            pod: name.trim_start_matches("rabbit@").split('.').next().unwrap_or_default().into(),
+            name,
+            ip: ip.clone(),
+            netns: netns.clone(),
+            host_link: host_link.clone(),
+            dir: node_dir.clone(),
+            root: self.template.rootfs.path.clone(),
+            env: Vec::new(),
+            process: Default::default(),
+        });
+        must("ip", &["link", "add", &host_link, "type", "veth", "peer", "name", "eth0", "netns", &netns]);
+        must("ip", &["link", "set", &host_link, "master", &self.bridge, "up"]);
+        must("ip", &["-n", &netns, "addr", "add", &format!("{ip}/24"), "dev", "eth0"]);
+        must("ip", &["-n", &netns, "link", "set", "eth0", "up"]);
+        must("ip", &["-n", &netns, "link", "set", "lo", "up"]);
+
+        // The volumes: ConfigMap, conf.d (projected), cookie Secret; data starts empty.
+        let template = &self.template;
+        write_files(&node_dir.join("config"), &template.config);
+        write_files(
+            &node_dir.join("conf.d"),
+            &BTreeMap::from([
+                ("10-operator.conf".to_string(), template.config["10-operator.conf"].clone()),
+                ("11-default-user.conf".to_string(), template.default_user.clone()),
+                ("90-additional.conf".to_string(), template.config["90-additional.conf"].clone()),
+            ]),
+        );
+        write_files(&node_dir.join("cookie"), &BTreeMap::from([("cookie".to_string(), template.cookie.clone())]));
+        let ctl_home = node_dir.join("ctl-home");
+        std::fs::create_dir_all(&ctl_home).expect("ctl home");
+        std::fs::write(ctl_home.join(".erlang.cookie"), &template.cookie).expect("cookie for rabbitmqctl");
+        must("chmod", &["400", &ctl_home.join(".erlang.cookie").to_string_lossy()]);
+        std::fs::write(node_dir.join("rabbitmq-env.conf"), "").expect("env file");
+        self.nodes[i].env = pod_environment(&template.env, i, &self.cluster.stateful_set_name(), &node_dir);
+    }
+
+    /// The headless Service's names of every pod, in every pod's /etc/hosts (`ip netns exec`
+    /// bind-mounts /etc/netns/<name>/hosts over /etc/hosts). Written in place: a running node's
+    /// mount of the file sees the new names, as pods see new DNS records.
+    fn write_hosts(&self) {
+        let (subnet, first_host) = self.network;
+        let mut hosts = String::from("127.0.0.1 localhost\n");
+        for node in &self.nodes {
+            let host = node.name.trim_start_matches("rabbit@");
+            let _ = writeln!(hosts, "10.231.{subnet}.{} {host} {}", node.index + first_host as usize, node.pod);
+        }
+        for node in &self.nodes {
+            let etc = PathBuf::from("/etc/netns").join(&node.netns);
+            std::fs::create_dir_all(&etc).expect("/etc/netns");
+            std::fs::write(etc.join("hosts"), &hosts).expect("hosts");
+        }
+    }
+
+    /// What the operator does on a scale-up: the ConfigMap's replica count changes (every pod's
+    /// mounted copy follows) and the StatefulSet adds pods `current..replicas`, started at once.
+    pub fn scale_to(&mut self, replicas: usize) {
+        let current = self.nodes.len();
+        assert!(replicas > current, "scale_to({replicas}) is a scale-up from {current}");
+        self.template.config.insert("replicas".into(), replicas.to_string());
+        self.cluster.replicas = replicas as i32;
+        for i in current..replicas {
+            self.add_node(i);
+        }
+        self.write_hosts();
+        for node in &self.nodes[..current] {
+            std::fs::write(node.dir.join("config/replicas"), replicas.to_string()).expect("replicas");
+        }
+        self.start(&(current..replicas).collect::<Vec<_>>());
     }
 
     pub fn management_url(&self, index: usize) -> String {
@@ -404,6 +539,12 @@ impl NodeCluster {
         for &i in indexes {
             self.nodes[i].start();
         }
+    }
+
+    /// Every pod deleted at once: all preStop hooks run side by side, then every node gets SIGTERM.
+    pub async fn stop_all_gracefully(&mut self, grace: Duration) {
+        let hooks = futures::future::join_all(self.nodes.iter().map(|n| n.pre_stop())).await;
+        futures::future::join_all(self.nodes.iter_mut().zip(&hooks).map(|(n, hook)| n.terminate(grace, hook))).await;
     }
 
     pub fn start_all(&mut self) {
@@ -615,13 +756,22 @@ impl NodeCluster {
 
     /// The operator's broker reconcile (its real code) against node `index`'s management API.
     pub async fn converge(&self, index: usize) -> warren::error::Result<warren::rabbitmq::broker::BrokerObservation> {
+        self.converge_with(index, &self.cluster.high_availability).await
+    }
+
+    /// The broker reconcile with another HA spec than the cluster's.
+    pub async fn converge_with(
+        &self,
+        index: usize,
+        high_availability: &warren::api::HighAvailabilitySpec,
+    ) -> warren::error::Result<warren::rabbitmq::broker::BrokerObservation> {
         let client = warren::rabbitmq::management::ManagementClient::new(
             &self.management_url(index),
             &self.credentials.username,
             &self.credentials.password,
         )?;
         let all: Vec<usize> = (0..self.nodes.len()).collect();
-        warren::rabbitmq::broker::converge(&client, &self.names(&all), &self.cluster.high_availability).await
+        warren::rabbitmq::broker::converge(&client, &self.names(&all), high_availability).await
     }
 
     /// Declares a durable classic queue through node `via` (so its master lives there) and waits
@@ -640,6 +790,67 @@ impl NodeCluster {
             }
         })
         .await;
+    }
+
+    /// Whether this cluster's generation replicates queues as quorum queues (4.x) rather than by
+    /// classic mirroring (3.x).
+    pub fn quorum(&self) -> bool {
+        self.cluster.image_version.is_some_and(|v| !v.has_classic_mirroring())
+    }
+
+    /// The generation's name, `3.10`, `4.0` or `4.3`, for messages.
+    pub fn generation(&self) -> String {
+        self.cluster.image_version.map(|v| format!("{}.{}", v.major, v.minor)).unwrap_or_default()
+    }
+
+    /// Declares a durable queue with no arguments through node `via`, as a client that knows
+    /// nothing of HA would, and waits until it is replicated on the nodes `members`: by the vhost's
+    /// default queue type (quorum) on 4.x, by the ha-all policy on 3.x.
+    pub async fn declare_ha_queue(&self, via: usize, queue: &str, members: &[usize]) {
+        let path = format!("/api/queues/%2F/{queue}");
+        self.api_put(via, &path, serde_json::json!({"durable": true})).await.expect("declare queue");
+        self.wait_replicated(via, queue, members, 0).await;
+    }
+
+    /// Waits until `queue` has a copy on exactly the nodes `members`, each one online and in sync
+    /// (quorum members online, or master and synchronised mirrors), holding `messages`.
+    pub async fn wait_replicated(
+        &self,
+        via: usize,
+        queue: &str,
+        members: &[usize],
+        messages: u64,
+    ) -> serde_json::Value {
+        let path = format!("/api/queues/%2F/{queue}");
+        let expected = self.names(members);
+        let what = format!("queue {queue}: {messages} messages, replicated on {members:?}");
+        wait_for(&what, Duration::from_secs(120), || async {
+            let info = self.api(via, &path).await?;
+            let copies = if self.quorum() {
+                if info["type"] != "quorum" {
+                    return Err(format!("not a quorum queue: {info}"));
+                }
+                let online = node_list(&info["online"]);
+                if online != node_list(&info["members"]) {
+                    return Err(format!("members not all online: {info}"));
+                }
+                online
+            } else {
+                let mut copies = node_list(&info["synchronised_slave_nodes"]);
+                copies.extend(info["node"].as_str().map(str::to_string));
+                copies.sort();
+                copies
+            };
+            if copies == expected && info["messages"] == messages { Ok(info) } else { Err(info.to_string()) }
+        })
+        .await
+    }
+
+    /// The index of the node that leads `queue`: its quorum leader, or its classic master.
+    pub async fn queue_leader(&self, via: usize, queue: &str) -> usize {
+        let info = self.api(via, &format!("/api/queues/%2F/{queue}")).await.expect("queue");
+        let leader = info["leader"].as_str().or_else(|| info["node"].as_str()).expect("leader or master node");
+        self.index_of(leader)
     }
 
     /// Index of the node named `name`.

@@ -4,7 +4,7 @@ mod config;
 mod pdb;
 pub mod secrets;
 mod services;
-mod statefulset;
+pub mod statefulset;
 
 use std::collections::BTreeMap;
 

@@ -33,6 +33,8 @@ const COOKIE_DIR: &str = "/etc/warren/cookie";
 const LOG_DIR: &str = "/var/log/rabbitmq";
 /// How long preStop may wait for mirrors and quorum queues, and the grace period around it.
 const PRE_STOP_TIMEOUT_SECONDS: i64 = 3000;
+/// The RabbitMQ container's name (the operator reads the image it runs from it).
+pub const RABBITMQ_CONTAINER: &str = "rabbitmq";
 const TERMINATION_GRACE_SECONDS: i64 = 3600;
 
 fn env(name: &str, value: impl Into<String>) -> EnvVar {
@@ -175,7 +177,7 @@ fn container(cluster: &ValidatedCluster) -> Container {
         volume_mounts.push(mount("tls-ca", TLS_CA_DIR, true));
     }
     Container {
-        name: "rabbitmq".into(),
+        name: RABBITMQ_CONTAINER.into(),
         image: Some(cluster.image.clone()),
         command: Some(bash("bootstrap.sh")),
         env: Some(environment(cluster)),

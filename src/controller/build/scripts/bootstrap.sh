@@ -45,18 +45,35 @@ members_of() {
     sed -n 's/.*"disk_nodes":\[\([^]]*\)\].*/\1/p' <<<"$status" | tr ',' '\n' | tr -d '"' | sed '/^$/d'
 }
 
+# Whether NODE keeps its metadata in Khepri (Raft; the only store from 4.3) rather than Mnesia.
+uses_khepri() {
+    [[ $(timeout 60 rabbitmqctl -q -n "$1" eval 'rabbit_khepri:is_enabled().' 2>/dev/null) == true ]]
+}
+
 join_cluster() {
     local seed="$1" seed_members="$2"
     log "joining the cluster of $seed"
     rabbitmqctl -q stop_app
-    if grep -qxF "$RABBITMQ_NODENAME" <<<"$seed_members"; then
-        # This node's volume was lost: the cluster still lists its old incarnation. Forget it first.
-        log "the cluster still lists $RABBITMQ_NODENAME (its data was lost); forgetting it"
-        rabbitmqctl -q -n "$seed" forget_cluster_node "$RABBITMQ_NODENAME"
+    if uses_khepri "$seed"; then
+        # Khepri takes a wiped node back as it is: no forget (its quorum queue members are restarted
+        # as new ones), and no reset, which can fail on a node the cluster's leader still contacts
+        # (leader_saw_append_entries_rpc_in_same_term) and would crash-loop the pod.
+        rabbitmqctl -q join_cluster "$seed"
+    else
+        if grep -qxF "$RABBITMQ_NODENAME" <<<"$seed_members"; then
+            # This node's volume was lost: Mnesia still lists its old incarnation. Forget it first.
+            log "the cluster still lists $RABBITMQ_NODENAME (its data was lost); forgetting it"
+            rabbitmqctl -q -n "$seed" forget_cluster_node "$RABBITMQ_NODENAME"
+        fi
+        rabbitmqctl -q reset
+        rabbitmqctl -q join_cluster "$seed"
     fi
-    rabbitmqctl -q reset
-    rabbitmqctl -q join_cluster "$seed"
     rabbitmqctl -q start_app
+    # A node that joins (a new replica, or one whose volume was lost and was forgotten) holds no
+    # member of the existing quorum queues: give each one a member here, so every queue is
+    # replicated on every node again. Not fatal: the cluster works without it.
+    rabbitmq-queues -q grow "$RABBITMQ_NODENAME" all >/dev/null 2>&1 ||
+        log "growing quorum queues onto $RABBITMQ_NODENAME failed; they keep their other members"
 }
 
 if [[ -f "$marker" ]]; then
