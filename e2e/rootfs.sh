@@ -81,6 +81,8 @@ build_generation() {
     "$work"/var/cache/apt/archives/*.deb "$work"/var/lib/apt/lists/* "$work"/usr/share/doc \
     "$work"/usr/share/man "$work"/usr/share/locale "$work/usr/sbin/policy-rc.d"
   chown -R 999:999 "$work"/var/lib/rabbitmq "$work"/var/log/rabbitmq "$work"/etc/rabbitmq
+  # minbase writes no /etc/hosts: the mount point for the one a pod (or the tier-2 harness) provides.
+  printf '127.0.0.1 localhost\n' > "$work/etc/hosts"
   rm -rf "$root"
   mv "$work" "$root"
   echo "$upstream" > "$version_file"
