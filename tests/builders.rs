@@ -342,3 +342,16 @@ fn a_patch_release_changes_only_the_image_and_rolls_one_pod_at_a_time() {
     assert_eq!(old, new, "a patch release changes nothing but the image");
     assert_eq!(json_of(&before.config_map), json_of(&after.config_map));
 }
+
+#[test]
+fn partition_handling_other_than_the_default_is_flagged_where_it_has_no_effect() {
+    let mut cluster = fixture("basic.yaml");
+    cluster.spec.partition_handling = warren::api::PartitionHandling::Ignore;
+    assert!(validate(&cluster, &Settings::default()).unwrap().warnings.is_empty(), "4.1 honours it");
+    cluster.spec.image = "rabbitmq:4.3.6-management".into();
+    let warnings = validate(&cluster, &Settings::default()).unwrap().warnings;
+    assert_eq!(warnings.len(), 1, "{warnings:?}");
+    assert!(warnings[0].contains("partitionHandling ignore has no effect on RabbitMQ 4.3.6"), "{warnings:?}");
+    cluster.spec.partition_handling = warren::api::PartitionHandling::PauseMinority;
+    assert!(validate(&cluster, &Settings::default()).unwrap().warnings.is_empty(), "the default is what 4.3 does");
+}

@@ -107,17 +107,7 @@ async fn every_message_and_property_arrives_exactly_once() {
     for queue in &queues {
         assert_in_order_once(queue, &ordered_ids(&target, queue).await, 0..5_000);
     }
-    let connection = Connection::connect(&target, ConnectionProperties::default()).await.expect("connect");
-    let channel = connection.create_channel().await.expect("channel");
-    let message = channel
-        .basic_get("everything".into(), BasicGetOptions { no_ack: true })
-        .await
-        .expect("basic.get")
-        .expect("the message arrived");
-    assert_eq!(message.delivery.data, body, "body changed");
-    assert_eq!(message.delivery.properties, properties, "properties changed");
-    let again = channel.basic_get("everything".into(), BasicGetOptions { no_ack: true }).await.expect("basic.get");
-    assert!(again.is_none(), "the message arrived twice");
+    assert_only_message(&target, "everything", &body, &properties).await;
     // The source is empty: everything left only after the target confirmed.
     for queue in queues.iter().chain(std::iter::once(&"everything".to_string())) {
         let depth = report.queues.iter().find(|q| &q.name == queue).map(|q| q.source_after);
@@ -197,6 +187,17 @@ async fn publish_one(url: &str, queue: &str, body: &[u8], properties: BasicPrope
         .await
         .expect("confirm");
     assert!(confirm.is_ack(), "{queue}: {confirm:?}");
+}
+
+/// `queue` holds one message, with exactly this body and these properties.
+async fn assert_only_message(url: &str, queue: &str, body: &[u8], properties: &BasicProperties) {
+    let connection = Connection::connect(url, ConnectionProperties::default()).await.expect("connect");
+    let channel = connection.create_channel().await.expect("channel");
+    let get = || channel.basic_get(queue.into(), BasicGetOptions { no_ack: true });
+    let message = get().await.expect("basic.get").expect("the message arrived");
+    assert_eq!(message.delivery.data, body, "body changed");
+    assert_eq!(&message.delivery.properties, properties, "properties changed");
+    assert!(get().await.expect("basic.get").is_none(), "the message arrived twice");
 }
 
 /// A user's tags, whichever form the version reports them in (a list, or a comma-separated string).
@@ -296,15 +297,7 @@ async fn mirrored_3_10_moves_into_quorum_queues_on_4_3() {
     // Every property and the body, byte for byte, from a quorum queue.
     let info = new.api(0, "/api/queues/%2F/everything").await.expect("queue everything");
     assert_eq!(info["type"], "quorum", "{info}");
-    let connection = Connection::connect(&amqp_url(&new), ConnectionProperties::default()).await.expect("connect");
-    let channel = connection.create_channel().await.expect("channel");
-    let message = channel
-        .basic_get("everything".into(), BasicGetOptions { no_ack: true })
-        .await
-        .expect("basic.get")
-        .expect("the message arrived");
-    assert_eq!(message.delivery.data, body, "body changed");
-    assert_eq!(message.delivery.properties, properties, "properties changed");
+    assert_only_message(&amqp_url(&new), "everything", &body, &properties).await;
     // The source is empty: every message left only after the target confirmed it.
     for queue in ["emails", "everything", "invoices", "scratch"] {
         let depth = report.queues.iter().find(|q| q.name == queue).map(|q| q.source_after);

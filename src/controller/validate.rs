@@ -150,6 +150,16 @@ pub fn validate(cluster: &RabbitCluster, settings: &Settings) -> Result<Validate
             spec.replicas
         ));
     }
+    if let Some(version) = image_version
+        && !version.honours_partition_handling()
+        && spec.partition_handling != PartitionHandling::PauseMinority
+    {
+        warnings.push(format!(
+            "spec.partitionHandling {} has no effect on RabbitMQ {version}: its metadata and queues are Raft groups \
+             (Khepri), and a partitioned minority always stops accepting writes",
+            spec.partition_handling.as_config_value()
+        ));
+    }
     if image_version.is_none() {
         warnings.push(format!(
             "spec.image {image:?} names no version in its tag: the HA mechanism is chosen once the broker reports its version"
