@@ -192,6 +192,7 @@ pub fn convert(exported: &Value, options: &Options, target: RabbitVersion) -> Co
         "exchanges": list(exported, "exchanges").filter(|e| vhost_selected(e)).cloned().collect::<Vec<_>>(),
         "bindings": bindings,
     });
+    kept_classic.sort_by(|a, b| (&a.vhost, &a.name).cmp(&(&b.vhost, &b.name)));
     Conversion { definitions: converted, notes, kept_classic }
 }
 
