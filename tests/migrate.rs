@@ -15,7 +15,8 @@ use lapin::options::{
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Connection, ConnectionProperties};
 use support::amqp;
-use support::rabbit_nodes::{NodeCluster, manifest, wait_for};
+use support::generations::manifest;
+use support::rabbit_nodes::{NodeCluster, wait_for};
 use warren::migrate::{Endpoint, Options, migrate};
 
 /// A source and a target of one node each, of these generations, formed and with HA applied.

@@ -9,7 +9,8 @@ use std::time::Duration;
 
 use kube::runtime::controller::Action;
 use support::fixture;
-use support::rabbit_nodes::{NodeCluster, THREE_NODES};
+use support::generations::THREE_NODES;
+use support::rabbit_nodes::NodeCluster;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use warren::api::RabbitCluster;
 use warren::controller::validate::{Settings, validate};

@@ -14,7 +14,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use support::amqp::{self, assert_exactly_once};
-use support::rabbit_nodes::{BOOT, NodeCluster, manifest, node_list, wait_for};
+use support::generations::manifest;
+use support::rabbit_broker::node_list;
+use support::rabbit_nodes::{BOOT, NodeCluster, wait_for};
 use tokio::sync::Mutex;
 use warren::api::{HighAvailabilityMode, HighAvailabilitySpec};
 

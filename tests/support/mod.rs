@@ -3,8 +3,10 @@
 #![allow(dead_code)]
 
 pub mod amqp;
+pub mod generations;
 pub mod kube_mock;
 pub mod management_fake;
+pub mod rabbit_broker;
 pub mod rabbit_nodes;
 pub mod wait;
 

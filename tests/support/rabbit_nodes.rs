@@ -28,6 +28,8 @@ use warren::api::RabbitCluster;
 use warren::controller::build::{self, Credentials};
 use warren::controller::validate::{Settings, ValidatedCluster, validate};
 
+use super::generations::{Rootfs, rootfs};
+use super::rabbit_broker::node_list;
 pub use super::wait::wait_for;
 
 const RABBITMQ_BIN: &str = "/usr/lib/rabbitmq/bin";
@@ -52,43 +54,6 @@ static ONE_AT_A_TIME: Mutex<()> = Mutex::const_new(());
 
 fn run(program: &str, args: &[&str]) -> Output {
     Command::new(program).args(args).output().unwrap_or_else(|e| panic!("{program} {args:?}: {e}"))
-}
-
-/// A RabbitMQ generation's rootfs, built by e2e/rootfs.sh.
-#[derive(Clone, Debug)]
-pub struct Rootfs {
-    pub path: PathBuf,
-    /// The exact version it holds (`4.3.6`).
-    pub version: String,
-}
-
-/// The rootfs of `generation` (`3.10`, `4.0`, `4.3`).
-pub fn rootfs(generation: &str) -> Rootfs {
-    let cache = std::env::var_os("WARREN_CACHE").map(PathBuf::from).unwrap_or_else(|| {
-        PathBuf::from(std::env::var_os("HOME").expect("HOME or WARREN_CACHE")).join(".cache/warren")
-    });
-    let path = cache.join(format!("rootfs/rabbitmq-{generation}"));
-    let version = std::fs::read_to_string(cache.join(format!("rootfs/rabbitmq-{generation}.version")))
-        .unwrap_or_else(|e| {
-            panic!("no RabbitMQ {generation} rootfs at {} ({e}): run e2e/rootfs.sh (make test does)", path.display())
-        })
-        .trim()
-        .to_string();
-    Rootfs { path, version }
-}
-
-/// The image a RabbitCluster names for `generation`, with the exact version its rootfs holds.
-pub fn image(generation: &str) -> String {
-    format!("rabbitmq:{}-management", rootfs(generation).version)
-}
-
-/// A RabbitCluster manifest: `replicas` nodes of `generation`, Auto HA, and `extra` spec lines
-/// (indented by two spaces).
-pub fn manifest(name: &str, replicas: usize, generation: &str, extra: &str) -> String {
-    format!(
-        "apiVersion: warren.dev/v1alpha1\nkind: RabbitCluster\nmetadata: {{name: {name}}}\nspec:\n  replicas: {replicas}\n  image: {}\n{extra}",
-        image(generation)
-    )
 }
 
 /// Runs a setup command that must succeed.
@@ -682,64 +647,6 @@ fn free_subnet() -> u8 {
     panic!("no free 10.231.x.0/24 subnet");
 }
 
-impl NodeCluster {
-    /// GET of the management API of node `index`, as JSON.
-    pub async fn api(&self, index: usize, path: &str) -> Result<serde_json::Value, String> {
-        let url = format!("{}{path}", self.management_url(index));
-        let response = reqwest::Client::new()
-            .get(&url)
-            .basic_auth(&self.credentials.username, Some(&self.credentials.password))
-            .timeout(Duration::from_secs(10))
-            .send()
-            .await
-            .map_err(|e| format!("GET {path} on node {index}: {e}"))?;
-        let status = response.status();
-        let text = response.text().await.map_err(|e| format!("GET {path} on node {index}: {e}"))?;
-        if !status.is_success() {
-            return Err(format!("GET {path} on node {index}: {status} {text}"));
-        }
-        serde_json::from_str(&text).map_err(|e| format!("GET {path} on node {index}: {e}"))
-    }
-
-    /// PUT of the management API of node `index`.
-    pub async fn api_put(&self, index: usize, path: &str, body: serde_json::Value) -> Result<(), String> {
-        let response = reqwest::Client::new()
-            .put(format!("{}{path}", self.management_url(index)))
-            .basic_auth(&self.credentials.username, Some(&self.credentials.password))
-            .json(&body)
-            .timeout(Duration::from_secs(10))
-            .send()
-            .await
-            .map_err(|e| format!("PUT {path} on node {index}: {e}"))?;
-        if response.status().is_success() {
-            Ok(())
-        } else {
-            Err(format!(
-                "PUT {path} on node {index}: {} {}",
-                response.status(),
-                response.text().await.unwrap_or_default()
-            ))
-        }
-    }
-
-    /// The names of the nodes at `indexes`, sorted.
-    pub fn names(&self, indexes: &[usize]) -> Vec<String> {
-        let mut names: Vec<String> = indexes.iter().map(|&i| self.nodes[i].name.clone()).collect();
-        names.sort();
-        names
-    }
-}
-
-/// A 3-node 3.10 cluster as a user would write it: Auto HA (classic mirroring on 3.x), pause_minority.
-pub const THREE_NODES: &str = "
-apiVersion: warren.dev/v1alpha1
-kind: RabbitCluster
-metadata: {name: demo}
-spec:
-  replicas: 3
-  image: rabbitmq:3.10.8-management
-";
-
 /// Time for nodes to boot and (re)join; generous for two cores.
 pub const BOOT: Duration = Duration::from_secs(240);
 
@@ -753,119 +660,4 @@ impl NodeCluster {
         nodes.converge(0).await.expect("broker reconcile");
         nodes
     }
-
-    /// The operator's broker reconcile (its real code) against node `index`'s management API.
-    pub async fn converge(&self, index: usize) -> warren::error::Result<warren::rabbitmq::broker::BrokerObservation> {
-        self.converge_with(index, &self.cluster.high_availability).await
-    }
-
-    /// The broker reconcile with another HA spec than the cluster's.
-    pub async fn converge_with(
-        &self,
-        index: usize,
-        high_availability: &warren::api::HighAvailabilitySpec,
-    ) -> warren::error::Result<warren::rabbitmq::broker::BrokerObservation> {
-        let client = warren::rabbitmq::management::ManagementClient::new(
-            &self.management_url(index),
-            &self.credentials.username,
-            &self.credentials.password,
-        )?;
-        let all: Vec<usize> = (0..self.nodes.len()).collect();
-        warren::rabbitmq::broker::converge(&client, &self.names(&all), high_availability).await
-    }
-
-    /// Declares a durable classic queue through node `via` (so its master lives there) and waits
-    /// until the other nodes `mirrors` hold synchronised mirrors of it.
-    pub async fn declare_mirrored_queue(&self, via: usize, queue: &str, mirrors: &[usize]) {
-        let path = format!("/api/queues/%2F/{queue}");
-        self.api_put(via, &path, serde_json::json!({"durable": true})).await.expect("declare queue");
-        let expected = self.names(mirrors);
-        wait_for(&format!("queue {queue}: mirrors on {mirrors:?} synchronised"), Duration::from_secs(60), || async {
-            let info = self.api(via, &path).await?;
-            let synced = node_list(&info["synchronised_slave_nodes"]);
-            if synced == expected && info["node"] == self.nodes[via].name.as_str() {
-                Ok(())
-            } else {
-                Err(info.to_string())
-            }
-        })
-        .await;
-    }
-
-    /// Whether this cluster's generation replicates queues as quorum queues (4.x) rather than by
-    /// classic mirroring (3.x).
-    pub fn quorum(&self) -> bool {
-        self.cluster.image_version.is_some_and(|v| !v.has_classic_mirroring())
-    }
-
-    /// The generation's name, `3.10`, `4.0` or `4.3`, for messages.
-    pub fn generation(&self) -> String {
-        self.cluster.image_version.map(|v| format!("{}.{}", v.major, v.minor)).unwrap_or_default()
-    }
-
-    /// Declares a durable queue with no arguments through node `via`, as a client that knows
-    /// nothing of HA would, and waits until it is replicated on the nodes `members`: by the vhost's
-    /// default queue type (quorum) on 4.x, by the ha-all policy on 3.x.
-    pub async fn declare_ha_queue(&self, via: usize, queue: &str, members: &[usize]) {
-        let path = format!("/api/queues/%2F/{queue}");
-        self.api_put(via, &path, serde_json::json!({"durable": true})).await.expect("declare queue");
-        self.wait_replicated(via, queue, members, Some(0)).await;
-    }
-
-    /// Waits until `queue` has a copy on exactly the nodes `members`, each one online and in sync
-    /// (quorum members online, or master and synchronised mirrors), holding `messages` if given. A
-    /// queue that was drained may hold a few again: acks in flight when a consumer closes are not
-    /// guaranteed, and their messages come back (at least once).
-    pub async fn wait_replicated(
-        &self,
-        via: usize,
-        queue: &str,
-        members: &[usize],
-        messages: Option<u64>,
-    ) -> serde_json::Value {
-        let path = format!("/api/queues/%2F/{queue}");
-        let expected = self.names(members);
-        let what = format!("queue {queue}: {messages:?} messages, replicated on {members:?}");
-        wait_for(&what, Duration::from_secs(120), || async {
-            let info = self.api(via, &path).await?;
-            let copies = if self.quorum() {
-                if info["type"] != "quorum" {
-                    return Err(format!("not a quorum queue: {info}"));
-                }
-                let online = node_list(&info["online"]);
-                if online != node_list(&info["members"]) {
-                    return Err(format!("members not all online: {info}"));
-                }
-                online
-            } else {
-                let mut copies = node_list(&info["synchronised_slave_nodes"]);
-                copies.extend(info["node"].as_str().map(str::to_string));
-                copies.sort();
-                copies
-            };
-            let count = messages.is_none_or(|m| info["messages"] == m);
-            if copies == expected && count { Ok(info) } else { Err(info.to_string()) }
-        })
-        .await
-    }
-
-    /// The index of the node that leads `queue`: its quorum leader, or its classic master.
-    pub async fn queue_leader(&self, via: usize, queue: &str) -> usize {
-        let info = self.api(via, &format!("/api/queues/%2F/{queue}")).await.expect("queue");
-        let leader = info["leader"].as_str().or_else(|| info["node"].as_str()).expect("leader or master node");
-        self.index_of(leader)
-    }
-
-    /// Index of the node named `name`.
-    pub fn index_of(&self, name: &str) -> usize {
-        self.nodes.iter().position(|n| n.name == name).unwrap_or_else(|| panic!("no node {name}"))
-    }
-}
-
-/// A JSON list of node names, sorted.
-pub fn node_list(value: &serde_json::Value) -> Vec<String> {
-    let mut names: Vec<String> =
-        value.as_array().map(|a| a.iter().filter_map(|v| v.as_str().map(str::to_string)).collect()).unwrap_or_default();
-    names.sort();
-    names
 }
