@@ -25,7 +25,7 @@ test: deps
 	$(CARGO) test --locked --all-targets --no-run; tests=$$?; \
 	wait $$rootfs; made=$$?; cat $(CACHE_DIR)/logs/rootfs.log; \
 	if [ $$tests = 0 ] && [ $$made = 0 ]; then $(CARGO) test --locked --all-targets; tests=$$?; fi; \
-	wait $$go; built=$$?; cat $(CACHE_DIR)/logs/go-build.log | grep -v '^go: ' || true; \
+	wait $$go; built=$$?; grep -v '^go: ' $(CACHE_DIR)/logs/go-build.log || true; \
 	[ $$tests = 0 ] && [ $$made = 0 ] && [ $$built = 0 ]
 	$(MAKE) --no-print-directory e2e
 

@@ -67,16 +67,19 @@ fn list<'a>(definitions: &'a Value, key: &str) -> impl Iterator<Item = &'a Value
     definitions[key].as_array().into_iter().flatten()
 }
 
+/// A queue's type: in its arguments when the client chose it, in `type` when its vhost's default
+/// queue type did; classic when neither says.
+fn queue_type(queue: &Value) -> &str {
+    queue["arguments"]["x-queue-type"].as_str().or_else(|| queue["type"].as_str()).unwrap_or("classic")
+}
+
 /// A queue's arguments as they decide equivalence (`x-queue-type: classic` is the default).
 pub fn effective_arguments(queue: &Value) -> Value {
     let mut arguments = queue["arguments"].as_object().cloned().unwrap_or_default();
-    // A queue made quorum by its vhost's default type shows it in `type` only.
-    if let Some(queue_type) = queue["type"].as_str().filter(|_| !arguments.contains_key("x-queue-type")) {
-        arguments.insert("x-queue-type".into(), json!(queue_type));
-    }
-    if arguments.get("x-queue-type").and_then(Value::as_str) == Some("classic") {
-        arguments.remove("x-queue-type");
-    }
+    match queue_type(queue) {
+        "classic" => arguments.remove("x-queue-type"),
+        other => arguments.insert("x-queue-type".into(), json!(other)),
+    };
     Value::Object(arguments)
 }
 
@@ -97,30 +100,25 @@ pub fn convert(exported: &Value, options: &Options, target: RabbitVersion) -> Co
             continue;
         }
         let mut queue = queue.clone();
-        // The type is in the arguments when the client chose it, in `type` when the vhost's default did.
-        let declared = queue["arguments"]["x-queue-type"].as_str().or_else(|| queue["type"].as_str());
-        let mut queue_type = declared.unwrap_or("classic").to_string();
-        let obstacle = quorum_obstacle(&queue);
-        let mut arguments: Map<String, Value> =
-            queue["arguments"].as_object_mut().map(std::mem::take).unwrap_or_default();
-        match obstacle {
-            None if options.convert_to_quorum && queue_type == "classic" => {
-                for key in CLASSIC_ONLY_ARGUMENTS {
-                    if arguments.remove(key).is_some() {
-                        notes.push(format!("queue {name}: dropped {key}, which quorum queues do not support"));
+        let mut queue_type = queue_type(&queue).to_string();
+        let mut arguments: Map<String, Value> = queue["arguments"].as_object().cloned().unwrap_or_default();
+        if options.convert_to_quorum && queue_type == "classic" {
+            match quorum_obstacle(&queue) {
+                None => {
+                    for key in CLASSIC_ONLY_ARGUMENTS {
+                        if arguments.remove(key).is_some() {
+                            notes.push(format!("queue {name}: dropped {key}, which quorum queues do not support"));
+                        }
                     }
+                    queue_type = "quorum".into();
+                    notes.push(format!("queue {name}: declared as a quorum queue"));
                 }
-                queue_type = "quorum".into();
-                notes.push(format!("queue {name}: declared as a quorum queue"));
-            }
-            Some(reason) if options.convert_to_quorum && queue_type == "classic" => {
-                kept_classic.push(KeptClassic {
+                Some(reason) => kept_classic.push(KeptClassic {
                     vhost: queue["vhost"].as_str().unwrap_or("/").to_string(),
                     name: name.to_string(),
                     reason,
-                });
+                }),
             }
-            _ => {}
         }
         // A vhost's default queue type applies to queues declared without one: each queue says
         // its type, or an operator-managed 4.x target (quorum by default) would make a classic
