@@ -11,12 +11,14 @@ pub enum Error {
     #[error("Secret {name}: {message}")]
     SecretMissing { name: String, message: String },
 
-    /// Fewer replicas than the StatefulSet runs: refused, see `Error::reason`.
-    #[error(
-        "scale-down from {current} to {desired} replicas refused: removing a RabbitMQ node needs its queues moved \
-         elsewhere and the node forgotten (rabbitmqctl forget_cluster_node); set spec.replicas back to {current}"
-    )]
-    ScaleDownRefused { current: i32, desired: i32 },
+    /// Removing the next node would lose messages or a queue: held until the user acts (or the
+    /// queues drain); `why` names them.
+    #[error("{why}; the StatefulSet keeps {current} replicas (set spec.replicas back to {current} to call it off)")]
+    ScaleDownRefused { current: i32, desired: i32, why: String },
+
+    /// A rabbitmqctl-level command in a pod failed or could not run.
+    #[error("pod {pod}: `{command}`: {message}")]
+    NodeCommand { pod: String, command: String, message: String },
 
     /// spec.image names a RabbitMQ version the running cluster cannot move to in place.
     #[error(
@@ -55,6 +57,7 @@ impl Error {
             Error::InvalidSpec { reason, .. } => reason,
             Error::SecretMissing { .. } => "SecretMissing",
             Error::ScaleDownRefused { .. } => "ScaleDownRefused",
+            Error::NodeCommand { .. } => "NodeCommandFailed",
             Error::UpgradeRefused { .. } => "UpgradeRefused",
             Error::ApplyConflict { .. } => "FieldConflict",
             Error::Kube { .. } => "KubernetesApiError",
@@ -68,6 +71,7 @@ impl Error {
             Error::InvalidSpec { .. } => "invalid_spec",
             Error::SecretMissing { .. } => "secret_missing",
             Error::ScaleDownRefused { .. } => "scale_down_refused",
+            Error::NodeCommand { .. } => "node_command",
             Error::UpgradeRefused { .. } => "upgrade_refused",
             Error::ApplyConflict { .. } => "apply_conflict",
             Error::Kube { .. } => "kube_api",
@@ -75,9 +79,10 @@ impl Error {
         }
     }
 
-    /// Whether retrying without a spec change can help. Errors in the spec wait for the user.
+    /// Whether retrying without a spec change can help. Errors in the spec wait for the user; a
+    /// refused scale-down is looked at again, as consumers may empty the queues that hold it.
     pub fn is_retriable(&self) -> bool {
-        !matches!(self, Error::InvalidSpec { .. } | Error::ScaleDownRefused { .. } | Error::UpgradeRefused { .. })
+        !matches!(self, Error::InvalidSpec { .. } | Error::UpgradeRefused { .. })
     }
 }
 

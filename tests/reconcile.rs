@@ -116,33 +116,6 @@ async fn a_new_cluster_gets_every_child_then_status() {
 }
 
 #[tokio::test]
-async fn a_scale_down_is_refused_and_nothing_is_changed() {
-    let mut cluster = fixture("basic.yaml");
-    cluster.spec.replicas = 1;
-    let script = vec![
-        Call::get(STS).returns(json!({"apiVersion": "apps/v1", "kind": "StatefulSet",
-            "metadata": {"name": "demo", "namespace": "default"},
-            "spec": {"replicas": 3, "selector": {}, "template": {}, "serviceName": "demo-nodes"}})),
-        Call::get_missing(format!("{NS}/secrets/demo-erlang-cookie")),
-        Call::get_missing(format!("{NS}/secrets/demo-default-user")),
-        Call::event("default", "ScaleDownRefused").check(|body| {
-            assert_eq!(body["type"], "Warning");
-            assert!(body["note"].as_str().unwrap().contains("from 3 to 1"), "{body}");
-        }),
-        Call::status_patch(CLUSTER).check(|body| {
-            let success = condition(body, "ReconcileSuccess");
-            assert_eq!(success["status"], "False");
-            assert_eq!(success["reason"], "ScaleDownRefused");
-            assert_eq!(condition(body, "Ready")["status"], "False");
-        }),
-    ];
-    let (result, calls) = run(cluster, script, "http://127.0.0.1:1").await;
-    // Waits for a spec change rather than retrying.
-    assert!(result.is_ok(), "{result:?}");
-    assert!(calls.iter().all(|(m, p, _)| m == Method::GET || p.contains("/events") || p.ends_with("/status")));
-}
-
-#[tokio::test]
 async fn an_image_that_skips_a_minor_version_is_refused_and_nothing_is_changed() {
     let mut cluster = fixture("basic.yaml");
     cluster.spec.image = "rabbitmq:4.3.6-management".into();
@@ -241,8 +214,18 @@ async fn a_child_owned_by_someone_else_is_not_taken_over() {
 
 /// Everything exists as the operator would apply it, the pods are ready and the broker converged:
 /// a reconcile then reads, and writes nothing at all.
-#[tokio::test]
-async fn a_steady_cluster_costs_reads_only() {
+/// A formed 3-node 4.1 cluster whose children are as the operator last applied them, a fake
+/// management API that reports it, and the status a previous pass wrote.
+struct SteadyCluster {
+    cluster: RabbitCluster,
+    fake: ManagementFake,
+    nodes: Vec<String>,
+    /// GETs of every child (the secrets first, as reconcile reads them).
+    reads: Vec<Call>,
+    sts_live: Value,
+}
+
+async fn steady_cluster() -> SteadyCluster {
     let mut cluster = fixture("basic.yaml");
     let credentials =
         Credentials { erlang_cookie: "C".repeat(48), username: "warren-user".into(), password: "pw".into() };
@@ -286,13 +269,14 @@ async fn a_steady_cluster_costs_reads_only() {
         high_availability: ("QuorumQueues".into(), "quorum is the default queue type of 1 vhost(s)".into()),
         ..Default::default()
     };
-    let verdicts = status::verdicts(&status::Observed {
+    let mut verdicts = status::verdicts(&status::Observed {
         desired_replicas: 3,
         stateful_set: Some(&sts),
         broker: Ok(&observation),
         error: None,
     });
     assert!(verdicts.iter().all(|v| v.status == Some(true)), "{verdicts:#?}");
+    verdicts.push(status::steady_scaling(3));
     let earlier = Time(jiff::Timestamp::from_second(1_700_000_000).unwrap());
     cluster.status = Some(RabbitClusterStatus {
         observed_generation: Some(1),
@@ -303,9 +287,7 @@ async fn a_steady_cluster_costs_reads_only() {
         warnings: vec![],
         conditions: status::merge_conditions(&[], &verdicts, Some(1), &earlier),
     });
-
-    let script = vec![
-        Call::get(STS).returns(sts_live.clone()),
+    let reads = vec![
         Call::get(format!("{NS}/secrets/demo-erlang-cookie")).returns(live(&resources.erlang_cookie_secret)),
         Call::get(format!("{NS}/secrets/demo-default-user")).returns(live(&resources.default_user_secret)),
         Call::get(format!("{NS}/serviceaccounts/demo-rabbitmq")).returns(live(&resources.service_account)),
@@ -313,13 +295,65 @@ async fn a_steady_cluster_costs_reads_only() {
         Call::get(format!("{NS}/services/demo-nodes")).returns(live(&resources.headless_service)),
         Call::get(format!("{NS}/services/demo")).returns(live(&resources.client_service)),
         Call::get(PDB).returns(live(&resources.pod_disruption_budget)),
-        Call::get(STS).returns(sts_live),
     ];
+    SteadyCluster { cluster, fake, nodes, reads, sts_live }
+}
+
+#[tokio::test]
+async fn a_steady_cluster_costs_reads_only() {
+    let SteadyCluster { cluster, fake, reads, sts_live, .. } = steady_cluster().await;
+    let mut script = vec![Call::get(STS).returns(sts_live.clone())];
+    script.extend(reads);
+    script.push(Call::get(STS).returns(sts_live));
     let (result, calls) = run(cluster, script, &fake.url).await;
     assert!(result.is_ok(), "{result:?}");
     assert!(calls.iter().all(|(method, _, _)| method == Method::GET), "{calls:#?}");
     assert!(fake.writes().is_empty(), "broker writes: {:?}", fake.writes());
     assert!(fake.requests().iter().any(|(call, _)| call == "GET /api/nodes"), "membership was checked");
+}
+
+#[tokio::test]
+async fn a_scale_down_that_would_lose_messages_is_refused_naming_the_queue() {
+    let SteadyCluster { mut cluster, fake, nodes, reads, sts_live } = steady_cluster().await;
+    cluster.spec.replicas = 1;
+    fake.answer(
+        "GET",
+        "/api/queues",
+        200,
+        json!([{"name": "invoices", "vhost": "/", "type": "classic", "node": nodes[2], "durable": true,
+                "exclusive": false, "messages": 12}]),
+    );
+    let pod = |i: usize| {
+        json!({"metadata": {"name": format!("demo-{i}"), "namespace": "default"},
+        "status": {"conditions": [{"type": "Ready", "status": "True"}]}})
+    };
+    let mut reads = reads.into_iter();
+    let mut script: Vec<Call> = vec![Call::get(STS).returns(sts_live.clone())];
+    script.extend(reads.by_ref().take(2));
+    script.push(Call::get(format!("{NS}/pods")).returns(json!({"apiVersion": "v1", "kind": "PodList",
+        "metadata": {}, "items": [pod(0), pod(1), pod(2)]})));
+    // The StatefulSet keeps its 3 replicas: every child is as applied, nothing is written.
+    script.extend(reads);
+    script.push(Call::get(STS).returns(sts_live));
+    script.push(Call::event("default", "ScaleDownRefused").check(|body| {
+        assert_eq!(body["type"], "Warning");
+        let note = body["note"].as_str().unwrap();
+        assert!(note.contains("invoices (12 messages)") && note.contains("demo-2"), "{note}");
+    }));
+    script.push(Call::status_patch(CLUSTER).check(|body| {
+        let scaling = condition(body, "Scaling");
+        assert_eq!(scaling["status"], "False");
+        assert_eq!(scaling["reason"], "ScaleDownRefused");
+        assert!(scaling["message"].as_str().unwrap().contains("scaling down from 3 to 1"), "{scaling}");
+        assert_eq!(condition(body, "ReconcileSuccess")["reason"], "ScaleDownRefused");
+        assert_eq!(condition(body, "Ready")["status"], "False");
+    }));
+    let (result, calls) = run(cluster, script, &fake.url).await;
+    // Looked at again later: consumers may empty the queue.
+    assert!(result.is_err(), "{result:?}");
+    assert!(calls.iter().all(|(m, p, _)| m == Method::GET || p.contains("/events") || p.ends_with("/status")));
+    assert!(fake.writes().is_empty(), "nothing ran on the broker: {:?}", fake.writes());
+    assert!(fake.requests().iter().any(|(call, _)| call == "GET /api/queues"));
 }
 
 #[tokio::test]

@@ -3,12 +3,13 @@
 pub mod apply;
 pub mod build;
 pub mod migration;
+pub mod scale;
 pub mod status;
 pub mod validate;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::StatefulSet;
@@ -54,6 +55,8 @@ pub struct Context {
     pub migration_image: String,
     /// Consecutive failures per cluster, for exponential back-off.
     failures: Mutex<HashMap<String, u32>>,
+    /// Since when a scale-down has waited for mirrors to synchronise, per cluster.
+    mirror_sync_since: Mutex<HashMap<String, Instant>>,
 }
 
 impl Context {
@@ -67,6 +70,7 @@ impl Context {
             metrics,
             migration_image: migration::DEFAULT_IMAGE.to_string(),
             failures: Mutex::default(),
+            mirror_sync_since: Mutex::default(),
         }
     }
 
@@ -242,14 +246,21 @@ async fn converge_cluster(
         erlang_cookie_secret: get_opt(&secrets, &validated.erlang_cookie_secret_name()).await?,
         default_user_secret: get_opt(&secrets, &validated.default_user_secret_name()).await?,
     };
-    if let Some(current) = existing.stateful_set.as_ref().and_then(|s| s.spec.as_ref()).and_then(|s| s.replicas)
-        && validated.replicas < current
-    {
-        return Err(Stop::Early(Error::ScaleDownRefused { current, desired: validated.replicas }));
-    }
     check_in_place_upgrade(existing.stateful_set.as_ref(), validated)?;
     check_tls_secrets(&secrets, validated).await?;
     let credentials = credentials(validated, &existing)?;
+    // Fewer replicas: the nodes leave one at a time, each handed over first (controller::scale).
+    let current = existing.stateful_set.as_ref().and_then(|s| s.spec.as_ref()).and_then(|s| s.replicas);
+    let mut scaling = match current {
+        Some(current) if validated.replicas < current || scale::in_progress(cluster) => {
+            Some(scale::pass(ctx, cluster, validated, &credentials, current).await)
+        }
+        _ => None,
+    };
+    let validated = &ValidatedCluster {
+        replicas: scaling.as_ref().map_or(validated.replicas, |s| s.replicas),
+        ..validated.clone()
+    };
     let resources = build::build(validated, &credentials);
 
     let applied = apply::apply(&ctx.client, validated, resources, existing).await?;
@@ -295,23 +306,55 @@ async fn converge_cluster(
     if let Some(error) = &error {
         ctx.event(cluster, EventType::Warning, error.reason(), "Converge", error.to_string()).await;
     }
+    // Nodes the cluster still lists after their pods went (an operator restarted between a pod's
+    // removal and its forget): finish the job.
+    if scaling.is_none()
+        && let (Some(observation), Some(current)) = (&broker, current)
+        && !observation.extra.is_empty()
+    {
+        scaling = Some(scale::pass(ctx, cluster, validated, &credentials, current.max(validated.replicas)).await);
+    }
+    if let Some(pass) = &scaling {
+        report_scaling(cluster, ctx, pass).await;
+    }
     let why_not_checked = match &error {
         Some(error) => format!("management API: {error}"),
         None => "waiting for all pods to be ready".to_string(),
     };
+    let scaling_error = scaling.as_mut().and_then(|s| s.error.take());
+    let error = scaling_error.or(error);
     let observed = status::Observed {
         desired_replicas: validated.replicas,
         stateful_set: stateful_set.as_ref(),
         broker: broker.as_ref().ok_or(why_not_checked),
         error: error.as_ref(),
     };
-    let verdicts = status::verdicts(&observed);
+    let mut verdicts = status::verdicts(&observed);
+    verdicts.push(match &scaling {
+        Some(pass) => pass.verdict.clone(),
+        None => status::steady_scaling(validated.replicas),
+    });
     write_status(cluster, ctx, validated, stateful_set.as_ref(), broker.as_ref(), &verdicts).await?;
     match error {
         Some(error) => Err(Stop::Reported(error)),
+        None if scaling.as_ref().is_some_and(|s| s.in_progress) => Ok(Action::requeue(scale::SCALING_RESYNC)),
         None if all_ready => Ok(Action::requeue(RESYNC)),
         // Pod readiness changes arrive through the owned StatefulSet's watch; this is a safety net.
         None => Ok(Action::requeue(Duration::from_secs(30))),
+    }
+}
+
+/// Events of a scale-down pass: what it did, a node removed for good, a refusal.
+async fn report_scaling(cluster: &RabbitCluster, ctx: &Context, pass: &scale::ScalePass) {
+    if !pass.done.is_empty() {
+        ctx.event(cluster, EventType::Normal, "ScalingDown", "Scale", pass.done.join("; ")).await;
+    }
+    if let Some(node) = &pass.removed {
+        let note = format!("{node} left the cluster: its pod is gone and the cluster no longer lists it");
+        ctx.event(cluster, EventType::Normal, "NodeRemoved", "Scale", note).await;
+    }
+    if let Some(error) = &pass.error {
+        ctx.event(cluster, EventType::Warning, error.reason(), "Scale", error.to_string()).await;
     }
 }
 

@@ -12,6 +12,8 @@ pub const CLUSTER_FORMED: &str = "ClusterFormed";
 pub const HIGH_AVAILABILITY: &str = "HighAvailability";
 pub const NO_PARTITIONS: &str = "NoPartitions";
 pub const RECONCILE_SUCCESS: &str = "ReconcileSuccess";
+/// A scale-down in progress: the node being removed and the step it is at.
+pub const SCALING: &str = "Scaling";
 
 /// A condition without its transition time (set when merged into the previous status).
 #[derive(Clone, Debug, PartialEq)]
@@ -169,4 +171,9 @@ pub fn merge_conditions(
         }
     }
     conditions
+}
+
+/// The `Scaling` condition when no scale-down is under way.
+pub fn steady_scaling(replicas: i32) -> Verdict {
+    verdict(SCALING, Some(false), "Steady", format!("{replicas} replicas; the cluster lists exactly its pods"))
 }

@@ -15,6 +15,8 @@ pub struct BrokerObservation {
     pub members: Vec<String>,
     /// Expected nodes that are not running members.
     pub missing: Vec<String>,
+    /// Nodes the cluster lists that are not expected (pods removed, nodes not yet forgotten).
+    pub extra: Vec<String>,
     /// `node: partitioned from [peers]`, one entry per node that reports a partition.
     pub partitions: Vec<String>,
     /// How HA is provided, for the HighAvailability condition (reason, message).
@@ -40,6 +42,7 @@ pub async fn converge(
     let mut members: Vec<String> = nodes.iter().filter(|n| n.running).map(|n| n.name.clone()).collect();
     members.sort();
     let missing = expected_nodes.iter().filter(|n| !members.contains(n)).cloned().collect();
+    let extra = nodes.iter().filter(|n| !expected_nodes.contains(&n.name)).map(|n| n.name.clone()).collect();
     let partitions = nodes
         .iter()
         .filter(|n| !n.partitions.is_empty())
@@ -102,7 +105,15 @@ pub async fn converge(
             ("Disabled".to_string(), "highAvailability.mode is None".to_string())
         }
     };
-    Ok(BrokerObservation { version: version.to_string(), members, missing, partitions, high_availability, actions })
+    Ok(BrokerObservation {
+        version: version.to_string(),
+        members,
+        missing,
+        extra,
+        partitions,
+        high_availability,
+        actions,
+    })
 }
 
 /// Removes the operator's mirroring policy after a switch to quorum queues or to no HA. A policy of

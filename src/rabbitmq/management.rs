@@ -36,6 +36,40 @@ pub struct NodeInfo {
     pub running: bool,
     #[serde(default)]
     pub partitions: Vec<String>,
+    /// In maintenance mode (`rabbitmq-upgrade drain`): clients and queue leaders moved off.
+    #[serde(default)]
+    pub being_drained: bool,
+}
+
+/// One queue of `GET /api/queues`, with what decides whether a node can leave.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+pub struct QueueInfo {
+    pub name: String,
+    pub vhost: String,
+    /// `classic`, `quorum` or `stream` (absent on old versions: classic).
+    #[serde(default, rename = "type")]
+    pub queue_type: Option<String>,
+    /// Classic: the node holding the queue (its master when mirrored); quorum: the leader.
+    #[serde(default)]
+    pub node: Option<String>,
+    /// Quorum and stream members.
+    #[serde(default)]
+    pub members: Vec<String>,
+    /// Members that are online.
+    #[serde(default)]
+    pub online: Vec<String>,
+    /// Classic mirrors (3.x), and those holding every message.
+    #[serde(default)]
+    pub slave_nodes: Vec<String>,
+    #[serde(default)]
+    pub synchronised_slave_nodes: Vec<String>,
+    /// Absent until the node has emitted the queue's first statistics.
+    #[serde(default)]
+    pub messages: Option<u64>,
+    #[serde(default)]
+    pub durable: bool,
+    #[serde(default)]
+    pub exclusive: bool,
 }
 
 /// One vhost of `GET /api/vhosts`.
@@ -192,6 +226,21 @@ impl ManagementClient {
 
     pub async fn nodes(&self) -> Result<Vec<NodeInfo>> {
         self.get_required("/api/nodes").await
+    }
+
+    /// Every queue, with only the columns a scale-down decides on.
+    pub async fn queues(&self) -> Result<Vec<QueueInfo>> {
+        self.get_required(
+            "/api/queues?columns=name,vhost,type,node,members,online,slave_nodes,synchronised_slave_nodes,\
+             messages,durable,exclusive",
+        )
+        .await
+    }
+
+    /// Asks a classic mirrored queue (3.x) to synchronise its mirrors now.
+    pub async fn sync_queue(&self, vhost: &str, name: &str) -> Result<()> {
+        let path = format!("/api/queues/{}/{}/actions", encode(vhost), encode(name));
+        self.send(reqwest::Method::POST, &path, Some(json!({"action": "sync"}))).await.map(|_| ())
     }
 
     pub async fn vhosts(&self) -> Result<Vec<VhostInfo>> {

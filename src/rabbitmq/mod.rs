@@ -3,4 +3,5 @@
 pub mod broker;
 pub mod ha;
 pub mod management;
+pub mod scale_down;
 pub mod version;

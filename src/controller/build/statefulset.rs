@@ -259,7 +259,9 @@ pub fn stateful_set(cluster: &ValidatedCluster, config_hash: &str) -> StatefulSe
             // The data outlives the cluster object: PVCs are only deleted by a human.
             persistent_volume_claim_retention_policy: Some(StatefulSetPersistentVolumeClaimRetentionPolicy {
                 when_deleted: Some("Retain".into()),
-                when_scaled: Some("Retain".into()),
+                // A removed node is forgotten by the cluster: its data must never come back with a later
+                // scale-up (it would boot believing it is still a member), so its claim goes with its pod.
+                when_scaled: Some("Delete".into()),
             }),
             template: PodTemplateSpec {
                 metadata: Some(ObjectMeta {
