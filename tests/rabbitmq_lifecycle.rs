@@ -3,7 +3,7 @@
 //! exact configuration and bootstrap script the builders produce. One cluster per generation goes
 //! through every scenario in turn (booting nodes is most of the cost on two cores): formation and
 //! HA, loss of the node leading a queue, a lost volume, a partition, a full restart, a rolling
-//! restart through preStop under load, and a scale-up. Every check reads what RabbitMQ reports:
+//! restart through preStop under load, a scale-up, and a scale-down (refused, then done under load). Every check reads what RabbitMQ reports:
 //! cluster_status, the management API, messages consumed.
 
 mod support;
@@ -17,6 +17,7 @@ use support::amqp::{self, assert_exactly_once};
 use support::generations::manifest;
 use support::rabbit_broker::node_list;
 use support::rabbit_nodes::{BOOT, NodeCluster, wait_for};
+use support::scaling::scale_down;
 use tokio::sync::Mutex;
 use warren::api::{HighAvailabilityMode, HighAvailabilitySpec};
 
@@ -72,6 +73,10 @@ async fn lifecycle(generation: &str) {
     steps.done("rolling restart through preStop under load");
     scaling_up_replicates_existing_queues(&mut nodes).await;
     steps.done("scale 3 -> 5: existing queues replicated on the new nodes");
+    scaling_down_is_refused_while_a_queue_would_be_lost(&mut nodes).await;
+    steps.done("scale 5 -> 3 refused: an unreplicated classic queue with messages, named");
+    scaling_down_hands_over_and_forgets_under_load(&mut nodes).await;
+    steps.done("scale 5 -> 3 under load: handed over, removed, forgotten, nothing lost");
 }
 
 /// Which metadata store the generation is expected to use: Khepri only from 4.3 here (4.2 made it
@@ -354,4 +359,105 @@ async fn scaling_up_replicates_existing_queues(nodes: &mut NodeCluster) {
         .await
         .expect("consume through a new node");
     assert_exactly_once(&seen, 0..300);
+}
+
+/// A classic queue that nothing replicates (on 3.10, a policy of the user's with a higher priority
+/// than ha-all; on 4.x, declared classic), holding messages on the node that would leave first.
+async fn scaling_down_is_refused_while_a_queue_would_be_lost(nodes: &mut NodeCluster) {
+    let leaving = nodes.nodes[4].name.clone();
+    if !nodes.quorum() {
+        let policy = serde_json::json!({"pattern": "^solo$", "apply-to": "queues", "priority": 10,
+                                        "definition": {"max-length": 100000}});
+        nodes.api_put(0, "/api/policies/%2F/solo", policy).await.expect("the user's policy");
+    }
+    let queue = serde_json::json!({"durable": true, "node": leaving, "arguments": {"x-queue-type": "classic"}});
+    nodes.api_put(4, "/api/queues/%2F/solo", queue).await.expect("declare solo");
+    let url = nodes.nodes[4].amqp_url(&nodes.credentials);
+    assert_eq!(amqp::publish(&url, "solo", 0..5, 5).await, ((0..5).collect(), None));
+    wait_for("solo: 5 messages on the leaving node, unmirrored", Duration::from_secs(60), || async {
+        let info = nodes.api(0, "/api/queues/%2F/solo").await?;
+        let unmirrored = node_list(&info["slave_nodes"]).is_empty();
+        (info["messages"] == 5 && info["node"] == leaving.as_str() && unmirrored).then_some(()).ok_or(info.to_string())
+    })
+    .await;
+
+    let refusal = scale_down(nodes, 3, Duration::from_secs(120)).await.expect_err("the scale-down must be refused");
+    eprintln!("[{}] refused: {refusal}", nodes.generation());
+    assert!(refusal.contains("solo (5 messages)") && refusal.contains(&leaving), "{refusal}");
+    assert_eq!(nodes.nodes.len(), 5, "nothing was removed");
+    let status = nodes.nodes[0].cluster_status().await.expect("cluster_status");
+    assert_eq!(node_list(&status["running_nodes"]), nodes.names(&[0, 1, 2, 3, 4]));
+
+    // The user's way out: consume the messages and delete the queue.
+    let seen = amqp::drain(&url, "solo", 5, Duration::from_secs(5)).await.expect("consume solo");
+    assert_exactly_once(&seen, 0..5);
+    let deleted = nodes.nodes[0].rabbitmqctl(&["-q", "delete_queue", "solo"]).await;
+    assert!(deleted.status.success(), "{deleted:?}");
+    if !nodes.quorum() {
+        assert!(nodes.nodes[0].rabbitmqctl(&["-q", "clear_policy", "solo"]).await.status.success());
+    }
+}
+
+/// 5 -> 3 while a publisher confirms into a replicated queue and a consumer reads it, both starting
+/// on nodes that leave: the operator's procedure removes node 4, then node 3, each handed over,
+/// removed and forgotten.
+async fn scaling_down_hands_over_and_forgets_under_load(nodes: &mut NodeCluster) {
+    const QUEUE: &str = "shrinking";
+    nodes.declare_ha_queue(0, QUEUE, &[0, 1, 2, 3, 4]).await;
+    let url = |i: usize| nodes.nodes[i].amqp_url(&nodes.credentials);
+    let (publisher_urls, consumer_urls) = (vec![url(4), url(3), url(0)], vec![url(3), url(1)]);
+    let confirmed = Arc::new(Mutex::new(BTreeSet::new()));
+    let seen = Arc::new(Mutex::new(BTreeMap::new()));
+    let (stop_publishing, stop_consuming) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicBool::new(false)));
+    let publishing =
+        tokio::spawn(amqp::publish_until(publisher_urls, QUEUE, confirmed.clone(), stop_publishing.clone()));
+    let consuming = tokio::spawn(amqp::consume_until(consumer_urls, QUEUE, seen.clone(), stop_consuming.clone()));
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    let started = Instant::now();
+    let steps = scale_down(nodes, 3, Duration::from_secs(900)).await.expect("5 -> 3");
+    let took = started.elapsed();
+    let confirmed_while_scaling = confirmed.lock().await.len();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stop_publishing.store(true, Ordering::Relaxed);
+    let publisher_moves = publishing.await.expect("publisher task");
+    stop_consuming.store(true, Ordering::Relaxed);
+    let consumer_moves = consuming.await.expect("consumer task");
+
+    let confirmed = confirmed.lock().await;
+    let seen = seen.lock().await;
+    let lost: Vec<&u32> = confirmed.iter().filter(|id| !seen.contains_key(id)).take(20).collect();
+    eprintln!(
+        "[{}] scale 5 -> 3 under load: {:.1} s; {} confirmed ({confirmed_while_scaling} by the end of the \
+         scale-down), {} consumed; the publisher moved {publisher_moves} time(s), the consumer {consumer_moves}",
+        nodes.generation(),
+        took.as_secs_f64(),
+        confirmed.len(),
+        seen.len()
+    );
+    assert!(lost.is_empty(), "confirmed messages lost: {lost:?} (of {})", confirmed.len());
+    assert!(publisher_moves >= 1, "the publisher's node (4) left, so it must have moved");
+
+    // Each leaving node went through hand-over, removal and forget, highest ordinal first.
+    let forgotten: Vec<&str> = steps
+        .iter()
+        .filter_map(|s| match s {
+            warren::rabbitmq::scale_down::Step::Forget { node } => Some(node.as_str()),
+            _ => None,
+        })
+        .collect();
+    let names = nodes.names(&[0, 1, 2]);
+    let gone = [names[0].replace("demo-0.", "demo-4."), names[0].replace("demo-0.", "demo-3.")];
+    assert_eq!(forgotten, [gone[0].as_str(), gone[1].as_str()], "{steps:#?}");
+    for step in ["HandOver", "Remove"] {
+        assert_eq!(steps.iter().filter(|s| format!("{s:?}").starts_with(step)).count(), 2, "{step}: {steps:#?}");
+    }
+
+    // The cluster lists exactly the nodes that exist, and every queue has its copies on them.
+    let status = nodes.nodes[0].cluster_status().await.expect("cluster_status");
+    assert_eq!(node_list(&status["disk_nodes"]), names, "{status}");
+    assert_eq!(node_list(&status["running_nodes"]), names, "{status}");
+    for queue in [QUEUE, "scaled", "kept"] {
+        nodes.wait_replicated(0, queue, &[0, 1, 2], None).await;
+    }
 }

@@ -1,6 +1,6 @@
 //! One RabbitCluster through a user's day on a real node: it forms, serves through its client
-//! Service, survives losing a pod and losing every pod, grows, refuses to shrink, and when deleted
-//! takes its pods and Services but leaves the data.
+//! Service, survives losing a pod and losing every pod, grows, shrinks (with the operator killed
+//! half-way) and grows again, and when deleted takes its pods and Services but leaves the data.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -13,7 +13,7 @@ use kube::{Api, Client};
 use crate::amqp;
 use crate::rig::{Endpoint, POD_TIMEOUT, default_is_quorum, delete, ensure_operator, manifest, pods, wait_ready};
 use crate::support::cluster::{apply, condition, patch};
-use crate::support::{TestNamespace, admin_client, wait_for};
+use crate::support::{TestNamespace, admin_client, kubectl, wait_for};
 
 const NAME: &str = "ha";
 const KEPT: &str = "e2e-kept";
@@ -28,6 +28,49 @@ async fn volumes(client: &Client, namespace: &str) -> BTreeMap<String, String> {
         .into_iter()
         .map(|c| (c.metadata.name.unwrap_or_default(), c.spec.and_then(|s| s.volume_name).unwrap_or_default()))
         .collect()
+}
+
+/// The pods whose nodes the cluster lists (running or not), sorted.
+async fn listed_nodes(endpoint: &Endpoint) -> Vec<String> {
+    let nodes = endpoint.get("nodes").await.unwrap_or_default();
+    let mut listed: Vec<String> = nodes
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|n| n["name"].as_str())
+        .filter_map(|n| n.trim_start_matches("rabbit@").split('.').next().map(str::to_string))
+        .collect();
+    listed.sort();
+    listed
+}
+
+/// The notes of the Events of `reason` in `namespace`.
+fn events(namespace: &str, reason: &str) -> Vec<String> {
+    let out = kubectl(&[
+        "get",
+        "events.events.k8s.io",
+        "-n",
+        namespace,
+        "--field-selector",
+        &format!("reason={reason}"),
+        "-o",
+        "jsonpath={range .items[*]}{.note}{\"\\n\"}{end}",
+    ]);
+    String::from_utf8_lossy(&out.stdout).lines().map(str::to_string).collect()
+}
+
+/// SIGKILL for the operator's pod (a node lost under it): the Deployment starts another.
+fn kill_operator() {
+    delete(&[
+        "pod",
+        "-n",
+        "warren-system",
+        "-l",
+        "app.kubernetes.io/name=warren",
+        "--grace-period=0",
+        "--force",
+        "--wait=false",
+    ]);
 }
 
 /// Waits until every pod of the cluster is ready and none of them is one of `old` (by uid).
@@ -121,26 +164,61 @@ async fn a_rabbit_cluster_runs_heals_grows_and_keeps_its_data_on_a_real_node() {
     assert_eq!(volumes(&client, &ns).await, claims, "the same volumes");
     endpoint.wait_depth(KEPT, KEPT_COUNT as u64).await;
 
-    // 4. Scale 3 to 5: two more pods join. 5 to 3 is refused with a condition, nothing removed.
+    // 4. Scale 3 to 5: two more pods join.
     patch(&ns, NAME, r#"{"spec":{"replicas":5}}"#);
     wait_ready(&client, &ns, NAME, 5).await;
     assert_eq!(pods(&client, &ns, NAME).await.len(), 5);
     // The queue declared on three nodes gains a copy on each new one.
     endpoint.wait_copies(KEPT, 5).await;
+    endpoint.wait_depth(KEPT, KEPT_COUNT as u64).await;
+
+    // 5. Scale 5 to 3: ha-4 then ha-3 are handed over, removed and forgotten. The operator is
+    //    killed once the StatefulSet has dropped ha-4, before it can be forgotten: the next
+    //    operator finishes the job.
+    let started = std::time::Instant::now();
     patch(&ns, NAME, r#"{"spec":{"replicas":3}}"#);
-    let api: Api<warren::api::RabbitCluster> = Api::namespaced(client.clone(), &ns);
-    wait_for("scale-down refused", Duration::from_secs(60), || async {
-        let c = api.get(NAME).await.map_err(|e| e.to_string())?;
-        match condition(&c, "ReconcileSuccess") {
-            Some(r) if r.status == "False" && r.reason == "ScaleDownRefused" => Ok(()),
-            other => Err(format!("{other:?}")),
-        }
+    let sts: Api<StatefulSet> = Api::namespaced(client.clone(), &ns);
+    wait_for("the StatefulSet drops ha-4", POD_TIMEOUT, || async {
+        let replicas = sts.get(NAME).await.map_err(|e| e.to_string())?.spec.and_then(|s| s.replicas);
+        if replicas <= Some(4) { Ok(()) } else { Err(format!("replicas {replicas:?}")) }
     })
     .await;
-    let sts: Api<StatefulSet> = Api::namespaced(client.clone(), &ns);
-    let replicas = sts.get(NAME).await.expect("StatefulSet").spec.and_then(|s| s.replicas);
-    assert_eq!(replicas, Some(5), "a refused scale-down leaves the StatefulSet alone");
-    assert_eq!(pods(&client, &ns, NAME).await.len(), 5);
+    let listed_at_kill = listed_nodes(&endpoint).await;
+    kill_operator();
+    eprintln!(
+        "operator killed {:.1} s into the scale-down; the cluster then listed {listed_at_kill:?}",
+        started.elapsed().as_secs_f64()
+    );
+    let cluster = wait_ready(&client, &ns, NAME, 3).await;
+    wait_for("the cluster lists exactly ha-0..2", POD_TIMEOUT, || async {
+        let listed = listed_nodes(&endpoint).await;
+        if listed == ["ha-0", "ha-1", "ha-2"] { Ok(()) } else { Err(format!("{listed:?}")) }
+    })
+    .await;
+    eprintln!("scale 5 -> 3 on the node: {:.1} s", started.elapsed().as_secs_f64());
+    let scaling = condition(&cluster, "Scaling").expect("Scaling condition");
+    assert_eq!((scaling.status.as_str(), scaling.reason.as_str()), ("False", "Steady"), "{}", scaling.message);
+    assert_eq!(pods(&client, &ns, NAME).await.len(), 3);
+    assert_eq!(sts.get(NAME).await.expect("StatefulSet").spec.and_then(|s| s.replicas), Some(3));
+    endpoint.wait_copies(KEPT, 3).await;
+    endpoint.wait_depth(KEPT, KEPT_COUNT as u64).await;
+    let removed = events(&ns, "NodeRemoved");
+    for pod in ["ha-3", "ha-4"] {
+        assert!(removed.iter().any(|note| note.contains(&format!("rabbit@{pod}."))), "NodeRemoved {pod}: {removed:?}");
+    }
+    // The removed nodes' claims went with their pods: a later scale-up cannot bring their data back.
+    let left = volumes(&client, &ns).await;
+    assert_eq!(left.keys().map(String::as_str).collect::<Vec<_>>(), ["data-ha-0", "data-ha-1", "data-ha-2"]);
+
+    // Back to 5: two fresh nodes join the cluster, which lists exactly the five pods.
+    patch(&ns, NAME, r#"{"spec":{"replicas":5}}"#);
+    wait_ready(&client, &ns, NAME, 5).await;
+    wait_for("the cluster lists exactly ha-0..4", POD_TIMEOUT, || async {
+        let listed = listed_nodes(&endpoint).await;
+        if listed == ["ha-0", "ha-1", "ha-2", "ha-3", "ha-4"] { Ok(()) } else { Err(format!("{listed:?}")) }
+    })
+    .await;
+    endpoint.wait_copies(KEPT, 5).await;
     // Every message is still there, each exactly once.
     let got = amqp::drain(&endpoint.amqp(), KEPT, KEPT_COUNT as usize, Duration::from_secs(10)).await.expect("drain");
     assert_eq!(got, (0..KEPT_COUNT).map(|id| (id, 1)).collect::<BTreeMap<_, _>>());

@@ -109,11 +109,17 @@ async fn the_chart_grants_no_more_than_the_operator_needs() {
     {
         assert!(can(verb, resource, &ns.name), "the operator may not {verb} {resource} in its namespace");
     }
+    // Scale-down's node commands: exec into the RabbitMQ pods, and nothing else on pods or claims.
+    let exec =
+        kubectl(&["auth", "can-i", "create", "pods", "--subresource=exec", "-n", &ns.name, "--as", &operator.user]);
+    assert_eq!(String::from_utf8_lossy(&exec.stdout).trim(), "yes", "the operator may not exec into pods");
     for (verb, resource) in [
         ("delete", "secrets"),
         ("delete", "statefulsets.apps"),
         ("update", "rabbitclusters.warren.dev"),
         ("create", "pods"),
+        ("delete", "pods"),
+        ("delete", "persistentvolumeclaims"),
         ("create", "clusterroles.rbac.authorization.k8s.io"),
     ] {
         assert!(!can(verb, resource, &ns.name), "the operator may {verb} {resource}: more than it needs");

@@ -49,8 +49,10 @@ pub const DEFAULT_IMAGE: &str = "rabbitmq:4.1.4-management";
 #[serde(rename_all = "camelCase")]
 pub struct RabbitClusterSpec {
     /// Number of RabbitMQ nodes. Odd counts are recommended: with `pause_minority` an even split
-    /// pauses both halves. Scaling down is refused (see the ReconcileSuccess condition) because
-    /// removing a node needs its queues drained elsewhere first.
+    /// pauses both halves. Scaling down removes the highest ordinals one at a time: each node is
+    /// checked (no queue would lose its only copy or its majority), handed over (quorum members
+    /// shrunk, maintenance mode), removed with its volume claim, then forgotten by the cluster; the
+    /// Scaling condition shows the step, and what is unsafe is refused with the queues named.
     #[serde(default = "default_replicas")]
     #[schemars(range(min = 1, max = 99))]
     pub replicas: i32,

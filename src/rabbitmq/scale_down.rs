@@ -204,7 +204,7 @@ fn not_whole(view: &ClusterView, leaving: i32) -> Option<String> {
             (Some(n), _) if !n.running => return Some(format!("{} is not running", n.name)),
             (_, None) => return Some(format!("pod {}-{o} does not exist", view.stateful_set)),
             (_, Some(p)) if p.terminating => return Some(format!("pod {}-{o} is stopping", view.stateful_set)),
-            (_, Some(p)) if !p.ready && !(o == leaving && drained) => {
+            (_, Some(p)) if !(p.ready || o == leaving && drained) => {
                 return Some(format!("pod {}-{o} is not ready", view.stateful_set));
             }
             _ => {}

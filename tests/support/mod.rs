@@ -8,6 +8,7 @@ pub mod kube_mock;
 pub mod management_fake;
 pub mod rabbit_broker;
 pub mod rabbit_nodes;
+pub mod scaling;
 pub mod wait;
 
 use warren::api::RabbitCluster;

@@ -499,6 +499,24 @@ impl NodeCluster {
         self.nodes[index].management_url()
     }
 
+    /// What the StatefulSet does when its replicas drop by one: the last pod is deleted (its preStop
+    /// runs, then SIGTERM), and its claim goes with it (whenScaled: Delete). The ConfigMap says
+    /// the new count first, as the operator applies both together.
+    pub async fn remove_last(&mut self, grace: Duration) {
+        let replicas = self.nodes.len() - 1;
+        self.template.config.insert("replicas".into(), replicas.to_string());
+        self.cluster.replicas = replicas as i32;
+        for node in &self.nodes {
+            std::fs::write(node.dir.join("config/replicas"), replicas.to_string()).expect("replicas");
+        }
+        self.nodes[replicas].stop_gracefully(grace).await;
+        let node = self.nodes.pop().expect("the last node");
+        let _ = run("ip", &["netns", "del", &node.netns]);
+        let _ = std::fs::remove_dir_all(PathBuf::from("/etc/netns").join(&node.netns));
+        let _ = std::fs::remove_dir_all(&node.dir);
+        self.write_hosts();
+    }
+
     /// Starts the nodes given, in parallel (as the StatefulSet's Parallel pod management does).
     pub fn start(&mut self, indexes: &[usize]) {
         for &i in indexes {
@@ -659,5 +677,23 @@ impl NodeCluster {
         nodes.wait_formed(BOOT).await;
         nodes.converge(0).await.expect("broker reconcile");
         nodes
+    }
+}
+
+/// The operator's node commands, run as `kubectl exec` would: in the pod's image, with its
+/// environment (the node name, the cookie in its HOME).
+impl warren::rabbitmq::scale_down::NodeCommands for NodeCluster {
+    async fn run(&self, ordinal: i32, command: &[&str]) -> warren::error::Result<String> {
+        let node = &self.nodes[ordinal as usize];
+        let out = node.output(node.exec(command[0], &command[1..]), command[0]).await;
+        if out.status.success() {
+            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        } else {
+            Err(warren::error::Error::NodeCommand {
+                pod: node.pod.clone(),
+                command: command.join(" "),
+                message: format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)),
+            })
+        }
     }
 }

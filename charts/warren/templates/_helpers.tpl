@@ -51,10 +51,17 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 - apiGroups: [batch]
   resources: [jobs]
   verbs: [get, list, watch, create]
-# The migration Job's pods: their termination message is the migrator's summary, read into status.
+# Pods: a migration Job's termination message (the migrator's summary, read into status), and a
+# scale-down's view of the RabbitMQ pods (ready, stopping).
 - apiGroups: [""]
   resources: [pods]
   verbs: [list]
+# Scale-down runs rabbitmqctl-level commands in the RabbitMQ pods (quorum shrink, maintenance
+# mode, forget_cluster_node), as `kubectl exec` does: a WebSocket upgrade of a GET, which servers
+# before the WebSocket create check authorise as get. Never pods themselves, never their claims.
+- apiGroups: [""]
+  resources: [pods/exec]
+  verbs: [create, get]
 - apiGroups: [events.k8s.io]
   resources: [events]
   verbs: [create, patch]
