@@ -403,7 +403,11 @@ async fn scaling_down_is_refused_while_a_queue_would_be_lost(nodes: &mut NodeClu
 /// removed and forgotten.
 async fn scaling_down_hands_over_and_forgets_under_load(nodes: &mut NodeCluster) {
     const QUEUE: &str = "shrinking";
-    nodes.declare_ha_queue(0, QUEUE, &[0, 1, 2, 3, 4]).await;
+    // A member on every node (4.x places 3 by default; ha-all mirrors on all five).
+    let queue = serde_json::json!({"durable": true, "arguments": {"x-quorum-initial-group-size": 5}});
+    let queue = if nodes.quorum() { queue } else { serde_json::json!({"durable": true}) };
+    nodes.api_put(0, &format!("/api/queues/%2F/{QUEUE}"), queue).await.expect("declare");
+    nodes.wait_replicated(0, QUEUE, &[0, 1, 2, 3, 4], Some(0)).await;
     let url = |i: usize| nodes.nodes[i].amqp_url(&nodes.credentials);
     let (publisher_urls, consumer_urls) = (vec![url(4), url(3), url(0)], vec![url(3), url(1)]);
     let confirmed = Arc::new(Mutex::new(BTreeSet::new()));
