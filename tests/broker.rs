@@ -146,3 +146,17 @@ async fn broker_failures_become_reasons() {
     let error = converge(&closed, &expected(), &ha(HighAvailabilityMode::Auto)).await.expect_err("unreachable");
     assert_eq!(error.reason(), "BrokerUnreachable");
 }
+
+#[tokio::test]
+async fn queues_are_read_even_when_a_key_comes_twice() {
+    // What RabbitMQ 4.0 sent for a quorum queue while a member was being removed.
+    let (fake, client) = broker("4.0.5").await;
+    let body = r#"[{"name":"orders","vhost":"/","type":"quorum","members":["rabbit@a"],"online":["rabbit@a"],
+                   "members":["rabbit@a","rabbit@b"],"durable":true,"exclusive":false,"messages":3}]"#;
+    fake.answer_raw("GET", "/api/queues", 200, body);
+    let queues = client.queues().await.expect("queues");
+    assert_eq!(queues.len(), 1);
+    assert_eq!(queues[0].name, "orders");
+    assert_eq!(queues[0].members, ["rabbit@a", "rabbit@b"], "the last one wins");
+    assert_eq!(queues[0].messages, Some(3));
+}

@@ -230,11 +230,20 @@ impl ManagementClient {
 
     /// Every queue, with only the columns a scale-down decides on.
     pub async fn queues(&self) -> Result<Vec<QueueInfo>> {
-        self.get_required(
-            "/api/queues?columns=name,vhost,type,node,members,online,slave_nodes,synchronised_slave_nodes,\
-             messages,durable,exclusive",
-        )
-        .await
+        let path = "/api/queues?columns=name,vhost,type,node,members,online,slave_nodes,synchronised_slave_nodes,\
+                    messages,durable,exclusive";
+        // RabbitMQ 4.0 sometimes sends a quorum queue's `members` twice in one object (seen while
+        // members are being removed): read each queue as a map first, where the last one wins.
+        let queues: Vec<Map<String, Value>> = self.get_required(path).await?;
+        queues
+            .into_iter()
+            .map(|q| serde_json::from_value(Value::Object(q)))
+            .collect::<std::result::Result<_, _>>()
+            .map_err(|e| Error::Broker {
+                reason: "BrokerBadResponse",
+                what: format!("GET {path}"),
+                message: e.to_string(),
+            })
     }
 
     /// Asks a classic mirrored queue (3.x) to synchronise its mirrors now.

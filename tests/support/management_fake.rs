@@ -37,6 +37,11 @@ impl ManagementFake {
         self.state.answers.lock().unwrap().insert(format!("{method} {path}"), (status, body.to_string()));
     }
 
+    /// Answers with a body as given, byte for byte (what a `Value` cannot hold, such as a key twice).
+    pub fn answer_raw(&self, method: &str, path: &str, status: u16, body: &str) {
+        self.state.answers.lock().unwrap().insert(format!("{method} {path}"), (status, body.to_string()));
+    }
+
     /// Every request so far: `METHOD /path` and its JSON body (Null when empty).
     pub fn requests(&self) -> Vec<(String, Value)> {
         self.state.log.lock().unwrap().clone()
