@@ -316,6 +316,18 @@ async fn a_steady_cluster_costs_reads_only() {
 async fn a_scale_down_that_would_lose_messages_is_refused_naming_the_queue() {
     let SteadyCluster { mut cluster, fake, nodes, reads, sts_live } = steady_cluster().await;
     cluster.spec.replicas = 1;
+    // As 4.x reports it (3.x does not: then the operator asks the leaving node itself).
+    fake.answer(
+        "GET",
+        "/api/nodes",
+        200,
+        json!(
+            nodes
+                .iter()
+                .map(|n| json!({"name": n, "running": true, "partitions": [], "being_drained": false}))
+                .collect::<Vec<_>>()
+        ),
+    );
     fake.answer(
         "GET",
         "/api/queues",

@@ -12,7 +12,7 @@ fn node(i: i32) -> String {
 }
 
 fn running(i: i32) -> NodeInfo {
-    NodeInfo { name: node(i), running: true, partitions: Vec::new(), being_drained: false }
+    NodeInfo { name: node(i), running: true, partitions: Vec::new(), being_drained: Some(false) }
 }
 
 const READY: PodState = PodState { ready: true, terminating: false };
@@ -98,7 +98,7 @@ fn quorum_queues_walk_the_highest_node_through_hand_over_remove_and_forget() {
     assert_eq!(decide(&v), Step::HandOver { ordinal: 4, node: node(4), shrink: false });
 
     // Drained: its listeners closed, so its pod is not ready; that alone does not hold it.
-    v.nodes[4].being_drained = true;
+    v.nodes[4].being_drained = Some(true);
     v.pods.insert(4, PodState { ready: false, terminating: false });
     assert_eq!(decide(&v), Step::Remove { ordinal: 4, node: node(4) });
 
@@ -222,7 +222,7 @@ fn a_mirrored_master_waits_for_a_synchronised_mirror_that_stays_then_gives_up() 
 fn a_called_off_hand_over_revives_the_node_but_a_stopping_pod_is_left_alone() {
     // Scaled back to 5 after node 4 was drained: it leaves maintenance mode.
     let mut v = view(5, 5);
-    v.nodes[4].being_drained = true;
+    v.nodes[4].being_drained = Some(true);
     v.pods.insert(4, PodState { ready: false, terminating: false });
     assert_eq!(decide(&v), Step::Revive { ordinal: 4, node: node(4) });
 

@@ -143,10 +143,10 @@ pub async fn pass(
         };
         let broker =
             ManagementClient::new(&ctx.management_url(validated), &credentials.username, &credentials.password)?;
-        scale_down::observe(&broker, &mut view).await?;
+        let commands = PodExec { pods, stateful_set: validated.stateful_set_name() };
+        scale_down::observe(&broker, &commands, &mut view).await?;
         let step = scale_down::decide(&view);
         ctx.track_mirror_sync(&object_key(cluster), matches!(&step, Step::Wait { reason: "WaitingForMirrorSync", .. }));
-        let commands = PodExec { pods, stateful_set: validated.stateful_set_name() };
         let done = scale_down::execute(&step, &broker, &commands).await?;
         Ok::<_, Error>((step, done))
     }

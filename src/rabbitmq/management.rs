@@ -37,8 +37,9 @@ pub struct NodeInfo {
     #[serde(default)]
     pub partitions: Vec<String>,
     /// In maintenance mode (`rabbitmq-upgrade drain`): clients and queue leaders moved off.
+    /// Reported from 4.0; `None` where the version does not say.
     #[serde(default)]
-    pub being_drained: bool,
+    pub being_drained: Option<bool>,
 }
 
 /// One queue of `GET /api/queues`, with what decides whether a node can leave.

@@ -127,7 +127,7 @@ pub fn decide(view: &ClusterView) -> Step {
     // 2. A node left in maintenance by a called-off hand-over (not one whose pod is stopping: its
     //    preStop drained it).
     if let Some(node) = view.nodes.iter().find(|n| {
-        n.being_drained
+        n.being_drained == Some(true)
             && n.running
             && ordinal(n).is_some_and(|o| Some(o) != leaving && view.pods.get(&o).is_some_and(|p| !p.terminating))
     }) {
@@ -146,7 +146,7 @@ pub fn decide(view: &ClusterView) -> Step {
     if let Some(why) = not_whole(view, leaving) {
         return wait("ClusterNotWhole", format!("{prefix} waits: {why}"));
     }
-    let drained = view.nodes.iter().any(|n| n.name == leaving_node && n.being_drained);
+    let drained = view.nodes.iter().any(|n| n.name == leaving_node && n.being_drained == Some(true));
     let staying: Vec<&str> = view
         .nodes
         .iter()
@@ -198,7 +198,7 @@ pub fn decide(view: &ClusterView) -> Step {
 fn not_whole(view: &ClusterView, leaving: i32) -> Option<String> {
     for o in 0..view.current {
         let node = view.nodes.iter().find(|n| ordinal_of(&n.name, &view.stateful_set) == Some(o));
-        let drained = node.is_some_and(|n| n.being_drained);
+        let drained = node.is_some_and(|n| n.being_drained == Some(true));
         match (node, view.pods.get(&o)) {
             (None, _) => return Some(format!("pod {}-{o} is not a cluster member yet", view.stateful_set)),
             (Some(n), _) if !n.running => return Some(format!("{} is not running", n.name)),
@@ -313,10 +313,29 @@ pub fn forget_command(node: &str) -> [&str; 4] {
     ["rabbitmqctl", "-q", "forget_cluster_node", node]
 }
 
-/// What the broker says, for a view: its nodes and queues.
-pub async fn observe(broker: &ManagementClient, view: &mut ClusterView) -> Result<()> {
+/// Whether the node is in maintenance mode, asked of the node itself where the management API does
+/// not report it (3.x; `rabbit_maintenance` is there from 3.8 on).
+pub const DRAINED_QUERY: [&str; 4] =
+    ["rabbitmqctl", "-q", "eval", "rabbit_maintenance:is_being_drained_local_read(node())."];
+
+/// What the broker says, for a view: its nodes and, while scaling down, its queues and whether the
+/// leaving node is in maintenance mode.
+pub async fn observe(broker: &ManagementClient, commands: &impl NodeCommands, view: &mut ClusterView) -> Result<()> {
     view.nodes = broker.nodes().await?;
-    view.queues = if view.desired < view.current { broker.queues().await? } else { Vec::new() };
+    if view.desired >= view.current {
+        view.queues = Vec::new();
+        return Ok(());
+    }
+    view.queues = broker.queues().await?;
+    let leaving = view.current - 1;
+    if let Some(node) = view
+        .nodes
+        .iter_mut()
+        .find(|n| n.running && n.being_drained.is_none() && ordinal_of(&n.name, &view.stateful_set) == Some(leaving))
+    {
+        // Unknown (the command failed) counts as not drained: the hand-over runs again, harmlessly.
+        node.being_drained = Some(commands.run(leaving, &DRAINED_QUERY).await.is_ok_and(|out| out.trim() == "true"));
+    }
     Ok(())
 }
 

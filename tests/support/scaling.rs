@@ -28,7 +28,7 @@ pub async fn scale_down(nodes: &mut NodeCluster, desired: i32, limit: Duration) 
         for node in &nodes.nodes {
             view.pods.insert(node.index as i32, PodState { ready: node.ready().await, terminating: false });
         }
-        let step = match scale_down::observe(&broker, &mut view).await {
+        let step = match scale_down::observe(&broker, &*nodes, &mut view).await {
             Ok(()) => scale_down::decide(&view),
             Err(error) => Step::Wait { reason: "BrokerUnreachable", message: error.to_string(), sync: Vec::new() },
         };
