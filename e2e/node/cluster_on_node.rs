@@ -165,10 +165,34 @@ async fn a_rabbit_cluster_runs_heals_grows_and_keeps_its_data_on_a_real_node() {
     endpoint.wait_depth(KEPT, KEPT_COUNT as u64).await;
 
     // 4. Scale 3 to 5: two more pods join.
+    let api: Api<warren::api::RabbitCluster> = Api::namespaced(client.clone(), &ns);
     patch(&ns, NAME, r#"{"spec":{"replicas":5}}"#);
     wait_ready(&client, &ns, NAME, 5).await;
     assert_eq!(pods(&client, &ns, NAME).await.len(), 5);
     // The queue declared on three nodes gains a copy on each new one.
+    endpoint.wait_copies(KEPT, 5).await;
+    endpoint.wait_depth(KEPT, KEPT_COUNT as u64).await;
+
+    // Scale-down called off half-way: 5 to 3, then back to 5 as soon as ha-4 is in maintenance mode
+    // (or already gone). The cluster comes back to five nodes, none left in maintenance mode.
+    patch(&ns, NAME, r#"{"spec":{"replicas":3}}"#);
+    wait_for("ha-4 handed over", POD_TIMEOUT, || async {
+        let nodes = endpoint.get("nodes").await?;
+        let drained = nodes.as_array().into_iter().flatten().any(|n| n["being_drained"] == true);
+        if drained || listed_nodes(&endpoint).await.len() < 5 { Ok(()) } else { Err(nodes.to_string()) }
+    })
+    .await;
+    patch(&ns, NAME, r#"{"spec":{"replicas":5}}"#);
+    wait_ready(&client, &ns, NAME, 5).await;
+    wait_for("five nodes, none in maintenance mode, Scaling=Steady", POD_TIMEOUT, || async {
+        let nodes = endpoint.get("nodes").await?;
+        let drained = nodes.as_array().into_iter().flatten().any(|n| n["being_drained"] == true);
+        let cluster = api.get(NAME).await.map_err(|e| e.to_string())?;
+        let steady = condition(&cluster, "Scaling").is_some_and(|c| c.reason == "Steady");
+        let listed = listed_nodes(&endpoint).await;
+        if !drained && steady && listed.len() == 5 { Ok(()) } else { Err(format!("{listed:?} {nodes}")) }
+    })
+    .await;
     endpoint.wait_copies(KEPT, 5).await;
     endpoint.wait_depth(KEPT, KEPT_COUNT as u64).await;
 
@@ -195,7 +219,6 @@ async fn a_rabbit_cluster_runs_heals_grows_and_keeps_its_data_on_a_real_node() {
         if listed == ["ha-0", "ha-1", "ha-2"] { Ok(()) } else { Err(format!("{listed:?}")) }
     })
     .await;
-    let api: Api<warren::api::RabbitCluster> = Api::namespaced(client.clone(), &ns);
     wait_for("Scaling=False (Steady)", POD_TIMEOUT, || async {
         let cluster = api.get(NAME).await.map_err(|e| e.to_string())?;
         match condition(&cluster, "Scaling") {
