@@ -85,6 +85,28 @@ impl Context {
         self.publish(&cluster.object_ref(&()), type_, reason, action, note).await;
     }
 
+    /// An Event about `cluster` that names a second object: the recorder keeps one series per
+    /// (reason, object, second object), so Events of the same reason about different pods stay apart.
+    async fn event_related(
+        &self,
+        cluster: &RabbitCluster,
+        reason: &str,
+        action: &str,
+        related: ObjectReference,
+        note: String,
+    ) {
+        let event = Event {
+            type_: EventType::Normal,
+            reason: reason.into(),
+            note: Some(note.chars().take(1000).collect()),
+            action: action.into(),
+            secondary: Some(related),
+        };
+        if let Err(error) = self.recorder.publish(&event, &cluster.object_ref(&())).await {
+            tracing::warn!(%error, cluster = %object_key(cluster), "publishing an event failed");
+        }
+    }
+
     /// An Event about `regarding`; a failure to publish is logged, never fatal.
     pub async fn publish(
         &self,
@@ -351,7 +373,14 @@ async fn report_scaling(cluster: &RabbitCluster, ctx: &Context, pass: &scale::Sc
     }
     if let Some(node) = &pass.removed {
         let note = format!("{node} left the cluster: its pod is gone and the cluster no longer lists it");
-        ctx.event(cluster, EventType::Normal, "NodeRemoved", "Scale", note).await;
+        let pod = ObjectReference {
+            api_version: Some("v1".into()),
+            kind: Some("Pod".into()),
+            name: node.split_once('@').and_then(|(_, host)| host.split('.').next()).map(str::to_string),
+            namespace: cluster.namespace(),
+            ..ObjectReference::default()
+        };
+        ctx.event_related(cluster, "NodeRemoved", "Scale", pod, note).await;
     }
     if let Some(error) = &pass.error {
         ctx.event(cluster, EventType::Warning, error.reason(), "Scale", error.to_string()).await;
