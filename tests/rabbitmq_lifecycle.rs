@@ -17,7 +17,7 @@ use support::amqp::{self, assert_exactly_once};
 use support::generations::manifest;
 use support::rabbit_broker::node_list;
 use support::rabbit_nodes::{BOOT, NodeCluster, wait_for};
-use support::scaling::scale_down;
+use support::scaling::{scale_down, scale_down_called_off};
 use tokio::sync::Mutex;
 use warren::api::{HighAvailabilityMode, HighAvailabilitySpec};
 
@@ -75,6 +75,8 @@ async fn lifecycle(generation: &str) {
     steps.done("scale 3 -> 5: existing queues replicated on the new nodes");
     scaling_down_is_refused_while_a_queue_would_be_lost(&mut nodes).await;
     steps.done("scale 5 -> 3 refused: an unreplicated classic queue with messages, named");
+    a_called_off_scale_down_gives_the_node_back(&mut nodes).await;
+    steps.done("scale 5 -> 3 called off after node 4's hand-over: revived, members grown back");
     scaling_down_hands_over_and_forgets_under_load(&mut nodes).await;
     steps.done("scale 5 -> 3 under load: handed over, removed, forgotten, nothing lost");
 }
@@ -463,5 +465,27 @@ async fn scaling_down_hands_over_and_forgets_under_load(nodes: &mut NodeCluster)
     assert_eq!(node_list(&status["running_nodes"]), names, "{status}");
     for queue in [QUEUE, "scaled", "kept"] {
         nodes.wait_replicated(0, queue, &[0, 1, 2], None).await;
+    }
+}
+
+/// 5 -> 3 asked, node 4 handed over (in maintenance mode, its quorum members shrunk), then 5 asked
+/// again: node 4 leaves maintenance mode and every queue has a copy on it again.
+async fn a_called_off_scale_down_gives_the_node_back(nodes: &mut NodeCluster) {
+    let steps = scale_down_called_off(nodes, 3).await;
+    eprintln!("[{}] called off: {steps:?}", nodes.generation());
+    assert!(
+        steps.iter().any(|s| matches!(s, warren::rabbitmq::scale_down::Step::Revive { ordinal: 4, .. })),
+        "{steps:?}"
+    );
+    assert_eq!(nodes.nodes.len(), 5);
+    let maintenance =
+        nodes.nodes[4].rabbitmqctl(&["-q", "eval", "rabbit_maintenance:is_being_drained_local_read(node())."]).await;
+    assert_eq!(String::from_utf8_lossy(&maintenance.stdout).trim(), "false", "{maintenance:?}");
+    wait_for("node 4 serves AMQP again", Duration::from_secs(60), || async {
+        nodes.nodes[4].ready().await.then_some(()).ok_or_else(|| "not ready".to_string())
+    })
+    .await;
+    for queue in ["scaled", "kept"] {
+        nodes.wait_replicated(0, queue, &[0, 1, 2, 3, 4], None).await;
     }
 }

@@ -60,7 +60,8 @@ pub enum Step {
     Wait { reason: &'static str, message: String, sync: Vec<(String, String)> },
     /// Unsafe until the user acts: the message says what and why.
     Refuse { message: String },
-    /// Move quorum members (when `shrink`), clients and queue leaders off the leaving node.
+    /// Move clients and queue leaders (maintenance mode), then quorum members (when `shrink`), off
+    /// the leaving node.
     HandOver { ordinal: i32, node: String, shrink: bool },
     /// The leaving node holds nothing any more: the StatefulSet may drop its pod.
     Remove { ordinal: i32, node: String },
@@ -81,9 +82,9 @@ impl Step {
             Step::HandOver { node, shrink, .. } => (
                 "HandingOver",
                 format!(
-                    "{}{}maintenance mode (clients and queue leaders move to the nodes that stay)",
+                    "{} enters maintenance mode (clients and queue leaders move to the nodes that stay){}",
                     removing(node),
-                    if *shrink { " shrinks its quorum queue members, then enters " } else { " enters " }
+                    if *shrink { ", then its quorum queue members are removed" } else { "" }
                 ),
             ),
             Step::Remove { node, .. } => {
@@ -308,6 +309,10 @@ pub fn shrink_command(node: &str) -> [&str; 4] {
 /// Maintenance mode: clients and queue leaders move off the node (run on the node itself).
 pub const DRAIN_COMMAND: [&str; 5] = ["rabbitmq-upgrade", "-q", "drain", "--timeout", "300"];
 pub const REVIVE_COMMAND: [&str; 3] = ["rabbitmq-upgrade", "-q", "revive"];
+/// Adds a member on the node to every quorum queue (run on the node itself).
+pub fn grow_command(node: &str) -> [&str; 5] {
+    ["rabbitmq-queues", "-q", "grow", node, "all"]
+}
 /// Removes a stopped node from the cluster (run on a node that stays).
 pub fn forget_command(node: &str) -> [&str; 4] {
     ["rabbitmqctl", "-q", "forget_cluster_node", node]
@@ -318,23 +323,20 @@ pub fn forget_command(node: &str) -> [&str; 4] {
 pub const DRAINED_QUERY: [&str; 4] =
     ["rabbitmqctl", "-q", "eval", "rabbit_maintenance:is_being_drained_local_read(node())."];
 
-/// What the broker says, for a view: its nodes and, while scaling down, its queues and whether the
-/// leaving node is in maintenance mode.
+/// What the broker says, for a view: its nodes, whether the last node is in maintenance mode (the
+/// one a hand-over drains, asked of the node itself where the API does not say), and, while scaling
+/// down, the queues.
 pub async fn observe(broker: &ManagementClient, commands: &impl NodeCommands, view: &mut ClusterView) -> Result<()> {
     view.nodes = broker.nodes().await?;
-    if view.desired >= view.current {
-        view.queues = Vec::new();
-        return Ok(());
-    }
-    view.queues = broker.queues().await?;
-    let leaving = view.current - 1;
+    view.queues = if view.desired < view.current { broker.queues().await? } else { Vec::new() };
+    let last = view.current - 1;
     if let Some(node) = view
         .nodes
         .iter_mut()
-        .find(|n| n.running && n.being_drained.is_none() && ordinal_of(&n.name, &view.stateful_set) == Some(leaving))
+        .find(|n| n.running && n.being_drained.is_none() && ordinal_of(&n.name, &view.stateful_set) == Some(last))
     {
-        // Unknown (the command failed) counts as not drained: the hand-over runs again, harmlessly.
-        node.being_drained = Some(commands.run(leaving, &DRAINED_QUERY).await.is_ok_and(|out| out.trim() == "true"));
+        // Unknown (the command failed) counts as not drained: a hand-over runs again, harmlessly.
+        node.being_drained = Some(commands.run(last, &DRAINED_QUERY).await.is_ok_and(|out| out.trim() == "true"));
     }
     Ok(())
 }
@@ -346,7 +348,10 @@ pub async fn execute(step: &Step, broker: &ManagementClient, commands: &impl Nod
     match step {
         Step::Revive { ordinal, node } => {
             commands.run(*ordinal, &REVIVE_COMMAND).await?;
-            done.push(format!("{node} left maintenance mode"));
+            // The hand-over shrank its quorum members after draining it: give them back, as a node
+            // that joins gets them (bootstrap.sh).
+            commands.run(*ordinal, &grow_command(node)).await?;
+            done.push(format!("{node} left maintenance mode and got its quorum queue members back"));
         }
         Step::Forget { node } => {
             commands.run(0, &forget_command(node)).await?;
@@ -358,12 +363,14 @@ pub async fn execute(step: &Step, broker: &ManagementClient, commands: &impl Nod
             }
         }
         Step::HandOver { ordinal, node, shrink } => {
+            // Maintenance first: quorum leaders move off while the node is still a member, and a
+            // called-off hand-over is always a drained node (revived, its members grown back).
+            commands.run(*ordinal, &DRAIN_COMMAND).await?;
+            done.push(format!("{node} in maintenance mode"));
             if *shrink {
                 commands.run(0, &shrink_command(node)).await?;
                 done.push(format!("shrank quorum queues off {node}"));
             }
-            commands.run(*ordinal, &DRAIN_COMMAND).await?;
-            done.push(format!("{node} in maintenance mode"));
         }
         Step::Steady | Step::Refuse { .. } | Step::Remove { .. } => {}
     }
