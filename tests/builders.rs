@@ -79,14 +79,16 @@ fn every_child_is_owned_labelled_and_namespaced() {
 }
 
 #[test]
-fn stateful_set_starts_in_parallel_keeps_volumes_and_runs_non_root() {
+fn stateful_set_starts_in_parallel_keeps_volumes_until_scaled_down_and_runs_non_root() {
     let (_, r) = built("basic.yaml");
     let sts = json_of(&r.stateful_set);
     let spec = &sts["spec"];
     assert_eq!(spec["replicas"], 3);
     assert_eq!(spec["podManagementPolicy"], "Parallel");
     assert_eq!(spec["serviceName"], "demo-nodes");
-    assert_eq!(spec["persistentVolumeClaimRetentionPolicy"], json!({"whenDeleted": "Retain", "whenScaled": "Retain"}));
+    // Deleting the RabbitCluster keeps the data; a node removed by a scale-down is forgotten, so
+    // its claim goes with it (a later scale-up must not boot a forgotten node's data).
+    assert_eq!(spec["persistentVolumeClaimRetentionPolicy"], json!({"whenDeleted": "Retain", "whenScaled": "Delete"}));
     assert_eq!(spec["volumeClaimTemplates"][0]["spec"]["resources"]["requests"]["storage"], "10Gi");
     assert_eq!(spec["volumeClaimTemplates"][0]["spec"]["accessModes"], json!(["ReadWriteOnce"]));
 
