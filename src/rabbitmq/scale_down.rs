@@ -60,7 +60,7 @@ pub enum Step {
     Wait { reason: &'static str, message: String, sync: Vec<(String, String)> },
     /// Unsafe until the user acts: the message says what and why.
     Refuse { message: String },
-    /// Move clients and queue leaders (maintenance mode), then quorum members (when `shrink`), off
+    /// Move quorum members (when `shrink`), then clients and queue leaders (maintenance mode), off
     /// the leaving node.
     HandOver { ordinal: i32, node: String, shrink: bool },
     /// The leaving node holds nothing any more: the StatefulSet may drop its pod.
@@ -82,9 +82,9 @@ impl Step {
             Step::HandOver { node, shrink, .. } => (
                 "HandingOver",
                 format!(
-                    "{} enters maintenance mode (clients and queue leaders move to the nodes that stay){}",
+                    "{}{} enters maintenance mode (clients and queue leaders move to the nodes that stay)",
                     removing(node),
-                    if *shrink { ", then its quorum queue members are removed" } else { "" }
+                    if *shrink { ": its quorum queue members are removed, then it" } else { "" }
                 ),
             ),
             Step::Remove { node, .. } => {
@@ -348,8 +348,8 @@ pub async fn execute(step: &Step, broker: &ManagementClient, commands: &impl Nod
     match step {
         Step::Revive { ordinal, node } => {
             commands.run(*ordinal, &REVIVE_COMMAND).await?;
-            // The hand-over shrank its quorum members after draining it: give them back, as a node
-            // that joins gets them (bootstrap.sh).
+            // The hand-over shrank its quorum members before draining it: give them back, as a
+            // node that joins gets them (bootstrap.sh).
             commands.run(*ordinal, &grow_command(node)).await?;
             done.push(format!("{node} left maintenance mode and got its quorum queue members back"));
         }
@@ -363,14 +363,14 @@ pub async fn execute(step: &Step, broker: &ManagementClient, commands: &impl Nod
             }
         }
         Step::HandOver { ordinal, node, shrink } => {
-            // Maintenance first: quorum leaders move off while the node is still a member, and a
-            // called-off hand-over is always a drained node (revived, its members grown back).
-            commands.run(*ordinal, &DRAIN_COMMAND).await?;
-            done.push(format!("{node} in maintenance mode"));
+            // Shrink first: on 4.3, `shrink` after `drain` (which stops the node's follower
+            // replicas) left the members in place, pass after pass (seen in tier 2).
             if *shrink {
                 commands.run(0, &shrink_command(node)).await?;
                 done.push(format!("shrank quorum queues off {node}"));
             }
+            commands.run(*ordinal, &DRAIN_COMMAND).await?;
+            done.push(format!("{node} in maintenance mode"));
         }
         Step::Steady | Step::Refuse { .. } | Step::Remove { .. } => {}
     }
