@@ -95,16 +95,7 @@ impl Context {
         related: ObjectReference,
         note: String,
     ) {
-        let event = Event {
-            type_: EventType::Normal,
-            reason: reason.into(),
-            note: Some(note.chars().take(1000).collect()),
-            action: action.into(),
-            secondary: Some(related),
-        };
-        if let Err(error) = self.recorder.publish(&event, &cluster.object_ref(&())).await {
-            tracing::warn!(%error, cluster = %object_key(cluster), "publishing an event failed");
-        }
+        self.record(&cluster.object_ref(&()), Some(related), EventType::Normal, reason, action, note).await;
     }
 
     /// An Event about `regarding`; a failure to publish is logged, never fatal.
@@ -116,12 +107,24 @@ impl Context {
         action: &str,
         note: String,
     ) {
+        self.record(regarding, None, type_, reason, action, note).await;
+    }
+
+    async fn record(
+        &self,
+        regarding: &ObjectReference,
+        secondary: Option<ObjectReference>,
+        type_: EventType,
+        reason: &str,
+        action: &str,
+        note: String,
+    ) {
         let event = Event {
             type_,
             reason: reason.into(),
             note: Some(note.chars().take(1000).collect()),
             action: action.into(),
-            secondary: None,
+            secondary,
         };
         if let Err(error) = self.recorder.publish(&event, regarding).await {
             tracing::warn!(%error, object = ?regarding.name, "publishing an event failed");
