@@ -40,6 +40,15 @@ pub enum Error {
         source: kube::Error,
     },
 
+    /// An object could not be turned into JSON (or back): a bug to report, never the user's spec;
+    /// retried, as with any failure that is not the spec's.
+    #[error("serialising {what}: {source}")]
+    Serialization {
+        what: String,
+        #[source]
+        source: serde_json::Error,
+    },
+
     /// The RabbitMQ management API refused, failed or could not be reached.
     #[error("RabbitMQ management API ({what}): {message}")]
     Broker { reason: &'static str, what: String, message: String },
@@ -61,6 +70,7 @@ impl Error {
             Error::UpgradeRefused { .. } => "UpgradeRefused",
             Error::ApplyConflict { .. } => "FieldConflict",
             Error::Kube { .. } => "KubernetesApiError",
+            Error::Serialization { .. } => "SerializationFailed",
             Error::Broker { reason, .. } => reason,
         }
     }
@@ -75,6 +85,7 @@ impl Error {
             Error::UpgradeRefused { .. } => "upgrade_refused",
             Error::ApplyConflict { .. } => "apply_conflict",
             Error::Kube { .. } => "kube_api",
+            Error::Serialization { .. } => "serialization",
             Error::Broker { .. } => "broker_api",
         }
     }

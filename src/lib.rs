@@ -3,6 +3,7 @@
 pub mod api;
 pub mod controller;
 pub mod error;
+pub mod leader;
 pub mod migrate;
 pub mod rabbitmq;
 pub mod render;

@@ -2,11 +2,11 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 
 use clap::{Parser, Subcommand, ValueEnum};
 use warren::controller::{self, Context, validate::Settings};
-use warren::server::{self, Metrics};
+use warren::leader::{self, Election};
+use warren::server::{self, Metrics, Phase, Readiness};
 
 #[derive(Parser)]
 #[command(name = "warren", version, about = "Kubernetes operator for highly available RabbitMQ clusters")]
@@ -43,6 +43,16 @@ enum Command {
         /// Management API URL of a cluster; `{service}`, `{namespace}` and `{domain}` are filled in.
         #[arg(long, env = "WARREN_MANAGEMENT_URL", default_value = "http://{service}.{namespace}.svc.{domain}:15672")]
         management_url_template: String,
+        /// Namespace of the Lease the operator's replicas elect a leader with; without it this
+        /// process reconciles at once (run one replica only).
+        #[arg(long, env = "WARREN_LEASE_NAMESPACE")]
+        lease_namespace: Option<String>,
+        /// Name of that Lease.
+        #[arg(long, env = "WARREN_LEASE_NAME", default_value = "warren")]
+        lease_name: String,
+        /// This replica's name in the Lease (the pod's name).
+        #[arg(long, env = "POD_NAME")]
+        identity: Option<String>,
     },
     /// Drains an old RabbitMQ cluster into a new one: definitions, then every message.
     Migrate(Box<MigrateArgs>),
@@ -190,6 +200,12 @@ async fn migrate(args: MigrateArgs) -> std::process::ExitCode {
     }
 }
 
+/// A name for the Lease when the pod's is not given: the host's, made unique.
+fn fallback_identity() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    format!("{}-{}", host.trim(), std::process::id())
+}
+
 /// Bars when a person watches: stderr is a terminal, and the output is not for a machine.
 fn progress_bars(args: &MigrateArgs) -> bool {
     std::io::IsTerminal::is_terminal(&std::io::stderr()) && !args.dry_run
@@ -239,7 +255,16 @@ async fn main() -> std::process::ExitCode {
                 }
             }
         }
-        Command::Run { namespace, listen, cluster_domain, migration_image, management_url_template } => {
+        Command::Run {
+            namespace,
+            listen,
+            cluster_domain,
+            migration_image,
+            management_url_template,
+            lease_namespace,
+            lease_name,
+            identity,
+        } => {
             let client = match kube::Client::try_default().await {
                 Ok(client) => client,
                 Err(error) => {
@@ -248,15 +273,36 @@ async fn main() -> std::process::ExitCode {
                 }
             };
             let metrics = Metrics::default();
-            let ready = Arc::new(AtomicBool::new(false));
-            let server = tokio::spawn(server::serve(listen, metrics.clone(), ready.clone()));
-            let mut ctx = Context::new(client, Settings { cluster_domain }, management_url_template, metrics);
+            let readiness = Readiness::default();
+            let server = tokio::spawn(server::serve(listen, metrics.clone(), readiness.clone()));
+            let mut ctx = Context::new(client.clone(), Settings { cluster_domain }, management_url_template, metrics);
             ctx.migration_image = migration_image;
             let ctx = Arc::new(ctx);
             tracing::info!(namespace = namespace.as_deref().unwrap_or("<all>"), %listen, "warren controller starting");
-            ready.store(true, Ordering::Relaxed);
+            let work = controller::run(ctx, namespace, readiness.clone());
+            let election = lease_namespace.filter(|ns| !ns.is_empty()).map(|namespace| Election {
+                namespace,
+                lease: lease_name,
+                identity: identity.filter(|i| !i.is_empty()).unwrap_or_else(fallback_identity),
+            });
+            let controllers = async {
+                match &election {
+                    Some(election) => leader::lead(client, election, &readiness, work).await,
+                    None => {
+                        readiness.set(Phase::Syncing);
+                        work.await;
+                        Ok(())
+                    }
+                }
+            };
             tokio::select! {
-                _ = controller::run(ctx, namespace) => std::process::ExitCode::SUCCESS,
+                outcome = controllers => match outcome {
+                    Ok(()) => std::process::ExitCode::SUCCESS,
+                    Err(error) => {
+                        tracing::error!("{error}");
+                        std::process::ExitCode::FAILURE
+                    }
+                },
                 result = server => {
                     tracing::error!(?result, "the health and metrics server stopped");
                     std::process::ExitCode::FAILURE

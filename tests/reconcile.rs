@@ -8,7 +8,9 @@ use std::sync::Arc;
 use http::Method;
 use k8s_openapi::api::apps::v1::StatefulSetStatus;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-use kube::Client;
+use kube::runtime::reflector::store::Writer;
+use kube::runtime::watcher;
+use kube::{Client, Resource};
 use serde_json::{Value, json};
 use support::fixture;
 use support::kube_mock::{Call, scripted_client};
@@ -37,17 +39,48 @@ fn condition<'a>(status_patch: &'a Value, type_: &str) -> &'a Value {
         .unwrap_or_else(|| panic!("no {type_} condition in {status_patch}"))
 }
 
-/// Runs one reconcile against the script; returns its result and every call seen.
+/// Runs one reconcile against the script, with the controller's stores empty; returns its result
+/// and every call seen.
 async fn run(
     cluster: RabbitCluster,
     script: Vec<Call>,
     management_url: &str,
 ) -> (Result<kube::runtime::controller::Action, warren::error::Error>, Vec<(Method, String, Value)>) {
+    run_with(cluster, vec![], script, management_url).await
+}
+
+/// The same, with `live` objects in the stores, as the controller's watches would have put them.
+async fn run_with(
+    cluster: RabbitCluster,
+    live: Vec<Value>,
+    script: Vec<Call>,
+    management_url: &str,
+) -> (Result<kube::runtime::controller::Action, warren::error::Error>, Vec<(Method, String, Value)>) {
     let (client, calls) = scripted_client(script);
     let ctx = context(client, management_url);
+    fill_stores(&ctx, live);
     let result = reconcile(Arc::new(cluster), ctx.clone()).await;
     drop(ctx);
     (result, calls.await.expect("the scripted API server panicked: see above"))
+}
+
+fn fill_stores(ctx: &Context, live: Vec<Value>) {
+    fn put<K: Resource<DynamicType = ()> + Clone + serde::de::DeserializeOwned>(writer: &mut Writer<K>, value: Value) {
+        let object: K = serde_json::from_value(value).expect("a live object");
+        writer.apply_watcher_event(&watcher::Event::Apply(object));
+    }
+    let mut writers = ctx.take_writers().expect("the stores' writers");
+    for object in live {
+        match object["kind"].as_str() {
+            Some("StatefulSet") => put(&mut writers.stateful_sets, object),
+            Some("Secret") => put(&mut writers.secrets, object),
+            Some("ServiceAccount") => put(&mut writers.service_accounts, object),
+            Some("ConfigMap") => put(&mut writers.config_maps, object),
+            Some("Service") => put(&mut writers.services, object),
+            Some("PodDisruptionBudget") => put(&mut writers.budgets, object),
+            other => panic!("no store for {other:?}"),
+        }
+    }
 }
 
 fn owned_by_demo(body: &Value) {
@@ -60,27 +93,28 @@ fn owned_by_demo(body: &Value) {
 async fn a_new_cluster_gets_every_child_then_status() {
     let applied = |path: String| Call::apply(path).check(owned_by_demo);
     let script = vec![
+        // Nothing in the stores: each absence is confirmed by a GET before anything is created.
         Call::get_missing(STS),
         Call::get_missing(format!("{NS}/secrets/demo-erlang-cookie")),
         Call::get_missing(format!("{NS}/secrets/demo-default-user")),
         Call::get_missing(format!("{NS}/serviceaccounts/demo-rabbitmq")),
+        Call::get_missing(format!("{NS}/configmaps/demo-config")),
+        Call::get_missing(format!("{NS}/services/demo-nodes")),
+        Call::get_missing(format!("{NS}/services/demo")),
+        Call::get_missing(PDB),
         applied(format!("{NS}/serviceaccounts/demo-rabbitmq")),
         applied(format!("{NS}/secrets/demo-erlang-cookie")).check(|body| {
             owned_by_demo(body);
             assert_eq!(body["data"]["cookie"].as_str().unwrap().len(), 64, "48 random bytes, base64: {body}");
         }),
         applied(format!("{NS}/secrets/demo-default-user")),
-        Call::get_missing(format!("{NS}/configmaps/demo-config")),
         applied(format!("{NS}/configmaps/demo-config")).check(|body| {
             owned_by_demo(body);
             let conf = body["data"]["10-operator.conf"].as_str().unwrap();
             assert!(conf.contains("cluster_partition_handling = pause_minority"), "{conf}");
         }),
-        Call::get_missing(format!("{NS}/services/demo-nodes")),
         applied(format!("{NS}/services/demo-nodes")),
-        Call::get_missing(format!("{NS}/services/demo")),
         applied(format!("{NS}/services/demo")),
-        Call::get_missing(PDB),
         applied(PDB.into()),
         applied(STS.into()).check(|body| {
             owned_by_demo(body);
@@ -89,16 +123,21 @@ async fn a_new_cluster_gets_every_child_then_status() {
         }),
         Call::event("default", "Created").check(|body| {
             let note = body["note"].as_str().unwrap();
-            for object in ["ServiceAccount demo-rabbitmq", "Secret demo-erlang-cookie", "Secret demo-default-user",
-                           "ConfigMap demo-config", "Service demo-nodes", "Service demo,", "PodDisruptionBudget demo",
-                           "StatefulSet demo"] {
+            for object in [
+                "ServiceAccount demo-rabbitmq",
+                "Secret demo-erlang-cookie",
+                "Secret demo-default-user",
+                "ConfigMap demo-config",
+                "Service demo-nodes",
+                "Service demo,",
+                "PodDisruptionBudget demo",
+                "StatefulSet demo",
+            ] {
                 assert!(note.contains(object), "{object} missing from {note}");
             }
         }),
-        // Right after creation the StatefulSet has no ready pods: the broker is not contacted.
-        Call::get(STS).returns(json!({"apiVersion": "apps/v1", "kind": "StatefulSet",
-            "metadata": {"name": "demo", "namespace": "default", "generation": 1}, "spec": {"replicas": 3,
-            "selector": {}, "template": {}, "serviceName": "demo-nodes"}, "status": {"replicas": 0, "observedGeneration": 1}})),
+        // Right after creation the store holds no StatefulSet yet, so no ready pods: the broker is
+        // not contacted.
         Call::status_patch(CLUSTER).check(|body| {
             assert_eq!(condition(body, "ReconcileSuccess")["status"], "True");
             assert_eq!(condition(body, "AllReplicasReady")["status"], "False");
@@ -106,6 +145,11 @@ async fn a_new_cluster_gets_every_child_then_status() {
             assert_eq!(condition(body, "Ready")["status"], "False");
             assert_eq!(body["status"]["rabbitmqVersion"], "4.1.4");
             assert_eq!(body["status"]["observedGeneration"], 1);
+            // A server-side apply names what it applies.
+            assert_eq!(
+                (body["apiVersion"].as_str(), body["kind"].as_str()),
+                (Some("warren.dev/v1alpha1"), Some("RabbitCluster"))
+            );
         }),
     ];
     let (result, calls) = run(fixture("basic.yaml"), script, "http://127.0.0.1:1").await;
@@ -115,17 +159,29 @@ async fn a_new_cluster_gets_every_child_then_status() {
     assert_eq!(cookie_patches, 1);
 }
 
+/// GETs confirming that every child but the StatefulSet is absent (the stores hold none).
+fn missing_except_stateful_set() -> Vec<Call> {
+    vec![
+        Call::get_missing(format!("{NS}/secrets/demo-erlang-cookie")),
+        Call::get_missing(format!("{NS}/secrets/demo-default-user")),
+        Call::get_missing(format!("{NS}/serviceaccounts/demo-rabbitmq")),
+        Call::get_missing(format!("{NS}/configmaps/demo-config")),
+        Call::get_missing(format!("{NS}/services/demo-nodes")),
+        Call::get_missing(format!("{NS}/services/demo")),
+        Call::get_missing(PDB),
+    ]
+}
+
 #[tokio::test]
 async fn an_image_that_skips_a_minor_version_is_refused_and_nothing_is_changed() {
     let mut cluster = fixture("basic.yaml");
     cluster.spec.image = "rabbitmq:4.3.6-management".into();
-    let script = vec![
-        Call::get(STS).returns(json!({"apiVersion": "apps/v1", "kind": "StatefulSet",
-            "metadata": {"name": "demo", "namespace": "default"},
-            "spec": {"replicas": 3, "selector": {}, "serviceName": "demo-nodes", "template": {"spec": {
-                "containers": [{"name": "rabbitmq", "image": "rabbitmq:4.0.5-management"}]}}}})),
-        Call::get_missing(format!("{NS}/secrets/demo-erlang-cookie")),
-        Call::get_missing(format!("{NS}/secrets/demo-default-user")),
+    let running = json!({"apiVersion": "apps/v1", "kind": "StatefulSet",
+        "metadata": {"name": "demo", "namespace": "default"},
+        "spec": {"replicas": 3, "selector": {}, "serviceName": "demo-nodes", "template": {"spec": {
+            "containers": [{"name": "rabbitmq", "image": "rabbitmq:4.0.5-management"}]}}}});
+    let mut script = missing_except_stateful_set();
+    script.extend([
         Call::event("default", "UpgradeRefused").check(|body| {
             assert_eq!(body["type"], "Warning");
             let note = body["note"].as_str().unwrap();
@@ -139,8 +195,8 @@ async fn an_image_that_skips_a_minor_version_is_refused_and_nothing_is_changed()
             assert_eq!(success["reason"], "UpgradeRefused");
             assert!(success["message"].as_str().unwrap().contains("4.0.5"), "{success}");
         }),
-    ];
-    let (result, calls) = run(cluster, script, "http://127.0.0.1:1").await;
+    ]);
+    let (result, calls) = run_with(cluster, vec![running], script, "http://127.0.0.1:1").await;
     // Waits for a spec change rather than retrying; the StatefulSet keeps running 4.0.5.
     assert!(result.is_ok(), "{result:?}");
     assert!(calls.iter().all(|(m, p, _)| m == Method::GET || p.contains("/events") || p.ends_with("/status")));
@@ -163,10 +219,9 @@ async fn a_paused_cluster_gets_only_its_condition() {
 async fn a_missing_tls_secret_is_reported_and_retried() {
     let mut cluster = fixture("basic.yaml");
     cluster.spec.tls = Some(TlsSpec { secret_name: "demo-tls".into(), ca_secret_name: None });
-    let script = vec![
-        Call::get_missing(STS),
-        Call::get_missing(format!("{NS}/secrets/demo-erlang-cookie")),
-        Call::get_missing(format!("{NS}/secrets/demo-default-user")),
+    let mut script = vec![Call::get_missing(STS)];
+    script.extend(missing_except_stateful_set());
+    script.extend([
         Call::get_missing(format!("{NS}/secrets/demo-tls")),
         Call::event("default", "SecretMissing"),
         Call::status_patch(CLUSTER).check(|body| {
@@ -174,7 +229,7 @@ async fn a_missing_tls_secret_is_reported_and_retried() {
             assert_eq!(success["reason"], "SecretMissing");
             assert!(success["message"].as_str().unwrap().contains("demo-tls"), "{success}");
         }),
-    ];
+    ]);
     let (result, _) = run(cluster, script, "http://127.0.0.1:1").await;
     let error = result.expect_err("retried with back-off");
     assert_eq!(error.reason(), "SecretMissing");
@@ -196,33 +251,29 @@ async fn classic_mirroring_on_a_4x_image_is_refused_before_any_read() {
 
 #[tokio::test]
 async fn a_child_owned_by_someone_else_is_not_taken_over() {
-    let script = vec![
-        Call::get_missing(STS),
-        Call::get_missing(format!("{NS}/secrets/demo-erlang-cookie")),
-        Call::get_missing(format!("{NS}/secrets/demo-default-user")),
-        Call::get(format!("{NS}/serviceaccounts/demo-rabbitmq")).returns(json!({"apiVersion": "v1",
-            "kind": "ServiceAccount", "metadata": {"name": "demo-rabbitmq", "namespace": "default"}})),
+    let someone_elses = json!({"apiVersion": "v1", "kind": "ServiceAccount",
+        "metadata": {"name": "demo-rabbitmq", "namespace": "default"}});
+    let mut script = vec![Call::get_missing(STS)];
+    script.extend(missing_except_stateful_set().into_iter().filter(|c| !c.path.contains("serviceaccounts")));
+    script.extend([
         Call::event("default", "FieldConflict"),
         Call::status_patch(CLUSTER).check(|body| {
             let message = condition(body, "ReconcileSuccess")["message"].as_str().unwrap().to_string();
             assert!(message.contains("ServiceAccount demo-rabbitmq") && message.contains("not owned"), "{message}");
         }),
-    ];
-    let (result, _) = run(fixture("basic.yaml"), script, "http://127.0.0.1:1").await;
+    ]);
+    let (result, _) = run_with(fixture("basic.yaml"), vec![someone_elses], script, "http://127.0.0.1:1").await;
     assert_eq!(result.expect_err("reported").reason(), "FieldConflict");
 }
 
-/// Everything exists as the operator would apply it, the pods are ready and the broker converged:
-/// a reconcile then reads, and writes nothing at all.
 /// A formed 3-node 4.1 cluster whose children are as the operator last applied them, a fake
 /// management API that reports it, and the status a previous pass wrote.
 struct SteadyCluster {
     cluster: RabbitCluster,
     fake: ManagementFake,
     nodes: Vec<String>,
-    /// GETs of every child (the secrets first, as reconcile reads them).
-    reads: Vec<Call>,
-    sts_live: Value,
+    /// Every child as the operator applied it, as the stores hold it.
+    live: Vec<Value>,
 }
 
 async fn steady_cluster() -> SteadyCluster {
@@ -287,34 +338,34 @@ async fn steady_cluster() -> SteadyCluster {
         warnings: vec![],
         conditions: status::merge_conditions(&[], &verdicts, Some(1), &earlier),
     });
-    let reads = vec![
-        Call::get(format!("{NS}/secrets/demo-erlang-cookie")).returns(live(&resources.erlang_cookie_secret)),
-        Call::get(format!("{NS}/secrets/demo-default-user")).returns(live(&resources.default_user_secret)),
-        Call::get(format!("{NS}/serviceaccounts/demo-rabbitmq")).returns(live(&resources.service_account)),
-        Call::get(format!("{NS}/configmaps/demo-config")).returns(live(&resources.config_map)),
-        Call::get(format!("{NS}/services/demo-nodes")).returns(live(&resources.headless_service)),
-        Call::get(format!("{NS}/services/demo")).returns(live(&resources.client_service)),
-        Call::get(PDB).returns(live(&resources.pod_disruption_budget)),
+    let live = vec![
+        sts_live,
+        live(&resources.erlang_cookie_secret),
+        live(&resources.default_user_secret),
+        live(&resources.service_account),
+        live(&resources.config_map),
+        live(&resources.headless_service),
+        live(&resources.client_service),
+        live(&resources.pod_disruption_budget),
     ];
-    SteadyCluster { cluster, fake, nodes, reads, sts_live }
+    SteadyCluster { cluster, fake, nodes, live }
 }
 
+/// Everything exists as the operator would apply it, the pods are ready and the broker converged:
+/// a reconcile then reads its stores and the management API, and calls the API server not once.
 #[tokio::test]
-async fn a_steady_cluster_costs_reads_only() {
-    let SteadyCluster { cluster, fake, reads, sts_live, .. } = steady_cluster().await;
-    let mut script = vec![Call::get(STS).returns(sts_live.clone())];
-    script.extend(reads);
-    script.push(Call::get(STS).returns(sts_live));
-    let (result, calls) = run(cluster, script, &fake.url).await;
+async fn a_steady_cluster_costs_the_api_server_nothing() {
+    let SteadyCluster { cluster, fake, live, .. } = steady_cluster().await;
+    let (result, calls) = run_with(cluster, live, vec![], &fake.url).await;
     assert!(result.is_ok(), "{result:?}");
-    assert!(calls.iter().all(|(method, _, _)| method == Method::GET), "{calls:#?}");
+    assert!(calls.is_empty(), "{calls:#?}");
     assert!(fake.writes().is_empty(), "broker writes: {:?}", fake.writes());
     assert!(fake.requests().iter().any(|(call, _)| call == "GET /api/nodes"), "membership was checked");
 }
 
 #[tokio::test]
 async fn a_scale_down_that_would_lose_messages_is_refused_naming_the_queue() {
-    let SteadyCluster { mut cluster, fake, nodes, reads, sts_live } = steady_cluster().await;
+    let SteadyCluster { mut cluster, fake, nodes, live } = steady_cluster().await;
     cluster.spec.replicas = 1;
     // As 4.x reports it (3.x does not: then the operator asks the leaving node itself).
     fake.answer(
@@ -339,14 +390,9 @@ async fn a_scale_down_that_would_lose_messages_is_refused_naming_the_queue() {
         json!({"metadata": {"name": format!("demo-{i}"), "namespace": "default"},
         "status": {"conditions": [{"type": "Ready", "status": "True"}]}})
     };
-    let mut reads = reads.into_iter();
-    let mut script: Vec<Call> = vec![Call::get(STS).returns(sts_live.clone())];
-    script.extend(reads.by_ref().take(2));
-    script.push(Call::get(format!("{NS}/pods")).returns(json!({"apiVersion": "v1", "kind": "PodList",
-        "metadata": {}, "items": [pod(0), pod(1), pod(2)]})));
+    let mut script: Vec<Call> = vec![Call::get(format!("{NS}/pods")).returns(json!({"apiVersion": "v1",
+        "kind": "PodList", "metadata": {}, "items": [pod(0), pod(1), pod(2)]}))];
     // The StatefulSet keeps its 3 replicas: every child is as applied, nothing is written.
-    script.extend(reads);
-    script.push(Call::get(STS).returns(sts_live));
     script.push(Call::event("default", "ScaleDownRefused").check(|body| {
         assert_eq!(body["type"], "Warning");
         let note = body["note"].as_str().unwrap();
@@ -360,7 +406,7 @@ async fn a_scale_down_that_would_lose_messages_is_refused_naming_the_queue() {
         assert_eq!(condition(body, "ReconcileSuccess")["reason"], "ScaleDownRefused");
         assert_eq!(condition(body, "Ready")["status"], "False");
     }));
-    let (result, calls) = run(cluster, script, &fake.url).await;
+    let (result, calls) = run_with(cluster, live, script, &fake.url).await;
     // Looked at again later: consumers may empty the queue.
     assert!(result.is_err(), "{result:?}");
     assert!(calls.iter().all(|(m, p, _)| m == Method::GET || p.contains("/events") || p.ends_with("/status")));

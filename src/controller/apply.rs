@@ -1,7 +1,7 @@
 //! Step 3 of reconcile: server-side apply of every child, one field manager, owner references.
 //!
 //! Each child carries a hash of what the operator last applied; when the live object carries the
-//! same hash nothing is sent, so a steady cluster costs reads only.
+//! same hash nothing is sent: with the live objects from the stores, a steady cluster costs nothing.
 
 use std::fmt::Debug;
 
@@ -15,6 +15,7 @@ use serde::de::DeserializeOwned;
 use sha2::{Digest, Sha256};
 
 use super::build::Resources;
+use super::dereference::Children;
 use super::validate::ValidatedCluster;
 use crate::error::{Error, Result};
 
@@ -28,26 +29,9 @@ pub struct Applied {
     pub updated: Vec<(String, String)>,
 }
 
-/// The children read before applying (they decide credentials and scaling).
-#[derive(Debug, Default)]
-pub struct Existing {
-    pub stateful_set: Option<StatefulSet>,
-    pub erlang_cookie_secret: Option<Secret>,
-    pub default_user_secret: Option<Secret>,
-}
-
-/// GET that turns 404 into `None`.
-pub async fn get_opt<K>(api: &Api<K>, name: &str) -> Result<Option<K>>
-where
-    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug,
-{
-    api.get_opt(name).await.map_err(|e| Error::kube(format!("get {} {name}", K::kind(&())), e))
-}
-
 /// The hash recorded on a child: of the object as built, before the annotation is added.
 pub fn hash_of<K: Serialize>(object: &K) -> Result<String> {
-    let json = serde_json::to_vec(object)
-        .map_err(|e| Error::InvalidSpec { reason: "SerializationFailed", message: e.to_string() })?;
+    let json = serde_json::to_vec(object).map_err(|e| Error::Serialization { what: "a child".into(), source: e })?;
     Ok(hex::encode(&Sha256::digest(&json)[..12]))
 }
 
@@ -58,7 +42,7 @@ async fn apply_child<K>(
     api: &Api<K>,
     cluster: &ValidatedCluster,
     mut desired: K,
-    existing: Option<K>,
+    existing: Option<&K>,
     applied: &mut Applied,
 ) -> Result<()>
 where
@@ -67,7 +51,7 @@ where
     let kind = K::kind(&()).to_string();
     let name = desired.name_any();
     let hash = hash_of(&desired)?;
-    if let Some(live) = &existing {
+    if let Some(live) = existing {
         let owned = live.owner_references().iter().any(|o| o.uid == cluster.owner.uid && o.controller == Some(true));
         if !owned {
             return Err(Error::ApplyConflict {
@@ -104,7 +88,7 @@ pub async fn apply(
     client: &Client,
     cluster: &ValidatedCluster,
     resources: Resources,
-    existing: Existing,
+    live: &Children,
 ) -> Result<Applied> {
     // Destructured without `..`: a child that `build` makes and this forgets is a compile error.
     let Resources {
@@ -121,30 +105,25 @@ pub async fn apply(
     let mut applied = Applied::default();
 
     let service_accounts: Api<ServiceAccount> = Api::namespaced(client.clone(), ns);
-    let live = get_opt(&service_accounts, &cluster.service_account_name()).await?;
-    apply_child(&service_accounts, cluster, service_account, live, &mut applied).await?;
+    apply_child(&service_accounts, cluster, service_account, live.service_account.as_deref(), &mut applied).await?;
 
     let secrets: Api<Secret> = Api::namespaced(client.clone(), ns);
-    if existing.erlang_cookie_secret.is_none() {
+    if live.erlang_cookie_secret.is_none() {
         apply_child(&secrets, cluster, erlang_cookie_secret, None, &mut applied).await?;
     }
-    apply_child(&secrets, cluster, default_user_secret, existing.default_user_secret, &mut applied).await?;
+    apply_child(&secrets, cluster, default_user_secret, live.default_user_secret.as_deref(), &mut applied).await?;
 
     let config_maps: Api<ConfigMap> = Api::namespaced(client.clone(), ns);
-    let live = get_opt(&config_maps, &cluster.config_map_name()).await?;
-    apply_child(&config_maps, cluster, config_map, live, &mut applied).await?;
+    apply_child(&config_maps, cluster, config_map, live.config_map.as_deref(), &mut applied).await?;
 
     let services: Api<Service> = Api::namespaced(client.clone(), ns);
-    let live = get_opt(&services, &cluster.headless_service_name()).await?;
-    apply_child(&services, cluster, headless_service, live, &mut applied).await?;
-    let live = get_opt(&services, &cluster.client_service_name()).await?;
-    apply_child(&services, cluster, client_service, live, &mut applied).await?;
+    apply_child(&services, cluster, headless_service, live.headless_service.as_deref(), &mut applied).await?;
+    apply_child(&services, cluster, client_service, live.client_service.as_deref(), &mut applied).await?;
 
     let budgets: Api<PodDisruptionBudget> = Api::namespaced(client.clone(), ns);
-    let live = get_opt(&budgets, &cluster.name).await?;
-    apply_child(&budgets, cluster, pod_disruption_budget, live, &mut applied).await?;
+    apply_child(&budgets, cluster, pod_disruption_budget, live.pod_disruption_budget.as_deref(), &mut applied).await?;
 
     let stateful_sets: Api<StatefulSet> = Api::namespaced(client.clone(), ns);
-    apply_child(&stateful_sets, cluster, stateful_set, existing.stateful_set, &mut applied).await?;
+    apply_child(&stateful_sets, cluster, stateful_set, live.stateful_set.as_deref(), &mut applied).await?;
     Ok(applied)
 }

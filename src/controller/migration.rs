@@ -5,7 +5,7 @@ use std::sync::Arc;
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, OwnerReference, Time};
-use kube::api::{ListParams, Patch, PatchParams, PostParams};
+use kube::api::{ListParams, PostParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
 use kube::{Api, Resource, ResourceExt};
@@ -124,7 +124,8 @@ pub fn build_job(migration: &RabbitMigration, default_image: &str, domain: &str)
             }
         }
     });
-    serde_json::from_value(job).map_err(|e| Error::InvalidSpec { reason: "InvalidSpec", message: e.to_string() })
+    serde_json::from_value(job)
+        .map_err(|e| Error::Serialization { what: format!("Job {}", job_name(migration)), source: e })
 }
 
 /// Pending, Running, Succeeded or Failed, from the Job's status.
@@ -147,7 +148,7 @@ pub async fn reconcile(migration: Arc<RabbitMigration>, ctx: Arc<Context>) -> Re
     let namespace = migration.namespace().unwrap_or_default();
     let jobs: Api<Job> = Api::namespaced(ctx.client.clone(), &namespace);
     let name = job_name(&migration);
-    let job = match jobs.get_opt(&name).await.map_err(|e| Error::kube(format!("get Job {name}"), e))? {
+    let job = match super::stores::cached(&ctx.stores.jobs, &jobs, &namespace, &name).await? {
         Some(job) => job,
         None => {
             let job = match build_job(&migration, &ctx.migration_image, &ctx.settings.cluster_domain) {
@@ -178,7 +179,7 @@ pub async fn reconcile(migration: Arc<RabbitMigration>, ctx: Arc<Context>) -> Re
                 format!("created Job {name}"),
             )
             .await;
-            created
+            Arc::new(created)
         }
     };
     let phase = phase(&job);
@@ -304,12 +305,5 @@ async fn write_status(
         queues,
         omitted_queues,
     };
-    if migration.status.as_ref() == Some(&next) {
-        return Ok(());
-    }
-    let api: Api<RabbitMigration> = Api::namespaced(ctx.client.clone(), &migration.namespace().unwrap_or_default());
-    api.patch_status(&migration.name_any(), &PatchParams::default(), &Patch::Merge(&json!({ "status": next })))
-        .await
-        .map_err(|e| Error::kube(format!("update status of RabbitMigration {}", migration.name_any()), e))?;
-    Ok(())
+    super::status::apply(&ctx.client, migration, migration.status.as_ref(), &next).await
 }

@@ -1,10 +1,13 @@
-//! The RabbitCluster controller: validate, build, apply, converge, status.
+//! The RabbitCluster controller. A pass reads as its steps: validate, dereference, build, apply,
+//! broker, status (see `reconcile_cluster`); the RabbitMigration controller is in `migration`.
 
 pub mod apply;
 pub mod build;
+pub mod dereference;
 pub mod migration;
 pub mod scale;
 pub mod status;
+pub mod stores;
 pub mod validate;
 
 use std::collections::HashMap;
@@ -17,24 +20,23 @@ use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{ConfigMap, ObjectReference, Secret, Service, ServiceAccount};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-use kube::api::{Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher;
 use kube::{Api, Client, Resource, ResourceExt};
-use serde_json::json;
+use tracing::Instrument;
 
-use self::apply::{Existing, get_opt};
-use self::build::Credentials;
-use self::build::secrets::{COOKIE_KEY, PASSWORD_KEY, USERNAME_KEY};
+use self::apply::Applied;
+use self::dereference::Dereferenced;
 use self::status::Verdict;
+use self::stores::{Stores, Writers};
 use self::validate::{Settings, ValidatedCluster};
 use crate::api::{PAUSE_ANNOTATION, RabbitCluster, RabbitClusterStatus, RabbitMigration};
 use crate::error::{Error, Result};
 use crate::rabbitmq::broker::{self, BrokerObservation};
 use crate::rabbitmq::management::ManagementClient;
-use crate::rabbitmq::version::RabbitVersion;
-use crate::server::Metrics;
+use crate::server::{Metrics, Phase, Readiness};
 
 /// How often a healthy cluster is looked at again (membership and partitions change without any
 /// Kubernetes event).
@@ -57,11 +59,16 @@ pub struct Context {
     failures: Mutex<HashMap<String, u32>>,
     /// Since when a scale-down has waited for mirrors to synchronise, per cluster.
     mirror_sync_since: Mutex<HashMap<String, Instant>>,
+    /// The watched children, which reconcile reads instead of the API server.
+    pub stores: Stores,
+    /// Their writing halves, until `run` (or a test) takes them to feed the stores.
+    writers: Mutex<Option<Writers>>,
 }
 
 impl Context {
     pub fn new(client: Client, settings: Settings, management_url_template: String, metrics: Metrics) -> Self {
         let reporter = Reporter { controller: "warren".into(), instance: std::env::var("POD_NAME").ok() };
+        let (stores, writers) = stores::stores();
         Self {
             recorder: Recorder::new(client.clone(), reporter),
             client,
@@ -71,7 +78,14 @@ impl Context {
             migration_image: migration::DEFAULT_IMAGE.to_string(),
             failures: Mutex::default(),
             mirror_sync_since: Mutex::default(),
+            stores,
+            writers: Mutex::new(Some(writers)),
         }
+    }
+
+    /// The stores' writing halves: once (`run` feeds them from watches; a test, from fixtures).
+    pub fn take_writers(&self) -> Option<Writers> {
+        self.writers.lock().unwrap_or_else(|e| e.into_inner()).take()
     }
 
     fn management_url(&self, cluster: &ValidatedCluster) -> String {
@@ -147,8 +161,9 @@ fn object_key(cluster: &RabbitCluster) -> String {
     format!("{}/{}", cluster.namespace().unwrap_or_default(), cluster.name_any())
 }
 
-/// Runs the controller until the process is asked to stop.
-pub async fn run(ctx: Arc<Context>, namespace: Option<String>) {
+/// Runs both controllers until the process is asked to stop; `readiness` turns Ready once every
+/// store has listed.
+pub async fn run(ctx: Arc<Context>, namespace: Option<String>, readiness: Readiness) {
     fn scoped<K>(client: &Client, namespace: Option<&str>) -> Api<K>
     where
         K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>,
@@ -158,32 +173,44 @@ pub async fn run(ctx: Arc<Context>, namespace: Option<String>) {
             None => Api::all(client.clone()),
         }
     }
+    let Some(writers) = ctx.take_writers() else {
+        tracing::error!("the controllers already run in this process");
+        return;
+    };
     let (client, ns) = (ctx.client.clone(), namespace.as_deref());
     let children = watcher::Config::default().labels(&format!("{}=warren", build::MANAGED_BY_LABEL));
     let clusters = Controller::new(scoped::<RabbitCluster>(&client, ns), watcher::Config::default())
-        .owns(scoped::<StatefulSet>(&client, ns), children.clone())
-        .owns(scoped::<Service>(&client, ns), children.clone())
-        .owns(scoped::<ConfigMap>(&client, ns), children.clone())
-        .owns(scoped::<Secret>(&client, ns), children.clone())
-        .owns(scoped::<ServiceAccount>(&client, ns), children.clone())
-        .owns(scoped::<PodDisruptionBudget>(&client, ns), children.clone())
-        .shutdown_on_signal()
-        .run(reconcile, error_policy, ctx.clone())
-        .for_each(|result| async move {
-            if let Err(error) = result {
-                tracing::debug!(%error, "reconcile loop");
-            }
-        });
+        .owns_stream(stores::reflect(scoped::<StatefulSet>(&client, ns), children.clone(), writers.stateful_sets))
+        .owns_stream(stores::reflect(scoped::<Service>(&client, ns), children.clone(), writers.services))
+        .owns_stream(stores::reflect(scoped::<ConfigMap>(&client, ns), children.clone(), writers.config_maps))
+        .owns_stream(stores::reflect_secrets(scoped::<Secret>(&client, ns), writers.secrets))
+        .owns_stream(stores::reflect(scoped::<ServiceAccount>(&client, ns), children.clone(), writers.service_accounts))
+        .owns_stream(stores::reflect(scoped::<PodDisruptionBudget>(&client, ns), children.clone(), writers.budgets))
+        .shutdown_on_signal();
     let migrations = Controller::new(scoped::<RabbitMigration>(&client, ns), watcher::Config::default())
-        .owns(scoped::<Job>(&client, ns), children)
-        .shutdown_on_signal()
-        .run(migration::reconcile, migration_error_policy, ctx)
-        .for_each(|result| async move {
-            if let Err(error) = result {
-                tracing::debug!(%error, "migration reconcile loop");
-            }
-        });
-    futures::join!(clusters, migrations);
+        .owns_stream(stores::reflect(scoped::<Job>(&client, ns), children, writers.jobs))
+        .shutdown_on_signal();
+    let (cluster_store, migration_store, stores) = (clusters.store(), migrations.store(), ctx.stores.clone());
+    let synced = async move {
+        let listed = stores.synced().await.is_ok()
+            && cluster_store.wait_until_ready().await.is_ok()
+            && migration_store.wait_until_ready().await.is_ok();
+        if listed {
+            tracing::info!("every store has listed: ready");
+            readiness.set(Phase::Ready);
+        }
+    };
+    let clusters = clusters.run(reconcile, error_policy, ctx.clone()).for_each(|result| async move {
+        if let Err(error) = result {
+            tracing::debug!(%error, "reconcile loop");
+        }
+    });
+    let migrations = migrations.run(migration::reconcile, migration_error_policy, ctx).for_each(|result| async move {
+        if let Err(error) = result {
+            tracing::debug!(%error, "migration reconcile loop");
+        }
+    });
+    futures::join!(clusters, migrations, synced);
 }
 
 fn migration_error_policy(migration: Arc<RabbitMigration>, error: &Error, ctx: Arc<Context>) -> Action {
@@ -197,7 +224,8 @@ fn migration_error_policy(migration: Arc<RabbitMigration>, error: &Error, ctx: A
 /// when they come back from here; `error_policy` only schedules the retry.
 pub async fn reconcile(cluster: Arc<RabbitCluster>, ctx: Arc<Context>) -> Result<Action> {
     let started = std::time::Instant::now();
-    let outcome = reconcile_cluster(&cluster, &ctx).await;
+    let span = tracing::info_span!("reconcile", cluster = %object_key(&cluster));
+    let outcome = reconcile_cluster(&cluster, &ctx).instrument(span).await;
     ctx.metrics.observe_reconcile(started.elapsed(), outcome.as_ref().err());
     match outcome {
         Ok(action) => {
@@ -226,69 +254,43 @@ async fn reconcile_cluster(cluster: &RabbitCluster, ctx: &Context) -> Result<Act
         write_status_early(cluster, ctx, "Paused", &message, None).await?;
         return Ok(Action::await_change());
     }
-    let validated = match validate::validate(cluster, &ctx.settings) {
-        Ok(v) => v,
+    let prepared = async {
+        let validated = validate::validate(cluster, &ctx.settings)?;
+        let world = dereference::dereference(ctx, &validated).await?;
+        validate::check_in_place_upgrade(world.running_version, &validated)?;
+        let (validated, scaling) = scale_before_apply(ctx, cluster, validated, &world).await;
+        let applied =
+            apply::apply(&ctx.client, &validated, build::build(&validated, &world.credentials), &world.children)
+                .await?;
+        Ok::<_, Error>((validated, world, scaling, applied))
+    };
+    let (validated, world, scaling, applied) = match prepared.await {
+        Ok(prepared) => prepared,
         Err(error) => return fail_early(cluster, ctx, error).await,
     };
-    match converge_cluster(cluster, &validated, ctx).await {
-        Ok(action) => Ok(action),
-        Err(Stop::Early(error)) => fail_early(cluster, ctx, error).await,
-        Err(Stop::Reported(error)) => Err(error),
-    }
+    report_applied(cluster, ctx, &validated, &applied).await;
+    let observed = observe_broker(cluster, ctx, &validated, &world, scaling).await;
+    write_status(cluster, ctx, &validated, observed).await
 }
 
-/// Why a pass stopped: before it changed anything (still to be reported), or after it had written
-/// status and Events itself.
-enum Stop {
-    Early(Error),
-    Reported(Error),
-}
-
-impl From<Error> for Stop {
-    fn from(error: Error) -> Self {
-        Stop::Early(error)
-    }
-}
-
-async fn fail_early(cluster: &RabbitCluster, ctx: &Context, error: Error) -> Result<Action> {
-    ctx.event(cluster, EventType::Warning, error.reason(), "Reconcile", error.to_string()).await;
-    write_status_early(cluster, ctx, error.reason(), &error.to_string(), Some(false)).await?;
-    Err(error)
-}
-
-/// Reads what decides credentials and scaling, refuses what must be refused, then applies,
-/// converges the broker and writes status.
-async fn converge_cluster(
-    cluster: &RabbitCluster,
-    validated: &ValidatedCluster,
+/// Fewer replicas: the nodes leave one at a time, each handed over first (controller::scale). The
+/// cluster to build keeps the StatefulSet's size until a node may go.
+async fn scale_before_apply(
     ctx: &Context,
-) -> std::result::Result<Action, Stop> {
-    let ns = validated.namespace.as_str();
-    let stateful_sets: Api<StatefulSet> = Api::namespaced(ctx.client.clone(), ns);
-    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
-    let existing = Existing {
-        stateful_set: get_opt(&stateful_sets, &validated.stateful_set_name()).await?,
-        erlang_cookie_secret: get_opt(&secrets, &validated.erlang_cookie_secret_name()).await?,
-        default_user_secret: get_opt(&secrets, &validated.default_user_secret_name()).await?,
-    };
-    check_in_place_upgrade(existing.stateful_set.as_ref(), validated)?;
-    check_tls_secrets(&secrets, validated).await?;
-    let credentials = credentials(validated, &existing)?;
-    // Fewer replicas: the nodes leave one at a time, each handed over first (controller::scale).
-    let current = existing.stateful_set.as_ref().and_then(|s| s.spec.as_ref()).and_then(|s| s.replicas);
-    let mut scaling = match current {
-        Some(current) if validated.replicas < current || scale::in_progress(cluster) => {
-            Some(scale::pass(ctx, cluster, validated, &credentials, current).await)
-        }
-        _ => None,
-    };
-    let validated = &ValidatedCluster {
-        replicas: scaling.as_ref().map_or(validated.replicas, |s| s.replicas),
-        ..validated.clone()
-    };
-    let resources = build::build(validated, &credentials);
+    cluster: &RabbitCluster,
+    validated: ValidatedCluster,
+    world: &Dereferenced,
+) -> (ValidatedCluster, Option<scale::ScalePass>) {
+    let Some(current) = world.current_replicas else { return (validated, None) };
+    if validated.replicas >= current && !scale::in_progress(cluster) {
+        return (validated, None);
+    }
+    let pass = scale::pass(ctx, cluster, &validated, &world.credentials, current).await;
+    (ValidatedCluster { replicas: pass.replicas, ..validated }, Some(pass))
+}
 
-    let applied = apply::apply(&ctx.client, validated, resources, existing).await?;
+/// Events of what `apply` changed and of spec warnings not reported before.
+async fn report_applied(cluster: &RabbitCluster, ctx: &Context, validated: &ValidatedCluster, applied: &Applied) {
     // One Event per kind of change: the recorder folds Events of equal reason into one series,
     // which would keep only the first object's name.
     let describe =
@@ -306,13 +308,36 @@ async fn converge_cluster(
             ctx.event(cluster, EventType::Warning, "SpecWarning", "Validate", warning.clone()).await;
         }
     }
+}
 
-    // The StatefulSet as it is now (its status is what the pods report).
-    let stateful_set = get_opt(&stateful_sets, &validated.stateful_set_name()).await?;
-    let (_, all_ready) = status::replicas_ready(stateful_set.as_ref(), validated.replicas);
+/// What step 4 saw: the StatefulSet as its store holds it now, the broker when every pod is ready,
+/// a scale-down pass, and the first error.
+struct Observation {
+    stateful_set: Option<Arc<StatefulSet>>,
+    broker: Option<BrokerObservation>,
+    why_not_checked: String,
+    scaling: Option<scale::ScalePass>,
+    error: Option<Error>,
+    all_ready: bool,
+}
+
+/// Step 4: the broker (membership, HA, partitions) once every pod is ready, and the nodes a
+/// cluster still lists after their pods went (an operator restarted between a pod's removal and
+/// its forget).
+async fn observe_broker(
+    cluster: &RabbitCluster,
+    ctx: &Context,
+    validated: &ValidatedCluster,
+    world: &Dereferenced,
+    mut scaling: Option<scale::ScalePass>,
+) -> Observation {
+    let key = ObjectRef::new(&validated.stateful_set_name()).within(&validated.namespace);
+    let stateful_set = ctx.stores.stateful_sets.get(&key);
+    let (_, all_ready) = status::replicas_ready(stateful_set.as_deref(), validated.replicas);
     let (broker, error) = if all_ready {
         let expected: Vec<String> = (0..validated.replicas).map(|i| validated.node_name(i)).collect();
         let outcome = async {
+            let credentials = &world.credentials;
             let client =
                 ManagementClient::new(&ctx.management_url(validated), &credentials.username, &credentials.password)?;
             broker::converge(&client, &expected, &validated.high_availability).await
@@ -331,13 +356,12 @@ async fn converge_cluster(
     if let Some(error) = &error {
         ctx.event(cluster, EventType::Warning, error.reason(), "Converge", error.to_string()).await;
     }
-    // Nodes the cluster still lists after their pods went (an operator restarted between a pod's
-    // removal and its forget): finish the job.
     if scaling.is_none()
-        && let (Some(observation), Some(current)) = (&broker, current)
+        && let (Some(observation), Some(current)) = (&broker, world.current_replicas)
         && !observation.extra.is_empty()
     {
-        scaling = Some(scale::pass(ctx, cluster, validated, &credentials, current.max(validated.replicas)).await);
+        let pass = scale::pass(ctx, cluster, validated, &world.credentials, current.max(validated.replicas)).await;
+        scaling = Some(pass);
     }
     if let Some(pass) = &scaling {
         report_scaling(cluster, ctx, pass).await;
@@ -346,27 +370,8 @@ async fn converge_cluster(
         Some(error) => format!("management API: {error}"),
         None => "waiting for all pods to be ready".to_string(),
     };
-    let scaling_error = scaling.as_mut().and_then(|s| s.error.take());
-    let error = scaling_error.or(error);
-    let observed = status::Observed {
-        desired_replicas: validated.replicas,
-        stateful_set: stateful_set.as_ref(),
-        broker: broker.as_ref().ok_or(why_not_checked),
-        error: error.as_ref(),
-    };
-    let mut verdicts = status::verdicts(&observed);
-    verdicts.push(match &scaling {
-        Some(pass) => pass.verdict.clone(),
-        None => status::steady_scaling(validated.replicas),
-    });
-    write_status(cluster, ctx, validated, stateful_set.as_ref(), broker.as_ref(), &verdicts).await?;
-    match error {
-        Some(error) => Err(Stop::Reported(error)),
-        None if scaling.as_ref().is_some_and(|s| s.in_progress) => Ok(Action::requeue(scale::SCALING_RESYNC)),
-        None if all_ready => Ok(Action::requeue(RESYNC)),
-        // Pod readiness changes arrive through the owned StatefulSet's watch; this is a safety net.
-        None => Ok(Action::requeue(Duration::from_secs(30))),
-    }
+    let error = scaling.as_mut().and_then(|s| s.error.take()).or(error);
+    Observation { stateful_set, broker, why_not_checked, scaling, error, all_ready }
 }
 
 /// Events of a scale-down pass: what it did, a node removed for good, a refusal.
@@ -390,90 +395,10 @@ async fn report_scaling(cluster: &RabbitCluster, ctx: &Context, pass: &scale::Sc
     }
 }
 
-/// Refuses an image whose RabbitMQ version the running pods cannot roll to: a skipped minor or a
-/// downgrade (a same-minor patch change rolls the pods one at a time, each through preStop).
-fn check_in_place_upgrade(stateful_set: Option<&StatefulSet>, cluster: &ValidatedCluster) -> Result<()> {
-    let running = stateful_set
-        .and_then(|s| s.spec.as_ref())
-        .and_then(|s| s.template.spec.as_ref())
-        .and_then(|p| p.containers.iter().find(|c| c.name == build::statefulset::RABBITMQ_CONTAINER))
-        .and_then(|c| c.image.as_deref())
-        .and_then(RabbitVersion::from_image);
-    let (Some(from), Some(to)) = (running, cluster.image_version) else { return Ok(()) };
-    from.in_place_change_to(to).map_err(|refusal| Error::UpgradeRefused {
-        from: from.to_string(),
-        to: to.to_string(),
-        why: refusal.0,
-    })
-}
-
-fn secret_value(secret: &Secret, key: &str) -> Option<String> {
-    secret
-        .data
-        .as_ref()
-        .and_then(|d| d.get(key))
-        .and_then(|v| String::from_utf8(v.0.clone()).ok())
-        .filter(|v| !v.is_empty())
-}
-
-/// The cluster's credentials: from the existing Secrets, generated only for what does not exist yet.
-fn credentials(cluster: &ValidatedCluster, existing: &Existing) -> Result<Credentials> {
-    let needs_fresh = existing.erlang_cookie_secret.is_none() || existing.default_user_secret.is_none();
-    let fresh = if needs_fresh { Credentials::generate() } else { Credentials::default() };
-    let erlang_cookie = match &existing.erlang_cookie_secret {
-        Some(secret) => secret_value(secret, COOKIE_KEY).ok_or_else(|| Error::SecretMissing {
-            name: cluster.erlang_cookie_secret_name(),
-            message: format!(
-                "key {COOKIE_KEY:?} is missing or empty; restore it (every node must share the same cookie)"
-            ),
-        })?,
-        None => fresh.erlang_cookie,
-    };
-    let (username, password) = match &existing.default_user_secret {
-        Some(secret) => match (secret_value(secret, USERNAME_KEY), secret_value(secret, PASSWORD_KEY)) {
-            (Some(user), Some(password)) => (user, password),
-            _ => {
-                return Err(Error::SecretMissing {
-                    name: cluster.default_user_secret_name(),
-                    message: "keys \"username\" and \"password\" must be present".into(),
-                });
-            }
-        },
-        None => (fresh.username, fresh.password),
-    };
-    Ok(Credentials { erlang_cookie, username, password })
-}
-
-async fn check_tls_secrets(secrets: &Api<Secret>, cluster: &ValidatedCluster) -> Result<()> {
-    let Some(tls) = &cluster.tls else { return Ok(()) };
-    let ca_secret = tls.ca_secret_name.as_deref().unwrap_or(&tls.secret_name);
-    let mut required = vec![(tls.secret_name.as_str(), vec!["tls.crt", "tls.key"])];
-    match required.iter_mut().find(|(name, _)| *name == ca_secret) {
-        Some((_, keys)) => keys.push("ca.crt"),
-        None => required.push((ca_secret, vec!["ca.crt"])),
-    }
-    for (name, keys) in required {
-        let secret = get_opt(secrets, name).await?.ok_or_else(|| Error::SecretMissing {
-            name: name.to_string(),
-            message: "named by spec.tls does not exist in the cluster's namespace".into(),
-        })?;
-        if let Some(key) = keys.into_iter().find(|key| secret_value(&secret, key).is_none()) {
-            return Err(Error::SecretMissing { name: name.to_string(), message: format!("has no key {key:?}") });
-        }
-    }
-    Ok(())
-}
-
-async fn patch_status(cluster: &RabbitCluster, ctx: &Context, status: RabbitClusterStatus) -> Result<()> {
-    if cluster.status.as_ref() == Some(&status) {
-        return Ok(());
-    }
-    let api: Api<RabbitCluster> = Api::namespaced(ctx.client.clone(), &cluster.namespace().unwrap_or_default());
-    let patch = json!({ "status": status });
-    api.patch_status(&cluster.name_any(), &PatchParams::default(), &Patch::Merge(&patch))
-        .await
-        .map_err(|e| Error::kube(format!("update status of RabbitCluster {}", cluster.name_any()), e))?;
-    Ok(())
+async fn fail_early(cluster: &RabbitCluster, ctx: &Context, error: Error) -> Result<Action> {
+    ctx.event(cluster, EventType::Warning, error.reason(), "Reconcile", error.to_string()).await;
+    write_status_early(cluster, ctx, error.reason(), &error.to_string(), Some(false)).await?;
+    Err(error)
 }
 
 fn now() -> Time {
@@ -491,20 +416,48 @@ async fn write_status_early(
     let verdicts = status::early_stop_verdicts(reason, message, success);
     let conditions = status::merge_conditions(&previous.conditions, &verdicts, cluster.meta().generation, &now());
     let next = RabbitClusterStatus { observed_generation: cluster.meta().generation, conditions, ..previous };
-    patch_status(cluster, ctx, next).await
+    status::apply(&ctx.client, cluster, cluster.status.as_ref(), &next).await
 }
 
+/// Step 5: the conditions of a full pass, then what to do next.
 async fn write_status(
     cluster: &RabbitCluster,
     ctx: &Context,
     validated: &ValidatedCluster,
+    observed: Observation,
+) -> Result<Action> {
+    let Observation { stateful_set, broker, why_not_checked, scaling, error, all_ready } = observed;
+    let mut verdicts = status::verdicts(&status::Observed {
+        desired_replicas: validated.replicas,
+        stateful_set: stateful_set.as_deref(),
+        broker: broker.as_ref().ok_or(why_not_checked),
+        error: error.as_ref(),
+    });
+    verdicts.push(match &scaling {
+        Some(pass) => pass.verdict.clone(),
+        None => status::steady_scaling(validated.replicas),
+    });
+    let next = cluster_status(cluster, validated, stateful_set.as_deref(), broker.as_ref(), &verdicts);
+    status::apply(&ctx.client, cluster, cluster.status.as_ref(), &next).await?;
+    match error {
+        Some(error) => Err(error),
+        None if scaling.as_ref().is_some_and(|s| s.in_progress) => Ok(Action::requeue(scale::SCALING_RESYNC)),
+        None if all_ready => Ok(Action::requeue(RESYNC)),
+        // Pod readiness changes arrive through the owned StatefulSet's watch; this is a safety net.
+        None => Ok(Action::requeue(Duration::from_secs(30))),
+    }
+}
+
+fn cluster_status(
+    cluster: &RabbitCluster,
+    validated: &ValidatedCluster,
     stateful_set: Option<&StatefulSet>,
     broker: Option<&BrokerObservation>,
     verdicts: &[Verdict],
-) -> Result<()> {
+) -> RabbitClusterStatus {
     let previous = cluster.status.clone().unwrap_or_default();
     let sts_status = stateful_set.and_then(|s| s.status.as_ref());
-    let next = RabbitClusterStatus {
+    RabbitClusterStatus {
         observed_generation: cluster.meta().generation,
         rabbitmq_version: broker
             .map(|b| b.version.clone())
@@ -515,6 +468,5 @@ async fn write_status(
         members: broker.map(|b| b.members.clone()).unwrap_or(previous.members.clone()),
         warnings: validated.warnings.clone(),
         conditions: status::merge_conditions(&previous.conditions, verdicts, cluster.meta().generation, &now()),
-    };
-    patch_status(cluster, ctx, next).await
+    }
 }

@@ -327,3 +327,14 @@ pub fn parse_quantity_bytes(text: &str) -> std::result::Result<u64, String> {
     let value: f64 = number.parse().map_err(|_| "not a number followed by a unit, e.g. 10Gi".to_string())?;
     Ok((value * multiplier).round() as u64)
 }
+
+/// Refuses an image whose RabbitMQ version the running pods cannot roll to: a skipped minor or a
+/// downgrade (a same-minor patch change rolls the pods one at a time, each through preStop).
+pub fn check_in_place_upgrade(running: Option<RabbitVersion>, cluster: &ValidatedCluster) -> Result<()> {
+    let (Some(from), Some(to)) = (running, cluster.image_version) else { return Ok(()) };
+    from.in_place_change_to(to).map_err(|refusal| Error::UpgradeRefused {
+        from: from.to_string(),
+        to: to.to_string(),
+        why: refusal.0,
+    })
+}

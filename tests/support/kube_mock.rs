@@ -38,11 +38,14 @@ impl Call {
         call.query_contains = vec!["fieldManager=warren".into()];
         call
     }
-    /// A merge patch of a RabbitCluster's status subresource, answered with the object.
+    /// A server-side apply (forced, by the one status field manager) of a RabbitCluster's status
+    /// subresource, answered with the object.
     pub fn status_patch(path: impl Into<String>) -> Self {
         let path = path.into();
         let name = path.rsplit('/').next().unwrap_or_default().to_string();
-        Self::new(Method::PATCH, format!("{path}/status")).returns(json!({
+        let mut call = Self::new(Method::PATCH, format!("{path}/status"));
+        call.query_contains = vec!["force=true".into(), "fieldManager=warren".into()];
+        call.returns(json!({
             "apiVersion": "warren.dev/v1alpha1", "kind": "RabbitCluster",
             "metadata": {"name": name, "namespace": "default"}, "spec": {}}))
     }
@@ -99,7 +102,9 @@ pub fn scripted_client(script: Vec<Call>) -> (Client, JoinHandle<Served>) {
             for part in &call.query_contains {
                 assert!(query.contains(part.as_str()), "call {index} {path}: query {query:?} lacks {part}");
             }
-            if call.method == Method::PATCH && call.query_contains.iter().any(|q| q.contains("fieldManager")) {
+            // Children are applied without force (a conflict is reported); status is forced.
+            let child_apply = call.method == Method::PATCH && !path.ends_with("/status");
+            if child_apply && call.query_contains.iter().any(|q| q.contains("fieldManager")) {
                 assert!(!query.contains("force=true"), "call {index} {path}: apply must not force");
             }
             if let Some(check) = &call.check {

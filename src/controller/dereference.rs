@@ -1,0 +1,147 @@
+//! Step 0 of reconcile: the objects a pass needs, from the controller's stores — the children as
+//! they are, the cluster's Secrets, the TLS Secrets its spec names — and what follows from them
+//! alone: the credentials, the version the pods run. A steady cluster costs no read here.
+
+use std::sync::Arc;
+
+use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service, ServiceAccount};
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use kube::Api;
+
+use super::Context;
+use super::build::secrets::{COOKIE_KEY, PASSWORD_KEY, USERNAME_KEY};
+use super::build::{self, Credentials};
+use super::stores::cached;
+use super::validate::ValidatedCluster;
+use crate::error::{Error, Result};
+use crate::rabbitmq::version::RabbitVersion;
+
+/// The children as the stores hold them (`None`: not created yet).
+#[derive(Debug, Default)]
+pub struct Children {
+    pub stateful_set: Option<Arc<StatefulSet>>,
+    pub erlang_cookie_secret: Option<Arc<Secret>>,
+    pub default_user_secret: Option<Arc<Secret>>,
+    pub service_account: Option<Arc<ServiceAccount>>,
+    pub config_map: Option<Arc<ConfigMap>>,
+    pub headless_service: Option<Arc<Service>>,
+    pub client_service: Option<Arc<Service>>,
+    pub pod_disruption_budget: Option<Arc<PodDisruptionBudget>>,
+}
+
+/// What one pass works from.
+#[derive(Debug)]
+pub struct Dereferenced {
+    pub children: Children,
+    pub credentials: Credentials,
+    /// The StatefulSet's replicas, when it exists.
+    pub current_replicas: Option<i32>,
+    /// The RabbitMQ version the StatefulSet's pods run, when its image says.
+    pub running_version: Option<RabbitVersion>,
+}
+
+/// Reads the cluster's objects from the stores (one GET for any the store does not hold yet) and
+/// checks the Secrets the spec names.
+pub async fn dereference(ctx: &Context, cluster: &ValidatedCluster) -> Result<Dereferenced> {
+    let (ns, client, stores) = (cluster.namespace.as_str(), &ctx.client, &ctx.stores);
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), ns);
+    let services: Api<Service> = Api::namespaced(client.clone(), ns);
+    let children = Children {
+        stateful_set: cached(
+            &stores.stateful_sets,
+            &Api::namespaced(client.clone(), ns),
+            ns,
+            &cluster.stateful_set_name(),
+        )
+        .await?,
+        erlang_cookie_secret: cached(&stores.secrets, &secrets, ns, &cluster.erlang_cookie_secret_name()).await?,
+        default_user_secret: cached(&stores.secrets, &secrets, ns, &cluster.default_user_secret_name()).await?,
+        service_account: cached(
+            &stores.service_accounts,
+            &Api::namespaced(client.clone(), ns),
+            ns,
+            &cluster.service_account_name(),
+        )
+        .await?,
+        config_map: cached(&stores.config_maps, &Api::namespaced(client.clone(), ns), ns, &cluster.config_map_name())
+            .await?,
+        headless_service: cached(&stores.services, &services, ns, &cluster.headless_service_name()).await?,
+        client_service: cached(&stores.services, &services, ns, &cluster.client_service_name()).await?,
+        pod_disruption_budget: cached(&stores.budgets, &Api::namespaced(client.clone(), ns), ns, &cluster.name).await?,
+    };
+    check_tls_secrets(ctx, cluster, &secrets).await?;
+    let credentials = credentials(cluster, &children)?;
+    let current_replicas = children.stateful_set.as_ref().and_then(|s| s.spec.as_ref()).and_then(|s| s.replicas);
+    let running_version = children
+        .stateful_set
+        .as_ref()
+        .and_then(|s| s.spec.as_ref())
+        .and_then(|s| s.template.spec.as_ref())
+        .and_then(|p| p.containers.iter().find(|c| c.name == build::statefulset::RABBITMQ_CONTAINER))
+        .and_then(|c| c.image.as_deref())
+        .and_then(RabbitVersion::from_image);
+    Ok(Dereferenced { children, credentials, current_replicas, running_version })
+}
+
+fn secret_value(secret: &Secret, key: &str) -> Option<String> {
+    secret
+        .data
+        .as_ref()
+        .and_then(|d| d.get(key))
+        .and_then(|v| String::from_utf8(v.0.clone()).ok())
+        .filter(|v| !v.is_empty())
+}
+
+/// The cluster's credentials: from the existing Secrets, generated only for what does not exist yet.
+fn credentials(cluster: &ValidatedCluster, children: &Children) -> Result<Credentials> {
+    let needs_fresh = children.erlang_cookie_secret.is_none() || children.default_user_secret.is_none();
+    let fresh = if needs_fresh { Credentials::generate() } else { Credentials::default() };
+    let erlang_cookie = match &children.erlang_cookie_secret {
+        Some(secret) => secret_value(secret, COOKIE_KEY).ok_or_else(|| Error::SecretMissing {
+            name: cluster.erlang_cookie_secret_name(),
+            message: format!(
+                "key {COOKIE_KEY:?} is missing or empty; restore it (every node must share the same cookie)"
+            ),
+        })?,
+        None => fresh.erlang_cookie,
+    };
+    let (username, password) = match &children.default_user_secret {
+        Some(secret) => match (secret_value(secret, USERNAME_KEY), secret_value(secret, PASSWORD_KEY)) {
+            (Some(user), Some(password)) => (user, password),
+            _ => {
+                return Err(Error::SecretMissing {
+                    name: cluster.default_user_secret_name(),
+                    message: "keys \"username\" and \"password\" must be present".into(),
+                });
+            }
+        },
+        None => (fresh.username, fresh.password),
+    };
+    Ok(Credentials { erlang_cookie, username, password })
+}
+
+/// The Secrets spec.tls names exist and hold their keys (the store keeps only whether a key of a
+/// Secret the operator does not own is empty: see `stores::slim_secret`).
+async fn check_tls_secrets(ctx: &Context, cluster: &ValidatedCluster, secrets: &Api<Secret>) -> Result<()> {
+    let Some(tls) = &cluster.tls else { return Ok(()) };
+    let ca_secret = tls.ca_secret_name.as_deref().unwrap_or(&tls.secret_name);
+    let mut required = vec![(tls.secret_name.as_str(), vec!["tls.crt", "tls.key"])];
+    match required.iter_mut().find(|(name, _)| *name == ca_secret) {
+        Some((_, keys)) => keys.push("ca.crt"),
+        None => required.push((ca_secret, vec!["ca.crt"])),
+    }
+    for (name, keys) in required {
+        let secret = cached(&ctx.stores.secrets, secrets, &cluster.namespace, name).await?.ok_or_else(|| {
+            Error::SecretMissing {
+                name: name.to_string(),
+                message: "named by spec.tls does not exist in the cluster's namespace".into(),
+            }
+        })?;
+        let empty = |key: &&str| secret.data.as_ref().and_then(|d| d.get(*key)).is_none_or(|v| v.0.is_empty());
+        if let Some(key) = keys.into_iter().find(empty) {
+            return Err(Error::SecretMissing { name: name.to_string(), message: format!("has no key {key:?}") });
+        }
+    }
+    Ok(())
+}

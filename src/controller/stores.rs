@@ -1,0 +1,157 @@
+//! What the controllers watch, kept in reflector stores: reconcile reads children here, never from
+//! the API server, so a steady cluster costs the server neither writes nor reads.
+//!
+//! A store can lag a write the operator has just made. A child the store does not hold is looked
+//! up with one GET before anything is created: applying a second, freshly generated Erlang cookie
+//! or password over one the store had not seen yet would split the cluster or lock users out.
+
+use std::fmt::Debug;
+use std::sync::Arc;
+
+use futures::Stream;
+use k8s_openapi::ByteString;
+use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service, ServiceAccount};
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use kube::runtime::reflector::{self, ObjectRef, Store, store::Writer};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Api, Resource, ResourceExt};
+use serde::de::DeserializeOwned;
+
+use super::build::MANAGED_BY_LABEL;
+use crate::error::{Error, Result};
+
+/// Readers of every watched kind.
+#[derive(Clone)]
+pub struct Stores {
+    pub stateful_sets: Store<StatefulSet>,
+    pub services: Store<Service>,
+    pub config_maps: Store<ConfigMap>,
+    pub secrets: Store<Secret>,
+    pub service_accounts: Store<ServiceAccount>,
+    pub budgets: Store<PodDisruptionBudget>,
+    pub jobs: Store<Job>,
+}
+
+/// The writing halves, fed by the watches `controller::run` starts (or by a test).
+pub struct Writers {
+    pub stateful_sets: Writer<StatefulSet>,
+    pub services: Writer<Service>,
+    pub config_maps: Writer<ConfigMap>,
+    pub secrets: Writer<Secret>,
+    pub service_accounts: Writer<ServiceAccount>,
+    pub budgets: Writer<PodDisruptionBudget>,
+    pub jobs: Writer<Job>,
+}
+
+/// Empty stores and their writers.
+pub fn stores() -> (Stores, Writers) {
+    let (stateful_sets, stateful_sets_w) = reflector::store();
+    let (services, services_w) = reflector::store();
+    let (config_maps, config_maps_w) = reflector::store();
+    let (secrets, secrets_w) = reflector::store();
+    let (service_accounts, service_accounts_w) = reflector::store();
+    let (budgets, budgets_w) = reflector::store();
+    let (jobs, jobs_w) = reflector::store();
+    (
+        Stores { stateful_sets, services, config_maps, secrets, service_accounts, budgets, jobs },
+        Writers {
+            stateful_sets: stateful_sets_w,
+            services: services_w,
+            config_maps: config_maps_w,
+            secrets: secrets_w,
+            service_accounts: service_accounts_w,
+            budgets: budgets_w,
+            jobs: jobs_w,
+        },
+    )
+}
+
+impl Stores {
+    /// Resolves once every store has had its first full list.
+    pub async fn synced(&self) -> std::result::Result<(), reflector::store::WriterDropped> {
+        self.stateful_sets.wait_until_ready().await?;
+        self.services.wait_until_ready().await?;
+        self.config_maps.wait_until_ready().await?;
+        self.secrets.wait_until_ready().await?;
+        self.service_accounts.wait_until_ready().await?;
+        self.budgets.wait_until_ready().await?;
+        self.jobs.wait_until_ready().await
+    }
+}
+
+/// The object from its store; when the store does not hold it, from one GET (a store may not have
+/// seen a create yet).
+pub async fn cached<K>(store: &Store<K>, api: &Api<K>, namespace: &str, name: &str) -> Result<Option<Arc<K>>>
+where
+    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug,
+{
+    if let Some(object) = store.get(&ObjectRef::new(name).within(namespace)) {
+        return Ok(Some(object));
+    }
+    let fetched = api.get_opt(name).await.map_err(|e| Error::kube(format!("get {} {name}", K::kind(&())), e))?;
+    Ok(fetched.map(Arc::new))
+}
+
+/// A watch that fills `writer`, keeping only what a reconcile reads: managed fields never are.
+pub fn reflect<K>(
+    api: Api<K>,
+    config: watcher::Config,
+    writer: Writer<K>,
+) -> impl Stream<Item = std::result::Result<K, watcher::Error>> + Send + 'static
+where
+    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+{
+    watcher(api, config)
+        .default_backoff()
+        .modify(|object: &mut K| object.managed_fields_mut().clear())
+        .reflect(writer)
+        .touched_objects()
+}
+
+/// Secrets are watched in full (a cluster's TLS Secret is the user's, without the operator's
+/// label), but only the operator's own keep their values: of any other Secret the store keeps which
+/// keys are there and whether they are empty, all the TLS check asks.
+pub fn slim_secret(secret: &mut Secret) {
+    secret.managed_fields_mut().clear();
+    if secret.labels().get(MANAGED_BY_LABEL).is_some_and(|v| v == "warren") {
+        return;
+    }
+    for value in secret.data.iter_mut().flat_map(|data| data.values_mut()) {
+        *value = ByteString(if value.0.is_empty() { Vec::new() } else { vec![1] });
+    }
+}
+
+/// The Secret watch: every Secret of the watched namespaces, slimmed by [`slim_secret`].
+pub fn reflect_secrets(
+    api: Api<Secret>,
+    writer: Writer<Secret>,
+) -> impl Stream<Item = std::result::Result<Secret, watcher::Error>> + Send + 'static {
+    watcher(api, watcher::Config::default()).default_backoff().modify(slim_secret).reflect(writer).touched_objects()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn secret(labels: &[(&str, &str)], data: &[(&str, &[u8])]) -> Secret {
+        let mut secret = Secret::default();
+        secret.metadata.labels = Some(labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect());
+        secret.data = Some(data.iter().map(|(k, v)| (k.to_string(), ByteString(v.to_vec()))).collect());
+        secret
+    }
+
+    #[test]
+    fn only_the_operators_secrets_keep_their_values() {
+        let mut own = secret(&[(MANAGED_BY_LABEL, "warren")], &[("password", b"s3cret")]);
+        slim_secret(&mut own);
+        assert_eq!(own.data.unwrap()["password"].0, b"s3cret");
+
+        let mut users = secret(&[], &[("tls.crt", b"-----BEGIN CERTIFICATE-----"), ("ca.crt", b"")]);
+        slim_secret(&mut users);
+        let data = users.data.unwrap();
+        assert_eq!(data["tls.crt"].0, vec![1], "present and not empty, the value itself dropped");
+        assert!(data["ca.crt"].0.is_empty(), "an empty key stays empty");
+    }
+}
