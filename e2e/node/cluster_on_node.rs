@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod, Service};
 use kube::api::ListParams;
 use kube::{Api, Client};
@@ -59,18 +60,14 @@ fn events(namespace: &str, reason: &str) -> Vec<String> {
     String::from_utf8_lossy(&out.stdout).lines().map(str::to_string).collect()
 }
 
-/// SIGKILL for the operator's pod (a node lost under it): the Deployment starts another.
-fn kill_operator() {
-    delete(&[
-        "pod",
-        "-n",
-        "warren-system",
-        "-l",
-        "app.kubernetes.io/name=warren",
-        "--grace-period=0",
-        "--force",
-        "--wait=false",
-    ]);
+/// SIGKILL for the pod of the operator that leads (a node lost under it): the standby replica
+/// takes the Lease over once it lapses, and the Deployment starts another standby.
+async fn kill_operator(client: &Client) -> String {
+    let leases: Api<Lease> = Api::namespaced(client.clone(), "warren-system");
+    let lease = leases.get("warren").await.expect("the operator's Lease");
+    let leader = lease.spec.and_then(|s| s.holder_identity).expect("a Lease holder");
+    delete(&["pod", "-n", "warren-system", &leader, "--grace-period=0", "--force", "--wait=false"]);
+    leader
 }
 
 /// Waits until every pod of the cluster is ready and none of them is one of `old` (by uid).
@@ -208,9 +205,9 @@ async fn a_rabbit_cluster_runs_heals_grows_and_keeps_its_data_on_a_real_node() {
     })
     .await;
     let listed_at_kill = listed_nodes(&endpoint).await;
-    kill_operator();
+    let leader = kill_operator(&client).await;
     eprintln!(
-        "operator killed {:.1} s into the scale-down; the cluster then listed {listed_at_kill:?}",
+        "operator {leader} (the leader) killed {:.1} s into the scale-down; the cluster then listed {listed_at_kill:?}",
         started.elapsed().as_secs_f64()
     );
     wait_ready(&client, &ns, NAME, 3).await;

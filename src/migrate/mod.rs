@@ -6,6 +6,7 @@
 //! phase can run again after a crash: definitions import is idempotent, and a message leaves the
 //! source only once the target has confirmed it.
 
+pub mod amqp;
 pub mod definitions;
 pub mod mover;
 pub mod preflight;

@@ -10,55 +10,19 @@ use std::time::Duration;
 use futures::{FutureExt, StreamExt};
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions,
-    QueueDeclareOptions,
 };
 use lapin::types::FieldTable;
-use lapin::{Acker, Channel, Connection, ConnectionProperties, PublisherConfirm};
+use lapin::{Acker, PublisherConfirm};
 
 use super::Options;
+use super::amqp::{ANSWER_WITHIN, Failure, close, connect, depth, within};
 use super::preflight::QueuePlan;
 use super::progress::{Progress, QueueBar};
 use super::report::QueueReport;
 
-/// A broker that stops answering must not stall a queue forever.
-const ANSWER_WITHIN: Duration = Duration::from_secs(30);
 /// How long a queue keeps reconnecting after it lost a connection (a node restarting, a client
 /// Service moving to another node) before it stops with the error.
 const RECONNECT_FOR: Duration = Duration::from_secs(90);
-
-/// Why one attempt at a queue ended early. `connection_lost` when a connection to either broker
-/// could not be made or is gone (worth another attempt), not when a broker refused something.
-struct Stopped {
-    error: String,
-    connection_lost: bool,
-}
-
-async fn within<T, E: std::fmt::Display>(
-    what: &str,
-    operation: impl std::future::Future<Output = Result<T, E>>,
-) -> Result<T, String> {
-    match tokio::time::timeout(ANSWER_WITHIN, operation).await {
-        Ok(Ok(value)) => Ok(value),
-        Ok(Err(e)) => Err(format!("{what}: {e}")),
-        Err(_) => Err(format!("{what}: no answer within {} s", ANSWER_WITHIN.as_secs())),
-    }
-}
-
-async fn connect(uri: &str, side: &str) -> Result<Connection, String> {
-    within(&format!("connect to the {side}"), Connection::connect(uri, ConnectionProperties::default())).await
-}
-
-async fn close(connection: Connection) {
-    let _ = tokio::time::timeout(Duration::from_secs(5), connection.close(200, "migration done".into())).await;
-}
-
-/// Ready messages of a queue, as the broker counts them (a passive declare).
-async fn depth(channel: &Channel, queue: &str) -> Result<u64, String> {
-    let options = QueueDeclareOptions { passive: true, ..Default::default() };
-    let declared =
-        within(&format!("queue {queue}"), channel.queue_declare(queue.into(), options, FieldTable::default())).await?;
-    Ok(u64::from(declared.message_count()))
-}
 
 struct InFlight {
     acker: Acker,
@@ -74,50 +38,57 @@ async fn settle(
     count: usize,
     report: &mut QueueReport,
     bar: Option<&QueueBar>,
-) -> Result<(), String> {
+) -> Result<(), Failure> {
     let batch: Vec<InFlight> = pending.drain(..count.min(pending.len())).collect();
     if batch.is_empty() {
         return Ok(());
     }
-    let outcome = within("target confirms", async {
+    let settled = async {
         let mut confirmed: Option<Acker> = None;
         for message in batch {
-            let confirmation = message.confirm.await.map_err(|e| e.to_string())?;
+            let confirmation = message.confirm.await.map_err(|e| Failure::of("target confirm", &e))?;
             if confirmation.is_ack() && confirmation.take_message().is_none() {
                 confirmed = Some(message.acker);
                 report.moved += 1;
                 report.possible_duplicates += u64::from(message.redelivered);
             } else {
                 let requeue = BasicNackOptions { multiple: false, requeue: true };
-                message.acker.nack(requeue).await.map_err(|e| format!("source nack: {e}"))?;
+                message.acker.nack(requeue).await.map_err(|e| Failure::of("source nack", &e))?;
                 report.refused += 1;
             }
         }
         if let Some(last) = confirmed {
-            last.ack(BasicAckOptions { multiple: true }).await.map_err(|e| format!("source ack: {e}"))?;
+            last.ack(BasicAckOptions { multiple: true }).await.map_err(|e| Failure::of("source ack", &e))?;
         }
-        Ok::<(), String>(())
-    })
-    .await;
+        Ok::<(), Failure>(())
+    };
+    let outcome = tokio::time::timeout(ANSWER_WITHIN, settled).await.unwrap_or_else(|_| {
+        Err(Failure {
+            message: format!("target confirms: no answer within {} s", ANSWER_WITHIN.as_secs()),
+            transport: true,
+        })
+    });
     if let Some(bar) = bar {
         bar.moved(report.moved);
     }
     outcome
 }
 
+/// One attempt at a queue. A `transport` failure (a connection to either broker could not be made
+/// or is gone) is worth another attempt; a broker refusing something is not.
 async fn drain_queue(
     options: &Options,
     plan: &QueuePlan,
     report: &mut QueueReport,
     bar: Option<&QueueBar>,
     first_attempt: bool,
-) -> Result<(), Stopped> {
-    let lost = |error: String| Stopped { error, connection_lost: true };
+) -> Result<(), Failure> {
+    let lost = |failure: Failure| Failure { transport: true, ..failure };
     let source = connect(&options.source.amqp_for(&plan.vhost), "source").await.map_err(lost)?;
     let target = match connect(&options.target.amqp_for(&plan.vhost), "target").await {
         Ok(target) => target,
         Err(e) => {
-            close(source).await;
+            close(source, "migration done").await;
             return Err(lost(e));
         }
     };
@@ -126,7 +97,7 @@ async fn drain_queue(
         let to = within("open a target channel", target.create_channel()).await?;
         within("confirm.select", to.confirm_select(ConfirmSelectOptions::default())).await?;
         within("basic.qos", from.basic_qos(options.window, BasicQosOptions::default())).await?;
-        depth(&to, &plan.name).await.map_err(|e| format!("target {e}"))?;
+        depth(&to, &plan.name).await.map_err(|e| e.context("target"))?;
         // A later attempt (after a lost connection) moves what is there now; the report keeps
         // the depth the queue had when its move began.
         let there = depth(&from, &plan.name).await?;
@@ -164,8 +135,8 @@ async fn drain_queue(
                         break;
                     }
                 }
-                Ok(None) => return Err("the source cancelled the consumer (queue deleted?)".to_string()),
-                Ok(Some(Err(e))) => return Err(format!("source: {e}")),
+                Ok(None) => return Err(Failure::refused("the source cancelled the consumer (queue deleted?)")),
+                Ok(Some(Err(e))) => return Err(Failure::of("source", &e)),
                 Ok(Some(Ok(delivery))) => {
                     received += 1;
                     let publish = BasicPublishOptions { mandatory: true, ..Default::default() };
@@ -179,7 +150,7 @@ async fn drain_queue(
                             delivery.properties,
                         )
                         .await
-                        .map_err(|e| format!("publish to the target: {e}"))?;
+                        .map_err(|e| Failure::of("publish to the target", &e))?;
                     pending.push_back(InFlight { acker: delivery.acker, redelivered: delivery.redelivered, confirm });
                     if pending.len() >= window {
                         settle(&mut pending, window / 4 + 1, report, bar).await?;
@@ -195,26 +166,12 @@ async fn drain_queue(
         Ok(())
     }
     .await;
-    // lapin marks a connection closed a little after its IO failed: the error says so first.
+    // lapin marks a connection closed a little after its IO failed: the error kind says so first,
+    // and a channel error on a connection that is gone is the connection's.
     let down = !source.status().connected() || !target.status().connected();
-    close(source).await;
-    close(target).await;
-    outcome.map_err(|error| Stopped { connection_lost: down || transport_failure(&error), error })
-}
-
-/// A failure of the connection itself (worth reconnecting), as lapin and this module word it,
-/// rather than a broker refusing something on a channel.
-fn transport_failure(error: &str) -> bool {
-    const MARKS: [&str; 7] = [
-        "IO error",
-        "invalid connection state",
-        "invalid channel state",
-        "no heartbeat",
-        "no answer within",
-        "connect to the",
-        "CONNECTION_FORCED",
-    ];
-    MARKS.iter().any(|mark| error.contains(mark))
+    close(source, "migration done").await;
+    close(target, "migration done").await;
+    outcome.map_err(|failure| Failure { transport: down || failure.transport, ..failure })
 }
 
 /// Ready messages on the source after a queue stopped with an error (on a connection of its own);
@@ -227,7 +184,7 @@ async fn left_on_source(options: &Options, plan: &QueuePlan, report: &QueueRepor
             Ok(channel) => depth(&channel, &plan.name).await,
             Err(e) => Err(e),
         };
-        close(connection).await;
+        close(connection, "migration done").await;
         left
     };
     measured.await.unwrap_or_else(|_| report.source_before.saturating_sub(report.moved + report.refused))
@@ -257,7 +214,7 @@ async fn move_queue(options: &Options, plan: QueuePlan, progress: Option<&Progre
     // counted as a possible duplicate when it comes again); reconnect and go on from there.
     let mut lost_since: Option<tokio::time::Instant> = None;
     let mut pause = Duration::from_secs(1);
-    while let Err(Stopped { error, connection_lost: true }) = &outcome {
+    while let Err(Failure { message: error, transport: true }) = &outcome {
         let since = *lost_since.get_or_insert_with(tokio::time::Instant::now);
         if since.elapsed() >= options.reconnect_for {
             break;
@@ -274,7 +231,7 @@ async fn move_queue(options: &Options, plan: QueuePlan, progress: Option<&Progre
         }
         report.reconnects += 1;
     }
-    if let Err(Stopped { error, .. }) = outcome {
+    if let Err(Failure { message: error, .. }) = outcome {
         report.source_after = left_on_source(options, &plan, &report).await;
         tracing::warn!(vhost = %plan.vhost, queue = %plan.name, moved = report.moved, error = %explain(error.clone()), "queue stopped");
         if let Some(bar) = &bar {

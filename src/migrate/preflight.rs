@@ -4,6 +4,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 
+use super::amqp::{self, Failure};
 use super::definitions;
 use super::{MigrateError, Options};
 use crate::rabbitmq::management::{ManagementClient, encode};
@@ -89,30 +90,23 @@ fn held_by_consumers(queues: &Value, options: &Options) -> Vec<Held> {
 async fn still_held(options: &Options, held: Vec<Held>) -> Result<Vec<Held>, MigrateError> {
     let mut confirmed = Vec::new();
     for mut queue in held {
-        let url = options.source.amqp_for(&queue.vhost);
-        let connect = lapin::Connection::connect(&url, lapin::ConnectionProperties::default());
-        let connection = match tokio::time::timeout(Duration::from_secs(15), connect).await {
-            Ok(Ok(connection)) => connection,
-            Ok(Err(e)) => return Err(fail("BrokerUnreachable", format!("source AMQP (vhost {}): {e}", queue.vhost))),
-            Err(_) => return Err(fail("BrokerUnreachable", format!("source AMQP (vhost {}): no answer", queue.vhost))),
+        let unreachable =
+            |e: Failure| fail("BrokerUnreachable", format!("source AMQP (vhost {}): {}", queue.vhost, e.message));
+        let connection = amqp::connect(&options.source.amqp_for(&queue.vhost), "source").await.map_err(unreachable)?;
+        let live = match amqp::within("open a channel", connection.create_channel()).await {
+            Ok(channel) => amqp::declared(&channel, &queue.name).await,
+            Err(e) => Err(e),
         };
-        let declare = async {
-            let channel = connection.create_channel().await?;
-            let options = lapin::options::QueueDeclareOptions { passive: true, ..Default::default() };
-            channel.queue_declare(queue.name.as_str().into(), options, lapin::types::FieldTable::default()).await
-        };
-        let live = tokio::time::timeout(Duration::from_secs(15), declare).await;
-        let _ = tokio::time::timeout(Duration::from_secs(5), connection.close(200, "preflight".into())).await;
+        amqp::close(connection, "preflight").await;
         match live {
-            Ok(Ok(declared)) if declared.consumer_count() > 0 => {
-                queue.consumers = u64::from(declared.consumer_count());
+            Ok((_, consumers)) if consumers > 0 => {
+                queue.consumers = consumers;
                 confirmed.push(queue);
             }
-            Ok(Ok(_)) => {}
+            Ok(_) => {}
             // Gone since the statistics were taken (the broker closes the channel): nothing held.
-            Ok(Err(e)) if matches!(e.kind(), lapin::ErrorKind::ProtocolError(_)) => {}
-            Ok(Err(e)) => return Err(fail("BrokerUnreachable", format!("source AMQP: queue {}: {e}", queue.name))),
-            Err(_) => return Err(fail("BrokerUnreachable", format!("source AMQP: queue {}: no answer", queue.name))),
+            Err(e) if !e.transport => {}
+            Err(e) => return Err(unreachable(e)),
         }
     }
     Ok(confirmed)

@@ -59,12 +59,6 @@ impl RabbitVersion {
     pub fn honours_partition_handling(self) -> bool {
         self < Self::new(4, 3, 0)
     }
-
-    /// Whether the preStop check for synchronised mirrors exists (`rabbitmq-upgrade
-    /// await_online_synchronized_mirror` is gone in 4.0).
-    pub fn has_mirror_sync_check(self) -> bool {
-        self.has_classic_mirroring()
-    }
 }
 
 /// Why a running cluster cannot move to another version in place.

@@ -118,10 +118,13 @@ impl Drop for TestNamespace {
     }
 }
 
-/// One audit event: a request that changed something (see e2e/audit-policy.yaml).
+/// One audit event (see e2e/audit-policy.yaml): a request that changed something, or a read by a
+/// service account.
 #[derive(Debug, Clone)]
 pub struct Write {
     pub user: String,
+    /// The token's id (`JTI=...`): two replicas of one ServiceAccount differ here.
+    pub credential: Option<String>,
     pub verb: String,
     pub resource: String,
     pub subresource: Option<String>,
@@ -131,8 +134,19 @@ pub struct Write {
     pub at: jiff::Timestamp,
 }
 
-/// The write requests the API server logged for `user`, in order.
+/// Whether a request only read.
+pub fn is_read(request: &Write) -> bool {
+    request.verb == "get" || request.verb == "list"
+}
+
+/// The write requests the API server logged for `user`, in order, but for the Lease of leader
+/// election (renewed every few seconds, not a reconcile's doing): `requests_by` has those.
 pub fn writes_by(user: &str) -> Vec<Write> {
+    requests_by(user).into_iter().filter(|r| !is_read(r) && r.resource != "leases").collect()
+}
+
+/// Every request the API server logged for `user` (writes, and reads by service accounts), in order.
+pub fn requests_by(user: &str) -> Vec<Write> {
     let log = std::fs::read_to_string(e2e_dir().join("audit.log")).expect("read audit.log");
     log.lines()
         .filter_map(|line| serde_json::from_str::<Value>(line).ok())
@@ -141,6 +155,9 @@ pub fn writes_by(user: &str) -> Vec<Write> {
             let text = |v: &Value| v.as_str().map(str::to_string);
             Write {
                 user: user.to_string(),
+                credential: event["user"]["extra"]["authentication.kubernetes.io/credential-id"][0]
+                    .as_str()
+                    .map(str::to_string),
                 verb: text(&event["verb"]).unwrap_or_default(),
                 resource: text(&event["objectRef"]["resource"]).unwrap_or_default(),
                 subresource: text(&event["objectRef"]["subresource"]),

@@ -7,6 +7,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::Container;
 use kube::{Api, Client};
 
 use super::{e2e_dir, helm, kubectl, ok, wait_for};
@@ -17,13 +18,27 @@ pub struct Operator {
     pub namespace: String,
     /// The audit log's user name of the chart's ServiceAccount.
     pub user: String,
+    /// The pod name this process plays (its identity in the leader-election Lease).
+    pub pod_name: String,
+    /// The audit log's credential id of this process's token: tells replicas apart.
+    pub credential: String,
     pub metrics_url: String,
     pub log: PathBuf,
+    launch: Launch,
     child: Child,
 }
 
+/// What the chart's Deployment runs: its container and ServiceAccount.
+#[derive(Clone)]
+struct Launch {
+    namespace: String,
+    service_account: String,
+    container: Container,
+}
+
 impl Operator {
-    /// Installs the chart in `namespace`, watching that namespace only, and starts the operator.
+    /// Installs the chart in `namespace`, watching that namespace only, and starts one replica of
+    /// the operator; waits until it is ready (leading, its stores synced).
     pub async fn install(client: &Client, namespace: &str) -> Self {
         ok(
             "helm install",
@@ -42,14 +57,28 @@ impl Operator {
         let pod = deployment.spec.and_then(|s| s.template.spec).expect("pod template");
         let service_account = pod.service_account_name.clone().expect("serviceAccountName");
         let container = pod.containers.into_iter().find(|c| c.name == "warren").expect("container warren");
+        let launch = Launch { namespace: namespace.to_string(), service_account, container };
+        let operator = Self::start(launch, &format!("{RELEASE}-0"));
+        operator.wait_readyz("ready").await;
+        operator
+    }
 
+    /// Another replica of the same Deployment, as a second pod would run it; not waited for.
+    pub fn another_replica(&self, pod_name: &str) -> Self {
+        Self::start(self.launch.clone(), pod_name)
+    }
+
+    /// Runs the operator binary as the pod `pod_name` would: the container's arguments and
+    /// environment (downward-API fields filled in as the kubelet would), a token of its own.
+    fn start(launch: Launch, pod_name: &str) -> Self {
+        let namespace = launch.namespace.as_str();
         let token = ok(
             "kubectl create token",
-            kubectl(&["create", "token", &service_account, "-n", namespace, "--duration", "2h"]),
+            kubectl(&["create", "token", &launch.service_account, "-n", namespace, "--duration", "2h"]),
         );
         let dir = e2e_dir();
         let server = std::fs::read_to_string(dir.join("server")).expect("server address");
-        let kubeconfig = dir.join(format!("operator-{namespace}.kubeconfig"));
+        let kubeconfig = dir.join(format!("operator-{namespace}-{pod_name}.kubeconfig"));
         std::fs::write(
             &kubeconfig,
             format!(
@@ -65,12 +94,19 @@ impl Operator {
 
         let listen = free_loopback_port();
         std::fs::create_dir_all(dir.join("logs")).expect("logs dir");
-        let log = dir.join(format!("logs/operator-{namespace}.log"));
+        let log = dir.join(format!("logs/operator-{namespace}-{pod_name}.log"));
         let log_file = std::fs::File::create(&log).expect("operator log");
         let mut command = Command::new(env!("CARGO_BIN_EXE_warren"));
-        command.args(container.args.unwrap_or_default()).env_clear();
-        for var in container.env.unwrap_or_default() {
-            command.env(&var.name, var.value.unwrap_or_default());
+        command.args(launch.container.args.clone().unwrap_or_default()).env_clear();
+        for var in launch.container.env.clone().unwrap_or_default() {
+            let field = var.value_from.as_ref().and_then(|f| f.field_ref.as_ref()).map(|f| f.field_path.as_str());
+            let value = match field {
+                Some("metadata.name") => pod_name.to_string(),
+                Some("metadata.namespace") => namespace.to_string(),
+                Some(other) => panic!("{}: no value for the field {other}", var.name),
+                None => var.value.unwrap_or_default(),
+            };
+            command.env(&var.name, value);
         }
         command
             .env("WARREN_LISTEN", format!("127.0.0.1:{listen}"))
@@ -80,22 +116,35 @@ impl Operator {
             .stdout(log_file.try_clone().expect("operator log"))
             .stderr(log_file);
         let child = command.spawn().expect("start warren run");
-        let operator = Self {
+        Self {
             namespace: namespace.to_string(),
-            user: format!("system:serviceaccount:{namespace}:{service_account}"),
+            user: format!("system:serviceaccount:{namespace}:{}", launch.service_account),
+            pod_name: pod_name.to_string(),
+            credential: credential_id(token.trim()),
             metrics_url: format!("http://127.0.0.1:{listen}/metrics"),
             log,
+            launch,
             child,
-        };
-        wait_for("operator /readyz", Duration::from_secs(30), || async {
-            let url = operator.metrics_url.replace("/metrics", "/readyz");
-            match reqwest::get(&url).await {
-                Ok(r) if r.status().is_success() => Ok(()),
+        }
+    }
+
+    /// `/readyz` as the operator answers it now: (HTTP status, body).
+    pub async fn readyz(&self) -> Option<(u16, String)> {
+        let url = self.metrics_url.replace("/metrics", "/readyz");
+        let response = reqwest::get(&url).await.ok()?;
+        let status = response.status().as_u16();
+        Some((status, response.text().await.unwrap_or_default()))
+    }
+
+    /// Waits until `/readyz` answers 200 with a body starting with `phase` ("ready", "standby").
+    pub async fn wait_readyz(&self, phase: &str) {
+        wait_for(&format!("{} /readyz {phase}", self.pod_name), Duration::from_secs(60), || async {
+            match self.readyz().await {
+                Some((200, body)) if body.starts_with(phase) => Ok(()),
                 other => Err(format!("{other:?}")),
             }
         })
         .await;
-        operator
     }
 
     /// `warren_reconciles_total` as the operator reports it.
@@ -111,6 +160,12 @@ impl Operator {
         self.child.id()
     }
 
+    /// SIGKILL, as a lost node or the OOM killer would: no chance to release the Lease.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
@@ -122,6 +177,17 @@ impl Drop for Operator {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// The `jti` of a service-account token, as the audit log names the credential
+/// (`authentication.kubernetes.io/credential-id: JTI=...`).
+fn credential_id(token: &str) -> String {
+    use base64::Engine;
+    let claims = token.split('.').nth(1).expect("a JWT");
+    let json =
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(claims.trim_end_matches('=')).expect("base64 claims");
+    let claims: serde_json::Value = serde_json::from_slice(&json).expect("JSON claims");
+    format!("JTI={}", claims["jti"].as_str().expect("a jti claim"))
 }
 
 fn free_loopback_port() -> u16 {
