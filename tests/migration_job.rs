@@ -2,7 +2,7 @@
 
 use k8s_openapi::api::batch::v1::{Job, JobCondition, JobStatus};
 use warren::api::RabbitMigration;
-use warren::controller::migration::{build_job, phase};
+use warren::controller::migration::{Phase, migration_job, phase};
 
 fn example() -> RabbitMigration {
     let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/examples/migration.yaml")).unwrap();
@@ -14,7 +14,7 @@ fn example() -> RabbitMigration {
 
 #[test]
 fn the_job_runs_warren_migrate_with_credentials_only_from_secrets() {
-    let job = build_job(&example(), "warren:test", "cluster.local").expect("job");
+    let job = migration_job(&example(), "warren:test", "cluster.local").expect("job");
     assert_eq!(job.metadata.name.as_deref(), Some("from-legacy-migrate"));
     let owner = &job.metadata.owner_references.as_ref().unwrap()[0];
     assert_eq!(
@@ -55,7 +55,7 @@ fn the_job_runs_warren_migrate_with_credentials_only_from_secrets() {
 fn an_endpoint_without_credentials_is_refused() {
     let mut migration = example();
     migration.spec.source.credentials_secret = None;
-    let error = build_job(&migration, "warren:test", "cluster.local").expect_err("refused");
+    let error = migration_job(&migration, "warren:test", "cluster.local").expect_err("refused");
     assert_eq!(error.reason(), "InvalidSpec");
     assert!(error.to_string().contains("source"), "{error}");
 }
@@ -64,13 +64,16 @@ fn an_endpoint_without_credentials_is_refused() {
 fn the_phase_follows_the_job() {
     let job = |status: JobStatus| Job { status: Some(status), ..Default::default() };
     let condition = |type_: &str| JobCondition { type_: type_.into(), status: "True".into(), ..Default::default() };
-    assert_eq!(phase(&Job::default()), "Pending");
-    assert_eq!(phase(&job(JobStatus { active: Some(1), ..Default::default() })), "Running");
+    assert_eq!(phase(&Job::default()), Phase::Pending);
+    assert_eq!(phase(&job(JobStatus { active: Some(1), ..Default::default() })), Phase::Running);
     assert_eq!(
         phase(&job(JobStatus { conditions: Some(vec![condition("Complete")]), ..Default::default() })),
-        "Succeeded"
+        Phase::Succeeded
     );
-    assert_eq!(phase(&job(JobStatus { conditions: Some(vec![condition("Failed")]), ..Default::default() })), "Failed");
+    assert_eq!(
+        phase(&job(JobStatus { conditions: Some(vec![condition("Failed")]), ..Default::default() })),
+        Phase::Failed
+    );
 }
 
 #[test]
@@ -94,7 +97,7 @@ fn a_finished_job_is_described_by_the_summary_its_pod_left() {
         ..Default::default()
     };
     assert_eq!(
-        completion("m-migrate", "Succeeded", Some(&Ok(done))),
+        completion("m-migrate", Phase::Succeeded, Some(&Ok(done))),
         Some((true, "Succeeded".into(), "30 messages moved from 2 queue(s) and verified".into()))
     );
     // The migrator's own reason and words, not a pointer to the logs.
@@ -107,7 +110,7 @@ fn a_finished_job_is_described_by_the_summary_its_pod_left() {
         ..Default::default()
     };
     assert_eq!(
-        completion("m-migrate", "Failed", Some(&Ok(held))),
+        completion("m-migrate", Phase::Failed, Some(&Ok(held))),
         Some((
             false,
             "MessagesHeldByConsumers".into(),
@@ -116,18 +119,18 @@ fn a_finished_job_is_described_by_the_summary_its_pod_left() {
     );
     let partial = Summary { moved: 15, queues: vec![queue("a", 10, 10), queue("b", 20, 5)], ..Default::default() };
     assert_eq!(
-        completion("m-migrate", "Failed", Some(&Ok(partial))),
+        completion("m-migrate", Phase::Failed, Some(&Ok(partial))),
         Some((false, "Incomplete".into(), "15 messages moved; 1 queue(s) not fully moved (see status.queues)".into()))
     );
     // Not a summary (the end of the log of a container that died) and not a condition reason.
     assert_eq!(
-        completion("m-migrate", "Failed", Some(&Err("thread 'main' panicked".into()))),
+        completion("m-migrate", Phase::Failed, Some(&Err("thread 'main' panicked".into()))),
         Some((false, "JobFailed".into(), "Job m-migrate failed: thread 'main' panicked".into()))
     );
     let odd = Summary {
         error: Some(SummaryError { phase: "x".into(), reason: "not a reason!".into(), message: "m".into() }),
         ..Default::default()
     };
-    assert_eq!(completion("m-migrate", "Failed", Some(&Ok(odd))).map(|c| c.1), Some("MigrationFailed".into()));
-    assert_eq!(completion("m-migrate", "Running", None), None);
+    assert_eq!(completion("m-migrate", Phase::Failed, Some(&Ok(odd))).map(|c| c.1), Some("MigrationFailed".into()));
+    assert_eq!(completion("m-migrate", Phase::Running, None), None);
 }

@@ -1,6 +1,7 @@
 //! Step 2 of reconcile: a `ValidatedCluster` becomes every child object. Pure: no client.
 
 mod config;
+pub mod job;
 mod pdb;
 pub mod secrets;
 mod services;
@@ -83,6 +84,16 @@ fn child_meta(cluster: &ValidatedCluster, name: &str) -> ObjectMeta {
     }
 }
 
+/// The Service clients of the RabbitCluster `cluster` connect to (a migration's `clusterRef` too).
+pub fn client_service_name(cluster: &str) -> String {
+    cluster.to_string()
+}
+
+/// The Secret of the RabbitCluster `cluster`'s default user.
+pub fn default_user_secret_name(cluster: &str) -> String {
+    format!("{cluster}-default-user")
+}
+
 /// Names of the children, derived from the RabbitCluster's name.
 impl ValidatedCluster {
     pub fn stateful_set_name(&self) -> String {
@@ -92,13 +103,13 @@ impl ValidatedCluster {
         format!("{}-nodes", self.name)
     }
     pub fn client_service_name(&self) -> String {
-        self.name.clone()
+        client_service_name(&self.name)
     }
     pub fn erlang_cookie_secret_name(&self) -> String {
         format!("{}-erlang-cookie", self.name)
     }
     pub fn default_user_secret_name(&self) -> String {
-        format!("{}-default-user", self.name)
+        default_user_secret_name(&self.name)
     }
     pub fn config_map_name(&self) -> String {
         format!("{}-config", self.name)

@@ -1,0 +1,180 @@
+//! The Job of a RabbitMigration: `warren migrate`, the two sides' addresses as plain values and
+//! their credentials only as Secret references. A side named by `clusterRef` is reached the way
+//! the cluster's own builders name it: its client Service, its default-user Secret, its ports.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::batch::v1::{Job, JobSpec};
+use k8s_openapi::api::core::v1::{
+    Capabilities, Container, EnvVar, EnvVarSource, PodSecurityContext, PodSpec, PodTemplateSpec, ResourceRequirements,
+    SeccompProfile, SecretKeySelector, SecurityContext,
+};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
+use kube::{Resource, ResourceExt};
+
+use super::secrets::{PASSWORD_KEY, USERNAME_KEY};
+use super::services::{AMQP_PORT, MANAGEMENT_PORT};
+use super::{INSTANCE_LABEL, MANAGED_BY_LABEL, NAME_LABEL, client_service_name, default_user_secret_name};
+use crate::api::{MigrationEndpoint, RabbitMigration};
+use crate::error::{Error, Result};
+
+/// The Job's image when the resource names none: this operator's own release.
+pub const DEFAULT_IMAGE: &str = concat!("ghcr.io/warren-dev/warren:", env!("CARGO_PKG_VERSION"));
+/// A rerun is safe (nothing leaves the source unconfirmed), so failed pods are retried.
+const BACKOFF_LIMIT: i32 = 4;
+/// Where the Job's container leaves its summary (the kubelet's termination message).
+pub const TERMINATION_LOG: &str = "/dev/termination-log";
+/// The non-root user of the image.
+const RUN_AS: i64 = 65532;
+
+pub fn job_name(migration: &RabbitMigration) -> String {
+    format!("{}-migrate", migration.name_any())
+}
+
+fn value_env(name: String, value: String) -> EnvVar {
+    EnvVar { name, value: Some(value), value_from: None }
+}
+
+fn secret_env(name: String, secret: &str, key: &str) -> EnvVar {
+    let selector = SecretKeySelector { name: secret.to_string(), key: key.to_string(), optional: None };
+    EnvVar {
+        name,
+        value: None,
+        value_from: Some(EnvVarSource { secret_key_ref: Some(selector), ..Default::default() }),
+    }
+}
+
+/// The environment of one side.
+fn endpoint_env(side: &str, endpoint: &MigrationEndpoint, namespace: &str, domain: &str) -> Result<Vec<EnvVar>> {
+    let (host, secret, amqp_port, api_port) =
+        match (&endpoint.cluster_ref, &endpoint.host, &endpoint.credentials_secret) {
+            (Some(cluster), None, _) => (
+                format!("{}.{namespace}.svc.{domain}", client_service_name(cluster)),
+                default_user_secret_name(cluster),
+                AMQP_PORT,
+                MANAGEMENT_PORT,
+            ),
+            (None, Some(host), Some(secret)) => {
+                (host.clone(), secret.clone(), i32::from(endpoint.amqp_port), i32::from(endpoint.management_port))
+            }
+            _ => {
+                return Err(Error::InvalidSpec {
+                    reason: "InvalidSpec",
+                    message: format!("{side}: set clusterRef, or host with credentialsSecret"),
+                });
+            }
+        };
+    let upper = side.to_uppercase();
+    Ok(vec![
+        value_env(format!("WARREN_{upper}_URI"), format!("amqp://{host}:{amqp_port}/")),
+        value_env(format!("WARREN_{upper}_API"), format!("http://{host}:{api_port}")),
+        secret_env(format!("WARREN_{upper}_USERNAME"), &secret, USERNAME_KEY),
+        secret_env(format!("WARREN_{upper}_PASSWORD"), &secret, PASSWORD_KEY),
+    ])
+}
+
+/// `warren migrate` and its flags, from the spec.
+fn args(migration: &RabbitMigration) -> Vec<String> {
+    let spec = &migration.spec;
+    let mut args = vec!["migrate".to_string()];
+    for vhost in &spec.vhosts {
+        args.extend(["--vhost".into(), vhost.clone()]);
+    }
+    let options: [(&str, Option<&String>); 3] = [
+        ("--queues", spec.queues.as_ref()),
+        ("--idle-timeout", spec.idle_timeout.as_ref()),
+        ("--wait-for-consumers", spec.wait_for_consumers.as_ref()),
+    ];
+    for (flag, value) in options {
+        if let Some(value) = value {
+            args.extend([flag.to_string(), value.clone()]);
+        }
+    }
+    for (flag, on) in
+        [("--convert-to-quorum", spec.convert_to_quorum), ("--follow", spec.follow), ("--force", spec.force)]
+    {
+        if on {
+            args.push(flag.into());
+        }
+    }
+    args
+}
+
+/// The Job of `migration` (pure: tested from fixtures).
+pub fn migration_job(migration: &RabbitMigration, default_image: &str, domain: &str) -> Result<Job> {
+    let namespace = migration.namespace().unwrap_or_default();
+    let spec = &migration.spec;
+    let mut env = endpoint_env("source", &spec.source, &namespace, domain)?;
+    env.extend(endpoint_env("target", &spec.target, &namespace, domain)?);
+    env.push(value_env("WARREN_LOG_FORMAT".into(), "json".into()));
+    // The summary the operator reads back into status (per-queue counts, the error).
+    env.push(value_env("WARREN_TERMINATION_LOG".into(), TERMINATION_LOG.into()));
+    let owner = OwnerReference {
+        api_version: RabbitMigration::api_version(&()).into(),
+        kind: RabbitMigration::kind(&()).into(),
+        name: migration.name_any(),
+        uid: migration.uid().unwrap_or_default(),
+        controller: Some(true),
+        block_owner_deletion: None,
+    };
+    let labels = BTreeMap::from([
+        (NAME_LABEL.to_string(), "warren-migrate".to_string()),
+        (INSTANCE_LABEL.to_string(), migration.name_any()),
+        (MANAGED_BY_LABEL.to_string(), "warren".to_string()),
+    ]);
+    let container = Container {
+        name: "migrate".into(),
+        image: Some(spec.image.clone().unwrap_or_else(|| default_image.to_string())),
+        args: Some(args(migration)),
+        env: Some(env),
+        termination_message_path: Some(TERMINATION_LOG.into()),
+        termination_message_policy: Some("FallbackToLogsOnError".into()),
+        security_context: Some(SecurityContext {
+            allow_privilege_escalation: Some(false),
+            read_only_root_filesystem: Some(true),
+            capabilities: Some(Capabilities { drop: Some(vec!["ALL".into()]), ..Default::default() }),
+            ..Default::default()
+        }),
+        resources: Some(ResourceRequirements {
+            requests: Some(BTreeMap::from([
+                ("cpu".to_string(), Quantity("250m".into())),
+                ("memory".to_string(), Quantity("128Mi".into())),
+            ])),
+            limits: Some(BTreeMap::from([("memory".to_string(), Quantity("512Mi".into()))])),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let pod = PodSpec {
+        restart_policy: Some("Never".into()),
+        automount_service_account_token: Some(false),
+        security_context: Some(PodSecurityContext {
+            run_as_non_root: Some(true),
+            run_as_user: Some(RUN_AS),
+            run_as_group: Some(RUN_AS),
+            seccomp_profile: Some(SeccompProfile { type_: "RuntimeDefault".into(), ..Default::default() }),
+            ..Default::default()
+        }),
+        containers: vec![container],
+        ..Default::default()
+    };
+    Ok(Job {
+        metadata: ObjectMeta {
+            name: Some(job_name(migration)),
+            namespace: Some(namespace),
+            labels: Some(labels.clone()),
+            owner_references: Some(vec![owner]),
+            ..Default::default()
+        },
+        spec: Some(JobSpec {
+            backoff_limit: Some(BACKOFF_LIMIT),
+            template: PodTemplateSpec {
+                metadata: Some(ObjectMeta { labels: Some(labels), ..Default::default() }),
+                spec: Some(pod),
+            },
+            ..Default::default()
+        }),
+        status: None,
+    })
+}
