@@ -67,6 +67,21 @@ fn list<'a>(definitions: &'a Value, key: &str) -> impl Iterator<Item = &'a Value
     definitions[key].as_array().into_iter().flatten()
 }
 
+/// The queues of a definitions document.
+pub fn queues(definitions: &Value) -> impl Iterator<Item = &Value> {
+    list(definitions, "queues")
+}
+
+/// A queue's (vhost, name) in a definitions document.
+pub fn queue_key(queue: &Value) -> (&str, &str) {
+    (queue["vhost"].as_str().unwrap_or("/"), queue["name"].as_str().unwrap_or_default())
+}
+
+/// The names of the vhosts of a definitions document.
+pub fn vhost_names(definitions: &Value) -> Vec<String> {
+    list(definitions, "vhosts").filter_map(|v| v["name"].as_str()).map(str::to_string).collect()
+}
+
 /// A queue's type: in its arguments when the client chose it, in `type` when its vhost's default
 /// queue type did; classic when neither says.
 fn queue_type(queue: &Value) -> &str {

@@ -2,6 +2,8 @@
 
 use std::time::Duration;
 
+use serde::Deserialize;
+use serde::de::DeserializeOwned;
 use serde_json::Value;
 
 use super::amqp::{self, Failure};
@@ -45,16 +47,81 @@ async fn version(api: &ManagementClient, side: &str) -> Result<(String, RabbitVe
     Ok((text, version))
 }
 
-async fn get(api: &ManagementClient, side: &str, path: &str) -> Result<Value, MigrateError> {
-    api.get(path)
+/// A management API answer, read as the type that says what of it is used.
+async fn get<T: DeserializeOwned>(api: &ManagementClient, side: &str, path: &str) -> Result<T, MigrateError> {
+    let value = api
+        .get(path)
         .await
         .map_err(|e| fail(e.reason(), format!("{side}: {e}")))?
-        .ok_or_else(|| fail("BrokerBadResponse", format!("{side}: GET {path}: not found")))
+        .ok_or_else(|| fail("BrokerBadResponse", format!("{side}: GET {path}: not found")))?;
+    serde_json::from_value(value).map_err(|e| fail("BrokerBadResponse", format!("{side}: GET {path}: {e}")))
 }
 
-/// The `name` of each object of a management API list.
-fn names(list: &Value) -> Vec<String> {
-    list.as_array().into_iter().flatten().filter_map(|v| v["name"].as_str()).map(str::to_string).collect()
+/// An object of a management API list that is known by its name (a vhost).
+#[derive(Deserialize)]
+struct Named {
+    name: String,
+}
+
+/// A queue of `GET /api/queues`, with the statistics preflight reads.
+#[derive(Clone, Deserialize)]
+struct QueueStats {
+    name: String,
+    #[serde(default = "default_vhost")]
+    vhost: String,
+    #[serde(default)]
+    messages_ready: u64,
+    #[serde(default)]
+    messages_unacknowledged: u64,
+    #[serde(default)]
+    consumers: u64,
+    #[serde(default)]
+    exclusive: bool,
+    #[serde(rename = "type", default = "classic")]
+    queue_type: String,
+}
+
+fn default_vhost() -> String {
+    "/".into()
+}
+
+fn classic() -> String {
+    "classic".into()
+}
+
+/// `GET /api/whoami`: tags are a list from 3.9, a comma-separated string before.
+#[derive(Deserialize)]
+struct WhoAmI {
+    name: String,
+    #[serde(default)]
+    tags: Tags,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Tags {
+    List(Vec<String>),
+    Text(String),
+}
+
+impl Default for Tags {
+    fn default() -> Self {
+        Tags::List(Vec::new())
+    }
+}
+
+impl Tags {
+    fn contains(&self, tag: &str) -> bool {
+        match self {
+            Tags::List(tags) => tags.iter().any(|t| t == tag),
+            Tags::Text(tags) => tags.split(',').any(|t| t.trim() == tag),
+        }
+    }
+}
+
+/// The names in a list of named objects.
+fn names(list: &[Named]) -> Vec<String> {
+    list.iter().map(|n| n.name.clone()).collect()
 }
 
 /// A queue whose messages consumers hold unacknowledged.
@@ -65,21 +132,16 @@ struct Held {
     consumers: u64,
 }
 
-/// Queues (of `GET /api/queues`) whose statistics show messages held unacknowledged.
-fn held_by_consumers(queues: &Value, options: &Options) -> Vec<Held> {
+/// Queues whose statistics show messages held unacknowledged.
+fn held_by_consumers(queues: &[QueueStats], options: &Options) -> Vec<Held> {
     queues
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter(|q| selected(options, q))
-        .filter_map(|q| {
-            let messages = q["messages_unacknowledged"].as_u64().unwrap_or(0);
-            (messages > 0).then(|| Held {
-                vhost: q["vhost"].as_str().unwrap_or("/").to_string(),
-                name: q["name"].as_str().unwrap_or("").to_string(),
-                messages,
-                consumers: q["consumers"].as_u64().unwrap_or(0),
-            })
+        .iter()
+        .filter(|q| selected(options, q) && q.messages_unacknowledged > 0)
+        .map(|q| Held {
+            vhost: q.vhost.clone(),
+            name: q.name.clone(),
+            messages: q.messages_unacknowledged,
+            consumers: q.consumers,
         })
         .collect()
 }
@@ -112,14 +174,14 @@ async fn still_held(options: &Options, held: Vec<Held>) -> Result<Vec<Held>, Mig
     Ok(confirmed)
 }
 
-fn selected(options: &Options, queue: &Value) -> bool {
-    let vhost = queue["vhost"].as_str().unwrap_or_default();
-    let name = queue["name"].as_str().unwrap_or_default();
-    (options.vhosts.is_empty() || options.vhosts.iter().any(|v| v == vhost))
-        && options.queues.as_ref().is_none_or(|re| re.is_match(name))
-        && queue["exclusive"] != true
+fn selected(options: &Options, queue: &QueueStats) -> bool {
+    (options.vhosts.is_empty() || options.vhosts.contains(&queue.vhost))
+        && options.queues.as_ref().is_none_or(|re| re.is_match(&queue.name))
+        && !queue.exclusive
 }
 
+/// Preflight: versions, vhosts, messages held by consumers, the definitions converted for the
+/// target, the target's vhosts and queues, then the queues to move.
 pub async fn run(
     source: &ManagementClient,
     target: &ManagementClient,
@@ -127,125 +189,128 @@ pub async fn run(
 ) -> Result<Plan, MigrateError> {
     let (source_version, _) = version(source, "source").await?;
     let (target_version, target_parsed) = version(target, "target").await?;
-
-    // Every vhost asked for must be on the source.
-    let source_vhosts = names(&get(source, "source", "/api/vhosts").await?);
-    let unknown: Vec<&str> =
-        options.vhosts.iter().map(String::as_str).filter(|v| !source_vhosts.iter().any(|s| s == v)).collect();
-    if !unknown.is_empty() {
-        return Err(fail(
-            "VhostMissing",
-            format!("the source has no vhost {} (it has: {})", unknown.join(", "), source_vhosts.join(", ")),
-        ));
-    }
-
-    // Celery keeps eta/countdown tasks unacknowledged until they are due: those messages cannot
-    // be moved while a worker holds them, and would be redelivered on the old cluster later.
-    let mut source_queues = get(source, "source", "/api/queues").await?;
-    let mut held = Vec::new();
-    if !options.force {
-        held = still_held(options, held_by_consumers(&source_queues, options)).await?;
-    }
-    if !held.is_empty() {
-        if let Some(limit) = options.wait_for_consumers {
-            let deadline = tokio::time::Instant::now() + limit;
-            while !held.is_empty() && tokio::time::Instant::now() < deadline {
-                tokio::time::sleep(Duration::from_secs(2)).await;
-                source_queues = get(source, "source", "/api/queues").await?;
-                held = still_held(options, held_by_consumers(&source_queues, options)).await?;
-            }
-        }
-        if !held.is_empty() {
-            let list: Vec<String> = held
-                .iter()
-                .map(|h| {
-                    format!(
-                        "{}/{}: {} unacknowledged, held by {} consumer(s)",
-                        h.vhost, h.name, h.messages, h.consumers
-                    )
-                })
-                .collect();
-            return Err(fail(
-                "MessagesHeldByConsumers",
-                format!(
-                    "consumers hold messages unacknowledged (for example Celery eta/countdown tasks): {}; stop those \
-                     consumers, or pass --wait-for-consumers DURATION, or --force to leave them behind",
-                    list.join("; ")
-                ),
-            ));
-        }
-    }
-
-    let exported = get(source, "source", "/api/definitions").await?;
+    check_vhosts_asked_for(source, options).await?;
+    let source_queues = wait_until_released(source, options).await?;
+    let exported: Value = get(source, "source", "/api/definitions").await?;
     let definitions::Conversion { definitions, notes, kept_classic } =
         definitions::convert(&exported, options, target_parsed);
     for kept in &kept_classic {
         tracing::warn!(vhost = %kept.vhost, queue = %kept.name, "stays a classic queue on the target: {}", kept.reason);
     }
+    check_target_may_create_vhosts(target, &definitions).await?;
+    check_target_queues(target, &definitions).await?;
+    let queues = queues_to_move(&source_queues, &definitions);
+    Ok(Plan { source_version, target_version, definitions, notes, kept_classic, queues })
+}
 
-    // A vhost the target lacks is created by the import, which takes the administrator tag.
-    let target_vhosts = names(&get(target, "target", "/api/vhosts").await?);
+/// Every vhost asked for must be on the source.
+async fn check_vhosts_asked_for(source: &ManagementClient, options: &Options) -> Result<(), MigrateError> {
+    let source_vhosts = names(&get::<Vec<Named>>(source, "source", "/api/vhosts").await?);
+    let unknown: Vec<&str> =
+        options.vhosts.iter().map(String::as_str).filter(|v| !source_vhosts.iter().any(|s| s == v)).collect();
+    if unknown.is_empty() {
+        return Ok(());
+    }
+    Err(fail(
+        "VhostMissing",
+        format!("the source has no vhost {} (it has: {})", unknown.join(", "), source_vhosts.join(", ")),
+    ))
+}
+
+/// The source's queues once no consumer holds messages of the selected ones (waiting up to
+/// `--wait-for-consumers`). Celery keeps eta/countdown tasks unacknowledged until they are due:
+/// those messages cannot be moved while a worker holds them, and would be redelivered on the old
+/// cluster later.
+async fn wait_until_released(source: &ManagementClient, options: &Options) -> Result<Vec<QueueStats>, MigrateError> {
+    let mut source_queues: Vec<QueueStats> = get(source, "source", "/api/queues").await?;
+    if options.force {
+        return Ok(source_queues);
+    }
+    let mut held = still_held(options, held_by_consumers(&source_queues, options)).await?;
+    if !held.is_empty()
+        && let Some(limit) = options.wait_for_consumers
+    {
+        let deadline = tokio::time::Instant::now() + limit;
+        while !held.is_empty() && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            source_queues = get(source, "source", "/api/queues").await?;
+            held = still_held(options, held_by_consumers(&source_queues, options)).await?;
+        }
+    }
+    if held.is_empty() {
+        return Ok(source_queues);
+    }
+    let list: Vec<String> = held
+        .iter()
+        .map(|h| format!("{}/{}: {} unacknowledged, held by {} consumer(s)", h.vhost, h.name, h.messages, h.consumers))
+        .collect();
+    Err(fail(
+        "MessagesHeldByConsumers",
+        format!(
+            "consumers hold messages unacknowledged (for example Celery eta/countdown tasks): {}; stop those \
+             consumers, or pass --wait-for-consumers DURATION, or --force to leave them behind",
+            list.join("; ")
+        ),
+    ))
+}
+
+/// A vhost the target lacks is created by the import, which takes the administrator tag.
+async fn check_target_may_create_vhosts(target: &ManagementClient, definitions: &Value) -> Result<(), MigrateError> {
+    let target_vhosts = names(&get::<Vec<Named>>(target, "target", "/api/vhosts").await?);
     let missing: Vec<String> =
-        names(&definitions["vhosts"]).into_iter().filter(|v| !target_vhosts.contains(v)).collect();
-    if !missing.is_empty() {
-        let whoami = get(target, "target", "/api/whoami").await?;
-        let tags: Vec<String> = match &whoami["tags"] {
-            Value::Array(tags) => tags.iter().filter_map(Value::as_str).map(str::to_string).collect(),
-            Value::String(tags) => tags.split(',').map(|t| t.trim().to_string()).collect(),
-            _ => Vec::new(),
-        };
-        if !tags.iter().any(|t| t == "administrator") {
+        definitions::vhost_names(definitions).into_iter().filter(|v| !target_vhosts.contains(v)).collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let whoami: WhoAmI = get(target, "target", "/api/whoami").await?;
+    if whoami.tags.contains("administrator") {
+        return Ok(());
+    }
+    Err(fail(
+        "VhostMissing",
+        format!(
+            "the target has no vhost {}, and its user {} may not create one (that takes the administrator \
+             tag): create the vhost on the target and give the user permissions there, or migrate as an \
+             administrator",
+            missing.join(", "),
+            whoami.name
+        ),
+    ))
+}
+
+/// A queue that exists on the target with other arguments cannot receive these messages.
+async fn check_target_queues(target: &ManagementClient, definitions: &Value) -> Result<(), MigrateError> {
+    for queue in definitions::queues(definitions) {
+        let (vhost, name) = definitions::queue_key(queue);
+        let path = format!("/api/queues/{}/{}", encode(vhost), encode(name));
+        let existing = target.get(&path).await.map_err(|e| fail(e.reason(), format!("target: {e}")))?;
+        let Some(existing) = existing else { continue };
+        let (have, want) = (definitions::effective_arguments(&existing), definitions::effective_arguments(queue));
+        if have != want || existing["durable"] != queue["durable"] {
             return Err(fail(
-                "VhostMissing",
+                "QueueMismatch",
                 format!(
-                    "the target has no vhost {}, and its user {} may not create one (that takes the administrator \
-                     tag): create the vhost on the target and give the user permissions there, or migrate as an \
-                     administrator",
-                    missing.join(", "),
-                    whoami["name"].as_str().unwrap_or("?")
+                    "queue {name} in vhost {vhost} exists on the target with other properties (durable {}, \
+                     arguments {have}) than the migration needs (durable {}, arguments {want}); delete or rename it",
+                    existing["durable"], queue["durable"]
                 ),
             ));
         }
     }
+    Ok(())
+}
 
-    // A queue that exists on the target with other arguments cannot receive these messages.
-    for queue in definitions["queues"].as_array().into_iter().flatten() {
-        let (vhost, name) = (queue["vhost"].as_str().unwrap_or("/"), queue["name"].as_str().unwrap_or(""));
-        let path = format!("/api/queues/{}/{}", encode(vhost), encode(name));
-        let existing = target.get(&path).await.map_err(|e| fail(e.reason(), format!("target: {e}")))?;
-        if let Some(existing) = existing {
-            let (have, want) = (definitions::effective_arguments(&existing), definitions::effective_arguments(queue));
-            if have != want || existing["durable"] != queue["durable"] {
-                return Err(fail(
-                    "QueueMismatch",
-                    format!(
-                        "queue {name} in vhost {vhost} exists on the target with other properties (durable {}, \
-                         arguments {have}) than the migration needs (durable {}, arguments {want}); delete or rename it",
-                        existing["durable"], queue["durable"]
-                    ),
-                ));
-            }
-        }
-    }
-
-    // The queues to move: those the converted definitions kept (selected vhosts and names).
-    let wanted: Vec<(String, String)> = definitions["queues"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .map(|q| (q["vhost"].as_str().unwrap_or("/").to_string(), q["name"].as_str().unwrap_or("").to_string()))
-        .collect();
-    let queues = source_queues
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter(|q| wanted.iter().any(|(v, n)| q["vhost"] == v.as_str() && q["name"] == n.as_str()))
+/// The queues to move: those the converted definitions kept (selected vhosts and names).
+fn queues_to_move(source_queues: &[QueueStats], definitions: &Value) -> Vec<QueuePlan> {
+    let wanted: Vec<(&str, &str)> = definitions::queues(definitions).map(definitions::queue_key).collect();
+    source_queues
+        .iter()
+        .filter(|q| wanted.iter().any(|(v, n)| q.vhost == *v && q.name == *n))
         .map(|q| QueuePlan {
-            vhost: q["vhost"].as_str().unwrap_or("/").to_string(),
-            name: q["name"].as_str().unwrap_or_default().to_string(),
-            messages: q["messages_ready"].as_u64().unwrap_or(0),
-            queue_type: q["type"].as_str().unwrap_or("classic").to_string(),
+            vhost: q.vhost.clone(),
+            name: q.name.clone(),
+            messages: q.messages_ready,
+            queue_type: q.queue_type.clone(),
         })
-        .collect();
-    Ok(Plan { source_version, target_version, definitions, notes, kept_classic, queues })
+        .collect()
 }
