@@ -12,7 +12,10 @@ use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, OwnerReference};
 use kube::{Resource, ResourceExt};
 
-use crate::api::{HighAvailabilityMode, HighAvailabilitySpec, PartitionHandling, RabbitCluster, ServiceSpec, TlsSpec};
+use crate::api::{
+    HighAvailabilityMode, HighAvailabilitySpec, PartitionHandling, RabbitCluster, RabbitClusterSpec, ServiceSpec,
+    TlsSpec,
+};
 use crate::error::{Error, Result};
 use crate::rabbitmq::ha;
 use crate::rabbitmq::version::RabbitVersion;
@@ -106,26 +109,9 @@ pub fn validate(cluster: &RabbitCluster, settings: &Settings) -> Result<Validate
     }
 
     let resources = spec.resources.clone().unwrap_or_else(default_resources);
-    let memory_watermark_bytes = match resources.limits.as_ref().and_then(|l| l.get("memory")) {
-        Some(limit) => {
-            let bytes = parse_quantity_bytes(&limit.0)
-                .map_err(|e| invalid("InvalidResources", format!("spec.resources.limits.memory {:?}: {e}", limit.0)))?;
-            Some((bytes as f64 * MEMORY_WATERMARK_FRACTION) as u64)
-        }
-        None => None,
-    };
-
+    let memory_watermark_bytes = memory_watermark(&resources)?;
     check_additional_config(&spec.rabbitmq.additional_config)?;
-    let mut plugins: Vec<String> = ALWAYS_ENABLED_PLUGINS.iter().map(|p| p.to_string()).collect();
-    for plugin in &spec.rabbitmq.plugins {
-        if plugin.is_empty() || !plugin.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_') {
-            return Err(invalid("InvalidPlugin", format!("spec.rabbitmq.plugins: {plugin:?} is not a plugin name")));
-        }
-        if !plugins.contains(plugin) {
-            plugins.push(plugin.clone());
-        }
-    }
-    plugins.sort();
+    let plugins = plugins(&spec.rabbitmq.plugins)?;
 
     check_high_availability(&spec.high_availability, image_version)?;
     if let Some(tls) = &spec.tls
@@ -134,6 +120,37 @@ pub fn validate(cluster: &RabbitCluster, settings: &Settings) -> Result<Validate
         return Err(invalid("InvalidTls", "spec.tls.secretName: must not be empty"));
     }
 
+    let warnings = warnings(spec, &image, image_version);
+    let affinity = spec.affinity.clone().unwrap_or_else(|| spread_over_nodes(&name));
+    Ok(ValidatedCluster {
+        name,
+        namespace,
+        owner,
+        replicas: spec.replicas,
+        image,
+        image_version,
+        image_pull_secrets: spec.image_pull_secrets.clone(),
+        storage: Quantity(spec.persistence.storage.clone()),
+        storage_class_name: spec.persistence.storage_class_name.clone(),
+        resources,
+        memory_watermark_bytes,
+        affinity,
+        tolerations: spec.tolerations.clone(),
+        node_selector: spec.node_selector.clone(),
+        service: spec.service.clone(),
+        plugins,
+        additional_config: spec.rabbitmq.additional_config.clone(),
+        advanced_config: spec.rabbitmq.advanced_config.clone(),
+        partition_handling: spec.partition_handling,
+        high_availability: spec.high_availability.clone(),
+        tls: spec.tls.clone(),
+        cluster_domain: settings.cluster_domain.clone(),
+        warnings,
+    })
+}
+
+/// What the spec allows but a user should hear about: status keeps them, each one an Event once.
+fn warnings(spec: &RabbitClusterSpec, image: &str, image_version: Option<RabbitVersion>) -> Vec<String> {
     let mut warnings = Vec::new();
     if spec.replicas % 2 == 0 {
         warnings.push(format!(
@@ -165,33 +182,30 @@ pub fn validate(cluster: &RabbitCluster, settings: &Settings) -> Result<Validate
             "spec.image {image:?} names no version in its tag: the HA mechanism is chosen once the broker reports its version"
         ));
     }
+    warnings
+}
 
-    let affinity = spec.affinity.clone().unwrap_or_else(|| spread_over_nodes(&name));
-    Ok(ValidatedCluster {
-        name,
-        namespace,
-        owner,
-        replicas: spec.replicas,
-        image,
-        image_version,
-        image_pull_secrets: spec.image_pull_secrets.clone(),
-        storage: Quantity(spec.persistence.storage.clone()),
-        storage_class_name: spec.persistence.storage_class_name.clone(),
-        resources,
-        memory_watermark_bytes,
-        affinity,
-        tolerations: spec.tolerations.clone(),
-        node_selector: spec.node_selector.clone(),
-        service: spec.service.clone(),
-        plugins,
-        additional_config: spec.rabbitmq.additional_config.clone(),
-        advanced_config: spec.rabbitmq.advanced_config.clone(),
-        partition_handling: spec.partition_handling,
-        high_availability: spec.high_availability.clone(),
-        tls: spec.tls.clone(),
-        cluster_domain: settings.cluster_domain.clone(),
-        warnings,
-    })
+/// The memory high watermark: a fraction of the container's memory limit, when there is one.
+fn memory_watermark(resources: &ResourceRequirements) -> Result<Option<u64>> {
+    let Some(limit) = resources.limits.as_ref().and_then(|l| l.get("memory")) else { return Ok(None) };
+    let bytes = parse_quantity_bytes(&limit.0)
+        .map_err(|e| invalid("InvalidResources", format!("spec.resources.limits.memory {:?}: {e}", limit.0)))?;
+    Ok(Some((bytes as f64 * MEMORY_WATERMARK_FRACTION) as u64))
+}
+
+/// The plugins to enable: those every node needs and the spec's, each a plugin name, sorted.
+fn plugins(asked: &[String]) -> Result<Vec<String>> {
+    let mut plugins: Vec<String> = ALWAYS_ENABLED_PLUGINS.iter().map(|p| p.to_string()).collect();
+    for plugin in asked {
+        if plugin.is_empty() || !plugin.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_') {
+            return Err(invalid("InvalidPlugin", format!("spec.rabbitmq.plugins: {plugin:?} is not a plugin name")));
+        }
+        if !plugins.contains(plugin) {
+            plugins.push(plugin.clone());
+        }
+    }
+    plugins.sort();
+    Ok(plugins)
 }
 
 fn is_dns_1035_label(name: &str) -> bool {

@@ -12,7 +12,7 @@ use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions,
 };
 use lapin::types::FieldTable;
-use lapin::{Acker, PublisherConfirm};
+use lapin::{Acker, Channel, PublisherConfirm};
 
 use super::Options;
 use super::amqp::{ANSWER_WITHIN, Failure, close, connect, depth, within};
@@ -104,6 +104,39 @@ async fn drain_queue(
         if first_attempt {
             report.source_before = there;
         }
+        let moving = Moving { options, plan, report: &mut *report, bar };
+        moving.relay(&from, &to, there).await?;
+        // Deliveries prefetched beyond what was moved go back to the queue with the channel.
+        let _ = tokio::time::timeout(Duration::from_secs(5), from.close(200, "done".into())).await;
+        let check = within("open a source channel", source.create_channel()).await?;
+        report.source_after = depth(&check, &plan.name).await?;
+        Ok::<(), Failure>(())
+    }
+    .await;
+    // lapin marks a connection closed a little after its IO failed: the error kind says so first,
+    // and a channel error on a connection that is gone is the connection's.
+    let down = !source.status().connected() || !target.status().connected();
+    close(source, "migration done").await;
+    close(target, "migration done").await;
+    outcome.map_err(|failure| Failure { transport: down || failure.transport, ..failure })
+}
+
+/// One queue's messages on their way: the source channel's deliveries republished on the target
+/// channel, acknowledged as the target confirms.
+struct Moving<'a> {
+    options: &'a Options,
+    plan: &'a QueuePlan,
+    report: &'a mut QueueReport,
+    bar: Option<&'a QueueBar>,
+}
+
+impl Moving<'_> {
+    /// Consumes the source queue and publishes each message, with every property, to the queue of
+    /// the same name on the target, up to a window unconfirmed: until `there` messages came (the
+    /// depth when the attempt began) or, with --follow, until the queue stayed empty for the idle
+    /// timeout.
+    async fn relay(self, from: &Channel, to: &Channel, there: u64) -> Result<(), Failure> {
+        let Moving { options, plan, report, bar } = self;
         let mut consumer = within(
             "basic.consume",
             from.basic_consume(
@@ -131,7 +164,7 @@ async fn drain_queue(
             match next {
                 Err(_) => {
                     settle(&mut pending, window, report, bar).await?;
-                    if !options.follow || depth(&from, &plan.name).await? == 0 {
+                    if !options.follow || depth(from, &plan.name).await? == 0 {
                         break;
                     }
                 }
@@ -158,20 +191,8 @@ async fn drain_queue(
                 }
             }
         }
-        settle(&mut pending, window, report, bar).await?;
-        // Deliveries prefetched beyond what was moved go back to the queue with the channel.
-        let _ = tokio::time::timeout(Duration::from_secs(5), from.close(200, "done".into())).await;
-        let check = within("open a source channel", source.create_channel()).await?;
-        report.source_after = depth(&check, &plan.name).await?;
-        Ok(())
+        settle(&mut pending, window, report, bar).await
     }
-    .await;
-    // lapin marks a connection closed a little after its IO failed: the error kind says so first,
-    // and a channel error on a connection that is gone is the connection's.
-    let down = !source.status().connected() || !target.status().connected();
-    close(source, "migration done").await;
-    close(target, "migration done").await;
-    outcome.map_err(|failure| Failure { transport: down || failure.transport, ..failure })
 }
 
 /// Ready messages on the source after a queue stopped with an error (on a connection of its own);
