@@ -108,42 +108,11 @@ pub fn convert(exported: &Value, options: &Options, target: RabbitVersion) -> Co
     };
     let vhosts: Vec<Value> = list(exported, "vhosts").filter(|v| vhost_selected(v)).cloned().collect();
 
-    let mut queues = Vec::new();
-    for queue in list(exported, "queues").filter(|q| vhost_selected(q)) {
-        let name = queue["name"].as_str().unwrap_or_default();
-        if options.queues.as_ref().is_some_and(|re| !re.is_match(name)) {
-            continue;
-        }
-        let mut queue = queue.clone();
-        let mut queue_type = queue_type(&queue).to_string();
-        let mut arguments: Map<String, Value> = queue["arguments"].as_object().cloned().unwrap_or_default();
-        if options.convert_to_quorum && queue_type == "classic" {
-            match quorum_obstacle(&queue) {
-                None => {
-                    for key in CLASSIC_ONLY_ARGUMENTS {
-                        if arguments.remove(key).is_some() {
-                            notes.push(format!("queue {name}: dropped {key}, which quorum queues do not support"));
-                        }
-                    }
-                    queue_type = "quorum".into();
-                    notes.push(format!("queue {name}: declared as a quorum queue"));
-                }
-                Some(reason) => kept_classic.push(KeptClassic {
-                    vhost: queue["vhost"].as_str().unwrap_or("/").to_string(),
-                    name: name.to_string(),
-                    reason,
-                }),
-            }
-        }
-        // A vhost's default queue type applies to queues declared without one: each queue says
-        // its type, or an operator-managed 4.x target (quorum by default) would make a classic
-        // queue quorum, and a 3.x one a quorum queue classic.
-        if queue_type != "classic" || target.vhost_default_queue_type_key().is_some() {
-            arguments.insert("x-queue-type".into(), json!(queue_type));
-        }
-        queue["arguments"] = Value::Object(arguments);
-        queues.push(queue);
-    }
+    let queues: Vec<Value> = list(exported, "queues")
+        .filter(|q| vhost_selected(q))
+        .filter(|q| options.queues.as_ref().is_none_or(|re| re.is_match(q["name"].as_str().unwrap_or_default())))
+        .map(|q| convert_queue(q, options, target, &mut notes, &mut kept_classic))
+        .collect();
     let queue_names: Vec<(&str, &str)> =
         queues.iter().map(|q| (q["vhost"].as_str().unwrap_or("/"), q["name"].as_str().unwrap_or(""))).collect();
     let bindings: Vec<Value> = list(exported, "bindings")
@@ -155,30 +124,10 @@ pub fn convert(exported: &Value, options: &Options, target: RabbitVersion) -> Co
         .cloned()
         .collect();
 
-    let mut policies = Vec::new();
-    for policy in list(exported, "policies").filter(|p| vhost_selected(p)) {
-        let mut policy = policy.clone();
-        let name = policy["name"].as_str().unwrap_or_default().to_string();
-        if !target.has_classic_mirroring()
-            && let Some(definition) = policy["definition"].as_object_mut()
-        {
-            let stripped: Vec<String> = definition.keys().filter(|k| k.starts_with("ha-")).cloned().collect();
-            for key in &stripped {
-                definition.remove(key);
-            }
-            if !stripped.is_empty() {
-                notes.push(format!(
-                    "policy {name}: removed {} (classic mirroring does not exist from RabbitMQ 4.0)",
-                    stripped.join(", ")
-                ));
-            }
-            if definition.is_empty() {
-                notes.push(format!("policy {name}: not imported, nothing left in it"));
-                continue;
-            }
-        }
-        policies.push(policy);
-    }
+    let policies: Vec<Value> = list(exported, "policies")
+        .filter(|p| vhost_selected(p))
+        .filter_map(|p| convert_policy(p, target, &mut notes))
+        .collect();
     let parameters: Vec<Value> = list(exported, "parameters")
         .filter(|p| vhost_selected(p))
         .filter(|p| {
@@ -207,6 +156,72 @@ pub fn convert(exported: &Value, options: &Options, target: RabbitVersion) -> Co
     });
     kept_classic.sort_by(|a, b| (&a.vhost, &a.name).cmp(&(&b.vhost, &b.name)));
     Conversion { definitions: converted, notes, kept_classic }
+}
+
+/// A queue as the target declares it: quorum when asked and possible (classic-only arguments
+/// dropped), its type always explicit where vhosts have a default queue type.
+fn convert_queue(
+    queue: &Value,
+    options: &Options,
+    target: RabbitVersion,
+    notes: &mut Vec<String>,
+    kept_classic: &mut Vec<KeptClassic>,
+) -> Value {
+    let name = queue["name"].as_str().unwrap_or_default();
+    let mut queue = queue.clone();
+    let mut queue_type = queue_type(&queue).to_string();
+    let mut arguments: Map<String, Value> = queue["arguments"].as_object().cloned().unwrap_or_default();
+    if options.convert_to_quorum && queue_type == "classic" {
+        match quorum_obstacle(&queue) {
+            None => {
+                for key in CLASSIC_ONLY_ARGUMENTS {
+                    if arguments.remove(key).is_some() {
+                        notes.push(format!("queue {name}: dropped {key}, which quorum queues do not support"));
+                    }
+                }
+                queue_type = "quorum".into();
+                notes.push(format!("queue {name}: declared as a quorum queue"));
+            }
+            Some(reason) => kept_classic.push(KeptClassic {
+                vhost: queue["vhost"].as_str().unwrap_or("/").to_string(),
+                name: name.to_string(),
+                reason,
+            }),
+        }
+    }
+    // A vhost's default queue type applies to queues declared without one: each queue says
+    // its type, or an operator-managed 4.x target (quorum by default) would make a classic
+    // queue quorum, and a 3.x one a quorum queue classic.
+    if queue_type != "classic" || target.vhost_default_queue_type_key().is_some() {
+        arguments.insert("x-queue-type".into(), json!(queue_type));
+    }
+    queue["arguments"] = Value::Object(arguments);
+    queue
+}
+
+/// A policy for the target: without `ha-*` keys from 4.0 (none at all when nothing is left).
+fn convert_policy(policy: &Value, target: RabbitVersion, notes: &mut Vec<String>) -> Option<Value> {
+    let mut policy = policy.clone();
+    let name = policy["name"].as_str().unwrap_or_default().to_string();
+    if !target.has_classic_mirroring()
+        && let Some(definition) = policy["definition"].as_object_mut()
+    {
+        let stripped: Vec<String> = definition.keys().filter(|k| k.starts_with("ha-")).cloned().collect();
+        for key in &stripped {
+            definition.remove(key);
+        }
+        if !stripped.is_empty() {
+            notes.push(format!(
+                "policy {name}: removed {} (classic mirroring does not exist from RabbitMQ 4.0)",
+                stripped.join(", ")
+            ));
+        }
+        if definition.is_empty() {
+            notes.push(format!("policy {name}: not imported, nothing left in it"));
+            return None;
+        }
+    }
+    Some(policy)
 }
 
 fn fail(reason: &'static str, message: impl Into<String>) -> MigrateError {
