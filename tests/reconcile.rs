@@ -92,16 +92,10 @@ fn owned_by_demo(body: &Value) {
 #[tokio::test]
 async fn a_new_cluster_gets_every_child_then_status() {
     let applied = |path: String| Call::apply(path).check(owned_by_demo);
-    let script = vec![
-        // Nothing in the stores: each absence is confirmed by a GET before anything is created.
-        Call::get_missing(STS),
-        Call::get_missing(format!("{NS}/secrets/demo-erlang-cookie")),
-        Call::get_missing(format!("{NS}/secrets/demo-default-user")),
-        Call::get_missing(format!("{NS}/serviceaccounts/demo-rabbitmq")),
-        Call::get_missing(format!("{NS}/configmaps/demo-config")),
-        Call::get_missing(format!("{NS}/services/demo-nodes")),
-        Call::get_missing(format!("{NS}/services/demo")),
-        Call::get_missing(PDB),
+    // Nothing in the stores: each absence is confirmed by a GET before anything is created.
+    let mut script = vec![Call::get_missing(STS)];
+    script.extend(missing_except_stateful_set());
+    script.extend([
         applied(format!("{NS}/serviceaccounts/demo-rabbitmq")),
         applied(format!("{NS}/secrets/demo-erlang-cookie")).check(|body| {
             owned_by_demo(body);
@@ -151,7 +145,7 @@ async fn a_new_cluster_gets_every_child_then_status() {
                 (Some("warren.dev/v1alpha1"), Some("RabbitCluster"))
             );
         }),
-    ];
+    ]);
     let (result, calls) = run(fixture("basic.yaml"), script, "http://127.0.0.1:1").await;
     assert!(result.is_ok(), "{result:?}");
     let cookie_patches =
