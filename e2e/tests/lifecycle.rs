@@ -124,6 +124,12 @@ async fn the_chart_grants_no_more_than_the_operator_needs() {
     ] {
         assert!(!can(verb, resource, &ns.name), "the operator may {verb} {resource}: more than it needs");
     }
+    // Leader election: the release's own Lease, nothing else of leases.
+    assert!(can("patch", "leases.coordination.k8s.io/warren", &ns.name), "the operator may not renew its Lease");
+    assert!(can("create", "leases.coordination.k8s.io", &ns.name), "the operator may not create its Lease");
+    assert!(!can("patch", "leases.coordination.k8s.io/another", &ns.name), "the operator may take any Lease");
+    assert!(!can("delete", "leases.coordination.k8s.io/warren", &ns.name), "the operator may delete its Lease");
+    assert!(!can("create", "leases.coordination.k8s.io", "default"), "the operator may create Leases elsewhere");
     assert!(!can("get", "secrets", "default"), "the namespaced operator may read Secrets of another namespace");
     assert!(!can("list", "rabbitclusters.warren.dev", "default"), "the namespaced operator watches other namespaces");
 }
