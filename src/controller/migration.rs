@@ -9,6 +9,7 @@ use kube::api::{ListParams, PostParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
 use kube::{Api, Resource, ResourceExt};
+use tracing::Instrument;
 
 use super::Context;
 pub use super::build::job::{DEFAULT_IMAGE, job_name, migration_job};
@@ -56,7 +57,13 @@ pub fn phase(job: &Job) -> Phase {
     }
 }
 
+/// One reconcile of one RabbitMigration; its log lines carry the migration's namespace/name.
 pub async fn reconcile(migration: Arc<RabbitMigration>, ctx: Arc<Context>) -> Result<Action> {
+    let key = format!("{}/{}", migration.namespace().unwrap_or_default(), migration.name_any());
+    reconcile_migration(migration, ctx).instrument(tracing::info_span!("reconcile", migration = %key)).await
+}
+
+async fn reconcile_migration(migration: Arc<RabbitMigration>, ctx: Arc<Context>) -> Result<Action> {
     let namespace = migration.namespace().unwrap_or_default();
     let jobs: Api<Job> = Api::namespaced(ctx.client.clone(), &namespace);
     let name = job_name(&migration);
