@@ -109,7 +109,9 @@ fn stateful_set_starts_in_parallel_keeps_volumes_until_scaled_down_and_runs_non_
         json!(["/bin/bash", "/etc/warren/config/pre-stop.sh"])
     );
     assert_eq!(container["readinessProbe"]["exec"]["command"], json!(["/bin/bash", "/etc/warren/config/ready.sh"]));
-    assert!(container.get("livenessProbe").is_none(), "a liveness probe would kill nodes waiting for peers");
+    // Checked on the typed object: a misspelt JSON key would pass a lookup of it.
+    let typed = r.stateful_set.spec.as_ref().and_then(|s| s.template.spec.as_ref()).map(|p| &p.containers[0]);
+    assert!(typed.is_some_and(|c| c.liveness_probe.is_none()), "a liveness probe would kill nodes waiting for peers");
     assert_eq!(container["resources"]["limits"]["memory"], "2Gi");
     assert_eq!(container["resources"]["requests"]["cpu"], "1");
     let ports: Vec<i64> =
@@ -188,7 +190,8 @@ fn services_headless_for_peers_and_client_for_ready_pods() {
     assert_eq!(ports, ["epmd", "cluster-rpc", "amqp", "management"]);
     let client = json_of(&r.client_service);
     assert_eq!(client["spec"]["type"], "ClusterIP");
-    assert!(client["spec"].get("publishNotReadyAddresses").is_none());
+    let typed = r.client_service.spec.as_ref();
+    assert!(typed.is_some_and(|s| s.publish_not_ready_addresses.is_none()), "not-ready pods must not take clients");
     let ports: Vec<i64> =
         client["spec"]["ports"].as_array().unwrap().iter().map(|p| p["port"].as_i64().unwrap()).collect();
     assert_eq!(ports, [5672, 15672, 15692]);
