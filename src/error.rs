@@ -1,11 +1,72 @@
 //! The operator's errors. Each becomes a status condition reason and a Kubernetes Event.
 
+/// A closed set of reasons: each variant's name is the CamelCase reason Kubernetes shows.
+macro_rules! reasons {
+    ($(#[$meta:meta])* $name:ident { $($(#[$variant_meta:meta])* $variant:ident),+ $(,)? }) => {
+        $(#[$meta])*
+        #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+        pub enum $name {
+            $($(#[$variant_meta])* $variant),+
+        }
+
+        impl $name {
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    $($name::$variant => stringify!($variant)),+
+                }
+            }
+        }
+
+        impl std::fmt::Display for $name {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+    };
+}
+
+reasons! {
+    /// Why a spec (or a manifest) is refused.
+    SpecReason {
+        InvalidSpec,
+        InvalidName,
+        InvalidReplicas,
+        InvalidImage,
+        InvalidStorage,
+        InvalidResources,
+        InvalidPlugin,
+        InvalidTls,
+        InvalidHighAvailability,
+        InvalidConfig,
+        /// `warren render`: the file is not a RabbitCluster.
+        InvalidManifest,
+        /// Classic mirroring asked of RabbitMQ 4.x, where it no longer exists.
+        ClassicMirroringUnsupported,
+        /// Quorum as the default queue type asked of a version without per-vhost defaults.
+        QuorumDefaultUnsupported,
+    }
+}
+
+reasons! {
+    /// Why the management API failed.
+    BrokerReason {
+        BrokerUnreachable,
+        BrokerTimeout,
+        BrokerUnauthorized,
+        BrokerUnavailable,
+        BrokerRejected,
+        BrokerBadResponse,
+        /// The HTTP client could not be built (a bad URL or TLS setting).
+        BrokerClientError,
+    }
+}
+
 /// Everything that can stop a reconcile.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// The spec asks for something only reconcile can see is wrong; nothing is changed.
     #[error("{message}")]
-    InvalidSpec { reason: &'static str, message: String },
+    InvalidSpec { reason: SpecReason, message: String },
 
     /// A Secret the spec names does not exist or lacks a key.
     #[error("Secret {name}: {message}")]
@@ -42,16 +103,12 @@ pub enum Error {
 
     /// An object could not be turned into JSON (or back): a bug to report, never the user's spec;
     /// retried, as with any failure that is not the spec's.
-    #[error("serialising {what}: {source}")]
-    Serialization {
-        what: String,
-        #[source]
-        source: serde_json::Error,
-    },
+    #[error("serialising {what}: {message}")]
+    Serialization { what: String, message: String },
 
     /// The RabbitMQ management API refused, failed or could not be reached.
     #[error("RabbitMQ management API ({what}): {message}")]
-    Broker { reason: &'static str, what: String, message: String },
+    Broker { reason: BrokerReason, what: String, message: String },
 }
 
 impl Error {
@@ -63,7 +120,7 @@ impl Error {
     /// The condition and Event reason (CamelCase, as Kubernetes expects).
     pub fn reason(&self) -> &'static str {
         match self {
-            Error::InvalidSpec { reason, .. } => reason,
+            Error::InvalidSpec { reason, .. } => reason.as_str(),
             Error::SecretMissing { .. } => "SecretMissing",
             Error::ScaleDownRefused { .. } => "ScaleDownRefused",
             Error::NodeCommand { .. } => "NodeCommandFailed",
@@ -71,7 +128,7 @@ impl Error {
             Error::ApplyConflict { .. } => "FieldConflict",
             Error::Kube { .. } => "KubernetesApiError",
             Error::Serialization { .. } => "SerializationFailed",
-            Error::Broker { reason, .. } => reason,
+            Error::Broker { reason, .. } => reason.as_str(),
         }
     }
 

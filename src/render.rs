@@ -5,7 +5,7 @@ use kube::ResourceExt;
 use crate::api::RabbitCluster;
 use crate::controller::build::{self, Credentials, Resources};
 use crate::controller::validate::{self, Settings};
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, SpecReason};
 
 /// Placeholder credentials shown instead of real secrets: rendering never invents a password that
 /// someone could mistake for the real one.
@@ -20,7 +20,7 @@ fn placeholder_credentials() -> Credentials {
 /// Renders a RabbitCluster manifest (YAML) into a multi-document YAML stream.
 pub fn render(manifest: &str, settings: &Settings) -> Result<String> {
     let mut cluster: RabbitCluster = serde_yaml::from_str(manifest).map_err(|e| Error::InvalidSpec {
-        reason: "InvalidManifest",
+        reason: SpecReason::InvalidManifest,
         message: format!("not a RabbitCluster manifest: {e}"),
     })?;
     // Objects read from a file have no namespace or uid yet; the API server would give them these.
@@ -57,5 +57,5 @@ pub fn render(manifest: &str, settings: &Settings) -> Result<String> {
 fn to_yaml<K: serde::Serialize>(object: &K) -> Result<String> {
     // k8s-openapi's types serialize with their apiVersion and kind.
     serde_yaml::to_string(object)
-        .map_err(|e| Error::InvalidSpec { reason: "SerializationFailed", message: e.to_string() })
+        .map_err(|e| Error::Serialization { what: "the rendered objects".into(), message: e.to_string() })
 }

@@ -36,7 +36,7 @@ spec:
 
 fn broker_reason(error: &Error) -> &'static str {
     match error {
-        Error::Broker { reason, .. } => reason,
+        Error::Broker { reason, .. } => reason.as_str(),
         other => panic!("expected a broker error, got {other:?}"),
     }
 }

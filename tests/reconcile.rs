@@ -414,7 +414,7 @@ async fn failures_back_off_exponentially_up_to_five_minutes() {
     let ctx = context(client, "http://127.0.0.1:1");
     let cluster = Arc::new(fixture("basic.yaml"));
     let error = warren::error::Error::Broker {
-        reason: "BrokerUnavailable",
+        reason: warren::error::BrokerReason::BrokerUnavailable,
         what: "GET /api/overview".into(),
         message: "503".into(),
     };

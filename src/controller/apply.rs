@@ -31,7 +31,8 @@ pub struct Applied {
 
 /// The hash recorded on a child: of the object as built, before the annotation is added.
 pub fn hash_of<K: Serialize>(object: &K) -> Result<String> {
-    let json = serde_json::to_vec(object).map_err(|e| Error::Serialization { what: "a child".into(), source: e })?;
+    let json = serde_json::to_vec(object)
+        .map_err(|e| Error::Serialization { what: "a child".into(), message: e.to_string() })?;
     Ok(hex::encode(&Sha256::digest(&json)[..12]))
 }
 

@@ -131,7 +131,7 @@ pub fn verdicts(observed: &Observed) -> Vec<Verdict> {
             verdict(NO_PARTITIONS, None, "BrokerNotChecked", why.clone()),
             match observed.error {
                 Some(Error::InvalidSpec { reason, message }) => {
-                    verdict(HIGH_AVAILABILITY, Some(false), reason, message.clone())
+                    verdict(HIGH_AVAILABILITY, Some(false), reason.as_str(), message.clone())
                 }
                 _ => verdict(HIGH_AVAILABILITY, None, "BrokerNotChecked", why.clone()),
             },

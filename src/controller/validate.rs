@@ -16,7 +16,7 @@ use crate::api::{
     HighAvailabilityMode, HighAvailabilitySpec, PartitionHandling, RabbitCluster, RabbitClusterSpec, ServiceSpec,
     TlsSpec,
 };
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, SpecReason};
 use crate::rabbitmq::ha;
 use crate::rabbitmq::version::RabbitVersion;
 
@@ -71,7 +71,7 @@ pub struct ValidatedCluster {
     pub warnings: Vec<String>,
 }
 
-fn invalid(reason: &'static str, message: impl Into<String>) -> Error {
+fn invalid(reason: SpecReason, message: impl Into<String>) -> Error {
     Error::InvalidSpec { reason, message: message.into() }
 }
 
@@ -80,32 +80,35 @@ pub fn validate(cluster: &RabbitCluster, settings: &Settings) -> Result<Validate
     let name = cluster.name_any();
     let namespace = cluster
         .namespace()
-        .ok_or_else(|| invalid("InvalidSpec", "metadata.namespace: a RabbitCluster is namespaced"))?;
-    let owner = cluster
-        .controller_owner_ref(&())
-        .ok_or_else(|| invalid("InvalidSpec", "metadata.uid: missing (the object was not read from the API)"))?;
+        .ok_or_else(|| invalid(SpecReason::InvalidSpec, "metadata.namespace: a RabbitCluster is namespaced"))?;
+    let owner = cluster.controller_owner_ref(&()).ok_or_else(|| {
+        invalid(SpecReason::InvalidSpec, "metadata.uid: missing (the object was not read from the API)")
+    })?;
     let spec = &cluster.spec;
 
     if name.len() > 42 || !is_dns_1035_label(&name) {
         return Err(invalid(
-            "InvalidName",
+            SpecReason::InvalidName,
             format!("metadata.name {name:?}: must be a DNS-1035 label of at most 42 characters"),
         ));
     }
     if spec.replicas < 1 {
-        return Err(invalid("InvalidReplicas", format!("spec.replicas: {} is below the minimum of 1", spec.replicas)));
+        return Err(invalid(
+            SpecReason::InvalidReplicas,
+            format!("spec.replicas: {} is below the minimum of 1", spec.replicas),
+        ));
     }
     let image = spec.image.trim().to_string();
     if image.is_empty() {
-        return Err(invalid("InvalidImage", "spec.image: must not be empty"));
+        return Err(invalid(SpecReason::InvalidImage, "spec.image: must not be empty"));
     }
     let image_version = RabbitVersion::from_image(&image);
 
     let storage_bytes = parse_quantity_bytes(&spec.persistence.storage).map_err(|e| {
-        invalid("InvalidStorage", format!("spec.persistence.storage {:?}: {e}", spec.persistence.storage))
+        invalid(SpecReason::InvalidStorage, format!("spec.persistence.storage {:?}: {e}", spec.persistence.storage))
     })?;
     if storage_bytes == 0 {
-        return Err(invalid("InvalidStorage", "spec.persistence.storage: must be larger than zero"));
+        return Err(invalid(SpecReason::InvalidStorage, "spec.persistence.storage: must be larger than zero"));
     }
 
     let resources = spec.resources.clone().unwrap_or_else(default_resources);
@@ -117,7 +120,7 @@ pub fn validate(cluster: &RabbitCluster, settings: &Settings) -> Result<Validate
     if let Some(tls) = &spec.tls
         && tls.secret_name.trim().is_empty()
     {
-        return Err(invalid("InvalidTls", "spec.tls.secretName: must not be empty"));
+        return Err(invalid(SpecReason::InvalidTls, "spec.tls.secretName: must not be empty"));
     }
 
     let warnings = warnings(spec, &image, image_version);
@@ -188,8 +191,9 @@ fn warnings(spec: &RabbitClusterSpec, image: &str, image_version: Option<RabbitV
 /// The memory high watermark: a fraction of the container's memory limit, when there is one.
 fn memory_watermark(resources: &ResourceRequirements) -> Result<Option<u64>> {
     let Some(limit) = resources.limits.as_ref().and_then(|l| l.get("memory")) else { return Ok(None) };
-    let bytes = parse_quantity_bytes(&limit.0)
-        .map_err(|e| invalid("InvalidResources", format!("spec.resources.limits.memory {:?}: {e}", limit.0)))?;
+    let bytes = parse_quantity_bytes(&limit.0).map_err(|e| {
+        invalid(SpecReason::InvalidResources, format!("spec.resources.limits.memory {:?}: {e}", limit.0))
+    })?;
     Ok(Some((bytes as f64 * MEMORY_WATERMARK_FRACTION) as u64))
 }
 
@@ -198,7 +202,10 @@ fn plugins(asked: &[String]) -> Result<Vec<String>> {
     let mut plugins: Vec<String> = ALWAYS_ENABLED_PLUGINS.iter().map(|p| p.to_string()).collect();
     for plugin in asked {
         if plugin.is_empty() || !plugin.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_') {
-            return Err(invalid("InvalidPlugin", format!("spec.rabbitmq.plugins: {plugin:?} is not a plugin name")));
+            return Err(invalid(
+                SpecReason::InvalidPlugin,
+                format!("spec.rabbitmq.plugins: {plugin:?} is not a plugin name"),
+            ));
         }
         if !plugins.contains(plugin) {
             plugins.push(plugin.clone());
@@ -221,19 +228,19 @@ fn check_high_availability(spec: &HighAvailabilitySpec, image_version: Option<Ra
     match (mirroring.ha_mode, mirroring.ha_params) {
         (crate::api::HaMode::Exactly, None) => {
             return Err(invalid(
-                "InvalidHighAvailability",
+                SpecReason::InvalidHighAvailability,
                 "highAvailability.classicMirroring.haParams: required when haMode is exactly",
             ));
         }
         (crate::api::HaMode::Exactly, Some(copies)) if copies < 2 => {
             return Err(invalid(
-                "InvalidHighAvailability",
+                SpecReason::InvalidHighAvailability,
                 format!("highAvailability.classicMirroring.haParams: {copies} is below 2 (a leader and one mirror)"),
             ));
         }
         (crate::api::HaMode::All, Some(_)) => {
             return Err(invalid(
-                "InvalidHighAvailability",
+                SpecReason::InvalidHighAvailability,
                 "highAvailability.classicMirroring.haParams: only allowed when haMode is exactly",
             ));
         }
@@ -241,7 +248,7 @@ fn check_high_availability(spec: &HighAvailabilitySpec, image_version: Option<Ra
     }
     if mirroring.policy_name.trim().is_empty() || regex::Regex::new(&mirroring.pattern).is_err() {
         return Err(invalid(
-            "InvalidHighAvailability",
+            SpecReason::InvalidHighAvailability,
             format!(
                 "highAvailability.classicMirroring: policyName must not be empty and pattern {:?} must be a regular expression",
                 mirroring.pattern
@@ -265,14 +272,14 @@ fn check_additional_config(config: &str) -> Result<()> {
         }
         let Some((key, _value)) = trimmed.split_once('=') else {
             return Err(invalid(
-                "InvalidConfig",
+                SpecReason::InvalidConfig,
                 format!("spec.rabbitmq.additionalConfig line {}: {trimmed:?} is not `key = value`", index + 1),
             ));
         };
         let key = key.trim();
         if OPERATOR_OWNED_KEYS.contains(&key) || key.starts_with("listeners.") {
             return Err(invalid(
-                "InvalidConfig",
+                SpecReason::InvalidConfig,
                 format!(
                     "spec.rabbitmq.additionalConfig line {}: {key} is set by the operator (use the spec's own field)",
                     index + 1

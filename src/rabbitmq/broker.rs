@@ -5,7 +5,7 @@ use super::ha::{self, HaPlan, is_mirroring_definition};
 use super::management::ManagementClient;
 use super::version::RabbitVersion;
 use crate::api::HighAvailabilitySpec;
-use crate::error::{Error, Result};
+use crate::error::{BrokerReason, Error, Result};
 
 /// What the broker reported, and what the operator changed on it.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -34,7 +34,7 @@ pub async fn converge(
 ) -> Result<BrokerObservation> {
     let version_text = broker.rabbitmq_version().await?;
     let version = RabbitVersion::parse(&version_text).ok_or_else(|| Error::Broker {
-        reason: "BrokerBadResponse",
+        reason: BrokerReason::BrokerBadResponse,
         what: "GET /api/overview".into(),
         message: format!("unparsable rabbitmq_version {version_text:?}"),
     })?;

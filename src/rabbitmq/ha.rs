@@ -4,6 +4,7 @@ use serde_json::{Map, Value, json};
 
 use super::version::RabbitVersion;
 use crate::api::{HaMode, HighAvailabilityMode, HighAvailabilitySpec};
+use crate::error::SpecReason;
 
 /// What the broker reconcile makes true in every vhost.
 #[derive(Clone, Debug, PartialEq)]
@@ -28,7 +29,7 @@ pub struct MirroringPolicy {
 /// Why a spec's HA mode cannot run on a version.
 #[derive(Clone, Debug, PartialEq)]
 pub struct HaRefusal {
-    pub reason: &'static str,
+    pub reason: SpecReason,
     pub message: String,
 }
 
@@ -39,7 +40,7 @@ pub fn plan(spec: &HighAvailabilitySpec, version: RabbitVersion) -> Result<HaPla
     let quorum = |version: RabbitVersion| match version.vhost_default_queue_type_key() {
         Some(vhost_key) => Ok(HaPlan::QuorumDefault { vhost_key, stale_policy: stale_policy.clone() }),
         None => Err(HaRefusal {
-            reason: "QuorumDefaultUnsupported",
+            reason: SpecReason::QuorumDefaultUnsupported,
             message: format!(
                 "highAvailability.mode Quorum needs RabbitMQ 3.11 or later to set a vhost's default queue type; \
                  this cluster runs {version}: use ClassicMirrored or Auto"
@@ -55,7 +56,7 @@ pub fn plan(spec: &HighAvailabilitySpec, version: RabbitVersion) -> Result<HaPla
             Ok(HaPlan::ClassicMirroring(mirroring_policy(spec)))
         }
         HighAvailabilityMode::ClassicMirrored => Err(HaRefusal {
-            reason: "ClassicMirroringUnsupported",
+            reason: SpecReason::ClassicMirroringUnsupported,
             message: format!(
                 "highAvailability.mode ClassicMirrored: RabbitMQ {version} has no classic queue mirroring \
                  (removed in 4.0); use Quorum or Auto"
@@ -134,9 +135,9 @@ mod tests {
     #[test]
     fn refuses_what_the_version_cannot_do() {
         let mirrored_on_4 = plan(&spec(HighAvailabilityMode::ClassicMirrored), RabbitVersion::new(4, 0, 1));
-        assert_eq!(mirrored_on_4.unwrap_err().reason, "ClassicMirroringUnsupported");
+        assert_eq!(mirrored_on_4.unwrap_err().reason, SpecReason::ClassicMirroringUnsupported);
         let quorum_on_3_10 = plan(&spec(HighAvailabilityMode::Quorum), RabbitVersion::new(3, 10, 8));
-        assert_eq!(quorum_on_3_10.unwrap_err().reason, "QuorumDefaultUnsupported");
+        assert_eq!(quorum_on_3_10.unwrap_err().reason, SpecReason::QuorumDefaultUnsupported);
         assert_eq!(
             plan(&spec(HighAvailabilityMode::None), RabbitVersion::new(3, 10, 8)).unwrap(),
             HaPlan::Disabled { stale_policy: "ha-all".into() }

@@ -10,7 +10,7 @@ use reqwest::StatusCode;
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
 
-use crate::error::{Error, Result};
+use crate::error::{BrokerReason, Error, Result};
 
 /// A management API endpoint with the credentials to use it.
 #[derive(Clone)]
@@ -134,7 +134,7 @@ impl ManagementClient {
             .timeout(Duration::from_secs(15))
             .build()
             .map_err(|e| Error::Broker {
-                reason: "BrokerClientError",
+                reason: BrokerReason::BrokerClientError,
                 what: base_url.to_string(),
                 // reqwest's own text is only "builder error": the cause is in its sources.
                 message: std::iter::successors(Some(&e as &dyn std::error::Error), |e| e.source())
@@ -160,7 +160,7 @@ impl ManagementClient {
             request = request.json(&body);
         }
         let response = request.send().await.map_err(|e| Error::Broker {
-            reason: if e.is_timeout() { "BrokerTimeout" } else { "BrokerUnreachable" },
+            reason: if e.is_timeout() { BrokerReason::BrokerTimeout } else { BrokerReason::BrokerUnreachable },
             what: what.clone(),
             message: e.to_string(),
         })?;
@@ -171,7 +171,7 @@ impl ManagementClient {
         let text = match response.text().await {
             Ok(text) => text,
             Err(e) if status.is_success() => {
-                return Err(Error::Broker { reason: "BrokerUnreachable", what, message: e.to_string() });
+                return Err(Error::Broker { reason: BrokerReason::BrokerUnreachable, what, message: e.to_string() });
             }
             // The status says what went wrong; a body cut short adds nothing.
             Err(_) => String::new(),
@@ -180,9 +180,9 @@ impl ManagementClient {
             return Ok(Some(text));
         }
         let reason = match status {
-            StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => "BrokerUnauthorized",
-            s if s.is_server_error() => "BrokerUnavailable",
-            _ => "BrokerRejected",
+            StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => BrokerReason::BrokerUnauthorized,
+            s if s.is_server_error() => BrokerReason::BrokerUnavailable,
+            _ => BrokerReason::BrokerRejected,
         };
         let detail = serde_json::from_str::<Value>(&text)
             .ok()
@@ -196,7 +196,7 @@ impl ManagementClient {
             return Ok(None);
         };
         serde_json::from_str(&text).map(Some).map_err(|e| Error::Broker {
-            reason: "BrokerBadResponse",
+            reason: BrokerReason::BrokerBadResponse,
             what: format!("GET {path}"),
             message: e.to_string(),
         })
@@ -204,7 +204,7 @@ impl ManagementClient {
 
     async fn get_required<T: for<'de> Deserialize<'de>>(&self, path: &str) -> Result<T> {
         self.get_json(path).await?.ok_or_else(|| Error::Broker {
-            reason: "BrokerBadResponse",
+            reason: BrokerReason::BrokerBadResponse,
             what: format!("GET {path}"),
             message: "404 Not Found".into(),
         })
@@ -241,7 +241,7 @@ impl ManagementClient {
             .map(|q| serde_json::from_value(Value::Object(q)))
             .collect::<std::result::Result<_, _>>()
             .map_err(|e| Error::Broker {
-                reason: "BrokerBadResponse",
+                reason: BrokerReason::BrokerBadResponse,
                 what: format!("GET {path}"),
                 message: e.to_string(),
             })

@@ -17,7 +17,7 @@ use super::secrets::{PASSWORD_KEY, USERNAME_KEY};
 use super::services::{AMQP_PORT, MANAGEMENT_PORT};
 use super::{INSTANCE_LABEL, MANAGED_BY_LABEL, NAME_LABEL, client_service_name, default_user_secret_name};
 use crate::api::{MigrationEndpoint, RabbitMigration};
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, SpecReason};
 
 /// The Job's image when the resource names none: this operator's own release.
 pub const DEFAULT_IMAGE: &str = concat!("ghcr.io/warren-dev/warren:", env!("CARGO_PKG_VERSION"));
@@ -60,7 +60,7 @@ fn endpoint_env(side: &str, endpoint: &MigrationEndpoint, namespace: &str, domai
             }
             _ => {
                 return Err(Error::InvalidSpec {
-                    reason: "InvalidSpec",
+                    reason: SpecReason::InvalidSpec,
                     message: format!("{side}: set clusterRef, or host with credentialsSecret"),
                 });
             }
