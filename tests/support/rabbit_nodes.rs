@@ -316,6 +316,37 @@ fn secret_text(secret: &k8s_openapi::api::core::v1::Secret, key: &str) -> String
     String::from_utf8(bytes.0.clone()).unwrap_or_else(|e| panic!("Secret key {key}: {e}"))
 }
 
+impl PodTemplate {
+    /// What every pod of `cluster` gets, as the builders make it, and the rootfs of its version.
+    fn of(cluster: &ValidatedCluster, credentials: &Credentials) -> Self {
+        let version = cluster.image_version.expect("the harness's RabbitCluster names a version in its image tag");
+        let rootfs = rootfs(&format!("{}.{}", version.major, version.minor));
+        assert_eq!(
+            rootfs.version,
+            version.to_string(),
+            "the image names {version}, its rootfs holds {}",
+            rootfs.version
+        );
+        // The mount point of the test's temporary directory inside the rootfs.
+        let tmp = std::env::temp_dir();
+        std::fs::create_dir_all(rootfs.path.join(tmp.strip_prefix("/").unwrap_or(&tmp))).expect("tmp in the rootfs");
+        let objects = build::build(cluster, credentials);
+        PodTemplate {
+            config: objects.config_map.data.clone().unwrap_or_default(),
+            cookie: secret_text(&objects.erlang_cookie_secret, "cookie"),
+            default_user: secret_text(&objects.default_user_secret, "default_user.conf"),
+            env: objects
+                .stateful_set
+                .spec
+                .as_ref()
+                .and_then(|s| s.template.spec.as_ref())
+                .map(|p| p.containers[0].env.clone().unwrap_or_default())
+                .expect("the StatefulSet's container"),
+            rootfs,
+        }
+    }
+}
+
 impl NodeCluster {
     /// Builds the objects for `manifest` (a RabbitCluster) with the operator's builders and lays out
     /// one node per replica; nothing is started yet.
@@ -351,32 +382,8 @@ impl NodeCluster {
         resource.metadata.namespace = Some(NAMESPACE.into());
         resource.metadata.uid = Some("00000000-0000-4000-8000-00000000feed".into());
         let cluster = validate(&resource, &Settings::default()).expect("a valid RabbitCluster");
-        let version = cluster.image_version.expect("the harness's RabbitCluster names a version in its image tag");
-        let rootfs = rootfs(&format!("{}.{}", version.major, version.minor));
-        assert_eq!(
-            rootfs.version,
-            version.to_string(),
-            "the image names {version}, its rootfs holds {}",
-            rootfs.version
-        );
-        // The mount point of the test's temporary directory inside the rootfs.
-        let tmp = std::env::temp_dir();
-        std::fs::create_dir_all(rootfs.path.join(tmp.strip_prefix("/").unwrap_or(&tmp))).expect("tmp in the rootfs");
         let credentials = Credentials::generate();
-        let objects = build::build(&cluster, &credentials);
-        let template = PodTemplate {
-            config: objects.config_map.data.clone().unwrap_or_default(),
-            cookie: secret_text(&objects.erlang_cookie_secret, "cookie"),
-            default_user: secret_text(&objects.default_user_secret, "default_user.conf"),
-            env: objects
-                .stateful_set
-                .spec
-                .as_ref()
-                .and_then(|s| s.template.spec.as_ref())
-                .map(|p| p.containers[0].env.clone().unwrap_or_default())
-                .expect("the StatefulSet's container"),
-            rootfs,
-        };
+        let template = PodTemplate::of(&cluster, &credentials);
 
         let id = format!("{:04x}", rand::random::<u16>());
         let (bridge, subnet, first_host) = match shared_network {
