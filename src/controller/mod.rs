@@ -2,6 +2,7 @@
 //! broker, status (see `reconcile_cluster`); the RabbitMigration controller is in `migration`.
 
 pub mod apply;
+pub mod broker_step;
 pub mod build;
 pub mod dereference;
 pub mod migration;
@@ -19,28 +20,23 @@ use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{ConfigMap, ObjectReference, Secret, Service, ServiceAccount};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
-use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher;
 use kube::{Api, Client, Resource, ResourceExt};
 use tracing::Instrument;
 
 use self::apply::Applied;
 use self::dereference::Dereferenced;
-use self::status::Verdict;
 use self::stores::{Stores, Writers};
 use self::validate::{Settings, ValidatedCluster};
-use crate::api::{PAUSE_ANNOTATION, RabbitCluster, RabbitClusterStatus, RabbitMigration};
+use crate::api::{PAUSE_ANNOTATION, RabbitCluster, RabbitMigration};
 use crate::error::{Error, Result};
-use crate::rabbitmq::broker::{self, BrokerObservation};
-use crate::rabbitmq::management::ManagementClient;
 use crate::server::{Metrics, Phase, Readiness};
 
 /// How often a healthy cluster is looked at again (membership and partitions change without any
 /// Kubernetes event).
-const RESYNC: Duration = Duration::from_secs(60);
+pub(crate) const RESYNC: Duration = Duration::from_secs(60);
 /// Back-off bounds after a failure.
 const RETRY_MIN: Duration = Duration::from_secs(5);
 const RETRY_MAX: Duration = Duration::from_secs(300);
@@ -251,7 +247,7 @@ async fn reconcile_cluster(cluster: &RabbitCluster, ctx: &Context) -> Result<Act
     let paused = cluster.annotations().get(PAUSE_ANNOTATION).is_some_and(|v| v == "true");
     if paused {
         let message = format!("reconciliation paused by the annotation {PAUSE_ANNOTATION}");
-        write_status_early(cluster, ctx, "Paused", &message, None).await?;
+        status::write_early(cluster, ctx, "Paused", &message, None).await?;
         return Ok(Action::await_change());
     }
     let prepared = async {
@@ -269,8 +265,8 @@ async fn reconcile_cluster(cluster: &RabbitCluster, ctx: &Context) -> Result<Act
         Err(error) => return fail_early(cluster, ctx, error).await,
     };
     report_applied(cluster, ctx, &validated, &applied).await;
-    let observed = observe_broker(cluster, ctx, &validated, &world, scaling).await;
-    write_status(cluster, ctx, &validated, observed).await
+    let observed = broker_step::observe(cluster, ctx, &validated, &world, scaling).await;
+    status::write(cluster, ctx, &validated, observed).await
 }
 
 /// Fewer replicas: the nodes leave one at a time, each handed over first (controller::scale). The
@@ -310,163 +306,8 @@ async fn report_applied(cluster: &RabbitCluster, ctx: &Context, validated: &Vali
     }
 }
 
-/// What step 4 saw: the StatefulSet as its store holds it now, the broker when every pod is ready,
-/// a scale-down pass, and the first error.
-struct Observation {
-    stateful_set: Option<Arc<StatefulSet>>,
-    broker: Option<BrokerObservation>,
-    why_not_checked: String,
-    scaling: Option<scale::ScalePass>,
-    error: Option<Error>,
-    all_ready: bool,
-}
-
-/// Step 4: the broker (membership, HA, partitions) once every pod is ready, and the nodes a
-/// cluster still lists after their pods went (an operator restarted between a pod's removal and
-/// its forget).
-async fn observe_broker(
-    cluster: &RabbitCluster,
-    ctx: &Context,
-    validated: &ValidatedCluster,
-    world: &Dereferenced,
-    mut scaling: Option<scale::ScalePass>,
-) -> Observation {
-    let key = ObjectRef::new(&validated.stateful_set_name()).within(&validated.namespace);
-    let stateful_set = ctx.stores.stateful_sets.get(&key);
-    let (_, all_ready) = status::replicas_ready(stateful_set.as_deref(), validated.replicas);
-    let (broker, error) = if all_ready {
-        let expected: Vec<String> = (0..validated.replicas).map(|i| validated.node_name(i)).collect();
-        let outcome = async {
-            let credentials = &world.credentials;
-            let client =
-                ManagementClient::new(&ctx.management_url(validated), &credentials.username, &credentials.password)?;
-            broker::converge(&client, &expected, &validated.high_availability).await
-        }
-        .await;
-        match outcome {
-            Ok(observation) => (Some(observation), None),
-            Err(error) => (None, Some(error)),
-        }
-    } else {
-        (None, None)
-    };
-    if let Some(observation) = broker.as_ref().filter(|o| !o.actions.is_empty()) {
-        ctx.event(cluster, EventType::Normal, "BrokerConfigured", "Converge", observation.actions.join("; ")).await;
-    }
-    if let Some(error) = &error {
-        ctx.event(cluster, EventType::Warning, error.reason(), "Converge", error.to_string()).await;
-    }
-    if scaling.is_none()
-        && let (Some(observation), Some(current)) = (&broker, world.current_replicas)
-        && !observation.extra.is_empty()
-    {
-        let pass = scale::pass(ctx, cluster, validated, &world.credentials, current.max(validated.replicas)).await;
-        scaling = Some(pass);
-    }
-    if let Some(pass) = &scaling {
-        report_scaling(cluster, ctx, pass).await;
-    }
-    let why_not_checked = match &error {
-        Some(error) => format!("management API: {error}"),
-        None => "waiting for all pods to be ready".to_string(),
-    };
-    let error = scaling.as_mut().and_then(|s| s.error.take()).or(error);
-    Observation { stateful_set, broker, why_not_checked, scaling, error, all_ready }
-}
-
-/// Events of a scale-down pass: what it did, a node removed for good, a refusal.
-async fn report_scaling(cluster: &RabbitCluster, ctx: &Context, pass: &scale::ScalePass) {
-    if !pass.done.is_empty() {
-        ctx.event(cluster, EventType::Normal, "ScalingDown", "Scale", pass.done.join("; ")).await;
-    }
-    if let Some(node) = &pass.removed {
-        let note = format!("{node} left the cluster: its pod is gone and the cluster no longer lists it");
-        let pod = ObjectReference {
-            api_version: Some("v1".into()),
-            kind: Some("Pod".into()),
-            name: node.split_once('@').and_then(|(_, host)| host.split('.').next()).map(str::to_string),
-            namespace: cluster.namespace(),
-            ..ObjectReference::default()
-        };
-        ctx.event_related(cluster, "NodeRemoved", "Scale", pod, note).await;
-    }
-    if let Some(error) = &pass.error {
-        ctx.event(cluster, EventType::Warning, error.reason(), "Scale", error.to_string()).await;
-    }
-}
-
 async fn fail_early(cluster: &RabbitCluster, ctx: &Context, error: Error) -> Result<Action> {
     ctx.event(cluster, EventType::Warning, error.reason(), "Reconcile", error.to_string()).await;
-    write_status_early(cluster, ctx, error.reason(), &error.to_string(), Some(false)).await?;
+    status::write_early(cluster, ctx, error.reason(), &error.to_string(), Some(false)).await?;
     Err(error)
-}
-
-fn now() -> Time {
-    Time(jiff::Timestamp::now())
-}
-
-async fn write_status_early(
-    cluster: &RabbitCluster,
-    ctx: &Context,
-    reason: &str,
-    message: &str,
-    success: Option<bool>,
-) -> Result<()> {
-    let previous = cluster.status.clone().unwrap_or_default();
-    let verdicts = status::early_stop_verdicts(reason, message, success);
-    let conditions = status::merge_conditions(&previous.conditions, &verdicts, cluster.meta().generation, &now());
-    let next = RabbitClusterStatus { observed_generation: cluster.meta().generation, conditions, ..previous };
-    status::apply(&ctx.client, cluster, cluster.status.as_ref(), &next).await
-}
-
-/// Step 5: the conditions of a full pass, then what to do next.
-async fn write_status(
-    cluster: &RabbitCluster,
-    ctx: &Context,
-    validated: &ValidatedCluster,
-    observed: Observation,
-) -> Result<Action> {
-    let Observation { stateful_set, broker, why_not_checked, scaling, error, all_ready } = observed;
-    let mut verdicts = status::verdicts(&status::Observed {
-        desired_replicas: validated.replicas,
-        stateful_set: stateful_set.as_deref(),
-        broker: broker.as_ref().ok_or(why_not_checked),
-        error: error.as_ref(),
-    });
-    verdicts.push(match &scaling {
-        Some(pass) => pass.verdict.clone(),
-        None => status::steady_scaling(validated.replicas),
-    });
-    let next = cluster_status(cluster, validated, stateful_set.as_deref(), broker.as_ref(), &verdicts);
-    status::apply(&ctx.client, cluster, cluster.status.as_ref(), &next).await?;
-    match error {
-        Some(error) => Err(error),
-        None if scaling.as_ref().is_some_and(|s| s.in_progress) => Ok(Action::requeue(scale::SCALING_RESYNC)),
-        None if all_ready => Ok(Action::requeue(RESYNC)),
-        // Pod readiness changes arrive through the owned StatefulSet's watch; this is a safety net.
-        None => Ok(Action::requeue(Duration::from_secs(30))),
-    }
-}
-
-fn cluster_status(
-    cluster: &RabbitCluster,
-    validated: &ValidatedCluster,
-    stateful_set: Option<&StatefulSet>,
-    broker: Option<&BrokerObservation>,
-    verdicts: &[Verdict],
-) -> RabbitClusterStatus {
-    let previous = cluster.status.clone().unwrap_or_default();
-    let sts_status = stateful_set.and_then(|s| s.status.as_ref());
-    RabbitClusterStatus {
-        observed_generation: cluster.meta().generation,
-        rabbitmq_version: broker
-            .map(|b| b.version.clone())
-            .or_else(|| validated.image_version.map(|v| v.to_string()))
-            .or(previous.rabbitmq_version.clone()),
-        replicas: sts_status.map(|s| s.replicas).unwrap_or(0),
-        ready_replicas: sts_status.and_then(|s| s.ready_replicas).unwrap_or(0),
-        members: broker.map(|b| b.members.clone()).unwrap_or(previous.members.clone()),
-        warnings: validated.warnings.clone(),
-        conditions: status::merge_conditions(&previous.conditions, verdicts, cluster.meta().generation, &now()),
-    }
 }

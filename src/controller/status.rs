@@ -11,6 +11,14 @@ use kube::{Api, Client, Resource, ResourceExt};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
+use std::time::Duration;
+
+use kube::runtime::controller::Action;
+
+use super::broker_step::Observation;
+use super::validate::ValidatedCluster;
+use super::{Context, RESYNC, scale};
+use crate::api::{RabbitCluster, RabbitClusterStatus};
 use crate::error::{Error, Result};
 use crate::rabbitmq::broker::BrokerObservation;
 
@@ -207,4 +215,74 @@ pub fn merge_conditions(
 /// The `Scaling` condition when no scale-down is under way.
 pub fn steady_scaling(replicas: i32) -> Verdict {
     verdict(SCALING, Some(false), "Steady", format!("{replicas} replicas; the cluster lists exactly its pods"))
+}
+
+fn now() -> Time {
+    Time(jiff::Timestamp::now())
+}
+
+pub async fn write_early(
+    cluster: &RabbitCluster,
+    ctx: &Context,
+    reason: &str,
+    message: &str,
+    success: Option<bool>,
+) -> Result<()> {
+    let previous = cluster.status.clone().unwrap_or_default();
+    let verdicts = early_stop_verdicts(reason, message, success);
+    let conditions = merge_conditions(&previous.conditions, &verdicts, cluster.meta().generation, &now());
+    let next = RabbitClusterStatus { observed_generation: cluster.meta().generation, conditions, ..previous };
+    apply(&ctx.client, cluster, cluster.status.as_ref(), &next).await
+}
+
+/// The conditions of a full pass, then what to do next.
+pub async fn write(
+    cluster: &RabbitCluster,
+    ctx: &Context,
+    validated: &ValidatedCluster,
+    observed: Observation,
+) -> Result<Action> {
+    let Observation { stateful_set, broker, why_not_checked, scaling, error, all_ready } = observed;
+    let mut verdicts = verdicts(&Observed {
+        desired_replicas: validated.replicas,
+        stateful_set: stateful_set.as_deref(),
+        broker: broker.as_ref().ok_or(why_not_checked),
+        error: error.as_ref(),
+    });
+    verdicts.push(match &scaling {
+        Some(pass) => pass.verdict.clone(),
+        None => steady_scaling(validated.replicas),
+    });
+    let next = cluster_status(cluster, validated, stateful_set.as_deref(), broker.as_ref(), &verdicts);
+    apply(&ctx.client, cluster, cluster.status.as_ref(), &next).await?;
+    match error {
+        Some(error) => Err(error),
+        None if scaling.as_ref().is_some_and(|s| s.in_progress) => Ok(Action::requeue(scale::SCALING_RESYNC)),
+        None if all_ready => Ok(Action::requeue(RESYNC)),
+        // Pod readiness changes arrive through the owned StatefulSet's watch; this is a safety net.
+        None => Ok(Action::requeue(Duration::from_secs(30))),
+    }
+}
+
+fn cluster_status(
+    cluster: &RabbitCluster,
+    validated: &ValidatedCluster,
+    stateful_set: Option<&StatefulSet>,
+    broker: Option<&BrokerObservation>,
+    verdicts: &[Verdict],
+) -> RabbitClusterStatus {
+    let previous = cluster.status.clone().unwrap_or_default();
+    let sts_status = stateful_set.and_then(|s| s.status.as_ref());
+    RabbitClusterStatus {
+        observed_generation: cluster.meta().generation,
+        rabbitmq_version: broker
+            .map(|b| b.version.clone())
+            .or_else(|| validated.image_version.map(|v| v.to_string()))
+            .or(previous.rabbitmq_version.clone()),
+        replicas: sts_status.map(|s| s.replicas).unwrap_or(0),
+        ready_replicas: sts_status.and_then(|s| s.ready_replicas).unwrap_or(0),
+        members: broker.map(|b| b.members.clone()).unwrap_or(previous.members.clone()),
+        warnings: validated.warnings.clone(),
+        conditions: merge_conditions(&previous.conditions, verdicts, cluster.meta().generation, &now()),
+    }
 }

@@ -1,0 +1,103 @@
+//! Step 4 of reconcile: the broker seen through its management API (membership, HA, partitions)
+//! once every pod is ready, and the scale-down steps that follow from what it lists.
+
+use std::sync::Arc;
+
+use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::core::v1::ObjectReference;
+use kube::ResourceExt;
+use kube::runtime::events::EventType;
+use kube::runtime::reflector::ObjectRef;
+
+use super::dereference::Dereferenced;
+use super::validate::ValidatedCluster;
+use super::{Context, scale, status};
+use crate::api::RabbitCluster;
+use crate::error::Error;
+use crate::rabbitmq::broker::{self, BrokerObservation};
+use crate::rabbitmq::management::ManagementClient;
+
+/// What step 4 saw: the StatefulSet as its store holds it now, the broker when every pod is ready,
+/// a scale-down pass, and the first error.
+pub struct Observation {
+    pub stateful_set: Option<Arc<StatefulSet>>,
+    pub broker: Option<BrokerObservation>,
+    pub why_not_checked: String,
+    pub scaling: Option<scale::ScalePass>,
+    pub error: Option<Error>,
+    pub all_ready: bool,
+}
+
+/// Step 4: the broker (membership, HA, partitions) once every pod is ready, and the nodes a
+/// cluster still lists after their pods went (an operator restarted between a pod's removal and
+/// its forget).
+pub async fn observe(
+    cluster: &RabbitCluster,
+    ctx: &Context,
+    validated: &ValidatedCluster,
+    world: &Dereferenced,
+    mut scaling: Option<scale::ScalePass>,
+) -> Observation {
+    let key = ObjectRef::new(&validated.stateful_set_name()).within(&validated.namespace);
+    let stateful_set = ctx.stores.stateful_sets.get(&key);
+    let (_, all_ready) = status::replicas_ready(stateful_set.as_deref(), validated.replicas);
+    let (broker, error) = if all_ready {
+        let expected: Vec<String> = (0..validated.replicas).map(|i| validated.node_name(i)).collect();
+        let outcome = async {
+            let credentials = &world.credentials;
+            let client =
+                ManagementClient::new(&ctx.management_url(validated), &credentials.username, &credentials.password)?;
+            broker::converge(&client, &expected, &validated.high_availability).await
+        }
+        .await;
+        match outcome {
+            Ok(observation) => (Some(observation), None),
+            Err(error) => (None, Some(error)),
+        }
+    } else {
+        (None, None)
+    };
+    if let Some(observation) = broker.as_ref().filter(|o| !o.actions.is_empty()) {
+        ctx.event(cluster, EventType::Normal, "BrokerConfigured", "Converge", observation.actions.join("; ")).await;
+    }
+    if let Some(error) = &error {
+        ctx.event(cluster, EventType::Warning, error.reason(), "Converge", error.to_string()).await;
+    }
+    if scaling.is_none()
+        && let (Some(observation), Some(current)) = (&broker, world.current_replicas)
+        && !observation.extra.is_empty()
+    {
+        let pass = scale::pass(ctx, cluster, validated, &world.credentials, current.max(validated.replicas)).await;
+        scaling = Some(pass);
+    }
+    if let Some(pass) = &scaling {
+        report_scaling(cluster, ctx, pass).await;
+    }
+    let why_not_checked = match &error {
+        Some(error) => format!("management API: {error}"),
+        None => "waiting for all pods to be ready".to_string(),
+    };
+    let error = scaling.as_mut().and_then(|s| s.error.take()).or(error);
+    Observation { stateful_set, broker, why_not_checked, scaling, error, all_ready }
+}
+
+/// Events of a scale-down pass: what it did, a node removed for good, a refusal.
+async fn report_scaling(cluster: &RabbitCluster, ctx: &Context, pass: &scale::ScalePass) {
+    if !pass.done.is_empty() {
+        ctx.event(cluster, EventType::Normal, "ScalingDown", "Scale", pass.done.join("; ")).await;
+    }
+    if let Some(node) = &pass.removed {
+        let note = format!("{node} left the cluster: its pod is gone and the cluster no longer lists it");
+        let pod = ObjectReference {
+            api_version: Some("v1".into()),
+            kind: Some("Pod".into()),
+            name: node.split_once('@').and_then(|(_, host)| host.split('.').next()).map(str::to_string),
+            namespace: cluster.namespace(),
+            ..ObjectReference::default()
+        };
+        ctx.event_related(cluster, "NodeRemoved", "Scale", pod, note).await;
+    }
+    if let Some(error) = &pass.error {
+        ctx.event(cluster, EventType::Warning, error.reason(), "Scale", error.to_string()).await;
+    }
+}
