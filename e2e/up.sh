@@ -50,7 +50,9 @@ user=$(kubectl get secret demo-default-user -n default -o jsonpath='{.data.usern
 cat <<MSG
 
 Warren is up: Kubernetes $KUBERNETES_VERSION (control plane $(cat "$dir/server"), node $WARREN_NODE_NAME),
-the operator running in the cluster (kubectl logs -n warren-system deploy/warren), and RabbitCluster
+the operator running in the cluster as two replicas, one leading (the Lease holder: kubectl get lease
+-n warren-system warren; logs: kubectl logs -n warren-system -l app.kubernetes.io/name=warren --prefix),
+and RabbitCluster
 demo: three RabbitMQ $version pods, one cluster, Ready (quorum queues by default; the other
 generations' images are imported too: $RABBITMQ_IMAGE_3_10, $RABBITMQ_IMAGE_4_0).
 
