@@ -1,7 +1,8 @@
 //! The operator's errors. Each becomes a status condition reason and a Kubernetes Event.
 
-/// A closed set of reasons: each variant's name is the CamelCase reason Kubernetes shows.
-macro_rules! reasons {
+/// A closed set of names: each variant's name is the CamelCase word Kubernetes shows (a condition
+/// reason, a phase).
+macro_rules! named_enum {
     ($(#[$meta:meta])* $name:ident { $($(#[$variant_meta:meta])* $variant:ident),+ $(,)? }) => {
         $(#[$meta])*
         #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -24,8 +25,9 @@ macro_rules! reasons {
         }
     };
 }
+pub(crate) use named_enum;
 
-reasons! {
+named_enum! {
     /// Why a spec (or a manifest) is refused.
     SpecReason {
         InvalidSpec,
@@ -47,7 +49,7 @@ reasons! {
     }
 }
 
-reasons! {
+named_enum! {
     /// Why the management API failed.
     BrokerReason {
         BrokerUnreachable,

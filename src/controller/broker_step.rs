@@ -64,7 +64,7 @@ pub async fn observe(
         ctx.event(cluster, EventType::Warning, error.reason(), "Converge", error.to_string()).await;
     }
     if scaling.is_none()
-        && let (Some(observation), Some(current)) = (&broker, world.current_replicas)
+        && let (Some(observation), Some(current)) = (&broker, world.children.current_replicas())
         && !observation.extra.is_empty()
     {
         let pass = scale::pass(ctx, cluster, validated, &world.credentials, current.max(validated.replicas)).await;

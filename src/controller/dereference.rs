@@ -7,7 +7,6 @@ use std::sync::Arc;
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service, ServiceAccount};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
-use kube::Api;
 
 use super::Context;
 use super::build::secrets::{COOKIE_KEY, PASSWORD_KEY, USERNAME_KEY};
@@ -35,53 +34,43 @@ pub struct Children {
 pub struct Dereferenced {
     pub children: Children,
     pub credentials: Credentials,
-    /// The StatefulSet's replicas, when it exists.
-    pub current_replicas: Option<i32>,
-    /// The RabbitMQ version the StatefulSet's pods run, when its image says.
-    pub running_version: Option<RabbitVersion>,
 }
 
 /// Reads the cluster's objects from the stores (one GET for any the store does not hold yet) and
 /// checks the Secrets the spec names.
 pub async fn dereference(ctx: &Context, cluster: &ValidatedCluster) -> Result<Dereferenced> {
     let (ns, client, stores) = (cluster.namespace.as_str(), &ctx.client, &ctx.stores);
-    let secrets: Api<Secret> = Api::namespaced(client.clone(), ns);
-    let services: Api<Service> = Api::namespaced(client.clone(), ns);
     let children = Children {
-        stateful_set: cached(
-            &stores.stateful_sets,
-            &Api::namespaced(client.clone(), ns),
-            ns,
-            &cluster.stateful_set_name(),
-        )
-        .await?,
-        erlang_cookie_secret: cached(&stores.secrets, &secrets, ns, &cluster.erlang_cookie_secret_name()).await?,
-        default_user_secret: cached(&stores.secrets, &secrets, ns, &cluster.default_user_secret_name()).await?,
-        service_account: cached(
-            &stores.service_accounts,
-            &Api::namespaced(client.clone(), ns),
-            ns,
-            &cluster.service_account_name(),
-        )
-        .await?,
-        config_map: cached(&stores.config_maps, &Api::namespaced(client.clone(), ns), ns, &cluster.config_map_name())
-            .await?,
-        headless_service: cached(&stores.services, &services, ns, &cluster.headless_service_name()).await?,
-        client_service: cached(&stores.services, &services, ns, &cluster.client_service_name()).await?,
-        pod_disruption_budget: cached(&stores.budgets, &Api::namespaced(client.clone(), ns), ns, &cluster.name).await?,
+        stateful_set: cached(client, &stores.stateful_sets, ns, &cluster.stateful_set_name()).await?,
+        erlang_cookie_secret: cached(client, &stores.secrets, ns, &cluster.erlang_cookie_secret_name()).await?,
+        default_user_secret: cached(client, &stores.secrets, ns, &cluster.default_user_secret_name()).await?,
+        service_account: cached(client, &stores.service_accounts, ns, &cluster.service_account_name()).await?,
+        config_map: cached(client, &stores.config_maps, ns, &cluster.config_map_name()).await?,
+        headless_service: cached(client, &stores.services, ns, &cluster.headless_service_name()).await?,
+        client_service: cached(client, &stores.services, ns, &cluster.client_service_name()).await?,
+        pod_disruption_budget: cached(client, &stores.budgets, ns, &cluster.name).await?,
     };
-    check_tls_secrets(ctx, cluster, &secrets).await?;
+    check_tls_secrets(ctx, cluster).await?;
     let credentials = credentials(cluster, &children)?;
-    let current_replicas = children.stateful_set.as_ref().and_then(|s| s.spec.as_ref()).and_then(|s| s.replicas);
-    let running_version = children
-        .stateful_set
-        .as_ref()
-        .and_then(|s| s.spec.as_ref())
-        .and_then(|s| s.template.spec.as_ref())
-        .and_then(|p| p.containers.iter().find(|c| c.name == build::statefulset::RABBITMQ_CONTAINER))
-        .and_then(|c| c.image.as_deref())
-        .and_then(RabbitVersion::from_image);
-    Ok(Dereferenced { children, credentials, current_replicas, running_version })
+    Ok(Dereferenced { children, credentials })
+}
+
+impl Children {
+    /// The StatefulSet's replicas, when it exists.
+    pub fn current_replicas(&self) -> Option<i32> {
+        self.stateful_set.as_ref().and_then(|s| s.spec.as_ref()).and_then(|s| s.replicas)
+    }
+
+    /// The RabbitMQ version the StatefulSet's pods run, when its image says.
+    pub fn running_version(&self) -> Option<RabbitVersion> {
+        self.stateful_set
+            .as_ref()
+            .and_then(|s| s.spec.as_ref())
+            .and_then(|s| s.template.spec.as_ref())
+            .and_then(|p| p.containers.iter().find(|c| c.name == build::statefulset::RABBITMQ_CONTAINER))
+            .and_then(|c| c.image.as_deref())
+            .and_then(RabbitVersion::from_image)
+    }
 }
 
 fn secret_value(secret: &Secret, key: &str) -> Option<String> {
@@ -123,7 +112,7 @@ fn credentials(cluster: &ValidatedCluster, children: &Children) -> Result<Creden
 
 /// The Secrets spec.tls names exist and hold their keys (the store keeps only whether a key of a
 /// Secret the operator does not own is empty: see `stores::slim_secret`).
-async fn check_tls_secrets(ctx: &Context, cluster: &ValidatedCluster, secrets: &Api<Secret>) -> Result<()> {
+async fn check_tls_secrets(ctx: &Context, cluster: &ValidatedCluster) -> Result<()> {
     let Some(tls) = &cluster.tls else { return Ok(()) };
     let ca_secret = tls.ca_secret_name.as_deref().unwrap_or(&tls.secret_name);
     let mut required = vec![(tls.secret_name.as_str(), vec!["tls.crt", "tls.key"])];
@@ -132,7 +121,7 @@ async fn check_tls_secrets(ctx: &Context, cluster: &ValidatedCluster, secrets: &
         None => required.push((ca_secret, vec!["ca.crt"])),
     }
     for (name, keys) in required {
-        let secret = cached(&ctx.stores.secrets, secrets, &cluster.namespace, name).await?.ok_or_else(|| {
+        let secret = cached(&ctx.client, &ctx.stores.secrets, &cluster.namespace, name).await?.ok_or_else(|| {
             Error::SecretMissing {
                 name: name.to_string(),
                 message: "named by spec.tls does not exist in the cluster's namespace".into(),

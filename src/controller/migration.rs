@@ -17,25 +17,12 @@ use crate::api::{RabbitMigration, RabbitMigrationStatus};
 use crate::error::{Error, Result};
 use crate::migrate::report::Summary;
 
-/// Where a migration is, from its Job's status.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Phase {
-    Pending,
-    Running,
-    Succeeded,
-    Failed,
+crate::error::named_enum! {
+    /// Where a migration is, from its Job's status.
+    Phase { Pending, Running, Succeeded, Failed }
 }
 
 impl Phase {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Phase::Pending => "Pending",
-            Phase::Running => "Running",
-            Phase::Succeeded => "Succeeded",
-            Phase::Failed => "Failed",
-        }
-    }
-
     pub fn finished(self) -> bool {
         matches!(self, Phase::Succeeded | Phase::Failed)
     }
@@ -67,7 +54,7 @@ async fn reconcile_migration(migration: Arc<RabbitMigration>, ctx: Arc<Context>)
     let namespace = migration.namespace().unwrap_or_default();
     let jobs: Api<Job> = Api::namespaced(ctx.client.clone(), &namespace);
     let name = job_name(&migration);
-    let job = match super::stores::cached(&ctx.stores.jobs, &jobs, &namespace, &name).await? {
+    let job = match super::stores::cached(&ctx.client, &ctx.stores.jobs, &namespace, &name).await? {
         Some(job) => job,
         None => {
             let job = match migration_job(&migration, &ctx.migration_image, &ctx.settings.cluster_domain) {

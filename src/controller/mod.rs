@@ -179,7 +179,13 @@ pub async fn run(ctx: Arc<Context>, namespace: Option<String>, readiness: Readin
         .owns_stream(stores::reflect(scoped::<StatefulSet>(&client, ns), children.clone(), writers.stateful_sets))
         .owns_stream(stores::reflect(scoped::<Service>(&client, ns), children.clone(), writers.services))
         .owns_stream(stores::reflect(scoped::<ConfigMap>(&client, ns), children.clone(), writers.config_maps))
-        .owns_stream(stores::reflect_secrets(scoped::<Secret>(&client, ns), writers.secrets))
+        // Every Secret, not only the children: a cluster's TLS Secret is the user's.
+        .owns_stream(stores::reflect_slimmed(
+            scoped::<Secret>(&client, ns),
+            watcher::Config::default(),
+            writers.secrets,
+            stores::slim_secret,
+        ))
         .owns_stream(stores::reflect(scoped::<ServiceAccount>(&client, ns), children.clone(), writers.service_accounts))
         .owns_stream(stores::reflect(scoped::<PodDisruptionBudget>(&client, ns), children.clone(), writers.budgets))
         .shutdown_on_signal();
@@ -253,7 +259,7 @@ async fn reconcile_cluster(cluster: &RabbitCluster, ctx: &Context) -> Result<Act
     let prepared = async {
         let validated = validate::validate(cluster, &ctx.settings)?;
         let world = dereference::dereference(ctx, &validated).await?;
-        validate::check_in_place_upgrade(world.running_version, &validated)?;
+        validate::check_in_place_upgrade(world.children.running_version(), &validated)?;
         let (validated, scaling) = scale_before_apply(ctx, cluster, validated, &world).await;
         let applied =
             apply::apply(&ctx.client, &validated, build::build(&validated, &world.credentials), &world.children)
@@ -277,7 +283,7 @@ async fn scale_before_apply(
     validated: ValidatedCluster,
     world: &Dereferenced,
 ) -> (ValidatedCluster, Option<scale::ScalePass>) {
-    let Some(current) = world.current_replicas else { return (validated, None) };
+    let Some(current) = world.children.current_replicas() else { return (validated, None) };
     if validated.replicas >= current && !scale::in_progress(cluster) {
         return (validated, None);
     }

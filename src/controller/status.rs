@@ -2,29 +2,24 @@
 //! apply — for RabbitClusters and RabbitMigrations alike, here and nowhere else.
 
 use std::fmt::Debug;
+use std::time::Duration;
 
 use k8s_openapi::NamespaceResourceScope;
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::api::{Patch, PatchParams};
+use kube::runtime::controller::Action;
 use kube::{Api, Client, Resource, ResourceExt};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use std::time::Duration;
-
-use kube::runtime::controller::Action;
-
+use super::apply::FIELD_MANAGER;
 use super::broker_step::Observation;
 use super::validate::ValidatedCluster;
 use super::{Context, RESYNC, scale};
 use crate::api::{RabbitCluster, RabbitClusterStatus};
 use crate::error::{Error, Result};
 use crate::rabbitmq::broker::BrokerObservation;
-
-/// The field manager of every status the operator writes. Applied with force: status is the
-/// operator's alone, and fields an earlier version wrote by merge patch are taken over.
-pub const STATUS_FIELD_MANAGER: &str = "warren";
 
 /// Writes `next` as the status of `object` by server-side apply: a field left out is removed (a
 /// warning that no longer applies goes). Nothing is sent when the status already says it.
@@ -38,7 +33,9 @@ where
     }
     let api: Api<K> = Api::namespaced(client.clone(), &object.namespace().unwrap_or_default());
     let body = serde_json::json!({ "apiVersion": K::api_version(&()), "kind": K::kind(&()), "status": next });
-    let params = PatchParams::apply(STATUS_FIELD_MANAGER).force();
+    // The operator's one field manager, with force: status is the operator's alone, and fields an
+    // earlier version wrote by merge patch are taken over.
+    let params = PatchParams::apply(FIELD_MANAGER).force();
     api.patch_status(&object.name_any(), &params, &Patch::Apply(&body))
         .await
         .map_err(|e| Error::kube(format!("apply the status of {} {}", K::kind(&()), object.name_any()), e))?;

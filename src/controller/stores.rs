@@ -10,13 +10,14 @@ use std::sync::Arc;
 
 use futures::Stream;
 use k8s_openapi::ByteString;
+use k8s_openapi::NamespaceResourceScope;
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service, ServiceAccount};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use kube::runtime::reflector::{self, ObjectRef, Store, store::Writer};
 use kube::runtime::{WatchStreamExt, watcher};
-use kube::{Api, Resource, ResourceExt};
+use kube::{Api, Client, Resource, ResourceExt};
 use serde::de::DeserializeOwned;
 
 use super::build::MANAGED_BY_LABEL;
@@ -83,18 +84,19 @@ impl Stores {
 
 /// The object from its store; when the store does not hold it, from one GET (a store may not have
 /// seen a create yet).
-pub async fn cached<K>(store: &Store<K>, api: &Api<K>, namespace: &str, name: &str) -> Result<Option<Arc<K>>>
+pub async fn cached<K>(client: &Client, store: &Store<K>, namespace: &str, name: &str) -> Result<Option<Arc<K>>>
 where
-    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug,
+    K: Resource<DynamicType = (), Scope = NamespaceResourceScope> + Clone + DeserializeOwned + Debug,
 {
     if let Some(object) = store.get(&ObjectRef::new(name).within(namespace)) {
         return Ok(Some(object));
     }
+    let api: Api<K> = Api::namespaced(client.clone(), namespace);
     let fetched = api.get_opt(name).await.map_err(|e| Error::kube(format!("get {} {name}", K::kind(&())), e))?;
     Ok(fetched.map(Arc::new))
 }
 
-/// A watch that fills `writer`, keeping only what a reconcile reads: managed fields never are.
+/// A watch that fills `writer` with each object, less its managed fields (never read).
 pub fn reflect<K>(
     api: Api<K>,
     config: watcher::Config,
@@ -103,32 +105,37 @@ pub fn reflect<K>(
 where
     K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
 {
-    watcher(api, config)
-        .default_backoff()
-        .modify(|object: &mut K| object.managed_fields_mut().clear())
-        .reflect(writer)
-        .touched_objects()
+    reflect_slimmed(api, config, writer, without_managed_fields)
+}
+
+/// A watch that fills `writer` with each object as `slim` leaves it: only what a reconcile reads.
+pub fn reflect_slimmed<K>(
+    api: Api<K>,
+    config: watcher::Config,
+    writer: Writer<K>,
+    slim: fn(&mut K),
+) -> impl Stream<Item = std::result::Result<K, watcher::Error>> + Send + 'static
+where
+    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+{
+    watcher(api, config).default_backoff().modify(slim).reflect(writer).touched_objects()
+}
+
+fn without_managed_fields<K: Resource>(object: &mut K) {
+    object.managed_fields_mut().clear();
 }
 
 /// Secrets are watched in full (a cluster's TLS Secret is the user's, without the operator's
 /// label), but only the operator's own keep their values: of any other Secret the store keeps which
 /// keys are there and whether they are empty, all the TLS check asks.
 pub fn slim_secret(secret: &mut Secret) {
-    secret.managed_fields_mut().clear();
+    without_managed_fields(secret);
     if secret.labels().get(MANAGED_BY_LABEL).is_some_and(|v| v == "warren") {
         return;
     }
     for value in secret.data.iter_mut().flat_map(|data| data.values_mut()) {
         *value = ByteString(if value.0.is_empty() { Vec::new() } else { vec![1] });
     }
-}
-
-/// The Secret watch: every Secret of the watched namespaces, slimmed by [`slim_secret`].
-pub fn reflect_secrets(
-    api: Api<Secret>,
-    writer: Writer<Secret>,
-) -> impl Stream<Item = std::result::Result<Secret, watcher::Error>> + Send + 'static {
-    watcher(api, watcher::Config::default()).default_backoff().modify(slim_secret).reflect(writer).touched_objects()
 }
 
 #[cfg(test)]

@@ -53,13 +53,14 @@ fn is_transport(kind: &ErrorKind) -> bool {
 
 /// One lapin operation, bounded by [`ANSWER_WITHIN`]; no answer counts as a failed connection.
 pub async fn within<T>(what: &str, operation: impl Future<Output = Result<T, lapin::Error>>) -> Result<T, Failure> {
-    match tokio::time::timeout(ANSWER_WITHIN, operation).await {
-        Ok(Ok(value)) => Ok(value),
-        Ok(Err(error)) => Err(Failure::of(what, &error)),
-        Err(_) => {
-            Err(Failure { message: format!("{what}: no answer within {} s", ANSWER_WITHIN.as_secs()), transport: true })
-        }
-    }
+    bounded(what, async { operation.await.map_err(|error| Failure::of(what, &error)) }).await
+}
+
+/// Steps that fail on their own terms, bounded together by [`ANSWER_WITHIN`].
+pub async fn bounded<T>(what: &str, steps: impl Future<Output = Result<T, Failure>>) -> Result<T, Failure> {
+    tokio::time::timeout(ANSWER_WITHIN, steps).await.unwrap_or_else(|_| {
+        Err(Failure { message: format!("{what}: no answer within {} s", ANSWER_WITHIN.as_secs()), transport: true })
+    })
 }
 
 pub async fn connect(uri: &str, side: &str) -> Result<Connection, Failure> {

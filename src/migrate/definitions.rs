@@ -110,11 +110,10 @@ pub fn convert(exported: &Value, options: &Options, target: RabbitVersion) -> Co
 
     let queues: Vec<Value> = list(exported, "queues")
         .filter(|q| vhost_selected(q))
-        .filter(|q| options.queues.as_ref().is_none_or(|re| re.is_match(q["name"].as_str().unwrap_or_default())))
+        .filter(|q| options.queues.as_ref().is_none_or(|re| re.is_match(queue_key(q).1)))
         .map(|q| convert_queue(q, options, target, &mut notes, &mut kept_classic))
         .collect();
-    let queue_names: Vec<(&str, &str)> =
-        queues.iter().map(|q| (q["vhost"].as_str().unwrap_or("/"), q["name"].as_str().unwrap_or(""))).collect();
+    let queue_names: Vec<(&str, &str)> = queues.iter().map(queue_key).collect();
     let bindings: Vec<Value> = list(exported, "bindings")
         .filter(|b| vhost_selected(b))
         .filter(|b| {
@@ -167,7 +166,7 @@ fn convert_queue(
     notes: &mut Vec<String>,
     kept_classic: &mut Vec<KeptClassic>,
 ) -> Value {
-    let name = queue["name"].as_str().unwrap_or_default();
+    let (vhost, name) = queue_key(queue);
     let mut queue = queue.clone();
     let mut queue_type = queue_type(&queue).to_string();
     let mut arguments: Map<String, Value> = queue["arguments"].as_object().cloned().unwrap_or_default();
@@ -182,11 +181,7 @@ fn convert_queue(
                 queue_type = "quorum".into();
                 notes.push(format!("queue {name}: declared as a quorum queue"));
             }
-            Some(reason) => kept_classic.push(KeptClassic {
-                vhost: queue["vhost"].as_str().unwrap_or("/").to_string(),
-                name: name.to_string(),
-                reason,
-            }),
+            Some(reason) => kept_classic.push(KeptClassic { vhost: vhost.to_string(), name: name.to_string(), reason }),
         }
     }
     // A vhost's default queue type applies to queues declared without one: each queue says

@@ -15,7 +15,7 @@ use lapin::types::FieldTable;
 use lapin::{Acker, Channel, PublisherConfirm};
 
 use super::Options;
-use super::amqp::{ANSWER_WITHIN, Failure, close, connect, depth, within};
+use super::amqp::{Failure, bounded, close, connect, depth, within};
 use super::preflight::QueuePlan;
 use super::progress::{Progress, QueueBar};
 use super::report::QueueReport;
@@ -43,7 +43,7 @@ async fn settle(
     if batch.is_empty() {
         return Ok(());
     }
-    let settled = async {
+    let outcome = bounded("target confirms", async {
         let mut confirmed: Option<Acker> = None;
         for message in batch {
             let confirmation = message.confirm.await.map_err(|e| Failure::of("target confirm", &e))?;
@@ -61,13 +61,8 @@ async fn settle(
             last.ack(BasicAckOptions { multiple: true }).await.map_err(|e| Failure::of("source ack", &e))?;
         }
         Ok::<(), Failure>(())
-    };
-    let outcome = tokio::time::timeout(ANSWER_WITHIN, settled).await.unwrap_or_else(|_| {
-        Err(Failure {
-            message: format!("target confirms: no answer within {} s", ANSWER_WITHIN.as_secs()),
-            transport: true,
-        })
-    });
+    })
+    .await;
     if let Some(bar) = bar {
         bar.moved(report.moved);
     }
