@@ -122,6 +122,11 @@ struct MigrateArgs {
     /// Queues moved at the same time.
     #[arg(long, default_value_t = 8)]
     parallel_queues: usize,
+    /// Bytes of messages in flight, shared by the queues moving at once (64Mi, 1Gi, ...); a larger
+    /// message still moves, alone. Default: a quarter of the memory limit of this process's cgroup
+    /// (a Job's memory limit), else 128Mi.
+    #[arg(long, value_parser = warren::migrate::budget::parse_size)]
+    max_in_flight: Option<u64>,
     /// Also write a summary (totals, per-queue counts, the error) here, within 4 KiB: the
     /// migration Job points it at its container's termination message for the operator to read.
     #[arg(long, env = "WARREN_TERMINATION_LOG")]
@@ -165,6 +170,7 @@ async fn migrate(args: MigrateArgs) -> std::process::ExitCode {
         progress: bars,
         ..Options::new(source, target)
     };
+    let options = Options { max_in_flight_bytes: args.max_in_flight.unwrap_or(options.max_in_flight_bytes), ..options };
     let outcome = migrate(&options).await;
     if let Some(path) = &args.termination_log {
         let summary = match &outcome {

@@ -1,6 +1,7 @@
 //! Tier 1: the Job a RabbitMigration becomes, from the example manifest, with no API at all.
 
 use k8s_openapi::api::batch::v1::{Job, JobCondition, JobStatus};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use warren::api::RabbitMigration;
 use warren::controller::migration::{Phase, migration_job, phase};
 
@@ -29,7 +30,18 @@ fn the_job_runs_warren_migrate_with_credentials_only_from_secrets() {
     assert_eq!(pod.security_context.as_ref().and_then(|s| s.run_as_non_root), Some(true));
     let container = &pod.containers[0];
     assert_eq!(container.image.as_deref(), Some("warren:test"));
-    assert_eq!(container.args.clone().unwrap(), ["migrate", "--wait-for-consumers", "10m", "--convert-to-quorum"]);
+    // A quarter of the default 512Mi limit: 128 MiB in flight.
+    assert_eq!(
+        container.args.clone().unwrap(),
+        ["migrate", "--max-in-flight", "134217728", "--wait-for-consumers", "10m", "--convert-to-quorum"]
+    );
+    let resources = container.resources.clone().unwrap();
+    let quantity = |map: &Option<std::collections::BTreeMap<String, Quantity>>, key: &str| {
+        map.as_ref().and_then(|m| m.get(key)).map(|q| q.0.clone())
+    };
+    assert_eq!(quantity(&resources.requests, "memory").as_deref(), Some("128Mi"));
+    assert_eq!(quantity(&resources.requests, "cpu").as_deref(), Some("250m"));
+    assert_eq!(quantity(&resources.limits, "memory").as_deref(), Some("512Mi"));
     let env = container.env.clone().unwrap();
     let value = |name: &str| env.iter().find(|e| e.name == name).and_then(|e| e.value.clone());
     let secret = |name: &str| {
@@ -49,6 +61,39 @@ fn the_job_runs_warren_migrate_with_credentials_only_from_secrets() {
     assert_eq!(value("WARREN_TERMINATION_LOG").as_deref(), Some("/dev/termination-log"));
     assert_eq!(container.termination_message_path.as_deref(), Some("/dev/termination-log"));
     assert_eq!(container.termination_message_policy.as_deref(), Some("FallbackToLogsOnError"));
+}
+
+#[test]
+fn the_jobs_memory_and_in_flight_budget_come_from_the_spec() {
+    let mut migration = example();
+    migration.spec.resources = Some(
+        serde_json::from_value(serde_json::json!({
+            "requests": { "memory": "256Mi" },
+            "limits": { "memory": "2Gi", "cpu": "2" }
+        }))
+        .unwrap(),
+    );
+    let container = |migration: &RabbitMigration| {
+        let job = migration_job(migration, "warren:test", "cluster.local").expect("job");
+        job.spec.unwrap().template.spec.unwrap().containers.remove(0)
+    };
+    let sized = container(&migration);
+    let args = sized.args.unwrap();
+    assert_eq!(args[1..3], ["--max-in-flight", "536870912"], "a quarter of 2Gi");
+    let resources = sized.resources.unwrap();
+    let limits = resources.limits.unwrap();
+    assert_eq!((limits["memory"].0.as_str(), limits["cpu"].0.as_str()), ("2Gi", "2"));
+    let requests = resources.requests.unwrap();
+    assert_eq!((requests["memory"].0.as_str(), requests["cpu"].0.as_str()), ("256Mi", "250m"), "defaults fill in");
+
+    migration.spec.max_in_flight = Some("256Mi".into());
+    assert_eq!(container(&migration).args.unwrap()[2], "268435456");
+
+    // More than half the limit: a message can take twice its size while it is received.
+    migration.spec.max_in_flight = Some("1500Mi".into());
+    let error = migration_job(&migration, "warren:test", "cluster.local").expect_err("refused");
+    assert_eq!(error.reason(), "InvalidResources");
+    assert!(error.to_string().contains("spec.maxInFlight 1500Mi") && error.to_string().contains("2Gi"), "{error}");
 }
 
 #[test]

@@ -1,5 +1,6 @@
 //! The `RabbitMigration` custom resource: `warren migrate` run as a Kubernetes Job.
 
+use k8s_openapi::api::core::v1::ResourceRequirements;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::{CustomResource, KubeSchema};
 use serde::{Deserialize, Serialize};
@@ -57,6 +58,17 @@ pub struct RabbitMigrationSpec {
     /// Image of the Job (the operator's own image by default).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image: Option<String>,
+    /// The Job container's resources. Unset values default to requests cpu 250m and memory
+    /// 128Mi, and a memory limit of 512Mi.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<ResourceRequirements>,
+    /// Bytes of messages in flight at once (delivered by the source, not yet confirmed by the
+    /// target), shared by every queue moving at once, for example `64Mi`. A message larger than
+    /// this still moves, alone. Default: a quarter of the memory limit; at most a half of it,
+    /// since a message can take twice its size while it is received.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^[0-9]+(Ki|Mi|Gi|Ti|k|M|G|T)?$"))]
+    pub max_in_flight: Option<String>,
 }
 
 /// One side of a migration: a RabbitCluster of this namespace, or any broker by address.

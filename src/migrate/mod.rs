@@ -7,6 +7,7 @@
 //! source only once the target has confirmed it.
 
 pub mod amqp;
+pub mod budget;
 pub mod definitions;
 pub mod mover;
 pub mod preflight;
@@ -109,6 +110,9 @@ pub struct Options {
     pub window: u16,
     /// Queues moved at the same time.
     pub parallel_queues: usize,
+    /// Bytes of messages in flight (delivered by the source, not yet confirmed by the target),
+    /// shared by every queue moving at once; a larger message still moves, alone.
+    pub max_in_flight_bytes: u64,
     /// Progress bars on stderr (a terminal) rather than per-queue logs only.
     pub progress: bool,
     /// How long a queue keeps reconnecting after losing a connection before it stops.
@@ -130,6 +134,7 @@ impl Options {
             dry_run: false,
             window: 2000,
             parallel_queues: 8,
+            max_in_flight_bytes: budget::default_bytes(),
             progress: false,
             reconnect_for: mover::DEFAULT_RECONNECT_FOR,
         }

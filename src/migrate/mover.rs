@@ -8,14 +8,17 @@ use std::collections::VecDeque;
 use std::time::Duration;
 
 use futures::{FutureExt, StreamExt};
+use lapin::message::Delivery;
 use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions,
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions,
+    ConfirmSelectOptions,
 };
 use lapin::types::FieldTable;
-use lapin::{Acker, Channel, PublisherConfirm};
+use lapin::{Acker, Channel, Confirmation, Consumer, PublisherConfirm};
 
 use super::Options;
 use super::amqp::{Failure, bounded, close, connect, depth, within};
+use super::budget::{self, Budget, Held};
 use super::preflight::QueuePlan;
 use super::progress::{Progress, QueueBar};
 use super::report::QueueReport;
@@ -28,11 +31,51 @@ struct InFlight {
     acker: Acker,
     redelivered: bool,
     confirm: PublisherConfirm,
+    /// The message's bytes in the budget, given back once it is settled.
+    _held: Held,
 }
 
-/// Waits for the target's verdict on the `count` oldest messages, in order, then acknowledges the
-/// confirmed ones on the source with one `multiple` ack (everything older is settled already) and
-/// gives back each one the target refused (nacked, or returned as unroutable).
+/// The target's verdicts, taken in order: the source is acknowledged with one `multiple` ack up to
+/// the newest confirmed message (everything older is settled already), and each message the
+/// target refused (nacked, or returned as unroutable) is given back to the source.
+#[derive(Default)]
+struct Verdicts {
+    confirmed: Option<Acker>,
+}
+
+impl Verdicts {
+    async fn take(
+        &mut self,
+        message: InFlight,
+        confirmation: lapin::Result<Confirmation>,
+        report: &mut QueueReport,
+    ) -> Result<(), Failure> {
+        let confirmation = confirmation.map_err(|e| Failure::of("target confirm", &e))?;
+        if confirmation.is_ack() && confirmation.take_message().is_none() {
+            self.confirmed = Some(message.acker);
+            report.moved += 1;
+            report.possible_duplicates += u64::from(message.redelivered);
+        } else {
+            let requeue = BasicNackOptions { multiple: false, requeue: true };
+            message.acker.nack(requeue).await.map_err(|e| Failure::of("source nack", &e))?;
+            report.refused += 1;
+        }
+        Ok(())
+    }
+
+    async fn acknowledge(self, bar: Option<&QueueBar>, report: &QueueReport) -> Result<(), Failure> {
+        if let Some(last) = self.confirmed {
+            last.ack(BasicAckOptions { multiple: true }).await.map_err(|e| Failure::of("source ack", &e))?;
+        }
+        if let Some(bar) = bar {
+            bar.moved(report.moved);
+        }
+        Ok(())
+    }
+}
+
+/// Waits for the target's verdict on the `count` oldest messages, in order, and settles them on
+/// the source.
 async fn settle(
     pending: &mut VecDeque<InFlight>,
     count: usize,
@@ -43,36 +86,40 @@ async fn settle(
     if batch.is_empty() {
         return Ok(());
     }
-    let outcome = bounded("target confirms", async {
-        let mut confirmed: Option<Acker> = None;
-        for message in batch {
-            let confirmation = message.confirm.await.map_err(|e| Failure::of("target confirm", &e))?;
-            if confirmation.is_ack() && confirmation.take_message().is_none() {
-                confirmed = Some(message.acker);
-                report.moved += 1;
-                report.possible_duplicates += u64::from(message.redelivered);
-            } else {
-                let requeue = BasicNackOptions { multiple: false, requeue: true };
-                message.acker.nack(requeue).await.map_err(|e| Failure::of("source nack", &e))?;
-                report.refused += 1;
-            }
+    bounded("target confirms", async {
+        let mut verdicts = Verdicts::default();
+        for mut message in batch {
+            let confirmation = (&mut message.confirm).await;
+            verdicts.take(message, confirmation, report).await?;
         }
-        if let Some(last) = confirmed {
-            last.ack(BasicAckOptions { multiple: true }).await.map_err(|e| Failure::of("source ack", &e))?;
-        }
-        Ok::<(), Failure>(())
+        verdicts.acknowledge(bar, report).await
     })
-    .await;
-    if let Some(bar) = bar {
-        bar.moved(report.moved);
+    .await
+}
+
+/// Settles the oldest message, whose verdict came, and every one after it whose verdict is in
+/// too, without waiting for more.
+async fn settle_confirmed(
+    pending: &mut VecDeque<InFlight>,
+    oldest: lapin::Result<Confirmation>,
+    report: &mut QueueReport,
+    bar: Option<&QueueBar>,
+) -> Result<(), Failure> {
+    let mut verdicts = Verdicts::default();
+    let mut confirmation = Some(oldest);
+    while let Some(result) = confirmation.take() {
+        let Some(message) = pending.pop_front() else { break };
+        verdicts.take(message, result, report).await?;
+        confirmation = pending.front_mut().and_then(|next| (&mut next.confirm).now_or_never());
     }
-    outcome
+    verdicts.acknowledge(bar, report).await
 }
 
 /// One attempt at a queue. A `transport` failure (a connection to either broker could not be made
 /// or is gone) is worth another attempt; a broker refusing something is not.
 async fn drain_queue(
     options: &Options,
+    lot: &Lot<'_>,
     plan: &QueuePlan,
     report: &mut QueueReport,
     bar: Option<&QueueBar>,
@@ -91,7 +138,6 @@ async fn drain_queue(
         let from = within("open a source channel", source.create_channel()).await?;
         let to = within("open a target channel", target.create_channel()).await?;
         within("confirm.select", to.confirm_select(ConfirmSelectOptions::default())).await?;
-        within("basic.qos", from.basic_qos(options.window, BasicQosOptions::default())).await?;
         depth(&to, &plan.name).await.map_err(|e| e.context("target"))?;
         // A later attempt (after a lost connection) moves what is there now; the report keeps
         // the depth the queue had when its move began.
@@ -99,7 +145,7 @@ async fn drain_queue(
         if first_attempt {
             report.source_before = there;
         }
-        let moving = Moving { options, plan, report: &mut *report, bar };
+        let moving = Moving { options, plan, report: &mut *report, bar, budget: lot.budget, share: lot.share };
         moving.relay(&from, &to, there).await?;
         // Deliveries prefetched beyond what was moved go back to the queue with the channel.
         let _ = tokio::time::timeout(Duration::from_secs(5), from.close(200, "done".into())).await;
@@ -123,27 +169,45 @@ struct Moving<'a> {
     plan: &'a QueuePlan,
     report: &'a mut QueueReport,
     bar: Option<&'a QueueBar>,
+    budget: &'a Budget,
+    /// This queue's part of the budget: what its prefetch is sized to.
+    share: u64,
+}
+
+/// What came first while the queue waited.
+enum Event {
+    Delivery(Result<Option<lapin::Result<Delivery>>, tokio::time::error::Elapsed>),
+    Confirmed(lapin::Result<Confirmation>),
+}
+
+/// A consumer on the source queue with `prefetch` unacknowledged deliveries at most (basic.qos
+/// without `global` applies to the consumers started after it).
+async fn subscribe(from: &Channel, queue: &str, prefetch: u16) -> Result<Consumer, Failure> {
+    within("basic.qos", from.basic_qos(prefetch, BasicQosOptions::default())).await?;
+    within(
+        "basic.consume",
+        from.basic_consume(queue.into(), "".into(), BasicConsumeOptions::default(), FieldTable::default()),
+    )
+    .await
 }
 
 impl Moving<'_> {
     /// Consumes the source queue and publishes each message, with every property, to the queue of
-    /// the same name on the target, up to a window unconfirmed: until `there` messages came (the
-    /// depth when the attempt began) or, with --follow, until the queue stayed empty for the idle
-    /// timeout.
+    /// the same name on the target, up to a window (and the budget's bytes) unconfirmed: until
+    /// `there` messages came (the depth when the attempt began) or, with --follow, until the queue
+    /// stayed empty for the idle timeout.
+    ///
+    /// The prefetch is sized for the largest message seen (the queue's average before the first):
+    /// when a larger one comes, the consumer is cancelled, what it was already sent is moved, and a
+    /// new consumer with a smaller prefetch takes over, so the order of the queue is kept.
     async fn relay(self, from: &Channel, to: &Channel, there: u64) -> Result<(), Failure> {
-        let Moving { options, plan, report, bar } = self;
-        let mut consumer = within(
-            "basic.consume",
-            from.basic_consume(
-                plan.name.as_str().into(),
-                "warren-migrate".into(),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            ),
-        )
-        .await?;
+        let Moving { options, plan, report, bar, budget, share } = self;
         let idle = if options.follow { options.idle_timeout } else { Duration::from_secs(3) };
         let window = usize::from(options.window);
+        let mut largest = plan.average_message_bytes();
+        let mut prefetch = largest.map_or(1, |bytes| budget::prefetch(share, bytes, options.window));
+        let mut consumer = subscribe(from, &plan.name, prefetch).await?;
+        let mut resubscribing = false;
         let mut pending: VecDeque<InFlight> = VecDeque::with_capacity(window);
         let mut received = 0u64;
         loop {
@@ -151,22 +215,58 @@ impl Moving<'_> {
             if !options.follow && received >= there {
                 break;
             }
-            // A delivery already buffered is taken without arming a timer.
-            let next = match consumer.next().now_or_never() {
-                Some(next) => Ok(next),
-                None => tokio::time::timeout(idle, consumer.next()).await,
+            // A delivery already buffered is taken without arming a timer; otherwise the oldest
+            // confirm is awaited beside the next delivery, so bytes go back to the budget (and
+            // acks to the source) as soon as the target confirmed.
+            let event = match consumer.next().now_or_never() {
+                Some(next) => Event::Delivery(Ok(next)),
+                None => match pending.front_mut() {
+                    None => Event::Delivery(tokio::time::timeout(idle, consumer.next()).await),
+                    Some(oldest) => tokio::select! {
+                        next = tokio::time::timeout(idle, consumer.next()) => Event::Delivery(next),
+                        confirmation = &mut oldest.confirm => Event::Confirmed(confirmation),
+                    },
+                },
             };
-            match next {
-                Err(_) => {
+            match event {
+                Event::Confirmed(confirmation) => settle_confirmed(&mut pending, confirmation, report, bar).await?,
+                Event::Delivery(Err(_)) => {
                     settle(&mut pending, window, report, bar).await?;
                     if !options.follow || depth(from, &plan.name).await? == 0 {
                         break;
                     }
                 }
-                Ok(None) => return Err(Failure::refused("the source cancelled the consumer (queue deleted?)")),
-                Ok(Some(Err(e))) => return Err(Failure::of("source", &e)),
-                Ok(Some(Ok(delivery))) => {
+                Event::Delivery(Ok(None)) if resubscribing => {
+                    resubscribing = false;
+                    let sized_for = largest.unwrap_or(share);
+                    prefetch = budget::prefetch(share, sized_for, options.window);
+                    consumer = subscribe(from, &plan.name, prefetch).await?;
+                }
+                Event::Delivery(Ok(None)) => {
+                    return Err(Failure::refused("the source cancelled the consumer (queue deleted?)"));
+                }
+                Event::Delivery(Ok(Some(Err(e)))) => return Err(Failure::of("source", &e)),
+                Event::Delivery(Ok(Some(Ok(delivery)))) => {
                     received += 1;
+                    let size = delivery.data.len();
+                    let sized_for = largest.map_or(size as u64, |bytes| bytes.max(size as u64));
+                    largest = Some(sized_for);
+                    let wanted = budget::prefetch(share, sized_for, options.window);
+                    if !resubscribing && (wanted < prefetch || wanted / 2 >= prefetch) {
+                        let tag = consumer.tag();
+                        within("basic.cancel", from.basic_cancel(tag, BasicCancelOptions::default())).await?;
+                        resubscribing = true;
+                    }
+                    let held = match budget.try_take(size) {
+                        Some(held) => held,
+                        None => {
+                            // What this queue holds goes back first: two queues each waiting
+                            // for the other's bytes would wait forever.
+                            let all = pending.len();
+                            settle(&mut pending, all, report, bar).await?;
+                            budget.take(size).await
+                        }
+                    };
                     let publish = BasicPublishOptions { mandatory: true, ..Default::default() };
                     // Same properties and body, byte for byte, to the queue of the same name.
                     let confirm = to
@@ -179,7 +279,8 @@ impl Moving<'_> {
                         )
                         .await
                         .map_err(|e| Failure::of("publish to the target", &e))?;
-                    pending.push_back(InFlight { acker: delivery.acker, redelivered: delivery.redelivered, confirm });
+                    let redelivered = delivery.redelivered;
+                    pending.push_back(InFlight { acker: delivery.acker, redelivered, confirm, _held: held });
                     if pending.len() >= window {
                         settle(&mut pending, window / 4 + 1, report, bar).await?;
                     }
@@ -216,7 +317,13 @@ fn explain(error: String) -> String {
     }
 }
 
-async fn move_queue(options: &Options, plan: QueuePlan, progress: Option<&Progress>) -> QueueReport {
+/// The budget and each queue's part of it: the budget split between the queues that move at once.
+struct Lot<'a> {
+    budget: &'a Budget,
+    share: u64,
+}
+
+async fn move_queue(options: &Options, lot: &Lot<'_>, plan: QueuePlan, progress: Option<&Progress>) -> QueueReport {
     let mut report = QueueReport {
         vhost: plan.vhost.clone(),
         name: plan.name.clone(),
@@ -225,7 +332,7 @@ async fn move_queue(options: &Options, plan: QueuePlan, progress: Option<&Progre
     };
     tracing::info!(vhost = %plan.vhost, queue = %plan.name, messages = plan.messages, "moving queue");
     let bar = progress.map(|p| p.queue(&plan.vhost, &plan.name, plan.messages));
-    let mut outcome = drain_queue(options, &plan, &mut report, bar.as_ref(), true).await;
+    let mut outcome = drain_queue(options, lot, &plan, &mut report, bar.as_ref(), true).await;
     // A lost connection: what was unconfirmed went back to the source queue (redelivered, so
     // counted as a possible duplicate when it comes again); reconnect and go on from there.
     let mut lost_since: Option<tokio::time::Instant> = None;
@@ -239,7 +346,7 @@ async fn move_queue(options: &Options, plan: QueuePlan, progress: Option<&Progre
         tokio::time::sleep(pause).await;
         pause = (pause * 2).min(Duration::from_secs(10));
         let moved_before = report.moved;
-        outcome = drain_queue(options, &plan, &mut report, bar.as_ref(), false).await;
+        outcome = drain_queue(options, lot, &plan, &mut report, bar.as_ref(), false).await;
         if report.moved > moved_before {
             // Progress again: a later loss gets the whole budget anew.
             lost_since = None;
@@ -270,8 +377,12 @@ pub const DEFAULT_RECONNECT_FOR: Duration = RECONNECT_FOR;
 /// With `options.progress`, bars on the terminal.
 pub async fn move_all(options: &Options, queues: &[QueuePlan]) -> Vec<QueueReport> {
     let progress = options.progress.then(|| Progress::new(queues.iter().map(|q| q.messages).sum()));
+    let budget = Budget::new(options.max_in_flight_bytes);
+    let at_once = options.parallel_queues.clamp(1, queues.len().max(1));
+    let lot = Lot { budget: &budget, share: budget.bytes() / at_once as u64 };
+    tracing::info!(bytes = budget.bytes(), share = lot.share, queues_at_once = at_once, "in-flight budget");
     let reports = futures::stream::iter(queues.iter().cloned())
-        .map(|plan| move_queue(options, plan, progress.as_ref()))
+        .map(|plan| move_queue(options, &lot, plan, progress.as_ref()))
         .buffer_unordered(options.parallel_queues.max(1))
         .collect()
         .await;

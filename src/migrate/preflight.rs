@@ -19,7 +19,17 @@ pub struct QueuePlan {
     pub name: String,
     /// Ready messages when preflight looked.
     pub messages: u64,
+    /// Their bytes (bodies), when the statistics had them.
+    pub bytes: u64,
     pub queue_type: String,
+}
+
+impl QueuePlan {
+    /// The average size of the queue's messages when preflight looked; `None` when the
+    /// statistics did not say (the mover then sizes its prefetch from the first message).
+    pub fn average_message_bytes(&self) -> Option<u64> {
+        (self.messages > 0 && self.bytes > 0).then(|| self.bytes.div_ceil(self.messages))
+    }
 }
 
 /// What preflight found and decided.
@@ -73,6 +83,8 @@ struct QueueStats {
     messages_ready: u64,
     #[serde(default)]
     messages_unacknowledged: u64,
+    #[serde(default)]
+    message_bytes_ready: u64,
     #[serde(default)]
     consumers: u64,
     #[serde(default)]
@@ -310,6 +322,7 @@ fn queues_to_move(source_queues: &[QueueStats], definitions: &Value) -> Vec<Queu
             vhost: q.vhost.clone(),
             name: q.name.clone(),
             messages: q.messages_ready,
+            bytes: q.message_bytes_ready,
             queue_type: q.queue_type.clone(),
         })
         .collect()

@@ -6,6 +6,7 @@ pub mod amqp;
 pub mod generations;
 pub mod kube_mock;
 pub mod management_fake;
+pub mod memory;
 pub mod rabbit_broker;
 pub mod rabbit_nodes;
 pub mod scaling;

@@ -16,8 +16,9 @@ use kube::{Resource, ResourceExt};
 use super::secrets::{PASSWORD_KEY, USERNAME_KEY};
 use super::services::{AMQP_PORT, MANAGEMENT_PORT};
 use super::{INSTANCE_LABEL, MANAGED_BY_LABEL, NAME_LABEL, client_service_name, default_user_secret_name};
-use crate::api::{MigrationEndpoint, RabbitMigration};
+use crate::api::{MigrationEndpoint, RabbitMigration, RabbitMigrationSpec};
 use crate::error::{Error, Result, SpecReason};
+use crate::migrate::budget;
 
 /// The Job's image when the resource names none: this operator's own release.
 pub const DEFAULT_IMAGE: &str = concat!("ghcr.io/warren-dev/warren:", env!("CARGO_PKG_VERSION"));
@@ -74,10 +75,46 @@ fn endpoint_env(side: &str, endpoint: &MigrationEndpoint, namespace: &str, domai
     ])
 }
 
+/// Memory of the Job's container when the spec does not say.
+pub const DEFAULT_MEMORY_REQUEST: &str = "128Mi";
+pub const DEFAULT_MEMORY_LIMIT: &str = "512Mi";
+const DEFAULT_CPU_REQUEST: &str = "250m";
+
+fn invalid(message: String) -> Error {
+    Error::InvalidSpec { reason: SpecReason::InvalidResources, message }
+}
+
+/// The container's resources: the spec's, with the defaults for what it leaves out.
+fn resources(spec: &RabbitMigrationSpec) -> ResourceRequirements {
+    let mut resources = spec.resources.clone().unwrap_or_default();
+    let requests = resources.requests.get_or_insert_with(BTreeMap::new);
+    requests.entry("cpu".into()).or_insert_with(|| Quantity(DEFAULT_CPU_REQUEST.into()));
+    requests.entry("memory".into()).or_insert_with(|| Quantity(DEFAULT_MEMORY_REQUEST.into()));
+    let limits = resources.limits.get_or_insert_with(BTreeMap::new);
+    limits.entry("memory".into()).or_insert_with(|| Quantity(DEFAULT_MEMORY_LIMIT.into()));
+    resources
+}
+
+/// The in-flight budget in bytes: the spec's, or a share of the memory limit; refused when the
+/// limit could not hold it.
+fn max_in_flight(spec: &RabbitMigrationSpec, resources: &ResourceRequirements) -> Result<u64> {
+    let limit = resources.limits.as_ref().and_then(|l| l.get("memory")).map(|q| q.0.as_str()).unwrap_or_default();
+    let limit_bytes = budget::parse_size(limit).map_err(|e| invalid(format!("spec.resources.limits.memory: {e}")))?;
+    let Some(asked) = &spec.max_in_flight else { return Ok(budget::for_limit(limit_bytes)) };
+    let bytes = budget::parse_size(asked).map_err(|e| invalid(format!("spec.maxInFlight: {e}")))?;
+    if bytes == 0 || bytes > limit_bytes / 2 {
+        return Err(invalid(format!(
+            "spec.maxInFlight {asked} must be more than 0 and at most half of the memory limit {limit} (a message \
+             can take twice its size while it is received): lower it or raise spec.resources.limits.memory"
+        )));
+    }
+    Ok(bytes)
+}
+
 /// `warren migrate` and its flags, from the spec.
-fn args(migration: &RabbitMigration) -> Vec<String> {
+fn args(migration: &RabbitMigration, max_in_flight: u64) -> Vec<String> {
     let spec = &migration.spec;
-    let mut args = vec!["migrate".to_string()];
+    let mut args = vec!["migrate".to_string(), "--max-in-flight".into(), max_in_flight.to_string()];
     for vhost in &spec.vhosts {
         args.extend(["--vhost".into(), vhost.clone()]);
     }
@@ -105,6 +142,8 @@ fn args(migration: &RabbitMigration) -> Vec<String> {
 pub fn migration_job(migration: &RabbitMigration, default_image: &str, domain: &str) -> Result<Job> {
     let namespace = migration.namespace().unwrap_or_default();
     let spec = &migration.spec;
+    let resources = resources(spec);
+    let max_in_flight = max_in_flight(spec, &resources)?;
     let mut env = endpoint_env("source", &spec.source, &namespace, domain)?;
     env.extend(endpoint_env("target", &spec.target, &namespace, domain)?);
     env.push(value_env("WARREN_LOG_FORMAT".into(), "json".into()));
@@ -126,7 +165,7 @@ pub fn migration_job(migration: &RabbitMigration, default_image: &str, domain: &
     let container = Container {
         name: "migrate".into(),
         image: Some(spec.image.clone().unwrap_or_else(|| default_image.to_string())),
-        args: Some(args(migration)),
+        args: Some(args(migration, max_in_flight)),
         env: Some(env),
         termination_message_path: Some(TERMINATION_LOG.into()),
         termination_message_policy: Some("FallbackToLogsOnError".into()),
@@ -136,14 +175,7 @@ pub fn migration_job(migration: &RabbitMigration, default_image: &str, domain: &
             capabilities: Some(Capabilities { drop: Some(vec!["ALL".into()]), ..Default::default() }),
             ..Default::default()
         }),
-        resources: Some(ResourceRequirements {
-            requests: Some(BTreeMap::from([
-                ("cpu".to_string(), Quantity("250m".into())),
-                ("memory".to_string(), Quantity("128Mi".into())),
-            ])),
-            limits: Some(BTreeMap::from([("memory".to_string(), Quantity("512Mi".into()))])),
-            ..Default::default()
-        }),
+        resources: Some(resources),
         ..Default::default()
     };
     let pod = PodSpec {
