@@ -49,9 +49,11 @@ e2e: deps control-plane node
 	$(CARGO) build --locked
 	e2e/with-control-plane.sh --node $(CARGO) test --locked --features e2e --test e2e_node -- --test-threads=1
 
-## bench: prints figures: `warren migrate` vs the Shovel plugin on the same brokers; the operator
-## watching 200 RabbitClusters (time to apply, memory, CPU).
+## bench: prints figures: `warren migrate` vs the Shovel plugin and a PerfTest ceiling on the same
+## brokers, the migrator's peak memory; the operator watching 200 then 1,000 RabbitClusters (time
+## to apply, memory, CPU).
 bench: deps rootfs control-plane
+	e2e/perftest.sh > /dev/null
 	$(CARGO) bench --locked --features benchmarks --bench migrate_vs_shovel
 	e2e/with-control-plane.sh $(CARGO) bench --locked --features e2e --bench controller_scale
 

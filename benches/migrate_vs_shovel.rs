@@ -1,16 +1,22 @@
 //! `make bench`: `warren migrate` against the Shovel plugin (dynamic shovels, ack-mode
-//! on-confirm), moving the same load between the same two brokers (single-node RabbitMQ 3.10.8 from
-//! the tier-2 harness, on one pod network): 100,000 persistent 1 KiB messages in one queue, then
-//! over 20 queues. Prints messages per second side by side.
+//! on-confirm) and against a ceiling, moving the same load between the same two brokers
+//! (single-node RabbitMQ 3.10.8 from the tier-2 harness, on one pod network): 100,000 persistent
+//! 1 KiB messages in one queue, then over 20 queues. The ceiling is RabbitMQ PerfTest (from Maven
+//! Central, e2e/perftest.sh) consuming the source with manual acks while a second PerfTest
+//! publishes as many messages with confirms into the target, at the same time: what the two
+//! brokers can do with no relay between them. Prints messages per second side by side, then the
+//! migrator's peak memory on 16 MiB messages under a 256 MiB cgroup and on a million small ones.
 
 #[path = "../tests/support/mod.rs"]
 mod support;
 
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions};
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Connection, ConnectionProperties};
+use support::memory::{MemoryGroup, Scratch, measure, migrate_command, publish_large};
 use support::rabbit_nodes::NodeCluster;
 use warren::migrate::{Endpoint, Options, migrate};
 
@@ -113,16 +119,119 @@ async fn with_shovel(source: &NodeCluster, target: &NodeCluster, queues: &[Strin
     f64::from(MESSAGES) / started.elapsed().as_secs_f64()
 }
 
+/// The jars of RabbitMQ PerfTest, fetched once per machine.
+fn perftest_classpath() -> String {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/e2e/perftest.sh");
+    let output = Command::new(script).stderr(Stdio::inherit()).output().expect("e2e/perftest.sh");
+    assert!(output.status.success(), "e2e/perftest.sh: {}", output.status);
+    format!("{}/*", String::from_utf8_lossy(&output.stdout).trim())
+}
+
+/// PerfTest's own average of `what` ("sending" or "receiving") from its summary line.
+fn perftest_rate(output: &std::process::Output, what: &str) -> f64 {
+    let text = String::from_utf8_lossy(&output.stdout);
+    let needle = format!("{what} rate avg: ");
+    text.lines()
+        .find_map(|line| line.split_once(&needle).map(|(_, rest)| rest.split_whitespace().next().unwrap_or("")))
+        .and_then(|rate| rate.parse().ok())
+        .unwrap_or_else(|| panic!("PerfTest printed no {what} rate ({}):\n{text}", output.status))
+}
+
+/// The ceiling: a PerfTest consumer on the source (manual acks, the prefetch of warren's window,
+/// one multiple ack per quarter of it) and a PerfTest producer into the target (persistent 1 KiB
+/// messages, the window in unconfirmed publishes), started together. The slower of the two rates.
+async fn with_perftest(classpath: &str, source: &NodeCluster, target: &NodeCluster, queues: &[String]) -> f64 {
+    let per_queue = MESSAGES / queues.len() as u32;
+    fill(source, queues, per_queue).await;
+    let connection = Connection::connect(&url(target), ConnectionProperties::default()).await.expect("connect");
+    let channel = connection.create_channel().await.expect("channel");
+    for queue in queues {
+        let durable = QueueDeclareOptions { durable: true, ..Default::default() };
+        channel.queue_declare(queue.as_str().into(), durable, FieldTable::default()).await.expect("declare");
+    }
+    let (n, per_queue) = (queues.len().to_string(), per_queue.to_string());
+    // The queues are `<prefix>0`..`<prefix><n-1>`.
+    let prefix = queues[0].strip_suffix('0').expect("queues numbered from 0");
+    let (pattern, last) = (format!("{prefix}%d"), (queues.len() - 1).to_string());
+    let run = |uri: String, role: &[&str]| {
+        let mut command = Command::new("java");
+        command.args(["-cp", classpath, "com.rabbitmq.perf.PerfTest", "--uri", &uri, "--predeclared"]);
+        command.args(["--queue-pattern", &pattern, "--queue-pattern-from", "0", "--queue-pattern-to", &last]);
+        command.args(role).stdout(Stdio::piped()).stderr(Stdio::null());
+        command.spawn().expect("java (PerfTest)")
+    };
+    let consumer = run(url(source), &["-x", "0", "-y", &n, "-q", "2000", "-A", "500", "-D", &per_queue]);
+    let producer =
+        run(url(target), &["-x", &n, "-y", "0", "-C", &per_queue, "-s", "1024", "-f", "persistent", "-c", "2000"]);
+    let (consumed, published) = (consumer.wait_with_output(), producer.wait_with_output());
+    let (consumed, published) = (consumed.expect("PerfTest consumer"), published.expect("PerfTest producer"));
+    let mut arrived = 0;
+    for queue in queues {
+        arrived += depth(&channel, queue).await;
+    }
+    assert_eq!(arrived, MESSAGES, "the PerfTest producer's messages on the target");
+    perftest_rate(&consumed, "receiving").min(perftest_rate(&published, "sending"))
+}
+
+/// Peak memory of `warren migrate` (this build's binary): four queues of four 16 MiB messages
+/// under a 256 MiB memory cgroup (the budget from the group's limit), then a million small
+/// messages in one queue (no limit).
+async fn memory(source: &NodeCluster, target: &NodeCluster) {
+    const MIB: usize = 1024 * 1024;
+    let scratch = Scratch::create("bench-memory");
+    let report = scratch.0.join("report.json");
+    let connection = Connection::connect(&url(source), ConnectionProperties::default()).await.expect("connect");
+    let channel = connection.create_channel().await.expect("channel");
+    for queue in 0..4 {
+        let durable = QueueDeclareOptions { durable: true, ..Default::default() };
+        let name = format!("large-{queue}");
+        channel.queue_declare(name.as_str().into(), durable, FieldTable::default()).await.expect("declare");
+        publish_large(&url(source), queue, 4, 16 * MIB).await;
+    }
+    let group = MemoryGroup::create("bench", 256 * MIB as u64);
+    let large = measure(migrate_command(Some(&group), source, target, &report), Duration::from_secs(600)).await;
+    assert!(large.status.success(), "warren migrate: {}", large.status);
+    let (oom_kills, _) = group.oom_kills_and_failcnt();
+
+    let queue = vec!["events".to_string()];
+    fill(source, &queue, 1_000_000).await;
+    let small = measure(migrate_command(None, source, target, &report), Duration::from_secs(1200)).await;
+    assert!(small.status.success(), "warren migrate: {}", small.status);
+    println!("warren migrate's memory (peak resident set of the process)");
+    println!(
+        "  {:<52} {:>8.1} MiB (cgroup peak {:.1} MiB, OOM kills {oom_kills})",
+        "4 queues x 4 messages of 16 MiB, 256 MiB cgroup",
+        large.peak_rss_kib as f64 / 1024.0,
+        group.peak_bytes() as f64 / MIB as f64
+    );
+    println!(
+        "  {:<52} {:>8.1} MiB (largest sampled: first half {:.1} MiB, second half {:.1} MiB)",
+        "1,000,000 messages of 1 KiB in one queue",
+        small.peak_rss_kib as f64 / 1024.0,
+        small.largest_between(0.0, 0.5) as f64 / 1024.0,
+        small.largest_between(0.5, 1.0) as f64 / 1024.0
+    );
+}
+
 #[tokio::main]
 async fn main() {
+    let classpath = perftest_classpath();
     let (source, target) = NodeCluster::started_pair(&cluster("bench-src"), &cluster("bench-dst")).await;
     println!("warren migrate vs the Shovel plugin: {MESSAGES} persistent 1 KiB messages, RabbitMQ 3.10.8 to 3.10.8");
-    println!("  {:<28} {:>14} {:>14} {:>8}", "load", "warren msg/s", "shovel msg/s", "ratio");
+    println!(
+        "  {:<12} {:>15} {:>13} {:>13} {:>11} {:>11}",
+        "load", "ceiling msg/s", "warren msg/s", "shovel msg/s", "of ceiling", "vs shovel"
+    );
     for (label, count) in [("1 queue", 1usize), ("20 queues", 20)] {
-        let ours: Vec<String> = (0..count).map(|i| format!("warren-{count}-{i}")).collect();
-        let theirs: Vec<String> = (0..count).map(|i| format!("shovel-{count}-{i}")).collect();
-        let warren = with_warren(&source, &target, &ours).await;
-        let shovel = with_shovel(&source, &target, &theirs).await;
-        println!("  {label:<28} {warren:>14.0} {shovel:>14.0} {:>7.2}x", warren / shovel);
+        let names = |who: &str| (0..count).map(|i| format!("{who}-{count}-{i}")).collect::<Vec<String>>();
+        let ceiling = with_perftest(&classpath, &source, &target, &names("perftest")).await;
+        let warren = with_warren(&source, &target, &names("warren")).await;
+        let shovel = with_shovel(&source, &target, &names("shovel")).await;
+        println!(
+            "  {label:<12} {ceiling:>15.0} {warren:>13.0} {shovel:>13.0} {:>10.2}x {:>10.2}x",
+            warren / ceiling,
+            warren / shovel
+        );
     }
+    memory(&source, &target).await;
 }

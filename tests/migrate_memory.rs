@@ -7,12 +7,8 @@ mod support;
 
 use std::time::Duration;
 
-use lapin::options::{BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions};
-use lapin::types::{AMQPValue, FieldTable, ShortString};
-use lapin::{BasicProperties, Connection, ConnectionProperties};
-use sha2::{Digest, Sha256};
 use support::generations::manifest;
-use support::memory::{MemoryGroup, measure};
+use support::memory::{MemoryGroup, Scratch, assert_large_arrived, measure, migrate_command, publish_large};
 use support::rabbit_nodes::NodeCluster;
 
 const MIB: usize = 1024 * 1024;
@@ -30,17 +26,6 @@ async fn declare(nodes: &NodeCluster, queue: &str) {
     nodes.api_put(0, &format!("/api/queues/%2F/{queue}"), body).await.expect("declare queue");
 }
 
-/// The environment of `warren migrate` between the two, run as a process of its own.
-fn migrate_env(old: &NodeCluster, new: &NodeCluster) -> Vec<(&'static str, String)> {
-    vec![
-        ("WARREN_SOURCE_URI", url(old)),
-        ("WARREN_SOURCE_API", old.management_url(0)),
-        ("WARREN_TARGET_URI", url(new)),
-        ("WARREN_TARGET_API", new.management_url(0)),
-        ("WARREN_LOG", "warn,lapin=off".into()),
-    ]
-}
-
 /// Ready messages of `queue`, as the broker counts them now.
 async fn live_depth(nodes: &NodeCluster, queue: &str) -> u64 {
     use warren::migrate::amqp;
@@ -49,25 +34,6 @@ async fn live_depth(nodes: &NodeCluster, queue: &str) -> u64 {
     let depth = amqp::depth(&channel, queue).await.expect("passive declare");
     amqp::close(connection, "counted").await;
     depth
-}
-
-/// A body no compression or deduplication could shrink, different for every (queue, index).
-fn large_body(queue: usize, index: usize, size: usize) -> Vec<u8> {
-    let mut state = 0x9E37_79B9_7F4A_7C15u64 ^ ((queue as u64) << 32 | index as u64);
-    let mut body = Vec::with_capacity(size);
-    while body.len() < size {
-        // xorshift64*
-        state ^= state >> 12;
-        state ^= state << 25;
-        state ^= state >> 27;
-        body.extend_from_slice(&state.wrapping_mul(0x2545_F491_4F6C_DD1D).to_le_bytes());
-    }
-    body.truncate(size);
-    body
-}
-
-fn digest(body: &[u8]) -> String {
-    hex::encode(Sha256::digest(body))
 }
 
 fn report_of(path: &std::path::Path) -> serde_json::Value {
@@ -80,40 +46,18 @@ async fn large_messages_move_within_a_256_mib_memory_limit_and_arrive_intact() {
     const PER_QUEUE: usize = 4;
     const SIZE: usize = 16 * MIB;
     let (old, new) = pair().await;
-    let connection = Connection::connect(&url(&old), ConnectionProperties::default()).await.expect("connect");
-    let channel = connection.create_channel().await.expect("channel");
-    channel.confirm_select(ConfirmSelectOptions::default()).await.expect("confirms");
     for queue in 0..QUEUES {
-        let name = format!("large-{queue}");
-        declare(&old, &name).await;
-        for index in 0..PER_QUEUE {
-            let body = large_body(queue, index, SIZE);
-            let headers = FieldTable::from(std::collections::BTreeMap::from([(
-                ShortString::from("sha256"),
-                AMQPValue::LongString(digest(&body).into()),
-            )]));
-            let properties = BasicProperties::default()
-                .with_delivery_mode(2)
-                .with_message_id(index.to_string().into())
-                .with_headers(headers);
-            let confirm = channel
-                .basic_publish("".into(), name.as_str().into(), BasicPublishOptions::default(), &body, properties)
-                .await
-                .expect("publish");
-            assert!(confirm.await.expect("confirm").is_ack(), "{name}: message {index} not confirmed");
-        }
+        declare(&old, &format!("large-{queue}")).await;
+        publish_large(&url(&old), queue, PER_QUEUE, SIZE).await;
     }
-    let _ = connection.close(200, "filled".into()).await;
 
     let limit = 256 * MIB as u64;
     let group = MemoryGroup::create("large", limit);
-    let dir = std::env::temp_dir().join(format!("warren-memory-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("report dir");
-    let report = dir.join("large.json");
+    let scratch = Scratch::create("memory-large");
+    let report = scratch.0.join("report.json");
     // No --max-in-flight: the budget comes from the group's limit, as in a Job.
-    let mut command = group.command(env!("CARGO_BIN_EXE_warren"), &["migrate", "--report", &report.to_string_lossy()]);
-    command.envs(migrate_env(&old, &new)).stdout(std::process::Stdio::null());
-    let usage = measure(command.spawn().expect("warren migrate"), Duration::from_secs(600)).await;
+    let migrator = migrate_command(Some(&group), &old, &new, &report);
+    let usage = measure(migrator, Duration::from_secs(600)).await;
     let (oom_kills, failcnt) = group.oom_kills_and_failcnt();
     let charged = group.peak_bytes();
     println!(
@@ -125,33 +69,13 @@ async fn large_messages_move_within_a_256_mib_memory_limit_and_arrive_intact() {
     assert_eq!(oom_kills, 0, "the migrator was OOM-killed");
     assert!(usage.status.success(), "warren migrate: {}", usage.status);
     let summary = report_of(&report);
-    let _ = std::fs::remove_dir_all(&dir);
     assert_eq!(summary["complete"], true, "{summary}");
     assert!(usage.peak_rss_kib * 1024 < limit, "resident set at the limit");
 
     // Every message, in order, every byte, its header kept.
-    let connection = Connection::connect(&url(&new), ConnectionProperties::default()).await.expect("connect");
-    let channel = connection.create_channel().await.expect("channel");
     for queue in 0..QUEUES {
-        let name = format!("large-{queue}");
-        for index in 0..PER_QUEUE {
-            let message = channel
-                .basic_get(name.as_str().into(), BasicGetOptions { no_ack: true })
-                .await
-                .expect("basic.get")
-                .unwrap_or_else(|| panic!("{name}: message {index} missing on the target"));
-            let properties = &message.delivery.properties;
-            assert_eq!(properties.message_id().as_ref().map(|m| m.as_str()), Some(index.to_string().as_str()));
-            let data = &message.delivery.data;
-            assert_eq!(data.len(), SIZE, "{name}/{index}: size");
-            assert!(*data == large_body(queue, index, SIZE), "{name}/{index}: the body changed");
-            let header = properties.headers().as_ref().and_then(|h| h.inner().get("sha256").cloned());
-            assert_eq!(header, Some(AMQPValue::LongString(digest(data).into())), "{name}/{index}: header");
-        }
-        let extra = channel.basic_get(name.as_str().into(), BasicGetOptions { no_ack: true }).await.expect("get");
-        assert!(extra.is_none(), "{name}: a duplicate on the target");
+        assert_large_arrived(&url(&new), queue, PER_QUEUE, SIZE).await;
     }
-    let _ = connection.close(200, "checked".into()).await;
 }
 
 #[tokio::test]
@@ -159,19 +83,19 @@ async fn a_million_small_messages_move_with_a_flat_resident_set() {
     const MESSAGES: u32 = 1_000_000;
     let (old, new) = pair().await;
     declare(&old, "events").await;
-    let (confirmed, error) = support::amqp::publish(&url(&old), "events", 0..MESSAGES, 5_000).await;
-    assert_eq!((confirmed.len(), error), (MESSAGES as usize, None), "filling the source");
+    // Four publishers at once (the count matters here, not the order).
+    let url = url(&old);
+    let quarters =
+        (0..4).map(|i| support::amqp::publish(&url, "events", i * MESSAGES / 4..(i + 1) * MESSAGES / 4, 5_000));
+    for (confirmed, error) in futures::future::join_all(quarters).await {
+        assert_eq!((confirmed.len(), error), (MESSAGES as usize / 4, None), "filling the source");
+    }
 
-    let dir = std::env::temp_dir().join(format!("warren-memory-{}-small", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("report dir");
-    let report = dir.join("small.json");
-    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_warren"));
-    command.args(["migrate", "--report", &report.to_string_lossy()]).envs(migrate_env(&old, &new));
-    let child = command.stdout(std::process::Stdio::null()).spawn().expect("warren migrate");
-    let usage = measure(child, Duration::from_secs(1200)).await;
+    let scratch = Scratch::create("memory-small");
+    let report = scratch.0.join("report.json");
+    let usage = measure(migrate_command(None, &old, &new, &report), Duration::from_secs(1200)).await;
     assert!(usage.status.success(), "warren migrate: {}", usage.status);
     let summary = report_of(&report);
-    let _ = std::fs::remove_dir_all(&dir);
     assert_eq!(summary["complete"], true, "{summary}");
     let queue = &summary["queues"][0];
     assert_eq!((queue["moved"].as_u64(), queue["source_after"].as_u64()), (Some(u64::from(MESSAGES)), Some(0)));

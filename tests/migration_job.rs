@@ -66,6 +66,7 @@ fn the_job_runs_warren_migrate_with_credentials_only_from_secrets() {
 #[test]
 fn the_jobs_memory_and_in_flight_budget_come_from_the_spec() {
     let mut migration = example();
+    migration.spec.max_in_flight = None;
     migration.spec.resources = Some(
         serde_json::from_value(serde_json::json!({
             "requests": { "memory": "256Mi" },

@@ -1,6 +1,7 @@
-//! `make bench`: the operator (release build, the chart's RBAC) watching 200 RabbitClusters on the
-//! local control plane. Prints how long from creating them to all their children applied, the
-//! operator's resident memory and CPU time while doing it and while idle, and what it wrote.
+//! `make bench`: the operator (release build, the chart's RBAC) watching 200, then 1,000
+//! RabbitClusters on the local control plane. Prints how long from creating them to all their
+//! children applied, the operator's resident memory (empty, with 200 and with 1,000, per cluster)
+//! and CPU time while applying and while idle, and what it wrote.
 
 #[path = "../tests/support/mod.rs"]
 mod support;
@@ -15,8 +16,10 @@ use support::operator::Operator;
 use support::{TestNamespace, admin_client, ensure_crds, writes_by};
 use warren::api::RabbitCluster;
 
-const CLUSTERS: usize = 200;
+const FIRST: usize = 200;
+const ALL: usize = 1000;
 const IDLE: Duration = Duration::from_secs(60);
+const SETTLE: Duration = Duration::from_secs(20);
 
 /// Resident set (now and peak, KiB) and CPU time (user + system, seconds) of a process.
 fn usage(pid: u32) -> (u64, u64, f64) {
@@ -37,6 +40,44 @@ fn usage(pid: u32) -> (u64, u64, f64) {
     (kib("VmRSS:"), kib("VmHWM:"), ticks / 100.0)
 }
 
+/// Creates RabbitClusters `bench-<i>` for `range`, 16 at a time.
+async fn create(clusters: &Api<RabbitCluster>, range: std::ops::Range<usize>) {
+    futures::stream::iter(range)
+        .map(|i| {
+            let clusters = clusters.clone();
+            async move {
+                let cluster: RabbitCluster = serde_json::from_value(serde_json::json!({
+                    "apiVersion": "warren.dev/v1alpha1", "kind": "RabbitCluster",
+                    "metadata": { "name": format!("bench-{i:04}") },
+                    "spec": { "replicas": 3 }
+                }))
+                .expect("RabbitCluster");
+                clusters.create(&PostParams::default(), &cluster).await.expect("create RabbitCluster");
+            }
+        })
+        .buffer_unordered(16)
+        .collect::<Vec<_>>()
+        .await;
+}
+
+/// Waits until `count` StatefulSets exist: the StatefulSet is the last child applied, so that
+/// many means every child of that many clusters is there.
+async fn wait_applied(stateful_sets: &Api<StatefulSet>, count: usize, started: Instant) -> Duration {
+    let selector = ListParams::default().labels("app.kubernetes.io/managed-by=warren");
+    loop {
+        let n = stateful_sets.list_metadata(&selector).await.expect("list StatefulSets").items.len();
+        if n >= count {
+            return started.elapsed();
+        }
+        assert!(started.elapsed() < Duration::from_secs(1800), "only {n} of {count} clusters applied after 30 min");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+fn mib(kib: u64) -> String {
+    format!("{:.1} MiB", kib as f64 / 1024.0)
+}
+
 #[tokio::main]
 async fn main() {
     ensure_crds().await;
@@ -48,70 +89,64 @@ async fn main() {
     let (rss_empty, _, cpu_empty) = usage(pid);
 
     let clusters: Api<RabbitCluster> = Api::namespaced(client.clone(), &ns.name);
-    let started = Instant::now();
-    futures::stream::iter(0..CLUSTERS)
-        .map(|i| {
-            let clusters = clusters.clone();
-            async move {
-                let cluster: RabbitCluster = serde_json::from_value(serde_json::json!({
-                    "apiVersion": "warren.dev/v1alpha1", "kind": "RabbitCluster",
-                    "metadata": { "name": format!("bench-{i:03}") },
-                    "spec": { "replicas": 3 }
-                }))
-                .expect("RabbitCluster");
-                clusters.create(&PostParams::default(), &cluster).await.expect("create RabbitCluster");
-            }
-        })
-        .buffer_unordered(16)
-        .collect::<Vec<_>>()
-        .await;
-    let created_in = started.elapsed();
-
-    // The StatefulSet is the last child applied: 200 of them means every child is there.
     let stateful_sets: Api<StatefulSet> = Api::namespaced(client.clone(), &ns.name);
-    let selector = ListParams::default().labels("app.kubernetes.io/managed-by=warren");
-    loop {
-        let n = stateful_sets.list_metadata(&selector).await.expect("list StatefulSets").items.len();
-        if n == CLUSTERS {
-            break;
-        }
-        assert!(started.elapsed() < Duration::from_secs(900), "only {n} of {CLUSTERS} clusters applied after 15 min");
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
-    let applied_in = started.elapsed();
-    let (rss_busy, rss_peak, cpu_busy) = usage(pid);
+    let started = Instant::now();
+    create(&clusters, 0..FIRST).await;
+    let created_in = started.elapsed();
+    let applied_in = wait_applied(&stateful_sets, FIRST, started).await;
+    let (_, _, cpu_busy) = usage(pid);
 
     // Let the StatefulSet controller's pods and the resulting status updates settle, then idle.
-    tokio::time::sleep(Duration::from_secs(20)).await;
+    tokio::time::sleep(SETTLE).await;
+    let (rss_first, _, _) = usage(pid);
     let writes_before = writes_by(&operator.user).len();
     let reconciles_before = operator.reconciles().await;
     let (_, _, cpu_idle_start) = usage(pid);
     tokio::time::sleep(IDLE).await;
-    let (rss_idle, rss_peak_end, cpu_idle_end) = usage(pid);
+    let (rss_idle, _, cpu_idle_end) = usage(pid);
     let idle_writes = writes_by(&operator.user).len() - writes_before;
     let idle_reconciles = operator.reconciles().await - reconciles_before;
     let total_writes = writes_by(&operator.user).len();
 
-    println!("warren controller scale benchmark: {CLUSTERS} RabbitClusters (3 replicas each), one namespace");
-    println!("  {:<52} {:>10.2} s", "create the RabbitClusters (16 in flight)", created_in.as_secs_f64());
-    println!("  {:<52} {:>10.2} s", "from first create to all children applied", applied_in.as_secs_f64());
-    println!("  {:<52} {:>10.2} s", "operator CPU time while applying", cpu_busy - cpu_empty);
-    println!("  {:<52} {:>10} requests", "operator writes in total (children, status, events)", total_writes);
-    println!("  {:<52} {:>10.1} MiB", "operator RSS, no clusters", rss_empty as f64 / 1024.0);
-    println!("  {:<52} {:>10.1} MiB", "operator RSS, right after applying", rss_busy as f64 / 1024.0);
-    println!("  {:<52} {:>10.1} MiB", "operator RSS peak", rss_peak.max(rss_peak_end) as f64 / 1024.0);
+    let more = Instant::now();
+    create(&clusters, FIRST..ALL).await;
+    let more_applied_in = wait_applied(&stateful_sets, ALL, more).await;
+    tokio::time::sleep(SETTLE).await;
+    let (rss_all, rss_peak, _) = usage(pid);
+    let per_cluster = |rss: u64, n: usize| (rss.saturating_sub(rss_empty)) as f64 / n as f64;
+
+    println!("warren controller scale benchmark: RabbitClusters of 3 replicas, one namespace, one operator");
+    println!("  {:<56} {:>12.2} s", format!("create {FIRST} RabbitClusters (16 in flight)"), created_in.as_secs_f64());
     println!(
-        "  {:<52} {:>10.1} MiB",
-        format!("operator RSS after {} s idle", IDLE.as_secs()),
-        rss_idle as f64 / 1024.0
+        "  {:<56} {:>12.2} s",
+        format!("from first create to all {FIRST} clusters' children"),
+        applied_in.as_secs_f64()
+    );
+    println!("  {:<56} {:>12.2} s", "operator CPU time while applying", cpu_busy - cpu_empty);
+    println!("  {:<56} {:>12} requests", "operator writes for them (children, status, events)", total_writes);
+    println!("  {:<56} {:>12}", "operator RSS, no clusters", mib(rss_empty));
+    println!("  {:<56} {:>12}", format!("operator RSS, {FIRST} clusters (settled)"), mib(rss_first));
+    println!(
+        "  {:<56} {:>12}",
+        format!("operator RSS, {FIRST} clusters after {} s idle", IDLE.as_secs()),
+        mib(rss_idle)
     );
     println!(
-        "  {:<52} {:>10.3} s ({:.2}% of one core)",
+        "  {:<56} {:>12.3} s ({:.2}% of one core)",
         format!("operator CPU time over {} s idle", IDLE.as_secs()),
         cpu_idle_end - cpu_idle_start,
         (cpu_idle_end - cpu_idle_start) / IDLE.as_secs_f64() * 100.0
     );
-    println!("  {:<52} {:>10} ({} reconciles)", "operator writes while idle", idle_writes, idle_reconciles);
+    println!("  {:<56} {:>12} ({} reconciles)", "operator writes while idle", idle_writes, idle_reconciles);
+    println!(
+        "  {:<56} {:>12.2} s",
+        format!("{} more clusters, to all children", ALL - FIRST),
+        more_applied_in.as_secs_f64()
+    );
+    println!("  {:<56} {:>12}", format!("operator RSS, {ALL} clusters (settled)"), mib(rss_all));
+    println!("  {:<56} {:>12}", "operator RSS peak", mib(rss_peak));
+    println!("  {:<56} {:>9.1} KiB", format!("memory per cluster, {FIRST} clusters"), per_cluster(rss_idle, FIRST));
+    println!("  {:<56} {:>9.1} KiB", format!("memory per cluster, {ALL} clusters"), per_cluster(rss_all, ALL));
     drop(operator);
     drop(ns);
 }

@@ -22,13 +22,13 @@ use k8s_openapi::api::core::v1::{ConfigMap, ObjectReference, Secret, Service, Se
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
-use kube::runtime::watcher;
+use kube::runtime::{reflector, watcher};
 use kube::{Api, Client, Resource, ResourceExt};
 use tracing::Instrument;
 
 use self::apply::Applied;
 use self::dereference::Dereferenced;
-use self::stores::{Stores, Writers};
+use self::stores::{Stores, Writers, metadata_only, reflect, slim_metadata};
 use self::validate::{Settings, ValidatedCluster};
 use crate::api::{PAUSE_ANNOTATION, RabbitCluster, RabbitMigration};
 use crate::error::{Error, Result};
@@ -175,23 +175,39 @@ pub async fn run(ctx: Arc<Context>, namespace: Option<String>, readiness: Readin
     };
     let (client, ns) = (ctx.client.clone(), namespace.as_deref());
     let children = watcher::Config::default().labels(&format!("{}=warren", build::MANAGED_BY_LABEL));
-    let clusters = Controller::new(scoped::<RabbitCluster>(&client, ns), watcher::Config::default())
-        .owns_stream(stores::reflect(scoped::<StatefulSet>(&client, ns), children.clone(), writers.stateful_sets))
-        .owns_stream(stores::reflect(scoped::<Service>(&client, ns), children.clone(), writers.services))
-        .owns_stream(stores::reflect(scoped::<ConfigMap>(&client, ns), children.clone(), writers.config_maps))
-        // Every Secret, not only the children: a cluster's TLS Secret is the user's.
-        .owns_stream(stores::reflect_slimmed(
-            scoped::<Secret>(&client, ns),
-            watcher::Config::default(),
-            writers.secrets,
-            stores::slim_secret,
+    let all = watcher::Config::default;
+    let (cluster_store, cluster_writer) = reflector::store();
+    let (migration_store, migration_writer) = reflector::store();
+    let clusters = scoped::<RabbitCluster>(&client, ns);
+    let clusters = Controller::for_stream(reflect(clusters, all(), cluster_writer, slim_metadata), cluster_store)
+        .owns_stream(reflect(
+            scoped::<StatefulSet>(&client, ns),
+            children.clone(),
+            writers.stateful_sets,
+            stores::slim_stateful_set,
         ))
-        .owns_stream(stores::reflect(scoped::<ServiceAccount>(&client, ns), children.clone(), writers.service_accounts))
-        .owns_stream(stores::reflect(scoped::<PodDisruptionBudget>(&client, ns), children.clone(), writers.budgets))
+        .owns_stream(reflect(scoped::<Service>(&client, ns), children.clone(), writers.services, metadata_only))
+        .owns_stream(reflect(scoped::<ConfigMap>(&client, ns), children.clone(), writers.config_maps, metadata_only))
+        // Every Secret, not only the children: a cluster's TLS Secret is the user's.
+        .owns_stream(reflect(scoped::<Secret>(&client, ns), all(), writers.secrets, stores::slim_secret))
+        .owns_stream(reflect(
+            scoped::<ServiceAccount>(&client, ns),
+            children.clone(),
+            writers.service_accounts,
+            metadata_only,
+        ))
+        .owns_stream(reflect(
+            scoped::<PodDisruptionBudget>(&client, ns),
+            children.clone(),
+            writers.budgets,
+            metadata_only,
+        ))
         .shutdown_on_signal();
-    let migrations = Controller::new(scoped::<RabbitMigration>(&client, ns), watcher::Config::default())
-        .owns_stream(stores::reflect(scoped::<Job>(&client, ns), children, writers.jobs))
-        .shutdown_on_signal();
+    let migrations = scoped::<RabbitMigration>(&client, ns);
+    let migrations =
+        Controller::for_stream(reflect(migrations, all(), migration_writer, slim_metadata), migration_store)
+            .owns_stream(reflect(scoped::<Job>(&client, ns), children, writers.jobs, stores::slim_job))
+            .shutdown_on_signal();
     let (cluster_store, migration_store, stores) = (clusters.store(), migrations.store(), ctx.stores.clone());
     let synced = async move {
         let listed = stores.synced().await.is_ok()

@@ -11,9 +11,9 @@ use std::sync::Arc;
 use futures::Stream;
 use k8s_openapi::ByteString;
 use k8s_openapi::NamespaceResourceScope;
-use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::apps::v1::{StatefulSet, StatefulSetSpec};
 use k8s_openapi::api::batch::v1::Job;
-use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service, ServiceAccount};
+use k8s_openapi::api::core::v1::{ConfigMap, Container, PodSpec, PodTemplateSpec, Secret, Service, ServiceAccount};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use kube::runtime::reflector::{self, ObjectRef, Store, store::Writer};
 use kube::runtime::{WatchStreamExt, watcher};
@@ -21,6 +21,7 @@ use kube::{Api, Client, Resource, ResourceExt};
 use serde::de::DeserializeOwned;
 
 use super::build::MANAGED_BY_LABEL;
+use super::build::statefulset::RABBITMQ_CONTAINER;
 use crate::error::{Error, Result};
 
 /// Readers of every watched kind.
@@ -96,20 +97,10 @@ where
     Ok(fetched.map(Arc::new))
 }
 
-/// A watch that fills `writer` with each object, less its managed fields (never read).
-pub fn reflect<K>(
-    api: Api<K>,
-    config: watcher::Config,
-    writer: Writer<K>,
-) -> impl Stream<Item = std::result::Result<K, watcher::Error>> + Send + 'static
-where
-    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
-{
-    reflect_slimmed(api, config, writer, without_managed_fields)
-}
-
 /// A watch that fills `writer` with each object as `slim` leaves it: only what a reconcile reads.
-pub fn reflect_slimmed<K>(
+/// What an operator holds per cluster is its stores: whole objects (pod templates, rendered
+/// configuration, managed fields) would cost it hundreds of KiB per cluster for nothing.
+pub fn reflect<K>(
     api: Api<K>,
     config: watcher::Config,
     writer: Writer<K>,
@@ -121,15 +112,64 @@ where
     watcher(api, config).default_backoff().modify(slim).reflect(writer).touched_objects()
 }
 
-fn without_managed_fields<K: Resource>(object: &mut K) {
-    object.managed_fields_mut().clear();
+/// What every kind keeps of its metadata: not the managed fields, nor kubectl's copy of the last
+/// applied manifest (as large as the object). Names, uid, generation, labels, owners and the
+/// applied-hash annotation stay.
+pub fn slim_metadata<K: Resource>(object: &mut K) {
+    let meta = object.meta_mut();
+    meta.managed_fields = None;
+    if let Some(annotations) = meta.annotations.as_mut() {
+        annotations.remove(LAST_APPLIED_ANNOTATION);
+    }
+}
+
+const LAST_APPLIED_ANNOTATION: &str = "kubectl.kubernetes.io/last-applied-configuration";
+
+/// A child whose content reconcile never reads (it compares the applied hash and the owner):
+/// its metadata only.
+pub fn metadata_only<K: Resource + Default>(object: &mut K) {
+    slim_metadata(object);
+    let meta = std::mem::take(object.meta_mut());
+    *object = K::default();
+    *object.meta_mut() = meta;
+}
+
+/// Of a StatefulSet, what reconcile reads: the replicas, the RabbitMQ container's image (the
+/// version the pods run) and the status (without its conditions).
+pub fn slim_stateful_set(stateful_set: &mut StatefulSet) {
+    slim_metadata(stateful_set);
+    if let Some(spec) = stateful_set.spec.as_mut() {
+        let rabbitmq = spec
+            .template
+            .spec
+            .as_mut()
+            .and_then(|pod| pod.containers.drain(..).find(|c| c.name == RABBITMQ_CONTAINER))
+            .map(|c| Container { name: c.name, image: c.image, ..Default::default() });
+        *spec = StatefulSetSpec {
+            replicas: spec.replicas,
+            template: PodTemplateSpec {
+                metadata: None,
+                spec: Some(PodSpec { containers: rabbitmq.into_iter().collect(), ..Default::default() }),
+            },
+            ..Default::default()
+        };
+    }
+    if let Some(status) = stateful_set.status.as_mut() {
+        status.conditions = None;
+    }
+}
+
+/// Of a Job, its status (the migration's phase).
+pub fn slim_job(job: &mut Job) {
+    slim_metadata(job);
+    job.spec = None;
 }
 
 /// Secrets are watched in full (a cluster's TLS Secret is the user's, without the operator's
 /// label), but only the operator's own keep their values: of any other Secret the store keeps which
 /// keys are there and whether they are empty, all the TLS check asks.
 pub fn slim_secret(secret: &mut Secret) {
-    without_managed_fields(secret);
+    slim_metadata(secret);
     if secret.labels().get(MANAGED_BY_LABEL).is_some_and(|v| v == "warren") {
         return;
     }

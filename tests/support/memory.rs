@@ -2,9 +2,16 @@
 //! kubelet makes of a container's memory limit), and the process's resident set sampled from /proc
 //! while it runs.
 
-use std::path::PathBuf;
-use std::process::{Child, Command, ExitStatus};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
+
+use lapin::options::{BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions};
+use lapin::types::{AMQPValue, FieldTable, ShortString};
+use lapin::{BasicProperties, Connection, ConnectionProperties};
+use sha2::{Digest, Sha256};
+
+use super::rabbit_nodes::NodeCluster;
 
 const CGROUP_MEMORY: &str = "/sys/fs/cgroup/memory";
 
@@ -78,6 +85,23 @@ impl Drop for MemoryGroup {
     }
 }
 
+/// A directory of this test's, removed when dropped (also when the test fails).
+pub struct Scratch(pub PathBuf);
+
+impl Scratch {
+    pub fn create(name: &str) -> Self {
+        let path = std::env::temp_dir().join(format!("warren-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        Self(path)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 /// What a process used while it ran.
 pub struct Usage {
     pub status: ExitStatus,
@@ -134,4 +158,105 @@ pub async fn measure(mut child: Child, limit: Duration) -> Usage {
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
     Usage { status, peak_rss_kib, samples }
+}
+
+/// `warren migrate` (this build's binary) from `source` into `target`, its report written to
+/// `report`, inside `group` when given; started.
+pub fn migrate_command(
+    group: Option<&MemoryGroup>,
+    source: &NodeCluster,
+    target: &NodeCluster,
+    report: &Path,
+) -> Child {
+    let binary = env!("CARGO_BIN_EXE_warren");
+    let report = report.to_string_lossy();
+    let args = ["migrate", "--report", report.as_ref()];
+    let mut command = match group {
+        Some(group) => group.command(binary, &args),
+        None => {
+            let mut command = Command::new(binary);
+            command.args(args);
+            command
+        }
+    };
+    let url = |nodes: &NodeCluster| nodes.nodes[0].amqp_url(&nodes.credentials);
+    command
+        .env("WARREN_SOURCE_URI", url(source))
+        .env("WARREN_SOURCE_API", source.management_url(0))
+        .env("WARREN_TARGET_URI", url(target))
+        .env("WARREN_TARGET_API", target.management_url(0))
+        .env("WARREN_LOG", "warn,lapin=off")
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("warren migrate")
+}
+
+/// A body no compression or deduplication could shrink, different for every (queue, index).
+pub fn large_body(queue: usize, index: usize, size: usize) -> Vec<u8> {
+    let mut state = 0x9E37_79B9_7F4A_7C15u64 ^ ((queue as u64) << 32 | index as u64);
+    let mut body = Vec::with_capacity(size);
+    while body.len() < size {
+        // xorshift64*
+        state ^= state >> 12;
+        state ^= state << 25;
+        state ^= state >> 27;
+        body.extend_from_slice(&state.wrapping_mul(0x2545_F491_4F6C_DD1D).to_le_bytes());
+    }
+    body.truncate(size);
+    body
+}
+
+fn digest(body: &[u8]) -> String {
+    hex::encode(Sha256::digest(body))
+}
+
+/// Publishes `count` messages of `size` bytes to queue `large-<queue>` (declared), each confirmed,
+/// with its index as message id and the SHA-256 of its body as a header.
+pub async fn publish_large(url: &str, queue: usize, count: usize, size: usize) {
+    let name = format!("large-{queue}");
+    let connection = Connection::connect(url, ConnectionProperties::default()).await.expect("connect");
+    let channel = connection.create_channel().await.expect("channel");
+    channel.confirm_select(ConfirmSelectOptions::default()).await.expect("confirms");
+    for index in 0..count {
+        let body = large_body(queue, index, size);
+        let headers = FieldTable::from(std::collections::BTreeMap::from([(
+            ShortString::from("sha256"),
+            AMQPValue::LongString(digest(&body).into()),
+        )]));
+        let properties = BasicProperties::default()
+            .with_delivery_mode(2)
+            .with_message_id(index.to_string().into())
+            .with_headers(headers);
+        let confirm = channel
+            .basic_publish("".into(), name.as_str().into(), BasicPublishOptions::default(), &body, properties)
+            .await
+            .expect("publish");
+        assert!(confirm.await.expect("confirm").is_ack(), "{name}: message {index} not confirmed");
+    }
+    let _ = connection.close(200, "filled".into()).await;
+}
+
+/// Queue `large-<queue>` holds exactly what `publish_large` sent: in order, every byte, the
+/// header kept.
+pub async fn assert_large_arrived(url: &str, queue: usize, count: usize, size: usize) {
+    let name = format!("large-{queue}");
+    let connection = Connection::connect(url, ConnectionProperties::default()).await.expect("connect");
+    let channel = connection.create_channel().await.expect("channel");
+    for index in 0..count {
+        let message = channel
+            .basic_get(name.as_str().into(), BasicGetOptions { no_ack: true })
+            .await
+            .expect("basic.get")
+            .unwrap_or_else(|| panic!("{name}: message {index} missing on the target"));
+        let properties = &message.delivery.properties;
+        assert_eq!(properties.message_id().as_ref().map(|m| m.as_str()), Some(index.to_string().as_str()));
+        let data = &message.delivery.data;
+        assert_eq!(data.len(), size, "{name}/{index}: size");
+        assert!(*data == large_body(queue, index, size), "{name}/{index}: the body changed");
+        let header = properties.headers().as_ref().and_then(|h| h.inner().get("sha256").cloned());
+        assert_eq!(header, Some(AMQPValue::LongString(digest(data).into())), "{name}/{index}: header");
+    }
+    let extra = channel.basic_get(name.as_str().into(), BasicGetOptions { no_ack: true }).await.expect("get");
+    assert!(extra.is_none(), "{name}: a duplicate on the target");
+    let _ = connection.close(200, "checked".into()).await;
 }
