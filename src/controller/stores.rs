@@ -190,6 +190,74 @@ mod tests {
     }
 
     #[test]
+    fn a_stateful_set_keeps_its_replicas_image_status_and_applied_hash() {
+        let stateful_set: StatefulSet = serde_json::from_value(serde_json::json!({
+            "metadata": {
+                "name": "demo", "generation": 3,
+                "annotations": {
+                    "warren.dev/applied-hash": "abc",
+                    "kubectl.kubernetes.io/last-applied-configuration": "{\"a\": \"whole copy\"}"
+                },
+                "managedFields": [{"manager": "warren", "operation": "Apply"}],
+                "ownerReferences": [{"apiVersion": "warren.dev/v1alpha1", "kind": "RabbitCluster",
+                                     "name": "demo", "uid": "u1", "controller": true}]
+            },
+            "spec": {
+                "replicas": 3, "serviceName": "demo-nodes",
+                "selector": {"matchLabels": {"app": "demo"}},
+                "volumeClaimTemplates": [{"metadata": {"name": "data"}}],
+                "template": {"spec": {
+                    "initContainers": [{"name": "setup", "image": "busybox"}],
+                    "containers": [
+                        {"name": "rabbitmq", "image": "rabbitmq:4.3.6-management",
+                         "env": [{"name": "RABBITMQ_NODENAME", "value": "rabbit@x"}]},
+                        {"name": "exporter", "image": "other"}
+                    ]
+                }}
+            },
+            "status": {"replicas": 3, "readyReplicas": 2, "observedGeneration": 3,
+                       "conditions": [{"type": "Available", "status": "True"}]}
+        }))
+        .expect("StatefulSet");
+        let mut slim = stateful_set.clone();
+        slim_stateful_set(&mut slim);
+        let spec = slim.spec.as_ref().expect("spec");
+        assert_eq!(spec.replicas, Some(3));
+        let pod = spec.template.spec.as_ref().expect("pod spec");
+        assert_eq!(pod.containers.len(), 1);
+        assert_eq!(pod.containers[0].image.as_deref(), Some("rabbitmq:4.3.6-management"));
+        assert!(pod.containers[0].env.is_none() && pod.init_containers.is_none());
+        assert!(spec.volume_claim_templates.is_none() && spec.service_name.is_none());
+        let status = slim.status.as_ref().expect("status");
+        assert_eq!(
+            (status.ready_replicas, status.observed_generation, status.conditions.is_none()),
+            (Some(2), Some(3), true)
+        );
+        assert!(slim.metadata.managed_fields.is_none());
+        let annotations = slim.metadata.annotations.as_ref().expect("annotations");
+        assert_eq!(annotations.keys().collect::<Vec<_>>(), ["warren.dev/applied-hash"]);
+        assert_eq!(slim.metadata.owner_references, stateful_set.metadata.owner_references);
+        assert_eq!(slim.metadata.generation, Some(3));
+        let (whole, kept) =
+            (serde_json::to_vec(&stateful_set).unwrap().len(), serde_json::to_vec(&slim).unwrap().len());
+        assert!(kept < whole / 2, "{kept} of {whole} bytes kept");
+    }
+
+    #[test]
+    fn a_child_whose_content_is_never_read_keeps_its_metadata_only() {
+        let mut config_map = ConfigMap::default();
+        config_map.metadata.name = Some("demo-config".into());
+        config_map.metadata.uid = Some("u2".into());
+        config_map.data = Some([("rabbitmq.conf".to_string(), "x".repeat(4096))].into());
+        metadata_only(&mut config_map);
+        assert_eq!(
+            (config_map.metadata.name.as_deref(), config_map.metadata.uid.as_deref()),
+            (Some("demo-config"), Some("u2"))
+        );
+        assert!(config_map.data.is_none());
+    }
+
+    #[test]
     fn only_the_operators_secrets_keep_their_values() {
         let mut own = secret(&[(MANAGED_BY_LABEL, "warren")], &[("password", b"s3cret")]);
         slim_secret(&mut own);
