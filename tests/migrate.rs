@@ -65,15 +65,9 @@ async fn ordered_ids(url: &str, queue: &str) -> Vec<u32> {
     ids
 }
 
-/// Ready messages of `queue` in vhost `/`, as the broker counts them now (a passive declare): the
-/// management API's statistics follow seconds behind and may still show a count from before.
+/// Ready messages of `queue` in vhost `/`, as the broker counts them now.
 async fn live_depth(nodes: &NodeCluster, queue: &str) -> u64 {
-    use warren::migrate::amqp;
-    let connection = amqp::connect(&amqp_url(nodes), "broker").await.expect("connect");
-    let channel = amqp::within("open a channel", connection.create_channel()).await.expect("channel");
-    let depth = amqp::depth(&channel, queue).await.expect("passive declare");
-    amqp::close(connection, "counted").await;
-    depth
+    amqp::live_depth(&amqp_url(nodes), queue).await
 }
 
 #[tokio::test]

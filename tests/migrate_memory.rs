@@ -28,12 +28,7 @@ async fn declare(nodes: &NodeCluster, queue: &str) {
 
 /// Ready messages of `queue`, as the broker counts them now.
 async fn live_depth(nodes: &NodeCluster, queue: &str) -> u64 {
-    use warren::migrate::amqp;
-    let connection = amqp::connect(&url(nodes), "broker").await.expect("connect");
-    let channel = amqp::within("open a channel", connection.create_channel()).await.expect("channel");
-    let depth = amqp::depth(&channel, queue).await.expect("passive declare");
-    amqp::close(connection, "counted").await;
-    depth
+    support::amqp::live_depth(&url(nodes), queue).await
 }
 
 fn report_of(path: &std::path::Path) -> serde_json::Value {

@@ -14,6 +14,18 @@ use lapin::types::FieldTable;
 use lapin::{BasicProperties, Connection, ConnectionProperties};
 use tokio::sync::Mutex;
 
+/// Ready messages of `queue` in the URL's vhost, as the broker counts them now (a passive
+/// declare): the management API's statistics follow seconds behind and may still show a count
+/// from before.
+pub async fn live_depth(url: &str, queue: &str) -> u64 {
+    use warren::migrate::amqp;
+    let connection = amqp::connect(url, "broker").await.expect("connect");
+    let channel = amqp::within("open a channel", connection.create_channel()).await.expect("channel");
+    let depth = amqp::depth(&channel, queue).await.expect("passive declare");
+    amqp::close(connection, "counted").await;
+    depth
+}
+
 pub async fn connect(url: &str) -> Result<Connection, String> {
     match tokio::time::timeout(Duration::from_secs(10), Connection::connect(url, ConnectionProperties::default())).await
     {
