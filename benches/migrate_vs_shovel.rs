@@ -189,13 +189,13 @@ async fn memory(source: &NodeCluster, target: &NodeCluster) {
         publish_large(&url(source), queue, 4, 16 * MIB).await;
     }
     let group = MemoryGroup::create("bench", 256 * MIB as u64);
-    let large = measure(migrate_command(Some(&group), source, target, &report), Duration::from_secs(600)).await;
+    let large = measure(migrate_command(Some(&group), source, target, &report, &[]), Duration::from_secs(600)).await;
     assert!(large.status.success(), "warren migrate: {}", large.status);
     let (oom_kills, _) = group.oom_kills_and_failcnt();
 
     let queue = vec!["events".to_string()];
     fill(source, &queue, 1_000_000).await;
-    let small = measure(migrate_command(None, source, target, &report), Duration::from_secs(1200)).await;
+    let small = measure(migrate_command(None, source, target, &report, &[]), Duration::from_secs(1200)).await;
     assert!(small.status.success(), "warren migrate: {}", small.status);
     println!("warren migrate's memory (peak resident set of the process)");
     println!(

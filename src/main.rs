@@ -133,7 +133,20 @@ struct MigrateArgs {
     termination_log: Option<std::path::PathBuf>,
 }
 
+/// glibc serves large allocations from its heaps once a freed one has raised its mmap threshold
+/// (up to 32 MiB), and keeps what they free: moving 16 MiB messages, the migrator held on to
+/// buffers it had freed, up to its memory limit. A fixed threshold gives every large message's
+/// buffers back to the system when they are freed. (musl, the image's libc, always does.)
+fn give_back_large_buffers() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: mallopt changes one malloc parameter under malloc's own lock; no memory is touched.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 20);
+    }
+}
+
 async fn migrate(args: MigrateArgs) -> std::process::ExitCode {
+    give_back_large_buffers();
     use warren::migrate::{Endpoint, Options, migrate};
     let bars = progress_bars(&args);
     let source = Endpoint::with_credentials(&args.source, &args.source_api, args.source_username, args.source_password);

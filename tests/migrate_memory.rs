@@ -51,7 +51,7 @@ async fn large_messages_move_within_a_256_mib_memory_limit_and_arrive_intact() {
     let scratch = Scratch::create("memory-large");
     let report = scratch.0.join("report.json");
     // No --max-in-flight: the budget comes from the group's limit, as in a Job.
-    let migrator = migrate_command(Some(&group), &old, &new, &report);
+    let migrator = migrate_command(Some(&group), &old, &new, &report, &[]);
     let usage = measure(migrator, Duration::from_secs(600)).await;
     let (oom_kills, failcnt) = group.oom_kills_and_failcnt();
     let charged = group.peak_bytes();
@@ -62,7 +62,8 @@ async fn large_messages_move_within_a_256_mib_memory_limit_and_arrive_intact() {
         charged as f64 / MIB as f64
     );
     assert_eq!(oom_kills, 0, "the migrator was OOM-killed");
-    assert!(usage.status.success(), "warren migrate: {}", usage.status);
+    let summary = std::fs::read_to_string(&report).unwrap_or_default();
+    assert!(usage.status.success(), "warren migrate: {}: {summary}", usage.status);
     let summary = report_of(&report);
     assert_eq!(summary["complete"], true, "{summary}");
     assert!(usage.peak_rss_kib * 1024 < limit, "resident set at the limit");
@@ -70,6 +71,25 @@ async fn large_messages_move_within_a_256_mib_memory_limit_and_arrive_intact() {
     // Every message, in order, every byte, its header kept.
     for queue in 0..QUEUES {
         assert_large_arrived(&url(&new), queue, PER_QUEUE, SIZE).await;
+    }
+
+    // A budget smaller than one message: each is fetched alone (basic.get, the budget taken
+    // first), and still arrives whole.
+    for queue in 0..2 {
+        publish_large(&url(&old), queue, 2, SIZE).await;
+    }
+    let migrator = migrate_command(Some(&group), &old, &new, &report, &["--max-in-flight", "8Mi"]);
+    let usage = measure(migrator, Duration::from_secs(600)).await;
+    let summary = std::fs::read_to_string(&report).unwrap_or_default();
+    assert!(usage.status.success(), "warren migrate --max-in-flight 8Mi: {}: {summary}", usage.status);
+    assert_eq!(report_of(&report)["complete"], true, "{summary}");
+    assert_eq!(group.oom_kills_and_failcnt().0, 0, "the migrator was OOM-killed");
+    println!(
+        "2 queues x 2 messages of 16 MiB, an 8 MiB budget: peak RSS {:.1} MiB",
+        usage.peak_rss_kib as f64 / 1024.0
+    );
+    for queue in 0..2 {
+        assert_large_arrived(&url(&new), queue, 2, SIZE).await;
     }
 }
 
@@ -88,8 +108,9 @@ async fn a_million_small_messages_move_with_a_flat_resident_set() {
 
     let scratch = Scratch::create("memory-small");
     let report = scratch.0.join("report.json");
-    let usage = measure(migrate_command(None, &old, &new, &report), Duration::from_secs(1200)).await;
-    assert!(usage.status.success(), "warren migrate: {}", usage.status);
+    let usage = measure(migrate_command(None, &old, &new, &report, &[]), Duration::from_secs(1200)).await;
+    let summary = std::fs::read_to_string(&report).unwrap_or_default();
+    assert!(usage.status.success(), "warren migrate: {}: {summary}", usage.status);
     let summary = report_of(&report);
     assert_eq!(summary["complete"], true, "{summary}");
     let queue = &summary["queues"][0];

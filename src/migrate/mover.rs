@@ -10,8 +10,8 @@ use std::time::Duration;
 use futures::{FutureExt, StreamExt};
 use lapin::message::Delivery;
 use lapin::options::{
-    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions,
-    ConfirmSelectOptions,
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicGetOptions, BasicNackOptions, BasicPublishOptions,
+    BasicQosOptions, ConfirmSelectOptions,
 };
 use lapin::types::FieldTable;
 use lapin::{Acker, Channel, Confirmation, Consumer, PublisherConfirm};
@@ -199,28 +199,43 @@ impl Moving<'_> {
     ///
     /// The prefetch is sized for the largest message seen (the queue's average before the first):
     /// when a larger one comes, the consumer is cancelled, what it was already sent is moved, and a
-    /// new consumer with a smaller prefetch takes over, so the order of the queue is kept.
-    async fn relay(self, from: &Channel, to: &Channel, there: u64) -> Result<(), Failure> {
-        let Moving { options, plan, report, bar, budget, share } = self;
+    /// new consumer with a smaller prefetch takes over, so the order of the queue is kept. Messages
+    /// larger than the queue's share of the budget are fetched one at a time (`pull`).
+    async fn relay(mut self, from: &Channel, to: &Channel, there: u64) -> Result<(), Failure> {
+        let mut flow = Flow {
+            pending: VecDeque::with_capacity(usize::from(self.options.window)),
+            received: 0,
+            largest: self.plan.average_message_bytes(),
+        };
+        let too_large = |flow: &Flow| flow.largest.is_some_and(|bytes| bytes > self.share);
+        if !too_large(&flow) && self.consume(from, to, there, &mut flow).await? {
+            return self.settle_all(&mut flow.pending).await;
+        }
+        self.pull(from, to, there, &mut flow).await
+    }
+
+    /// The consumer's part of `relay`; `false` when it stopped for messages too large for it.
+    async fn consume(&mut self, from: &Channel, to: &Channel, there: u64, flow: &mut Flow) -> Result<bool, Failure> {
+        let (options, share) = (self.options, self.share);
         let idle = if options.follow { options.idle_timeout } else { Duration::from_secs(3) };
-        let window = usize::from(options.window);
-        let mut largest = plan.average_message_bytes();
-        let mut prefetch = largest.map_or(1, |bytes| budget::prefetch(share, bytes, options.window));
-        let mut consumer = subscribe(from, &plan.name, prefetch).await?;
+        let mut prefetch = flow.largest.map_or(1, |bytes| budget::prefetch(share, bytes, options.window));
+        let mut consumer = subscribe(from, &self.plan.name, prefetch).await?;
         let mut resubscribing = false;
-        let mut pending: VecDeque<InFlight> = VecDeque::with_capacity(window);
-        let mut received = 0u64;
         loop {
             // Without --follow, what arrives after preflight is left for the next run.
-            if !options.follow && received >= there {
-                break;
+            if !options.follow && flow.received >= there {
+                return Ok(true);
             }
-            // A delivery already buffered is taken without arming a timer; otherwise the oldest
-            // confirm is awaited beside the next delivery, so bytes go back to the budget (and
-            // acks to the source) as soon as the target confirmed.
+            // A delivery already buffered is taken without arming a timer. Otherwise, once a
+            // quarter of the prefetch is unconfirmed (the source sends no more than the prefetch
+            // unacknowledged) or another queue waits for bytes, the oldest confirm is awaited
+            // beside the next delivery, so bytes go back to the budget (and acks to the source)
+            // as soon as the target confirmed; below that, acks wait to be batched (one
+            // `multiple` ack each time costs the source less than many).
+            let settle_early = flow.pending.len() > usize::from(prefetch) / 4 || self.budget.contended();
             let event = match consumer.next().now_or_never() {
                 Some(next) => Event::Delivery(Ok(next)),
-                None => match pending.front_mut() {
+                None => match flow.pending.front_mut().filter(|_| settle_early) {
                     None => Event::Delivery(tokio::time::timeout(idle, consumer.next()).await),
                     Some(oldest) => tokio::select! {
                         next = tokio::time::timeout(idle, consumer.next()) => Event::Delivery(next),
@@ -229,66 +244,133 @@ impl Moving<'_> {
                 },
             };
             match event {
-                Event::Confirmed(confirmation) => settle_confirmed(&mut pending, confirmation, report, bar).await?,
+                Event::Confirmed(confirmation) => {
+                    settle_confirmed(&mut flow.pending, confirmation, self.report, self.bar).await?
+                }
                 Event::Delivery(Err(_)) => {
-                    settle(&mut pending, window, report, bar).await?;
-                    if !options.follow || depth(from, &plan.name).await? == 0 {
-                        break;
+                    self.settle_all(&mut flow.pending).await?;
+                    if !options.follow || depth(from, &self.plan.name).await? == 0 {
+                        return Ok(true);
                     }
                 }
                 Event::Delivery(Ok(None)) if resubscribing => {
                     resubscribing = false;
-                    let sized_for = largest.unwrap_or(share);
+                    let sized_for = flow.largest.unwrap_or(share);
+                    if sized_for > share {
+                        self.settle_all(&mut flow.pending).await?;
+                        return Ok(false);
+                    }
                     prefetch = budget::prefetch(share, sized_for, options.window);
-                    consumer = subscribe(from, &plan.name, prefetch).await?;
+                    consumer = subscribe(from, &self.plan.name, prefetch).await?;
                 }
                 Event::Delivery(Ok(None)) => {
                     return Err(Failure::refused("the source cancelled the consumer (queue deleted?)"));
                 }
                 Event::Delivery(Ok(Some(Err(e)))) => return Err(Failure::of("source", &e)),
                 Event::Delivery(Ok(Some(Ok(delivery)))) => {
-                    received += 1;
-                    let size = delivery.data.len();
-                    let sized_for = largest.map_or(size as u64, |bytes| bytes.max(size as u64));
-                    largest = Some(sized_for);
+                    flow.received += 1;
+                    let size = delivery.data.len() as u64;
+                    let sized_for = flow.largest.map_or(size, |bytes| bytes.max(size));
+                    flow.largest = Some(sized_for);
                     let wanted = budget::prefetch(share, sized_for, options.window);
-                    if !resubscribing && (wanted < prefetch || wanted / 2 >= prefetch) {
+                    let too_large = sized_for > share;
+                    if !resubscribing && (too_large || wanted < prefetch || wanted / 2 >= prefetch) {
                         let tag = consumer.tag();
                         within("basic.cancel", from.basic_cancel(tag, BasicCancelOptions::default())).await?;
                         resubscribing = true;
                     }
-                    let held = match budget.try_take(size) {
-                        Some(held) => held,
-                        None => {
-                            // What this queue holds goes back first: two queues each waiting
-                            // for the other's bytes would wait forever.
-                            let all = pending.len();
-                            settle(&mut pending, all, report, bar).await?;
-                            budget.take(size).await
-                        }
-                    };
-                    let publish = BasicPublishOptions { mandatory: true, ..Default::default() };
-                    // Same properties and body, byte for byte, to the queue of the same name.
-                    let confirm = to
-                        .basic_publish(
-                            "".into(),
-                            plan.name.as_str().into(),
-                            publish,
-                            &delivery.data,
-                            delivery.properties,
-                        )
-                        .await
-                        .map_err(|e| Failure::of("publish to the target", &e))?;
-                    let redelivered = delivery.redelivered;
-                    pending.push_back(InFlight { acker: delivery.acker, redelivered, confirm, _held: held });
-                    if pending.len() >= window {
-                        settle(&mut pending, window / 4 + 1, report, bar).await?;
-                    }
+                    let held = self.hold(size, &mut flow.pending).await?;
+                    self.forward(to, delivery, held, &mut flow.pending).await?;
                 }
             }
         }
-        settle(&mut pending, window, report, bar).await
     }
+
+    /// Messages larger than the queue's share of the budget, one basic.get at a time: the bytes of
+    /// the largest seen are taken from the budget before a message is fetched, so a queue waiting
+    /// for the budget holds no message (a consumer's prefetch of one would have the source push it
+    /// anyway).
+    async fn pull(&mut self, from: &Channel, to: &Channel, there: u64, flow: &mut Flow) -> Result<(), Failure> {
+        let mut empty_since: Option<tokio::time::Instant> = None;
+        let mut largest = flow.largest.unwrap_or(self.share);
+        while self.options.follow || flow.received < there {
+            let held = self.hold(largest, &mut flow.pending).await?;
+            let get = from.basic_get(self.plan.name.as_str().into(), BasicGetOptions::default());
+            let Some(message) = within("basic.get", get).await? else {
+                drop(held);
+                self.settle_all(&mut flow.pending).await?;
+                let since = *empty_since.get_or_insert_with(tokio::time::Instant::now);
+                if !self.options.follow || since.elapsed() >= self.options.idle_timeout {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            };
+            empty_since = None;
+            flow.received += 1;
+            let delivery = message.delivery;
+            let size = delivery.data.len() as u64;
+            let held = if size > largest {
+                // Larger than any before: it is here already; its bytes are taken now.
+                largest = size;
+                drop(held);
+                self.hold(size, &mut flow.pending).await?
+            } else {
+                held
+            };
+            self.forward(to, delivery, held, &mut flow.pending).await?;
+            if self.budget.contended() {
+                self.settle_all(&mut flow.pending).await?;
+            }
+        }
+        self.settle_all(&mut flow.pending).await
+    }
+
+    /// `size` bytes from the budget; when it is spent, what this queue holds goes back first: two
+    /// queues each waiting for the other's bytes would wait forever.
+    async fn hold(&mut self, size: u64, pending: &mut VecDeque<InFlight>) -> Result<Held, Failure> {
+        let size = usize::try_from(size).unwrap_or(usize::MAX);
+        if let Some(held) = self.budget.try_take(size) {
+            return Ok(held);
+        }
+        self.settle_all(pending).await?;
+        Ok(self.budget.take(size).await)
+    }
+
+    /// Publishes one delivery to the queue of the same name on the target: same properties and
+    /// body, byte for byte, `mandatory`, confirmed later.
+    async fn forward(
+        &mut self,
+        to: &Channel,
+        delivery: Delivery,
+        held: Held,
+        pending: &mut VecDeque<InFlight>,
+    ) -> Result<(), Failure> {
+        let publish = BasicPublishOptions { mandatory: true, ..Default::default() };
+        let confirm = to
+            .basic_publish("".into(), self.plan.name.as_str().into(), publish, &delivery.data, delivery.properties)
+            .await
+            .map_err(|e| Failure::of("publish to the target", &e))?;
+        let redelivered = delivery.redelivered;
+        pending.push_back(InFlight { acker: delivery.acker, redelivered, confirm, _held: held });
+        let window = usize::from(self.options.window);
+        if pending.len() >= window {
+            settle(pending, window / 4 + 1, self.report, self.bar).await?;
+        }
+        Ok(())
+    }
+
+    async fn settle_all(&mut self, pending: &mut VecDeque<InFlight>) -> Result<(), Failure> {
+        let all = pending.len();
+        settle(pending, all, self.report, self.bar).await
+    }
+}
+
+/// Where a queue's move stands: what is unconfirmed, how many came, the largest message seen.
+struct Flow {
+    pending: VecDeque<InFlight>,
+    received: u64,
+    largest: Option<u64>,
 }
 
 /// Ready messages on the source after a queue stopped with an error (on a connection of its own);

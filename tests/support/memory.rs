@@ -160,17 +160,18 @@ pub async fn measure(mut child: Child, limit: Duration) -> Usage {
     Usage { status, peak_rss_kib, samples }
 }
 
-/// `warren migrate` (this build's binary) from `source` into `target`, its report written to
-/// `report`, inside `group` when given; started.
+/// `warren migrate` (this build's binary) with `flags` from `source` into `target`, its report
+/// written to `report`, inside `group` when given; started.
 pub fn migrate_command(
     group: Option<&MemoryGroup>,
     source: &NodeCluster,
     target: &NodeCluster,
     report: &Path,
+    flags: &[&str],
 ) -> Child {
     let binary = env!("CARGO_BIN_EXE_warren");
     let report = report.to_string_lossy();
-    let args = ["migrate", "--report", report.as_ref()];
+    let args: Vec<&str> = ["migrate", "--report", report.as_ref()].into_iter().chain(flags.iter().copied()).collect();
     let mut command = match group {
         Some(group) => group.command(binary, &args),
         None => {
