@@ -123,7 +123,7 @@ struct MigrateArgs {
     #[arg(long, default_value_t = 8)]
     parallel_queues: usize,
     /// Bytes of messages in flight, shared by the queues moving at once (64Mi, 1Gi, ...); a larger
-    /// message still moves, alone. Default: a quarter of the memory limit of this process's cgroup
+    /// message still moves, alone. Default: an eighth of the memory limit of this process's cgroup
     /// (a Job's memory limit), else 128Mi.
     #[arg(long, value_parser = warren::migrate::budget::parse_size)]
     max_in_flight: Option<u64>,

@@ -30,10 +30,10 @@ fn the_job_runs_warren_migrate_with_credentials_only_from_secrets() {
     assert_eq!(pod.security_context.as_ref().and_then(|s| s.run_as_non_root), Some(true));
     let container = &pod.containers[0];
     assert_eq!(container.image.as_deref(), Some("warren:test"));
-    // A quarter of the default 512Mi limit: 128 MiB in flight.
+    // An eighth of the default 512Mi limit: 64 MiB in flight.
     assert_eq!(
         container.args.clone().unwrap(),
-        ["migrate", "--max-in-flight", "134217728", "--wait-for-consumers", "10m", "--convert-to-quorum"]
+        ["migrate", "--max-in-flight", "67108864", "--wait-for-consumers", "10m", "--convert-to-quorum"]
     );
     let resources = container.resources.clone().unwrap();
     let quantity = |map: &Option<std::collections::BTreeMap<String, Quantity>>, key: &str| {
@@ -80,7 +80,7 @@ fn the_jobs_memory_and_in_flight_budget_come_from_the_spec() {
     };
     let sized = container(&migration);
     let args = sized.args.unwrap();
-    assert_eq!(args[1..3], ["--max-in-flight", "536870912"], "a quarter of 2Gi");
+    assert_eq!(args[1..3], ["--max-in-flight", "268435456"], "an eighth of 2Gi");
     let resources = sized.resources.unwrap();
     let limits = resources.limits.unwrap();
     assert_eq!((limits["memory"].0.as_str(), limits["cpu"].0.as_str()), ("2Gi", "2"));
@@ -90,11 +90,11 @@ fn the_jobs_memory_and_in_flight_budget_come_from_the_spec() {
     migration.spec.max_in_flight = Some("256Mi".into());
     assert_eq!(container(&migration).args.unwrap()[2], "268435456");
 
-    // More than half the limit: a message can take twice its size while it is received.
-    migration.spec.max_in_flight = Some("1500Mi".into());
+    // More than a quarter of the limit: a message in flight can take three times its size.
+    migration.spec.max_in_flight = Some("600Mi".into());
     let error = migration_job(&migration, "warren:test", "cluster.local").expect_err("refused");
     assert_eq!(error.reason(), "InvalidResources");
-    assert!(error.to_string().contains("spec.maxInFlight 1500Mi") && error.to_string().contains("2Gi"), "{error}");
+    assert!(error.to_string().contains("spec.maxInFlight 600Mi") && error.to_string().contains("2Gi"), "{error}");
 }
 
 #[test]

@@ -64,8 +64,8 @@ pub struct RabbitMigrationSpec {
     pub resources: Option<ResourceRequirements>,
     /// Bytes of messages in flight at once (delivered by the source, not yet confirmed by the
     /// target), shared by every queue moving at once, for example `64Mi`. A message larger than
-    /// this still moves, alone. Default: a quarter of the memory limit; at most a half of it,
-    /// since a message can take twice its size while it is received.
+    /// this still moves, alone. Default: an eighth of the memory limit; at most a quarter of it,
+    /// since a message in flight can take three times its size.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(regex(pattern = r"^[0-9]+(Ki|Mi|Gi|Ti|k|M|G|T)?$"))]
     pub max_in_flight: Option<String>,

@@ -102,10 +102,10 @@ fn max_in_flight(spec: &RabbitMigrationSpec, resources: &ResourceRequirements) -
     let limit_bytes = budget::parse_size(limit).map_err(|e| invalid(format!("spec.resources.limits.memory: {e}")))?;
     let Some(asked) = &spec.max_in_flight else { return Ok(budget::for_limit(limit_bytes)) };
     let bytes = budget::parse_size(asked).map_err(|e| invalid(format!("spec.maxInFlight: {e}")))?;
-    if bytes == 0 || bytes > limit_bytes / 2 {
+    if bytes == 0 || bytes > limit_bytes / 4 {
         return Err(invalid(format!(
-            "spec.maxInFlight {asked} must be more than 0 and at most half of the memory limit {limit} (a message \
-             can take twice its size while it is received): lower it or raise spec.resources.limits.memory"
+            "spec.maxInFlight {asked} must be more than 0 and at most a quarter of the memory limit {limit} (a \
+             message in flight can take three times its size): lower it or raise spec.resources.limits.memory"
         )));
     }
     Ok(bytes)
