@@ -145,7 +145,7 @@ async fn drain_queue(
         if first_attempt {
             report.source_before = there;
         }
-        let moving = Moving { options, plan, report: &mut *report, bar, budget: lot.budget, share: lot.share };
+        let moving = Moving { options, plan, report: &mut *report, bar, lot };
         moving.relay(&from, &to, there).await?;
         // Deliveries prefetched beyond what was moved go back to the queue with the channel.
         let _ = tokio::time::timeout(Duration::from_secs(5), from.close(200, "done".into())).await;
@@ -169,9 +169,8 @@ struct Moving<'a> {
     plan: &'a QueuePlan,
     report: &'a mut QueueReport,
     bar: Option<&'a QueueBar>,
-    budget: &'a Budget,
-    /// This queue's part of the budget: what its prefetch is sized to.
-    share: u64,
+    /// The budget, and this queue's part of it: what its prefetch is sized to.
+    lot: &'a Lot<'a>,
 }
 
 /// What came first while the queue waited.
@@ -207,7 +206,7 @@ impl Moving<'_> {
             received: 0,
             largest: self.plan.average_message_bytes(),
         };
-        let too_large = |flow: &Flow| flow.largest.is_some_and(|bytes| bytes > self.share);
+        let too_large = |flow: &Flow| flow.largest.is_some_and(|bytes| bytes > self.lot.share);
         if !too_large(&flow) && self.consume(from, to, there, &mut flow).await? {
             return self.settle_all(&mut flow.pending).await;
         }
@@ -216,7 +215,7 @@ impl Moving<'_> {
 
     /// The consumer's part of `relay`; `false` when it stopped for messages too large for it.
     async fn consume(&mut self, from: &Channel, to: &Channel, there: u64, flow: &mut Flow) -> Result<bool, Failure> {
-        let (options, share) = (self.options, self.share);
+        let (options, share) = (self.options, self.lot.share);
         let idle = if options.follow { options.idle_timeout } else { Duration::from_secs(3) };
         let mut prefetch = flow.largest.map_or(1, |bytes| budget::prefetch(share, bytes, options.window));
         let mut consumer = subscribe(from, &self.plan.name, prefetch).await?;
@@ -232,7 +231,7 @@ impl Moving<'_> {
             // beside the next delivery, so bytes go back to the budget (and acks to the source)
             // as soon as the target confirmed; below that, acks wait to be batched (one
             // `multiple` ack each time costs the source less than many).
-            let settle_early = flow.pending.len() > usize::from(prefetch) / 4 || self.budget.contended();
+            let settle_early = flow.pending.len() > usize::from(prefetch) / 4 || self.lot.budget.contended();
             let event = match consumer.next().now_or_never() {
                 Some(next) => Event::Delivery(Ok(next)),
                 None => match flow.pending.front_mut().filter(|_| settle_early) {
@@ -292,7 +291,7 @@ impl Moving<'_> {
     /// anyway).
     async fn pull(&mut self, from: &Channel, to: &Channel, there: u64, flow: &mut Flow) -> Result<(), Failure> {
         let mut empty_since: Option<tokio::time::Instant> = None;
-        let mut largest = flow.largest.unwrap_or(self.share);
+        let mut largest = flow.largest.unwrap_or(self.lot.share);
         while self.options.follow || flow.received < there {
             let held = self.hold(largest, &mut flow.pending).await?;
             let get = from.basic_get(self.plan.name.as_str().into(), BasicGetOptions::default());
@@ -319,7 +318,7 @@ impl Moving<'_> {
                 held
             };
             self.forward(to, delivery, held, &mut flow.pending).await?;
-            if self.budget.contended() {
+            if self.lot.budget.contended() {
                 self.settle_all(&mut flow.pending).await?;
             }
         }
@@ -330,11 +329,11 @@ impl Moving<'_> {
     /// queues each waiting for the other's bytes would wait forever.
     async fn hold(&mut self, size: u64, pending: &mut VecDeque<InFlight>) -> Result<Held, Failure> {
         let size = usize::try_from(size).unwrap_or(usize::MAX);
-        if let Some(held) = self.budget.try_take(size) {
+        if let Some(held) = self.lot.budget.try_take(size) {
             return Ok(held);
         }
         self.settle_all(pending).await?;
-        Ok(self.budget.take(size).await)
+        Ok(self.lot.budget.take(size).await)
     }
 
     /// Publishes one delivery to the queue of the same name on the target: same properties and
