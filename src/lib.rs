@@ -4,6 +4,7 @@ pub mod api;
 pub mod controller;
 pub mod error;
 pub mod leader;
+pub mod metrics;
 pub mod migrate;
 pub mod rabbitmq;
 pub mod render;

@@ -216,6 +216,7 @@ pub async fn run(ctx: Arc<Context>, namespace: Option<String>, readiness: Readin
             .owns_stream(reflect(scoped::<Job>(&client, ns), children, writers.jobs, stores::slim_job))
             .shutdown_on_signal();
     let (cluster_store, migration_store, stores) = (clusters.store(), migrations.store(), ctx.stores.clone());
+    ctx.metrics.watch_stores(cluster_store.clone(), migration_store.clone());
     let synced = async move {
         let listed = stores.synced().await.is_ok()
             && cluster_store.wait_until_ready().await.is_ok()

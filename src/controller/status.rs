@@ -51,6 +51,21 @@ pub const RECONCILE_SUCCESS: &str = "ReconcileSuccess";
 /// A scale-down in progress: the node being removed and the step it is at.
 pub const SCALING: &str = "Scaling";
 
+/// How many nodes report a partition, by the NoPartitions condition; None until the broker was
+/// checked (the condition's message lists one `node: partitioned from ...` per such node).
+pub fn partitioned_nodes(conditions: &[Condition]) -> Option<usize> {
+    let condition = conditions.iter().find(|c| c.type_ == NO_PARTITIONS)?;
+    match condition.status.as_str() {
+        "True" => Some(0),
+        "False" if condition.reason == "PartitionDetected" => {
+            Some(condition.message.split(PARTITION_SEPARATOR).count())
+        }
+        _ => None,
+    }
+}
+
+const PARTITION_SEPARATOR: &str = "; ";
+
 /// A condition without its transition time (set when merged into the previous status).
 #[derive(Clone, Debug, PartialEq)]
 pub struct Verdict {
@@ -124,7 +139,7 @@ pub fn verdicts(observed: &Observed) -> Vec<Verdict> {
             if broker.partitions.is_empty() {
                 verdict(NO_PARTITIONS, Some(true), "NoPartitions", "no node reports a partition")
             } else {
-                verdict(NO_PARTITIONS, Some(false), "PartitionDetected", broker.partitions.join("; "))
+                verdict(NO_PARTITIONS, Some(false), "PartitionDetected", broker.partitions.join(PARTITION_SEPARATOR))
             },
             {
                 let (reason, message) = &broker.high_availability;
