@@ -20,7 +20,7 @@ HELM := $(CACHE_DIR)/bin/helm-$(HELM_VERSION)/helm
 test: deps
 	$(CARGO) fmt --all -- --check
 	@mkdir -p $(CACHE_DIR)/logs
-	@nice -n 19 e2e/build.sh etcd helm kubernetes node coredns > $(CACHE_DIR)/logs/go-build.log 2>&1 & go=$$!; \
+	@nice -n 19 e2e/build.sh etcd helm kubernetes monitoring-crds node coredns prometheus > $(CACHE_DIR)/logs/go-build.log 2>&1 & go=$$!; \
 	e2e/rootfs.sh > $(CACHE_DIR)/logs/rootfs.log 2>&1 & rootfs=$$!; \
 	$(CARGO) test --locked --all-targets --no-run; tests=$$?; \
 	wait $$rootfs; made=$$?; cat $(CACHE_DIR)/logs/rootfs.log; \
@@ -44,7 +44,8 @@ rootfs:
 ## containerd, CoreDNS, images built here); each started for its run and removed after it.
 e2e: deps control-plane node
 	$(HELM) lint --strict charts/warren
-	$(HELM) lint --strict charts/warren --set watchNamespace=apps --set metrics.serviceMonitor.enabled=true
+	$(HELM) lint --strict charts/warren --set watchNamespace=apps --set metrics.serviceMonitor.enabled=true \
+	  --set rabbitmqPodMonitor.enabled=true
 	e2e/with-control-plane.sh $(CARGO) test --locked --features e2e --test e2e
 	$(CARGO) build --locked
 	e2e/with-control-plane.sh --node $(CARGO) test --locked --features e2e --test e2e_node -- --test-threads=1
@@ -76,9 +77,10 @@ deps:
 control-plane:
 	e2e/build.sh
 
-## node: kube-scheduler, kubelet, kube-proxy (same module as the control plane) and CoreDNS.
+## node: kube-scheduler, kubelet, kube-proxy (same module as the control plane), CoreDNS and
+## Prometheus.
 node:
-	e2e/build.sh node coredns
+	e2e/build.sh node coredns prometheus
 
 build:
 	$(CARGO) build --locked

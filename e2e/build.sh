@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Builds etcd, the Kubernetes control plane (kube-apiserver, kube-controller-manager), the node
 # (kube-scheduler, kubelet, kube-proxy), CoreDNS and helm from their Go modules into a cache keyed by
-# version. Idempotent: a component whose binaries are already cached is not rebuilt.
-# Usage: e2e/build.sh [etcd|kubernetes|node|coredns|helm]...   (default: etcd helm kubernetes)
+# version, and fetches the Prometheus operator's CRDs from its module. Idempotent: a component whose
+# binaries are already cached is not rebuilt.
+# Usage: e2e/build.sh [etcd|kubernetes|node|coredns|prometheus|monitoring-crds|helm]...
+#        (default: etcd helm kubernetes monitoring-crds)
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 # shellcheck source=e2e/versions.env
@@ -93,6 +95,33 @@ build_coredns() {
   GOBIN=$out go install -trimpath -ldflags "-s -w" "github.com/coredns/coredns@$COREDNS_VERSION"
 }
 
+build_prometheus() {
+  local out=$cache/bin/prometheus-$PROMETHEUS_VERSION
+  [[ -x $out/prometheus ]] && return 0
+  log "prometheus $PROMETHEUS_VERSION"
+  mkdir -p "$out"
+  # remove_all_sd drops every service discovery but static and file; enable_kubernetes_sd keeps
+  # Kubernetes' (Prometheus' plugins/ build tags): a third of the build, none of the cloud SDKs.
+  local minor=${PROMETHEUS_VERSION#v0.3} patch=${PROMETHEUS_VERSION##*.}
+  minor=${minor%%.*}
+  GOBIN=$out go install -trimpath -tags remove_all_sd,enable_kubernetes_sd \
+    -ldflags "-s -w -X github.com/prometheus/common/version.Version=3.$((10#$minor)).$patch" \
+    "github.com/prometheus/prometheus/cmd/prometheus@$PROMETHEUS_VERSION"
+}
+
+build_monitoring_crds() {
+  local out=$cache/bin/prometheus-operator-$PROMETHEUS_OPERATOR_VERSION/crds
+  [[ -f $out/monitoring.coreos.com_podmonitors.yaml ]] && return 0
+  log "prometheus-operator $PROMETHEUS_OPERATOR_VERSION CRDs"
+  local source
+  source=$(go mod download -json "github.com/prometheus-operator/prometheus-operator@$PROMETHEUS_OPERATOR_VERSION" |
+    sed -n 's/^[[:space:]]*"Dir": "\(.*\)",$/\1/p')
+  [[ -d $source/example/prometheus-operator-crd ]] || { log "no CRDs in $source"; return 1; }
+  mkdir -p "$out.tmp"
+  cp "$source"/example/prometheus-operator-crd/monitoring.coreos.com_{servicemonitors,podmonitors}.yaml "$out.tmp/"
+  rm -rf "$out" && mv "$out.tmp" "$out"
+}
+
 build_helm() {
   local out=$cache/bin/helm-$HELM_VERSION
   [[ -x $out/helm ]] && return 0
@@ -111,9 +140,9 @@ build_helm() {
 }
 
 components=("$@")
-[[ ${#components[@]} -gt 0 ]] || components=(etcd helm kubernetes)
+[[ ${#components[@]} -gt 0 ]] || components=(etcd helm kubernetes monitoring-crds)
 for c in "${components[@]}"; do
   start=$SECONDS
-  "build_$c"
+  "build_${c//-/_}"
   log "$c ready ($((SECONDS - start)) s)"
 done

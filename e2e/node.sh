@@ -2,7 +2,8 @@
 # A real Kubernetes node on this machine, joined to the control plane of e2e/control-plane.sh:
 # containerd + runc + CNI bridge (Debian's packages), kubelet and kube-proxy (built from the pinned
 # k8s.io/kubernetes), kube-scheduler, CoreDNS (cluster DNS, no upstream), local PersistentVolumes,
-# and the images of e2e/images.sh imported into containerd.
+# the images of e2e/images.sh imported into containerd, and Prometheus scraping the pods that carry
+# the prometheus.io/* annotations (its URL in DIR/node/prometheus.url).
 #
 #   e2e/node.sh start DIR   DIR is a running control plane's directory; the node lives in DIR/node
 #   e2e/node.sh stop DIR    remove every pod's containers and network, stop by pid, unmount, remove
@@ -17,6 +18,7 @@ source "$here/versions.env"
 cache=${WARREN_CACHE:-$HOME/.cache/warren}
 k8s_bin=$cache/bin/kubernetes-$KUBERNETES_VERSION
 coredns_bin=$cache/bin/coredns-$COREDNS_VERSION/coredns
+prometheus_bin=$cache/bin/prometheus-$PROMETHEUS_VERSION/prometheus
 name=${WARREN_NODE_NAME:-warren-e2e}
 subnet=${WARREN_NODE_SUBNET:-10.244.2}
 kubelet_port=${WARREN_NODE_PORT:-10250}
@@ -176,6 +178,52 @@ CORE
   start_process coredns "$coredns_bin" -conf "$node/Corefile"
 }
 
+# Prometheus on the host, as a user runs one without the Prometheus operator: Kubernetes service
+# discovery of pods through the API server (its own least-privilege user), the kubernetes-pods job
+# of Prometheus' example configuration (prometheus.io/scrape, /port, /path), scraped every 5 s.
+start_prometheus() {
+  client_cert prometheus /CN=warren-e2e:prometheus
+  admin apply -f - > /dev/null <<YAML
+apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRole
+metadata: {name: "warren-e2e:prometheus"}
+rules:
+- apiGroups: [""]
+  resources: [pods]
+  verbs: [list, watch]
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRoleBinding
+metadata: {name: "warren-e2e:prometheus"}
+roleRef: {apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: "warren-e2e:prometheus"}
+subjects: [{apiGroup: rbac.authorization.k8s.io, kind: User, name: "warren-e2e:prometheus"}]
+YAML
+  cat > "$node/prometheus.yml" <<PROM
+global: {scrape_interval: 5s, scrape_timeout: 5s, evaluation_interval: 5s}
+scrape_configs:
+- job_name: kubernetes-pods
+  kubernetes_sd_configs:
+  - {role: pod, kubeconfig_file: $node/prometheus.kubeconfig}
+  relabel_configs:
+  - {source_labels: [__meta_kubernetes_pod_annotation_prometheus_io_scrape], action: keep, regex: "true"}
+  - {source_labels: [__meta_kubernetes_pod_annotation_prometheus_io_path], target_label: __metrics_path__, regex: (.+)}
+  - source_labels: [__address__, __meta_kubernetes_pod_annotation_prometheus_io_port]
+    regex: '([^:]+)(?::\d+)?;(\d+)'
+    replacement: '\$1:\$2'
+    target_label: __address__
+  - {source_labels: [__meta_kubernetes_namespace], target_label: namespace}
+  - {source_labels: [__meta_kubernetes_pod_name], target_label: pod}
+PROM
+  local port
+  port=$(free_port)
+  mkdir -p "$node/prometheus-data"
+  start_process prometheus "$prometheus_bin" --config.file "$node/prometheus.yml" \
+    --storage.tsdb.path "$node/prometheus-data" --storage.tsdb.retention.time 1d \
+    --web.listen-address "127.0.0.1:$port"
+  echo "http://127.0.0.1:$port" > "$node/prometheus.url"
+  wait_for "Prometheus ready" 60 curl -fsS "http://127.0.0.1:$port/-/ready"
+}
+
 make_volumes() {
   admin apply -f - > /dev/null <<YAML
 apiVersion: storage.k8s.io/v1
@@ -211,7 +259,7 @@ YAML
 
 start() {
   [[ -f $dir/server && -f $dir/pki/ca.key ]] || die "no control plane in $dir"
-  [[ -x $k8s_bin/kubelet && -x $coredns_bin ]] || "$here/build.sh" node coredns
+  [[ -x $k8s_bin/kubelet && -x $coredns_bin && -x $prometheus_bin ]] || "$here/build.sh" node coredns prometheus
   ip -4 addr show dev "$name" 2>/dev/null | grep -q "inet $gateway/" ||
     die "bridge $name with $gateway/24 is missing (e2e/cluster.sh creates it)"
   node=$dir/node
@@ -232,6 +280,7 @@ start() {
   start_proxy
   start_kubelet
   make_volumes
+  start_prometheus
   log "node $name ready in $SECONDS s (kubelet $KUBERNETES_VERSION, containerd $(containerd --version | awk '{print $3}'))"
 }
 
@@ -270,6 +319,7 @@ stop() {
     kill -KILL "$(cat "$pidfile")" 2>/dev/null || true
   done
   stop_process coredns
+  stop_process prometheus
   stop_process kube-scheduler
   # kube-proxy's rules, its own way; then the chains the kubelet made (iptables and ip6tables).
   [[ ! -f $node/kube-proxy.yaml ]] || "$k8s_bin/kube-proxy" --cleanup --config "$node/kube-proxy.yaml" \

@@ -4,9 +4,11 @@
 # also when the command fails or is interrupted.
 #   e2e/with-control-plane.sh cargo test --features e2e --test e2e
 #   e2e/with-control-plane.sh --node cargo test --features e2e --test e2e_node
-# The command sees KUBECONFIG (admin), WARREN_E2E_DIR (audit.log, pki/) and WARREN_HELM; with
+# The command sees KUBECONFIG (admin), WARREN_E2E_DIR (audit.log, pki/), WARREN_HELM and
+# WARREN_MONITORING_CRDS (the Prometheus operator's ServiceMonitor and PodMonitor CRDs); with
 # --node also WARREN_IMAGE, RABBITMQ_IMAGE (the default generation's) and RABBITMQ_IMAGE_<generation>
-# (RABBITMQ_IMAGE_3_10, ...): the images imported into the node.
+# (RABBITMQ_IMAGE_3_10, ...): the images imported into the node, and a Prometheus scraping them
+# (its address in $WARREN_E2E_DIR/node/prometheus.url).
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 # shellcheck source=e2e/versions.env
@@ -15,10 +17,10 @@ cache=${WARREN_CACHE:-$HOME/.cache/warren}
 component=with-control-plane
 # shellcheck source=e2e/lib.sh
 source "$here/lib.sh"
-script=control-plane.sh components=(etcd helm kubernetes)
+script=control-plane.sh components=(etcd helm kubernetes monitoring-crds)
 if [[ ${1:-} == --node ]]; then
   shift
-  script=cluster.sh components+=(node coredns)
+  script=cluster.sh components+=(node coredns prometheus)
   "$here/rootfs.sh"
   export WARREN_IMAGE
   export_rabbitmq_images
@@ -31,4 +33,5 @@ trap 'exit 130' INT TERM
 "$here/$script" start "$dir" > /dev/null
 export KUBECONFIG=$dir/admin.kubeconfig WARREN_E2E_DIR=$dir
 export WARREN_HELM=$cache/bin/helm-$HELM_VERSION/helm
+export WARREN_MONITORING_CRDS=$cache/bin/prometheus-operator-$PROMETHEUS_OPERATOR_VERSION/crds
 "$@"

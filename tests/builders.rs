@@ -136,6 +136,11 @@ fn stateful_set_starts_in_parallel_keeps_volumes_until_scaled_down_and_runs_non_
     assert_eq!(pod["volumes"][2]["secret"]["secretName"], "demo-erlang-cookie");
     let hash = spec["template"]["metadata"]["annotations"][CONFIG_HASH_ANNOTATION].as_str().unwrap();
     assert_eq!(hash.len(), 16);
+    // A Prometheus without the Prometheus operator finds the per-queue metrics by these.
+    let annotations = &spec["template"]["metadata"]["annotations"];
+    assert_eq!(annotations["prometheus.io/scrape"], "true");
+    assert_eq!(annotations["prometheus.io/port"], "15692");
+    assert_eq!(annotations["prometheus.io/path"], "/metrics/per-object");
 }
 
 #[test]

@@ -18,9 +18,24 @@ use super::config::{
     ADDITIONAL_CONF_KEY, ADVANCED_CONFIG_KEY, ENABLED_PLUGINS_KEY, OPERATOR_CONF_KEY, TLS_CA_DIR, TLS_DIR,
 };
 use super::secrets::{COOKIE_KEY, DEFAULT_USER_CONF_KEY};
-use super::services::{DISTRIBUTION_PORT, EPMD_PORT, client_ports};
+use super::services::{DISTRIBUTION_PORT, EPMD_PORT, PROMETHEUS_PORT, client_ports};
 use super::{CONFIG_HASH_ANNOTATION, child_meta, labels, selector_labels};
 use crate::controller::validate::ValidatedCluster;
+
+/// Where a Prometheus without the Prometheus operator finds the pods' metrics: the `prometheus.io/*`
+/// annotations its `kubernetes-pods` example job keeps and relabels. The per-object endpoint
+/// (RabbitMQ 3.10 and later) has a series per queue (`rabbitmq_queue_messages_ready{queue=...}`);
+/// `/metrics` sums every queue of a node into one.
+pub const PROMETHEUS_PATH: &str = "/metrics/per-object";
+
+fn pod_annotations(config_hash: &str) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        ("prometheus.io/scrape".to_string(), "true".to_string()),
+        ("prometheus.io/port".to_string(), PROMETHEUS_PORT.to_string()),
+        ("prometheus.io/path".to_string(), PROMETHEUS_PATH.to_string()),
+        (CONFIG_HASH_ANNOTATION.to_string(), config_hash.to_string()),
+    ])
+}
 
 /// uid and gid of the `rabbitmq` user in the official image (and in the Debian-built one).
 const RABBITMQ_UID: i64 = 999;
@@ -266,7 +281,7 @@ pub fn stateful_set(cluster: &ValidatedCluster, config_hash: &str) -> StatefulSe
             template: PodTemplateSpec {
                 metadata: Some(ObjectMeta {
                     labels: Some(pod_labels),
-                    annotations: Some(BTreeMap::from([(CONFIG_HASH_ANNOTATION.to_string(), config_hash.to_string())])),
+                    annotations: Some(pod_annotations(config_hash)),
                     ..Default::default()
                 }),
                 spec: Some(pod_spec),
