@@ -3,6 +3,7 @@
 pub mod api;
 pub mod controller;
 pub mod error;
+pub mod kubectl;
 pub mod leader;
 pub mod metrics;
 pub mod migrate;

@@ -3,7 +3,7 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 use warren::controller::{self, Context, validate::Settings};
 use warren::leader::{self, Election};
 use warren::server::{self, Metrics, Phase, Readiness};
@@ -56,6 +56,15 @@ enum Command {
     },
     /// Drains an old RabbitMQ cluster into a new one: definitions, then every message.
     Migrate(Box<MigrateArgs>),
+    /// A RabbitCluster on one screen: nodes and their versions, alarms, partitions, queues and
+    /// messages, the last Events.
+    Status(PluginArgs),
+    /// How to connect as a RabbitCluster's default user: user, password, AMQP and failover URIs.
+    Secrets(SecretsArgs),
+    /// Stops the operator from changing a RabbitCluster (annotation warren.dev/paused).
+    Pause(PluginArgs),
+    /// Lets the operator reconcile a paused RabbitCluster again.
+    Resume(PluginArgs),
     /// Prints the CustomResourceDefinitions as YAML.
     Crd,
     /// Prints, as YAML, every object the operator would create for the RabbitCluster in FILE.
@@ -64,6 +73,27 @@ enum Command {
         #[arg(long, default_value = "cluster.local")]
         cluster_domain: String,
     },
+}
+
+/// A RabbitCluster, as `kubectl warren` commands name it.
+#[derive(clap::Args)]
+struct PluginArgs {
+    /// The RabbitCluster.
+    name: String,
+    /// Its namespace (default: the kubeconfig context's).
+    #[arg(short = 'n', long)]
+    namespace: Option<String>,
+    #[arg(short = 'o', long, value_enum, default_value_t = warren::kubectl::Output::Text)]
+    output: warren::kubectl::Output,
+}
+
+#[derive(clap::Args)]
+struct SecretsArgs {
+    #[command(flatten)]
+    cluster: PluginArgs,
+    /// The Kubernetes cluster's DNS domain, in the URIs.
+    #[arg(long, default_value = "cluster.local")]
+    cluster_domain: String,
 }
 
 #[derive(clap::Args)]
@@ -246,13 +276,89 @@ fn init_tracing(format: LogFormat, bars: bool) {
     }
 }
 
+/// `-o json`: one document, for scripts.
+fn json(value: &impl serde::Serialize) -> String {
+    serde_json::to_string_pretty(value).unwrap_or_default() + "\n"
+}
+
+/// `kubectl warren ...`, `warren status ...`: the plugin commands.
+async fn plugin(command: Command) -> std::process::ExitCode {
+    use warren::kubectl::{self, Output, PluginError};
+    let (args, secrets_domain) = match &command {
+        Command::Status(args) | Command::Pause(args) | Command::Resume(args) => (args, None),
+        Command::Secrets(SecretsArgs { cluster, cluster_domain }) => (cluster, Some(cluster_domain.clone())),
+        _ => unreachable!("only plugin commands come here"),
+    };
+    let outcome: Result<String, PluginError> = async {
+        let client = kube::Client::try_default()
+            .await
+            .map_err(|e| PluginError(format!("no Kubernetes client configuration (KUBECONFIG): {e}")))?;
+        let namespace = args.namespace.clone().unwrap_or_else(|| client.default_namespace().to_string());
+        match (&command, secrets_domain) {
+            (Command::Status(_), _) => {
+                let status = kubectl::status::status(&client, &namespace, &args.name).await?;
+                Ok(match args.output {
+                    Output::Text => kubectl::status::render(&status, jiff::Timestamp::now()),
+                    Output::Json => json(&status),
+                })
+            }
+            (Command::Secrets(_), Some(domain)) => {
+                let connection = kubectl::connection(&client, &namespace, &args.name, &domain).await?;
+                Ok(match args.output {
+                    Output::Text => kubectl::render_connection(&connection),
+                    Output::Json => json(&connection),
+                })
+            }
+            (command, _) => {
+                let paused = matches!(command, Command::Pause(_));
+                let message = kubectl::set_paused(&client, &namespace, &args.name, paused).await?;
+                Ok(match args.output {
+                    Output::Text => format!("{message}\n"),
+                    Output::Json => json(&serde_json::json!({
+                        "namespace": namespace, "name": args.name, "paused": paused, "message": message,
+                    })),
+                })
+            }
+        }
+    }
+    .await;
+    match outcome {
+        Ok(text) => {
+            print!("{text}");
+            std::process::ExitCode::SUCCESS
+        }
+        Err(error) => {
+            eprintln!("kubectl warren: {error}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+/// The command line, named `kubectl warren` when kubectl runs this binary as its plugin.
+fn parse_command_line() -> Cli {
+    let invoked = std::env::args_os().next().map(std::path::PathBuf::from);
+    let as_plugin = invoked
+        .as_ref()
+        .and_then(|path| path.file_name())
+        .is_some_and(|name| name.to_string_lossy().starts_with("kubectl-warren"));
+    let mut command = Cli::command();
+    if as_plugin {
+        command = command.bin_name("kubectl warren").name("kubectl warren");
+    }
+    let matches = command.get_matches();
+    Cli::from_arg_matches(&matches).unwrap_or_else(|error| error.exit())
+}
+
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
-    let cli = Cli::parse();
+    let cli = parse_command_line();
     let bars = matches!(&cli.command, Command::Migrate(args) if progress_bars(args));
     init_tracing(cli.log_format, bars);
     match cli.command {
         Command::Migrate(args) => migrate(*args).await,
+        command @ (Command::Status(_) | Command::Secrets(_) | Command::Pause(_) | Command::Resume(_)) => {
+            plugin(command).await
+        }
         Command::Crd => {
             print!("{}", warren::crds_yaml());
             std::process::ExitCode::SUCCESS

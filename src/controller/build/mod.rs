@@ -4,7 +4,7 @@ mod config;
 pub mod job;
 mod pdb;
 pub mod secrets;
-mod services;
+pub mod services;
 pub mod statefulset;
 
 use std::collections::BTreeMap;
@@ -94,13 +94,18 @@ pub fn default_user_secret_name(cluster: &str) -> String {
     format!("{cluster}-default-user")
 }
 
+/// The headless Service that gives each pod of the RabbitCluster `cluster` its stable DNS name.
+pub fn headless_service_name(cluster: &str) -> String {
+    format!("{cluster}-nodes")
+}
+
 /// Names of the children, derived from the RabbitCluster's name.
 impl ValidatedCluster {
     pub fn stateful_set_name(&self) -> String {
         self.name.clone()
     }
     pub fn headless_service_name(&self) -> String {
-        format!("{}-nodes", self.name)
+        headless_service_name(&self.name)
     }
     pub fn client_service_name(&self) -> String {
         client_service_name(&self.name)

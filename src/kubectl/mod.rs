@@ -1,0 +1,149 @@
+//! `kubectl warren`: the warren binary installed as `kubectl-warren` (kubectl runs any
+//! `kubectl-<name>` on its PATH as `kubectl <name>`). What a user of a RabbitCluster asks for
+//! without reading Secrets through jsonpath and base64: `status`, `secrets`, `pause`, `resume`;
+//! `migrate` is `warren migrate`.
+
+pub mod management;
+pub mod status;
+
+use k8s_openapi::api::core::v1::Secret;
+use kube::api::{Patch, PatchParams};
+use kube::{Api, Client};
+use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
+use serde::Serialize;
+
+use crate::api::{PAUSE_ANNOTATION, RabbitCluster};
+use crate::controller::build::services::{AMQP_PORT, AMQPS_PORT};
+use crate::controller::build::{default_user_secret_name, headless_service_name};
+
+/// Output for people (at most 100 columns) or for scripts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Output {
+    Text,
+    Json,
+}
+
+/// A failure of a plugin command, printed as `kubectl warren: <message>`.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct PluginError(pub String);
+
+fn kube_error(what: String) -> impl FnOnce(kube::Error) -> PluginError {
+    move |error| match &error {
+        kube::Error::Api(status) if status.code == 404 => PluginError(format!("{what}: not found")),
+        _ => PluginError(format!("{what}: {error}")),
+    }
+}
+
+/// The RabbitCluster `name` in `namespace`; "not found" names both.
+pub async fn get_cluster(client: &Client, namespace: &str, name: &str) -> Result<RabbitCluster, PluginError> {
+    let api: Api<RabbitCluster> = Api::namespaced(client.clone(), namespace);
+    api.get(name).await.map_err(kube_error(format!("rabbitcluster {namespace}/{name}")))
+}
+
+/// How to connect to a RabbitCluster as its default user.
+#[derive(Debug, Serialize)]
+pub struct Connection {
+    pub username: String,
+    pub password: String,
+    /// Through the client Service: any node.
+    pub uri: String,
+    /// One per pod, by its stable name: for clients that take a list and fail over themselves.
+    pub failover_uris: Vec<String>,
+}
+
+/// Characters left as they are in a URI's user information (RFC 3986 unreserved).
+const USERINFO: &AsciiSet = &NON_ALPHANUMERIC.remove(b'-').remove(b'.').remove(b'_').remove(b'~');
+
+pub async fn connection(
+    client: &Client,
+    namespace: &str,
+    name: &str,
+    cluster_domain: &str,
+) -> Result<Connection, PluginError> {
+    let cluster = get_cluster(client, namespace, name).await?;
+    let secret_name = default_user_secret_name(name);
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), namespace);
+    let secret = secrets.get(&secret_name).await.map_err(kube_error(format!("secret {namespace}/{secret_name}")))?;
+    let field = |key: &str| {
+        secret
+            .data
+            .as_ref()
+            .and_then(|d| d.get(key))
+            .map(|v| String::from_utf8_lossy(&v.0).into_owned())
+            .ok_or_else(|| PluginError(format!("secret {namespace}/{secret_name} has no {key}")))
+    };
+    let (username, password) = (field("username")?, field("password")?);
+    let (scheme, port) = if cluster.spec.tls.is_some() { ("amqps", AMQPS_PORT) } else { ("amqp", AMQP_PORT) };
+    let userinfo = format!("{}:{}", utf8_percent_encode(&username, USERINFO), utf8_percent_encode(&password, USERINFO));
+    // The default vhost `/`, written %2F: an empty path would name the vhost "".
+    let uri = |host: &str| format!("{scheme}://{userinfo}@{host}:{port}/%2F");
+    let uri_of_service = uri(&format!("{name}.{namespace}.svc.{cluster_domain}"));
+    let headless = headless_service_name(name);
+    let failover_uris = (0..cluster.spec.replicas)
+        .map(|ordinal| uri(&format!("{name}-{ordinal}.{headless}.{namespace}.svc.{cluster_domain}")))
+        .collect();
+    Ok(Connection { username, password, uri: uri_of_service, failover_uris })
+}
+
+pub fn render_connection(connection: &Connection) -> String {
+    let mut text =
+        format!("username  {}\npassword  {}\nuri       {}\n", connection.username, connection.password, connection.uri);
+    for (i, uri) in connection.failover_uris.iter().enumerate() {
+        text.push_str(&format!("{}{uri}\n", if i == 0 { "failover  " } else { "          " }));
+    }
+    text
+}
+
+/// Sets or removes the annotation that pauses reconciliation; returns what the user reads.
+pub async fn set_paused(client: &Client, namespace: &str, name: &str, paused: bool) -> Result<String, PluginError> {
+    get_cluster(client, namespace, name).await?;
+    let api: Api<RabbitCluster> = Api::namespaced(client.clone(), namespace);
+    let value = if paused { serde_json::json!("true") } else { serde_json::Value::Null };
+    let patch = serde_json::json!({"metadata": {"annotations": {PAUSE_ANNOTATION: value}}});
+    api.patch(name, &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .map_err(kube_error(format!("rabbitcluster {namespace}/{name}")))?;
+    Ok(if paused {
+        format!(
+            "rabbitcluster {namespace}/{name} paused: the operator changes nothing of it until \
+             `kubectl warren resume {name}`"
+        )
+    } else {
+        format!("rabbitcluster {namespace}/{name} resumed: the operator reconciles it again")
+    })
+}
+
+/// Cuts `text` to `width` characters, marking the cut with `…`.
+pub fn fit(text: &str, width: usize) -> String {
+    if text.chars().count() <= width {
+        text.to_string()
+    } else {
+        let mut cut: String = text.chars().take(width.saturating_sub(1)).collect();
+        cut.push('…');
+        cut
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connection_text_lists_one_failover_uri_per_line_and_fit_cuts_long_cells() {
+        let connection = Connection {
+            username: "u".into(),
+            password: "p".into(),
+            uri: "amqp://u:p@demo.apps.svc.cluster.local:5672/%2F".into(),
+            failover_uris: vec!["amqp://a".into(), "amqp://b".into()],
+        };
+        assert_eq!(
+            render_connection(&connection),
+            "username  u\npassword  p\nuri       amqp://u:p@demo.apps.svc.cluster.local:5672/%2F\n\
+             failover  amqp://a\n          amqp://b\n"
+        );
+        assert_eq!(fit("short", 10), "short");
+        assert_eq!(fit("a-very-long-queue-name", 10), "a-very-lo…");
+        assert_eq!(utf8_percent_encode("p@ss:w/rd", USERINFO).to_string(), "p%40ss%3Aw%2Frd");
+    }
+}
