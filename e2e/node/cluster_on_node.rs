@@ -1,6 +1,7 @@
 //! One RabbitCluster through a user's day on a real node: it forms, serves through its client
 //! Service, survives losing a pod and losing every pod, grows, shrinks (with the operator killed
 //! half-way) and grows again, and when deleted takes its pods and Services but leaves the data.
+//! Once formed and holding messages, it is also watched: Prometheus and `kubectl warren`.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -12,6 +13,7 @@ use kube::api::ListParams;
 use kube::{Api, Client};
 
 use crate::amqp;
+use crate::observability;
 use crate::rig::{Endpoint, POD_TIMEOUT, default_is_quorum, delete, ensure_operator, manifest, pods, wait_ready};
 use crate::support::cluster::{apply, condition, patch};
 use crate::support::{TestNamespace, admin_client, kubectl, wait_for};
@@ -144,6 +146,11 @@ async fn a_rabbit_cluster_runs_heals_grows_and_keeps_its_data_on_a_real_node() {
     let claims = volumes(&client, &ns).await;
     assert_eq!(claims.len(), 3, "{claims:?}");
     assert!(claims.values().all(|v| !v.is_empty()), "every claim bound: {claims:?}");
+
+    // What the team watches it with, on this formed cluster: Prometheus and `kubectl warren`.
+    let names = ["ha-0", "ha-1", "ha-2"];
+    observability::prometheus_sees_the_cluster(&ns, NAME, &names, KEPT, KEPT_COUNT as u64).await;
+    observability::kubectl_warren_on(&client, &ns, NAME, &names, KEPT, KEPT_COUNT as u64).await;
 
     // 2. Delete one pod: it comes back on its volume and rejoins; the messages are kept.
     let ha1 = first_pods.iter().find(|p| p.0 == "ha-1").map(|p| p.1.clone()).expect("ha-1");

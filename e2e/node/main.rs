@@ -10,4 +10,5 @@ mod support;
 
 mod cluster_on_node;
 mod migration_job;
+mod observability;
 mod rig;

@@ -9,6 +9,7 @@ use kube::Api;
 use warren::api::RabbitMigration;
 
 use crate::amqp;
+use crate::observability::Prometheus;
 use crate::rig::{Endpoint, POD_TIMEOUT, ensure_operator, generation_image, manifest, manifest_on, wait_ready};
 use crate::support::cluster::apply;
 use crate::support::{TestNamespace, admin_client, kubectl_stdin, ok, wait_for};
@@ -58,6 +59,15 @@ async fn a_migration_job_in_the_cluster_moves_every_message() {
         status.queues.iter().map(|q| (q.vhost.as_str(), q.name.as_str(), q.total, q.moved, q.left)).collect();
     let per_queue = PER_QUEUE as u64;
     assert_eq!(queues, QUEUES.map(|q| ("/", q, per_queue, per_queue, 0)), "{status:?}");
+    // The same counts, as the operator exports them to Prometheus.
+    let prometheus = Prometheus::of_node();
+    let object = format!(r#"exported_namespace="{ns}",name="old-to-new""#);
+    for (metric, value) in [("moved", 3.0 * PER_QUEUE as f64), ("left", 0.0)] {
+        let promql = format!("max(warren_migration_messages_{metric}{{{object}}})");
+        prometheus
+            .wait(&format!("messages {metric}: {value}"), &promql, |s| s.first().is_some_and(|s| s.1 == value))
+            .await;
+    }
 
     let new = Endpoint::of(&client, &ns, "new").await;
     let quorum = crate::rig::default_is_quorum();

@@ -2,6 +2,7 @@
 //! kube-controller-manager built from their Go modules). Run through e2e/with-control-plane.sh:
 //! `make test` does.
 
+mod chart_monitors;
 mod leader_election;
 mod lifecycle;
 mod migration;
