@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # `make up`: a local cluster in $WARREN_CACHE/up (control plane and one real node, e2e/cluster.sh),
 # the chart installed with the locally built warren image, and examples/basic.yaml running as three
-# RabbitMQ pods. `make down` stops it all.
+# RabbitMQ pods, watched by a Prometheus (e2e/node.sh starts it with the node); the warren binary
+# linked as kubectl-warren for `kubectl warren`. `make down` stops it all.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(dirname "$here")
@@ -17,7 +18,7 @@ source "$here/lib.sh"
 step() { log "$@"; }
 
 [[ -d $dir ]] && "$here/down.sh"
-"$here/build.sh" etcd helm kubernetes node coredns
+"$here/build.sh" etcd helm kubernetes node coredns prometheus
 "$here/rootfs.sh"
 export_rabbitmq_images
 version=${RABBITMQ_IMAGE##*:}; version=${version%-management}
@@ -46,7 +47,12 @@ step "waiting for RabbitCluster demo to be Ready"
 kubectl wait rabbitcluster/demo -n default --for=condition=Ready --timeout=300s > /dev/null
 kubectl get rabbitcluster,pods,pvc -n default -o wide
 ip=$(kubectl get service demo -n default -o jsonpath='{.spec.clusterIP}')
-user=$(kubectl get secret demo-default-user -n default -o jsonpath='{.data.username}' | base64 -d)
+prometheus=$(cat "$dir/node/prometheus.url")
+# kubectl runs any kubectl-<name> on PATH as `kubectl <name>`: the warren binary under that name.
+plugins=$cache/kubectl-plugins
+mkdir -p "$plugins"
+ln -sfn "${CARGO_TARGET_DIR:-$repo/target}/debug/warren" "$plugins/kubectl-warren"
+PATH=$plugins:$PATH kubectl warren status demo -n default
 cat <<MSG
 
 Warren is up: Kubernetes $KUBERNETES_VERSION (control plane $(cat "$dir/server"), node $WARREN_NODE_NAME),
@@ -56,11 +62,13 @@ and RabbitCluster
 demo: three RabbitMQ $version pods, one cluster, Ready (quorum queues by default; the other
 generations' images are imported too: $RABBITMQ_IMAGE_3_10, $RABBITMQ_IMAGE_4_0).
 
-From this machine, through the client Service:
-  AMQP        amqp://$user:<password>@$ip:5672/
-  management  http://$ip:15672/   (user $user)
-  password    kubectl get secret demo-default-user -o jsonpath='{.data.password}' | base64 -d
+From this machine, through the client Service (user and password: kubectl warren secrets demo):
+  AMQP        amqp://<user>:<password>@$ip:5672/%2F
+  management  http://$ip:15672/
+  Prometheus  $prometheus   (the pods' prometheus.io annotations; try the query
+              rabbitmq_queue_messages_ready or warren_cluster_replicas_ready)
 Stop everything with: make down
 
+export PATH=$plugins:\$PATH   # kubectl warren status demo | secrets demo | pause demo | resume demo
 export KUBECONFIG=$dir/admin.kubeconfig
 MSG

@@ -60,7 +60,7 @@ enum Command {
     /// messages, the last Events.
     Status(PluginArgs),
     /// How to connect as a RabbitCluster's default user: user, password, AMQP and failover URIs.
-    Secrets(SecretsArgs),
+    Secrets(PluginArgs),
     /// Stops the operator from changing a RabbitCluster (annotation warren.dev/paused).
     Pause(PluginArgs),
     /// Lets the operator reconcile a paused RabbitCluster again.
@@ -85,15 +85,6 @@ struct PluginArgs {
     namespace: Option<String>,
     #[arg(short = 'o', long, value_enum, default_value_t = warren::kubectl::Output::Text)]
     output: warren::kubectl::Output,
-}
-
-#[derive(clap::Args)]
-struct SecretsArgs {
-    #[command(flatten)]
-    cluster: PluginArgs,
-    /// The Kubernetes cluster's DNS domain, in the URIs.
-    #[arg(long, default_value = "cluster.local")]
-    cluster_domain: String,
 }
 
 #[derive(clap::Args)]
@@ -284,32 +275,31 @@ fn json(value: &impl serde::Serialize) -> String {
 /// `kubectl warren ...`, `warren status ...`: the plugin commands.
 async fn plugin(command: Command) -> std::process::ExitCode {
     use warren::kubectl::{self, Output, PluginError};
-    let (args, secrets_domain) = match &command {
-        Command::Status(args) | Command::Pause(args) | Command::Resume(args) => (args, None),
-        Command::Secrets(SecretsArgs { cluster, cluster_domain }) => (cluster, Some(cluster_domain.clone())),
-        _ => unreachable!("only plugin commands come here"),
+    let (Command::Status(args) | Command::Secrets(args) | Command::Pause(args) | Command::Resume(args)) = &command
+    else {
+        unreachable!("only plugin commands come here")
     };
     let outcome: Result<String, PluginError> = async {
         let client = kube::Client::try_default()
             .await
             .map_err(|e| PluginError(format!("no Kubernetes client configuration (KUBECONFIG): {e}")))?;
         let namespace = args.namespace.clone().unwrap_or_else(|| client.default_namespace().to_string());
-        match (&command, secrets_domain) {
-            (Command::Status(_), _) => {
+        match &command {
+            Command::Status(_) => {
                 let status = kubectl::status::status(&client, &namespace, &args.name).await?;
                 Ok(match args.output {
                     Output::Text => kubectl::status::render(&status, jiff::Timestamp::now()),
                     Output::Json => json(&status),
                 })
             }
-            (Command::Secrets(_), Some(domain)) => {
-                let connection = kubectl::connection(&client, &namespace, &args.name, &domain).await?;
+            Command::Secrets(_) => {
+                let connection = kubectl::connection(&client, &namespace, &args.name).await?;
                 Ok(match args.output {
                     Output::Text => kubectl::render_connection(&connection),
                     Output::Json => json(&connection),
                 })
             }
-            (command, _) => {
+            command => {
                 let paused = matches!(command, Command::Pause(_));
                 let message = kubectl::set_paused(&client, &namespace, &args.name, paused).await?;
                 Ok(match args.output {

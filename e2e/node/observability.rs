@@ -207,7 +207,7 @@ pub async fn kubectl_warren_on(
     assert_eq!(secrets["password"], field("password"));
     assert_eq!(
         secrets["uri"].as_str().expect("uri").rsplit_once('@').map(|(_, host)| host),
-        Some(format!("{name}.{namespace}.svc.cluster.local:5672/%2F").as_str())
+        Some(format!("{name}.{namespace}.svc.cluster.local:5672//").as_str())
     );
     let failover: Vec<&str> =
         secrets["failover_uris"].as_array().expect("failover").iter().filter_map(Value::as_str).collect();
@@ -216,7 +216,7 @@ pub async fn kubectl_warren_on(
         assert!(uri.contains(&format!("@{pod}.{name}-nodes.{namespace}.svc.cluster.local:5672/")), "{uri}");
     }
     let text = ok("kubectl warren secrets", kubectl_warren(&["secrets", name, "-n", namespace]));
-    assert!(text.contains(&format!("password  {}\n", field("password"))), "the password, for the user who asked");
+    assert!(text.contains(&format!("password    {}\n", field("password"))), "the password, for the user who asked");
 
     // Pause: the operator stops reconciling and says so; resume: it reconciles again.
     let paused = ok("kubectl warren pause", kubectl_warren(&["pause", name, "-n", namespace]));

@@ -9,12 +9,10 @@ pub mod status;
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::{Patch, PatchParams};
 use kube::{Api, Client};
-use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
 use serde::Serialize;
 
 use crate::api::{PAUSE_ANNOTATION, RabbitCluster};
-use crate::controller::build::services::{AMQP_PORT, AMQPS_PORT};
-use crate::controller::build::{default_user_secret_name, headless_service_name};
+use crate::controller::build::default_user_secret_name;
 
 /// Output for people (at most 100 columns) or for scripts.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -41,7 +39,8 @@ pub async fn get_cluster(client: &Client, namespace: &str, name: &str) -> Result
     api.get(name).await.map_err(kube_error(format!("rabbitcluster {namespace}/{name}")))
 }
 
-/// How to connect to a RabbitCluster as its default user.
+/// How to connect to a RabbitCluster as its default user, as the operator wrote it in the
+/// default-user Secret.
 #[derive(Debug, Serialize)]
 pub struct Connection {
     pub username: String,
@@ -50,18 +49,11 @@ pub struct Connection {
     pub uri: String,
     /// One per pod, by its stable name: for clients that take a list and fail over themselves.
     pub failover_uris: Vec<String>,
+    pub management_uri: String,
 }
 
-/// Characters left as they are in a URI's user information (RFC 3986 unreserved).
-const USERINFO: &AsciiSet = &NON_ALPHANUMERIC.remove(b'-').remove(b'.').remove(b'_').remove(b'~');
-
-pub async fn connection(
-    client: &Client,
-    namespace: &str,
-    name: &str,
-    cluster_domain: &str,
-) -> Result<Connection, PluginError> {
-    let cluster = get_cluster(client, namespace, name).await?;
+pub async fn connection(client: &Client, namespace: &str, name: &str) -> Result<Connection, PluginError> {
+    get_cluster(client, namespace, name).await?;
     let secret_name = default_user_secret_name(name);
     let secrets: Api<Secret> = Api::namespaced(client.clone(), namespace);
     let secret = secrets.get(&secret_name).await.map_err(kube_error(format!("secret {namespace}/{secret_name}")))?;
@@ -73,24 +65,22 @@ pub async fn connection(
             .map(|v| String::from_utf8_lossy(&v.0).into_owned())
             .ok_or_else(|| PluginError(format!("secret {namespace}/{secret_name} has no {key}")))
     };
-    let (username, password) = (field("username")?, field("password")?);
-    let (scheme, port) = if cluster.spec.tls.is_some() { ("amqps", AMQPS_PORT) } else { ("amqp", AMQP_PORT) };
-    let userinfo = format!("{}:{}", utf8_percent_encode(&username, USERINFO), utf8_percent_encode(&password, USERINFO));
-    // The default vhost `/`, written %2F: an empty path would name the vhost "".
-    let uri = |host: &str| format!("{scheme}://{userinfo}@{host}:{port}/%2F");
-    let uri_of_service = uri(&format!("{name}.{namespace}.svc.{cluster_domain}"));
-    let headless = headless_service_name(name);
-    let failover_uris = (0..cluster.spec.replicas)
-        .map(|ordinal| uri(&format!("{name}-{ordinal}.{headless}.{namespace}.svc.{cluster_domain}")))
-        .collect();
-    Ok(Connection { username, password, uri: uri_of_service, failover_uris })
+    Ok(Connection {
+        username: field("username")?,
+        password: field("password")?,
+        uri: field("uri")?,
+        failover_uris: field("failover-uris")?.split(';').filter(|u| !u.is_empty()).map(str::to_string).collect(),
+        management_uri: field("management-uri")?,
+    })
 }
 
 pub fn render_connection(connection: &Connection) -> String {
-    let mut text =
-        format!("username  {}\npassword  {}\nuri       {}\n", connection.username, connection.password, connection.uri);
+    let mut text = format!(
+        "username    {}\npassword    {}\nuri         {}\nmanagement  {}\n",
+        connection.username, connection.password, connection.uri, connection.management_uri
+    );
     for (i, uri) in connection.failover_uris.iter().enumerate() {
-        text.push_str(&format!("{}{uri}\n", if i == 0 { "failover  " } else { "          " }));
+        text.push_str(&format!("{}{uri}\n", if i == 0 { "failover    " } else { "            " }));
     }
     text
 }
@@ -134,16 +124,17 @@ mod tests {
         let connection = Connection {
             username: "u".into(),
             password: "p".into(),
-            uri: "amqp://u:p@demo.apps.svc.cluster.local:5672/%2F".into(),
+            uri: "amqp://u:p@demo.apps.svc.cluster.local:5672//".into(),
             failover_uris: vec!["amqp://a".into(), "amqp://b".into()],
+            management_uri: "http://demo.apps.svc.cluster.local:15672".into(),
         };
         assert_eq!(
             render_connection(&connection),
-            "username  u\npassword  p\nuri       amqp://u:p@demo.apps.svc.cluster.local:5672/%2F\n\
-             failover  amqp://a\n          amqp://b\n"
+            "username    u\npassword    p\nuri         amqp://u:p@demo.apps.svc.cluster.local:5672//\n\
+             management  http://demo.apps.svc.cluster.local:15672\n\
+             failover    amqp://a\n            amqp://b\n"
         );
         assert_eq!(fit("short", 10), "short");
         assert_eq!(fit("a-very-long-queue-name", 10), "a-very-lo…");
-        assert_eq!(utf8_percent_encode("p@ss:w/rd", USERINFO).to_string(), "p%40ss%3Aw%2Frd");
     }
 }

@@ -14,6 +14,7 @@ use super::management::Management;
 use super::{PluginError, fit, get_cluster};
 use crate::api::PAUSE_ANNOTATION;
 use crate::controller::build::{INSTANCE_LABEL, NAME_LABEL, default_user_secret_name};
+use crate::controller::status::SCALING;
 
 /// Queues listed by name, the largest first.
 const LISTED_QUEUES: usize = 10;
@@ -170,7 +171,7 @@ async fn broker(
     let Some(pod) = ready.or_else(|| pods.first().map(|p| p.name_any())) else {
         return Err(PluginError("no pod to ask".into()));
     };
-    let connection = super::connection(client, namespace, name, "cluster.local")
+    let connection = super::connection(client, namespace, name)
         .await
         .map_err(|e| PluginError(format!("{e} (the default user's {} Secret)", default_user_secret_name(name))))?;
     let management = Management {
@@ -317,18 +318,20 @@ pub fn render(status: &Status, now: jiff::Timestamp) -> String {
         status.rabbitmq_version.as_deref().unwrap_or("?"),
         status.ready_replicas,
         status.replicas,
-        if status.paused { "   PAUSED (kubectl warren resume)" } else { "" },
+        if status.paused { "   PAUSED" } else { "" },
     ));
+    // Scaling is the one condition whose usual status is False (no scale-down under way).
+    let usual = |c: &ConditionLine| (c.status == "True") != (c.r#type == SCALING);
     let fine: Vec<String> = status
         .conditions
         .iter()
-        .filter(|c| c.status == "True" && c.r#type != "Ready")
-        .map(|c| c.r#type.clone())
+        .filter(|c| usual(c) && c.r#type != "Ready")
+        .map(|c| if c.status == "True" { c.r#type.clone() } else { format!("{}={}", c.r#type, c.status) })
         .collect();
     if !fine.is_empty() {
-        out.push(format!("  true: {}", fine.join(" ")));
+        out.push(format!("  as usual: {}", fine.join(" ")));
     }
-    for c in status.conditions.iter().filter(|c| c.status != "True") {
+    for c in status.conditions.iter().filter(|c| !usual(c)) {
         out.push(format!("  {}={} {}: {}", c.r#type, c.status, c.reason, c.message));
     }
     out.push(String::new());
@@ -439,6 +442,12 @@ mod tests {
                     reason: "r".into(),
                     message: "m".into(),
                 },
+                ConditionLine {
+                    r#type: "Scaling".into(),
+                    status: "False".into(),
+                    reason: "Steady".into(),
+                    message: "m".into(),
+                },
             ],
             nodes: vec![NodeLine {
                 pod: "orders-0".into(),
@@ -480,7 +489,7 @@ mod tests {
         assert!(
             screen.starts_with("RabbitCluster apps/orders   RabbitMQ 4.3.6   2/3 pods ready   Ready=False   PAUSED")
         );
-        assert!(screen.contains("\n  true: ClusterFormed\n"), "{screen}");
+        assert!(screen.contains("\n  as usual: ClusterFormed Scaling=False\n"), "{screen}");
         assert!(screen.contains("\n  NoPartitions=False PartitionDetected: rabbit@orders-0"), "{screen}");
         assert!(
             screen.contains("\norders-0         yes          2  yes     4.3.6    memory      orders-1\n"),

@@ -94,18 +94,13 @@ pub fn default_user_secret_name(cluster: &str) -> String {
     format!("{cluster}-default-user")
 }
 
-/// The headless Service that gives each pod of the RabbitCluster `cluster` its stable DNS name.
-pub fn headless_service_name(cluster: &str) -> String {
-    format!("{cluster}-nodes")
-}
-
 /// Names of the children, derived from the RabbitCluster's name.
 impl ValidatedCluster {
     pub fn stateful_set_name(&self) -> String {
         self.name.clone()
     }
     pub fn headless_service_name(&self) -> String {
-        headless_service_name(&self.name)
+        format!("{}-nodes", self.name)
     }
     pub fn client_service_name(&self) -> String {
         client_service_name(&self.name)
