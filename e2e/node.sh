@@ -36,6 +36,25 @@ client_cert() { # stem subject: a client certificate for the node's part STEM, a
 
 admin() { kubectl --kubeconfig "$dir/admin.kubeconfig" "$@"; }
 
+# host_client stem rules: a host process's own API user warren-e2e:STEM (its kubeconfig
+# $node/STEM.kubeconfig), allowed only the ClusterRole RULES (YAML list items).
+host_client() {
+  local user=warren-e2e:$1
+  client_cert "$1" "/CN=$user"
+  admin apply -f - > /dev/null <<YAML
+apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRole
+metadata: {name: "$user"}
+rules:$2
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRoleBinding
+metadata: {name: "$user"}
+roleRef: {apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: "$user"}
+subjects: [{apiGroup: rbac.authorization.k8s.io, kind: User, name: "$user"}]
+YAML
+}
+
 start_containerd() {
   mkdir -p "$node/containerd"/{root,state} "$node/cni/net.d" "$node/cni/ipam"
   cat > "$node/cni/net.d/10-$name.conflist" <<CNI
@@ -143,25 +162,13 @@ start_scheduler() {
 }
 
 start_coredns() {
-  client_cert coredns /CN=warren-e2e:coredns
-  admin apply -f - > /dev/null <<YAML
-apiVersion: rbac.authorization.k8s.io/v1
-kind: ClusterRole
-metadata: {name: "warren-e2e:coredns"}
-rules:
+  host_client coredns '
 - apiGroups: [""]
   resources: [endpoints, services, pods, namespaces]
   verbs: [list, watch]
 - apiGroups: [discovery.k8s.io]
   resources: [endpointslices]
-  verbs: [list, watch]
----
-apiVersion: rbac.authorization.k8s.io/v1
-kind: ClusterRoleBinding
-metadata: {name: "warren-e2e:coredns"}
-roleRef: {apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: "warren-e2e:coredns"}
-subjects: [{apiGroup: rbac.authorization.k8s.io, kind: User, name: "warren-e2e:coredns"}]
-YAML
+  verbs: [list, watch]'
   # Cluster names only: nothing is forwarded upstream (there is no upstream). No cache, so a
   # restarted pod's new address is seen at once, as the headless Service publishes it.
   cat > "$node/Corefile" <<CORE
@@ -182,22 +189,10 @@ CORE
 # discovery of pods through the API server (its own least-privilege user), the kubernetes-pods job
 # of Prometheus' example configuration (prometheus.io/scrape, /port, /path), scraped every 5 s.
 start_prometheus() {
-  client_cert prometheus /CN=warren-e2e:prometheus
-  admin apply -f - > /dev/null <<YAML
-apiVersion: rbac.authorization.k8s.io/v1
-kind: ClusterRole
-metadata: {name: "warren-e2e:prometheus"}
-rules:
+  host_client prometheus '
 - apiGroups: [""]
   resources: [pods]
-  verbs: [list, watch]
----
-apiVersion: rbac.authorization.k8s.io/v1
-kind: ClusterRoleBinding
-metadata: {name: "warren-e2e:prometheus"}
-roleRef: {apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: "warren-e2e:prometheus"}
-subjects: [{apiGroup: rbac.authorization.k8s.io, kind: User, name: "warren-e2e:prometheus"}]
-YAML
+  verbs: [list, watch]'
   cat > "$node/prometheus.yml" <<PROM
 global: {scrape_interval: 5s, scrape_timeout: 5s, evaluation_interval: 5s}
 scrape_configs:

@@ -45,7 +45,7 @@ pub struct ConditionLine {
     pub message: String,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Default, Serialize)]
 pub struct NodeLine {
     pub pod: String,
     pub ready: bool,
@@ -122,11 +122,7 @@ pub async fn status(client: &Client, namespace: &str, name: &str) -> Result<Stat
                 pod: pod.name_any(),
                 ready,
                 restarts: rabbitmq.map_or(0, |c| c.restart_count),
-                node: None,
-                running: None,
-                version: None,
-                alarms: Vec::new(),
-                partitioned_from: Vec::new(),
+                ..NodeLine::default()
             }
         })
         .collect();
@@ -188,16 +184,7 @@ async fn broker(
             Some(index) => index,
             // A member the cluster still lists whose pod is gone (a scale-down not yet forgotten).
             None => {
-                nodes.push(NodeLine {
-                    pod,
-                    ready: false,
-                    restarts: 0,
-                    node: None,
-                    running: None,
-                    version: None,
-                    alarms: Vec::new(),
-                    partitioned_from: Vec::new(),
-                });
+                nodes.push(NodeLine { pod, ..NodeLine::default() });
                 nodes.len() - 1
             }
         };
@@ -329,7 +316,7 @@ pub fn render(status: &Status, now: jiff::Timestamp) -> String {
         .map(|c| if c.status == "True" { c.r#type.clone() } else { format!("{}={}", c.r#type, c.status) })
         .collect();
     if !fine.is_empty() {
-        out.push(format!("  as usual: {}", fine.join(" ")));
+        out.push(format!("  ok: {}", fine.join(" ")));
     }
     for c in status.conditions.iter().filter(|c| !usual(c)) {
         out.push(format!("  {}={} {}: {}", c.r#type, c.status, c.reason, c.message));
@@ -489,7 +476,7 @@ mod tests {
         assert!(
             screen.starts_with("RabbitCluster apps/orders   RabbitMQ 4.3.6   2/3 pods ready   Ready=False   PAUSED")
         );
-        assert!(screen.contains("\n  as usual: ClusterFormed Scaling=False\n"), "{screen}");
+        assert!(screen.contains("\n  ok: ClusterFormed Scaling=False\n"), "{screen}");
         assert!(screen.contains("\n  NoPartitions=False PartitionDetected: rabbit@orders-0"), "{screen}");
         assert!(
             screen.contains("\norders-0         yes          2  yes     4.3.6    memory      orders-1\n"),
