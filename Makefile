@@ -10,24 +10,33 @@ WARREN := $(CARGO_TARGET_DIR)/debug/warren
 include e2e/versions.env
 HELM := $(CACHE_DIR)/bin/helm-$(HELM_VERSION)/helm
 
-.PHONY: test unit e2e bench deps rootfs control-plane node build crds render fmt lint up down reset
+.PHONY: test unit e2e tier3 tier4 bench deps rootfs control-plane node build crds render fmt lint up down reset
 
 ## test: every tier: pure builders and mocked API server, real RabbitMQ nodes of three generations
 ## (tests/rabbitmq_*.rs, tests/migrate.rs), the real control plane, then a real node running
 ## RabbitMQ pods. What tiers 3 and 4 need from Go modules builds in the background (niced) while
 ## the rootfs of each RabbitMQ generation is made and tiers 1 and 2 compile and run: on a fresh
-## machine that overlap is most of the cold time saved.
+## machine that overlap is most of the cold time saved. Tier 3 (a control plane on loopback, no
+## node, no network namespace) runs as soon as its parts are built, beside tier 2; tier 4 (the node)
+## runs alone after both.
 test: deps
 	$(CARGO) fmt --all -- --check
 	@mkdir -p $(CACHE_DIR)/logs
-	@nice -n 19 e2e/build.sh etcd helm kubernetes monitoring-crds node coredns prometheus > $(CACHE_DIR)/logs/go-build.log 2>&1 & go=$$!; \
-	e2e/rootfs.sh > $(CACHE_DIR)/logs/rootfs.log 2>&1 & rootfs=$$!; \
+	@logs=$(CACHE_DIR)/logs; rm -f $$logs/tier3.rc $$logs/tier3.log; \
+	{ nice -n 19 e2e/build.sh etcd helm kubernetes monitoring-crds; plane=$$?; \
+	  if [ $$plane = 0 ]; then \
+	    { $(MAKE) --no-print-directory tier3 > $$logs/tier3.log 2>&1; echo $$? > $$logs/tier3.rc; } & fi; \
+	  nice -n 19 e2e/build.sh node coredns prometheus; built=$$?; wait; \
+	  [ $$plane = 0 ] && exit $$built; exit $$plane; } > $$logs/go-build.log 2>&1 & go=$$!; \
+	e2e/rootfs.sh > $$logs/rootfs.log 2>&1 & rootfs=$$!; \
 	$(CARGO) test --locked --all-targets --no-run; tests=$$?; \
-	wait $$rootfs; made=$$?; cat $(CACHE_DIR)/logs/rootfs.log; \
+	wait $$rootfs; made=$$?; cat $$logs/rootfs.log; \
 	if [ $$tests = 0 ] && [ $$made = 0 ]; then $(CARGO) test --locked --all-targets; tests=$$?; fi; \
-	wait $$go; built=$$?; grep -v '^go: ' $(CACHE_DIR)/logs/go-build.log || true; \
-	[ $$tests = 0 ] && [ $$made = 0 ] && [ $$built = 0 ]
-	$(MAKE) --no-print-directory e2e
+	wait $$go; built=$$?; grep -v '^go: ' $$logs/go-build.log || true; \
+	echo "--- tier 3 (ran beside tier 2) ---"; cat $$logs/tier3.log 2>/dev/null || true; \
+	tier3=$$(cat $$logs/tier3.rc 2>/dev/null || echo 1); \
+	[ $$tests = 0 ] && [ $$made = 0 ] && [ $$built = 0 ] && [ $$tier3 = 0 ]
+	$(MAKE) --no-print-directory tier4
 
 ## unit: tiers 1 and 2 only.
 unit: deps rootfs
@@ -41,12 +50,18 @@ rootfs:
 
 ## e2e: tests on a local control plane (etcd, kube-apiserver, kube-controller-manager built from
 ## their Go modules on first use), then on a local cluster with a real node (kubelet, kube-proxy,
-## containerd, CoreDNS, images built here); each started for its run and removed after it.
-e2e: deps control-plane node
+## containerd, CoreDNS, Prometheus, images built here); each started for its run and removed after it.
+e2e: tier3 tier4
+
+## tier3: the chart linted, then the control plane's tests (no node).
+tier3: deps control-plane
 	$(HELM) lint --strict charts/warren
 	$(HELM) lint --strict charts/warren --set watchNamespace=apps --set metrics.serviceMonitor.enabled=true \
 	  --set rabbitmqPodMonitor.enabled=true
 	e2e/with-control-plane.sh $(CARGO) test --locked --features e2e --test e2e
+
+## tier4: a local cluster with a real node, and the node tests.
+tier4: deps control-plane node
 	$(CARGO) build --locked
 	e2e/with-control-plane.sh --node $(CARGO) test --locked --features e2e --test e2e_node -- --test-threads=1
 

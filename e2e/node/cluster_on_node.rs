@@ -72,13 +72,31 @@ async fn kill_operator(client: &Client) -> String {
     leader
 }
 
-/// Waits until every pod of the cluster is ready and none of them is one of `old` (by uid).
+/// Waits until every pod of the cluster is ready and none of them is one of `old` (by uid). Shortly
+/// before giving up, prints what the pods that are not ready say (their Events and log tail).
 async fn wait_replaced(client: &Client, namespace: &str, old: &[String], count: usize) {
+    let started = std::time::Instant::now();
+    let explained = std::sync::atomic::AtomicBool::new(false);
     wait_for(&format!("{count} ready pods, none of the deleted ones"), POD_TIMEOUT, || async {
         let now = pods(client, namespace, NAME).await;
         let fresh = now.iter().all(|(_, uid, _)| !old.contains(uid));
         let ready = now.iter().filter(|(_, _, ready)| *ready).count();
-        if fresh && ready == count { Ok(()) } else { Err(format!("{now:?}")) }
+        if fresh && ready == count {
+            return Ok(());
+        }
+        let late = started.elapsed() + Duration::from_secs(10) > POD_TIMEOUT;
+        if late && !explained.swap(true, std::sync::atomic::Ordering::Relaxed) {
+            for (pod, _, _) in now.iter().filter(|(_, _, ready)| !ready) {
+                let describe = kubectl(&["describe", "pod", pod, "-n", namespace]);
+                let logs = kubectl(&["logs", pod, "-n", namespace, "--tail=80"]);
+                eprintln!(
+                    "{pod} is not ready:\n{}\n--- its log ---\n{}",
+                    String::from_utf8_lossy(&describe.stdout),
+                    String::from_utf8_lossy(&logs.stdout)
+                );
+            }
+        }
+        Err(format!("{now:?}"))
     })
     .await;
 }
