@@ -76,8 +76,26 @@ join_cluster() {
         log "growing quorum queues onto $RABBITMQ_NODENAME failed; they keep their other members"
 }
 
+# Maintenance mode outlives a restart: a node drained by its previous pod's preStop hook (or by a
+# scale-down called off since) boots with its client listeners suspended, so its AMQP port stays
+# closed and the pod never becomes ready (seen on the node tests). This pod is not leaving: once
+# booted, a node still marked as being drained is revived.
+revive_if_drained() {
+    until timeout 120 rabbitmqctl -q await_startup >/dev/null 2>&1; do
+        server_alive || return 0
+        sleep 2
+    done
+    local drained
+    drained=$(timeout 60 rabbitmqctl -q eval 'rabbit_maintenance:is_being_drained_local_read(node()).' 2>/dev/null)
+    if [[ "$drained" == true ]]; then
+        log "$RABBITMQ_NODENAME booted in maintenance mode (drained before its restart): reviving"
+        timeout 120 rabbitmq-upgrade -q revive >/dev/null 2>&1 || log "revive failed; the node stays in maintenance mode"
+    fi
+}
+
 if [[ -f "$marker" ]]; then
     log "$RABBITMQ_NODENAME is a cluster member already; starting"
+    revive_if_drained &
 else
     until timeout 120 rabbitmqctl -q await_startup >/dev/null 2>&1; do
         server_alive || { log "RabbitMQ exited during its first boot"; wait "$server_pid"; exit 1; }
