@@ -5,7 +5,7 @@
 
 use serde_json::Value;
 
-use crate::support::{helm, kubectl, kubectl_stdin, ok};
+use crate::support::{crd_established, helm, kubectl, kubectl_stdin, ok};
 
 fn template(sets: &[&str]) -> std::process::Output {
     let mut args = vec!["template", "warren", "charts/warren", "-n", "monitoring-e2e"];
@@ -34,10 +34,7 @@ async fn the_charts_monitors_are_accepted_with_the_prometheus_operators_crds_and
     let crds = monitoring_crds();
     ok("kubectl apply the monitoring CRDs", kubectl(&["apply", "--server-side", "-f", &crds]));
     for crd in ["servicemonitors.monitoring.coreos.com", "podmonitors.monitoring.coreos.com"] {
-        ok(
-            "CRD established",
-            kubectl(&["wait", "--for=condition=Established", "--timeout=60s", &format!("crd/{crd}")]),
-        );
+        crd_established(crd).await;
     }
     let rendered = ok(
         "helm template with monitors",

@@ -86,12 +86,24 @@ pub async fn ensure_crds() {
     let mut done = CRDS.lock().await;
     if !*done {
         ok("kubectl apply crds/", kubectl(&["apply", "--server-side", "-f", "crds/"]));
-        ok(
-            "wait for the CRDs",
-            kubectl(&["wait", "--for=condition=Established", "--timeout=60s", "crd/rabbitclusters.warren.dev"]),
-        );
+        crd_established("rabbitclusters.warren.dev").await;
         *done = true;
     }
+}
+
+/// Waits until a CRD is Established. Not `kubectl wait`: it fails at once, instead of waiting,
+/// while a CRD just created still has `status.conditions: null` (kubernetes/kubernetes#66439).
+pub async fn crd_established(crd: &str) {
+    let jsonpath = r#"jsonpath={.status.conditions[?(@.type=="Established")].status}"#;
+    wait_for(&format!("CRD {crd} Established"), std::time::Duration::from_secs(60), || async {
+        let output = kubectl(&["get", "crd", crd, "-o", jsonpath]);
+        let status = String::from_utf8_lossy(&output.stdout).trim().to_string();
+        match status.as_str() {
+            "True" => Ok(()),
+            _ => Err(format!("Established={status:?} {}", String::from_utf8_lossy(&output.stderr).trim())),
+        }
+    })
+    .await
 }
 
 /// A namespace of one test, deleted when the test ends (pass or fail).
