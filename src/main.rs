@@ -272,35 +272,40 @@ fn json(value: &impl serde::Serialize) -> String {
     serde_json::to_string_pretty(value).unwrap_or_default() + "\n"
 }
 
+/// The plugin commands, each on a [`PluginArgs`].
+#[derive(Clone, Copy)]
+enum Plugin {
+    Status,
+    Secrets,
+    Pause,
+    Resume,
+}
+
 /// `kubectl warren ...`, `warren status ...`: the plugin commands.
-async fn plugin(command: Command) -> std::process::ExitCode {
+async fn plugin(command: Plugin, args: PluginArgs) -> std::process::ExitCode {
     use warren::kubectl::{self, Output, PluginError};
-    let (Command::Status(args) | Command::Secrets(args) | Command::Pause(args) | Command::Resume(args)) = &command
-    else {
-        unreachable!("only plugin commands come here")
-    };
     let outcome: Result<String, PluginError> = async {
         let client = kube::Client::try_default()
             .await
             .map_err(|e| PluginError(format!("no Kubernetes client configuration (KUBECONFIG): {e}")))?;
         let namespace = args.namespace.clone().unwrap_or_else(|| client.default_namespace().to_string());
-        match &command {
-            Command::Status(_) => {
+        match command {
+            Plugin::Status => {
                 let status = kubectl::status::status(&client, &namespace, &args.name).await?;
                 Ok(match args.output {
                     Output::Text => kubectl::status::render(&status, jiff::Timestamp::now()),
                     Output::Json => json(&status),
                 })
             }
-            Command::Secrets(_) => {
+            Plugin::Secrets => {
                 let connection = kubectl::connection(&client, &namespace, &args.name).await?;
                 Ok(match args.output {
                     Output::Text => kubectl::render_connection(&connection),
                     Output::Json => json(&connection),
                 })
             }
-            command => {
-                let paused = matches!(command, Command::Pause(_));
+            Plugin::Pause | Plugin::Resume => {
+                let paused = matches!(command, Plugin::Pause);
                 let message = kubectl::set_paused(&client, &namespace, &args.name, paused).await?;
                 Ok(match args.output {
                     Output::Text => format!("{message}\n"),
@@ -346,9 +351,10 @@ async fn main() -> std::process::ExitCode {
     init_tracing(cli.log_format, bars);
     match cli.command {
         Command::Migrate(args) => migrate(*args).await,
-        command @ (Command::Status(_) | Command::Secrets(_) | Command::Pause(_) | Command::Resume(_)) => {
-            plugin(command).await
-        }
+        Command::Status(args) => plugin(Plugin::Status, args).await,
+        Command::Secrets(args) => plugin(Plugin::Secrets, args).await,
+        Command::Pause(args) => plugin(Plugin::Pause, args).await,
+        Command::Resume(args) => plugin(Plugin::Resume, args).await,
         Command::Crd => {
             print!("{}", warren::crds_yaml());
             std::process::ExitCode::SUCCESS

@@ -160,7 +160,19 @@ pub async fn kubectl_warren_on(
     queue: &str,
     messages: u64,
 ) {
-    let screen = ok("kubectl warren status", kubectl_warren(&["status", name, "-n", namespace]));
+    // The management API's queue statistics lag the queue by up to their collection interval (5 s):
+    // the screen is taken once it counts the queue's messages, as a user would see it a moment later.
+    let counted = |screen: &str| {
+        screen.lines().any(|l| {
+            let cells: Vec<&str> = l.split_whitespace().collect();
+            cells.get(1) == Some(&queue) && cells.get(3) == Some(&messages.to_string().as_str())
+        })
+    };
+    let screen = wait_for(&format!("kubectl warren status counting {messages} in {queue}"), POD_TIMEOUT, || async {
+        let screen = ok("kubectl warren status", kubectl_warren(&["status", name, "-n", namespace]));
+        if counted(&screen) { Ok(screen) } else { Err(screen) }
+    })
+    .await;
     eprintln!("kubectl warren status {name} -n {namespace}:\n{screen}");
     for line in screen.lines() {
         assert!(line.chars().count() <= 100, "wider than 100 columns: {line}");

@@ -52,8 +52,15 @@ pub struct Connection {
     pub management_uri: String,
 }
 
+/// The connection of the RabbitCluster `name`, which must exist: a missing cluster is named as
+/// such rather than as a missing Secret.
 pub async fn connection(client: &Client, namespace: &str, name: &str) -> Result<Connection, PluginError> {
     get_cluster(client, namespace, name).await?;
+    default_user(client, namespace, name).await
+}
+
+/// The default-user Secret of the RabbitCluster `name`, read as a [`Connection`].
+pub async fn default_user(client: &Client, namespace: &str, name: &str) -> Result<Connection, PluginError> {
     let secret_name = default_user_secret_name(name);
     let secrets: Api<Secret> = Api::namespaced(client.clone(), namespace);
     let secret = secrets.get(&secret_name).await.map_err(kube_error(format!("secret {namespace}/{secret_name}")))?;

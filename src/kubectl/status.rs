@@ -13,7 +13,7 @@ use serde_json::Value;
 use super::management::Management;
 use super::{PluginError, fit, get_cluster};
 use crate::api::PAUSE_ANNOTATION;
-use crate::controller::build::{INSTANCE_LABEL, NAME_LABEL, default_user_secret_name};
+use crate::controller::build::{INSTANCE_LABEL, NAME_LABEL};
 use crate::controller::status::SCALING;
 
 /// Queues listed by name, the largest first.
@@ -126,7 +126,7 @@ pub async fn status(client: &Client, namespace: &str, name: &str) -> Result<Stat
             }
         })
         .collect();
-    let (queues, broker_error) = match broker(client, namespace, name, &listed, &mut nodes).await {
+    let (queues, broker_error) = match broker(client, namespace, name, &mut nodes).await {
         Ok(queues) => (Some(queues), None),
         Err(error) => (None, Some(error.0)),
     };
@@ -160,16 +160,13 @@ async fn broker(
     client: &Client,
     namespace: &str,
     name: &str,
-    pods: &[Pod],
     nodes: &mut Vec<NodeLine>,
 ) -> Result<Queues, PluginError> {
-    let ready = nodes.iter().find(|n| n.ready).map(|n| n.pod.clone());
-    let Some(pod) = ready.or_else(|| pods.first().map(|p| p.name_any())) else {
+    let Some(pod) = nodes.iter().find(|n| n.ready).or(nodes.first()).map(|n| n.pod.clone()) else {
         return Err(PluginError("no pod to ask".into()));
     };
-    let connection = super::connection(client, namespace, name)
-        .await
-        .map_err(|e| PluginError(format!("{e} (the default user's {} Secret)", default_user_secret_name(name))))?;
+    // The cluster was read already: only its Secret is.
+    let connection = super::default_user(client, namespace, name).await?;
     let management = Management {
         pods: Api::namespaced(client.clone(), namespace),
         pod,
