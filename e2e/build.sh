@@ -15,24 +15,24 @@ export GOCACHE=${GOCACHE:-$cache/go-build}
 
 log() { printf '[build %s] %s\n' "$(date +%T)" "$*" >&2; }
 
+# module_build DIR MODULE@VERSION PACKAGE BINARY: in the consumer module DIR (a go.mod of its own,
+# written here; a main.go if DIR has one), requires MODULE@VERSION and builds PACKAGE into BINARY.
+module_build() {
+  local dir=$1 module=$2 package=$3 binary=$4
+  mkdir -p "$dir" "$(dirname "$binary")"
+  printf 'module warren.dev/e2e/%s\n\ngo 1.24\n' "$(basename "$dir")" > "$dir/go.mod"
+  (cd "$dir" && go get "$module" && go build -trimpath -ldflags "-s -w" -o "$binary.tmp" "$package" &&
+    mv "$binary.tmp" "$binary")
+}
+
 build_etcd() {
   local out=$cache/bin/etcd-$ETCD_VERSION
   [[ -x $out/etcd ]] && return 0
   log "etcd $ETCD_VERSION"
-  local mod=$cache/src/etcd-$ETCD_VERSION
-  mkdir -p "$mod" "$out"
   # server/v3's own go.mod has relative replaces, so `go install pkg@version` refuses it; as a
   # dependency of a consumer module those replaces are ignored.
-  cat > "$mod/go.mod" <<MOD
-module warren.dev/e2e/etcd
-
-go 1.24
-
-tool go.etcd.io/etcd/server/v3
-MOD
-  (cd "$mod" && go get "go.etcd.io/etcd/server/v3@$ETCD_VERSION" &&
-    go build -trimpath -ldflags "-s -w" -o "$out/etcd.tmp" go.etcd.io/etcd/server/v3 &&
-    mv "$out/etcd.tmp" "$out/etcd")
+  module_build "$cache/src/etcd-$ETCD_VERSION" "go.etcd.io/etcd/server/v3@$ETCD_VERSION" \
+    go.etcd.io/etcd/server/v3 "$out/etcd"
 }
 
 # build_k8s_commands CMD...: builds the named k8s.io/kubernetes commands not yet in the cache.
@@ -96,12 +96,7 @@ build_coredns() {
   [[ -x $out/coredns ]] && return 0
   log "coredns $COREDNS_VERSION (bind errors kubernetes)"
   local mod=$cache/src/coredns-$COREDNS_VERSION
-  mkdir -p "$mod" "$out"
-  cat > "$mod/go.mod" <<MOD
-module warren.dev/e2e/coredns
-
-go 1.24
-MOD
+  mkdir -p "$mod"
   cat > "$mod/main.go" <<'MAIN'
 package main
 
@@ -118,9 +113,7 @@ func init() { dnsserver.Directives = []string{"bind", "errors", "kubernetes"} }
 
 func main() { coremain.Run() }
 MAIN
-  (cd "$mod" && go get "github.com/coredns/coredns@$COREDNS_VERSION" &&
-    go build -trimpath -ldflags "-s -w" -o "$out/coredns.tmp" . &&
-    mv "$out/coredns.tmp" "$out/coredns")
+  module_build "$mod" "github.com/coredns/coredns@$COREDNS_VERSION" . "$out/coredns"
 }
 
 build_prometheus() {
