@@ -65,8 +65,10 @@ pub async fn observe(
     }
     if scaling.is_none()
         && let (Some(observation), Some(current)) = (&broker, world.children.current_replicas())
-        && !observation.extra.is_empty()
+        && !(observation.extra.is_empty() && observation.drained.is_empty())
     {
+        // Nodes to forget, or a node left in maintenance mode: by a scale-down called off before
+        // its Scaling condition was written, the pass that would revive it is not otherwise run.
         let pass = scale::pass(ctx, cluster, validated, &world.credentials, current.max(validated.replicas)).await;
         scaling = Some(pass);
     }

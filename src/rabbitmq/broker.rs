@@ -17,6 +17,8 @@ pub struct BrokerObservation {
     pub missing: Vec<String>,
     /// Nodes the cluster lists that are not expected (pods removed, nodes not yet forgotten).
     pub extra: Vec<String>,
+    /// Running nodes the management API reports in maintenance mode (4.x reports it; 3.x does not).
+    pub drained: Vec<String>,
     /// `node: partitioned from [peers]`, one entry per node that reports a partition.
     pub partitions: Vec<String>,
     /// How HA is provided, for the HighAvailability condition (reason, message).
@@ -43,6 +45,7 @@ pub async fn converge(
     members.sort();
     let missing = expected_nodes.iter().filter(|n| !members.contains(n)).cloned().collect();
     let extra = nodes.iter().filter(|n| !expected_nodes.contains(&n.name)).map(|n| n.name.clone()).collect();
+    let drained = nodes.iter().filter(|n| n.running && n.being_drained == Some(true)).map(|n| n.name.clone()).collect();
     let partitions = nodes
         .iter()
         .filter(|n| !n.partitions.is_empty())
@@ -110,6 +113,7 @@ pub async fn converge(
         members,
         missing,
         extra,
+        drained,
         partitions,
         high_availability,
         actions,
