@@ -16,7 +16,7 @@ use support::fixture;
 use support::kube_mock::{Call, scripted_client};
 use support::management_fake::ManagementFake;
 use warren::api::{PAUSE_ANNOTATION, RabbitCluster, RabbitClusterStatus, TlsSpec};
-use warren::controller::apply::{APPLIED_HASH_ANNOTATION, hash_of};
+use warren::controller::apply::{APPLIED_GENERATION_ANNOTATION, APPLIED_HASH_ANNOTATION, hash_of};
 use warren::controller::build::{self, Credentials};
 use warren::controller::validate::{Settings, validate};
 use warren::controller::{Context, error_policy, reconcile, status};
@@ -83,6 +83,14 @@ fn fill_stores(ctx: &Context, live: Vec<Value>) {
     }
 }
 
+/// A credential Secret: labelled for the cluster, owned by nothing (it outlives the RabbitCluster).
+fn kept_for_demo(body: &Value) {
+    assert!(body["metadata"]["ownerReferences"].is_null(), "{body}");
+    assert_eq!(body["metadata"]["labels"]["app.kubernetes.io/instance"], "demo", "{body}");
+    assert_eq!(body["metadata"]["labels"]["app.kubernetes.io/managed-by"], "warren", "{body}");
+    assert!(body["metadata"]["annotations"][APPLIED_HASH_ANNOTATION].is_string(), "{body}");
+}
+
 fn owned_by_demo(body: &Value) {
     assert_eq!(body["metadata"]["ownerReferences"][0]["kind"], "RabbitCluster", "{body}");
     assert_eq!(body["metadata"]["ownerReferences"][0]["controller"], true);
@@ -96,12 +104,14 @@ async fn a_new_cluster_gets_every_child_then_status() {
     let mut script = vec![Call::get_missing(STS)];
     script.extend(missing_except_stateful_set());
     script.extend([
+        // No StatefulSet: do claims of an earlier cluster of this name hold data? None here.
+        no_claims(),
         applied(format!("{NS}/serviceaccounts/demo-rabbitmq")),
-        applied(format!("{NS}/secrets/demo-erlang-cookie")).check(|body| {
-            owned_by_demo(body);
+        Call::apply(format!("{NS}/secrets/demo-erlang-cookie")).check(|body| {
+            kept_for_demo(body);
             assert_eq!(body["data"]["cookie"].as_str().unwrap().len(), 64, "48 random bytes, base64: {body}");
         }),
-        applied(format!("{NS}/secrets/demo-default-user")),
+        Call::apply(format!("{NS}/secrets/demo-default-user")).check(kept_for_demo),
         applied(format!("{NS}/configmaps/demo-config")).check(|body| {
             owned_by_demo(body);
             let conf = body["data"]["10-operator.conf"].as_str().unwrap();
@@ -110,7 +120,7 @@ async fn a_new_cluster_gets_every_child_then_status() {
         applied(format!("{NS}/services/demo-nodes")),
         applied(format!("{NS}/services/demo")),
         applied(PDB.into()),
-        applied(STS.into()).check(|body| {
+        Call::forced_apply(STS).check(|body| {
             owned_by_demo(body);
             assert_eq!(body["spec"]["replicas"], 3);
             assert_eq!(body["spec"]["podManagementPolicy"], "Parallel");
@@ -153,6 +163,12 @@ async fn a_new_cluster_gets_every_child_then_status() {
     assert_eq!(cookie_patches, 1);
 }
 
+/// The LIST of the cluster's claims, answered with none.
+fn no_claims() -> Call {
+    Call::get(format!("{NS}/persistentvolumeclaims"))
+        .returns(json!({"apiVersion": "v1", "kind": "PersistentVolumeClaimList", "metadata": {}, "items": []}))
+}
+
 /// GETs confirming that every child but the StatefulSet is absent (the stores hold none).
 fn missing_except_stateful_set() -> Vec<Call> {
     vec![
@@ -176,6 +192,9 @@ async fn an_image_that_skips_a_minor_version_is_refused_and_nothing_is_changed()
             "containers": [{"name": "rabbitmq", "image": "rabbitmq:4.0.5-management"}]}}}});
     let mut script = missing_except_stateful_set();
     script.extend([
+        // The cluster has data and no cookie Secret: is a node running with the cookie? None is.
+        Call::get(format!("{NS}/pods")).returns(json!({"apiVersion": "v1", "kind": "PodList", "metadata": {},
+            "items": []})),
         Call::event("default", "UpgradeRefused").check(|body| {
             assert_eq!(body["type"], "Warning");
             let note = body["note"].as_str().unwrap();
@@ -250,6 +269,7 @@ async fn a_child_owned_by_someone_else_is_not_taken_over() {
     let mut script = vec![Call::get_missing(STS)];
     script.extend(missing_except_stateful_set().into_iter().filter(|c| !c.path.contains("serviceaccounts")));
     script.extend([
+        no_claims(),
         Call::event("default", "FieldConflict"),
         Call::status_patch(CLUSTER).check(|body| {
             let message = condition(body, "ReconcileSuccess")["message"].as_str().unwrap().to_string();
@@ -294,6 +314,7 @@ async fn steady_cluster() -> SteadyCluster {
     });
     let mut sts_live = live(&resources.stateful_set);
     sts_live["metadata"]["generation"] = json!(1);
+    sts_live["metadata"]["annotations"][APPLIED_GENERATION_ANNOTATION] = json!("1");
     sts_live["status"] = serde_json::to_value(sts.status.clone().unwrap()).unwrap();
 
     let fake = ManagementFake::start().await;
@@ -328,6 +349,7 @@ async fn steady_cluster() -> SteadyCluster {
         rabbitmq_version: Some("4.1.4".into()),
         replicas: 3,
         ready_replicas: 3,
+        selector: Some("app.kubernetes.io/instance=demo,app.kubernetes.io/name=rabbitmq".into()),
         members: nodes.clone(),
         warnings: vec![],
         conditions: status::merge_conditions(&[], &verdicts, Some(1), &earlier),
@@ -436,4 +458,111 @@ async fn https_clients_can_be_built() {
     let config = kube::Config::new("https://127.0.0.1:6443".parse().unwrap());
     assert!(Client::try_from(config).is_ok());
     assert!(warren::rabbitmq::management::ManagementClient::new("https://127.0.0.1:15671", "u", "p").is_ok());
+}
+
+/// `kubectl scale sts demo --replicas=0`: the store shows a generation past the one the operator
+/// recorded; the StatefulSet is read once (for its managed fields), applied again with force, the
+/// new generation recorded, and a Warning names the field, its values and the manager.
+#[tokio::test]
+async fn a_stateful_set_scaled_by_hand_is_set_back_and_the_change_named() {
+    let SteadyCluster { cluster, fake, mut live, .. } = steady_cluster().await;
+    live[0]["spec"]["replicas"] = json!(0);
+    live[0]["metadata"]["generation"] = json!(2);
+    let mut full = live[0].clone();
+    full["metadata"]["managedFields"] = json!([
+        {"manager": "warren", "operation": "Apply", "fieldsType": "FieldsV1", "fieldsV1": {"f:spec": {"f:replicas": {}}}},
+        {"manager": "kubectl", "operation": "Update", "subresource": "scale", "fieldsType": "FieldsV1",
+         "fieldsV1": {"f:spec": {"f:replicas": {}}}}
+    ]);
+    let mut after = live[0].clone();
+    after["spec"]["replicas"] = json!(3);
+    after["metadata"]["generation"] = json!(3);
+    let claim = |i: usize| json!({"metadata": {"name": format!("data-demo-{i}"), "namespace": "default"}});
+    let script = vec![
+        // At 0 replicas the StatefulSet does not say the cluster has data: its claims do.
+        Call::get(format!("{NS}/persistentvolumeclaims")).returns(json!({"apiVersion": "v1",
+            "kind": "PersistentVolumeClaimList", "metadata": {}, "items": [claim(0), claim(1), claim(2)]})),
+        Call::get(STS).returns(full),
+        Call::forced_apply(STS).check(|body| assert_eq!(body["spec"]["replicas"], 3, "{body}")).returns(after),
+        Call::new(Method::PATCH, STS).check(|body| {
+            assert_eq!(body["metadata"]["annotations"][APPLIED_GENERATION_ANNOTATION], "3", "{body}");
+        }),
+        Call::event("default", "DriftReverted").check(|body| {
+            assert_eq!(body["type"], "Warning");
+            let note = body["note"].as_str().unwrap();
+            assert!(note.contains("by kubectl (through /scale): spec.replicas 0 (set back to 3)"), "{note}");
+        }),
+        // The StatefulSet's status is for generation 1: the pods are not looked at as ready yet.
+        Call::status_patch(CLUSTER).check(|body| {
+            assert_eq!(condition(body, "ReconcileSuccess")["status"], "True");
+            assert_eq!(condition(body, "AllReplicasReady")["status"], "False");
+        }),
+    ];
+    let (result, _) = run_with(cluster, live, script, &fake.url).await;
+    assert!(result.is_ok(), "{result:?}");
+    assert!(fake.writes().is_empty(), "nothing ran on the broker: {:?}", fake.writes());
+}
+
+/// A roll-out to a tag that does not exist (one pod in ImagePullBackOff) is undone: the template
+/// says 4.1.40, but the broker last reported 4.1.4 with every pod ready, so 4.1.4 is no downgrade.
+#[tokio::test]
+async fn returning_to_the_version_the_broker_runs_is_not_a_downgrade() {
+    let SteadyCluster { cluster, fake, mut live, .. } = steady_cluster().await;
+    assert_eq!(cluster.status.as_ref().and_then(|s| s.rabbitmq_version.as_deref()), Some("4.1.4"));
+    live[0]["spec"]["template"]["spec"]["containers"][0]["image"] = json!("rabbitmq:4.1.40-management");
+    live[0]["metadata"]["annotations"][APPLIED_HASH_ANNOTATION] = json!("the-4.1.40-roll-out");
+    let script = vec![
+        Call::forced_apply(STS).check(|body| {
+            assert_eq!(body["spec"]["template"]["spec"]["containers"][0]["image"], "rabbitmq:4.1.4-management");
+        }),
+        // Then the broker, which reports 4.1.4 on every node: the status already says all of it
+        // (no UpgradeRefused), so it is not written again.
+        Call::event("default", "Updated"),
+    ];
+    let (result, _) = run_with(cluster, live, script, &fake.url).await;
+    assert!(result.is_ok(), "{result:?}");
+}
+
+/// spec.replicas 0 stops every node at once: no hand-over, no forget, no claim deleted, no broker
+/// call; Ready says Stopped.
+#[tokio::test]
+async fn replicas_zero_stops_the_cluster_and_forgets_nothing() {
+    let SteadyCluster { mut cluster, fake, live, .. } = steady_cluster().await;
+    cluster.spec.replicas = 0;
+    let script = vec![
+        Call::apply(format!("{NS}/secrets/demo-default-user")),
+        Call::apply(format!("{NS}/configmaps/demo-config")).check(|body| assert_eq!(body["data"]["replicas"], "0")),
+        Call::forced_apply(STS).check(|body| assert_eq!(body["spec"]["replicas"], 0, "{body}")),
+        Call::event("default", "Updated"),
+        Call::status_patch(CLUSTER).check(|body| {
+            let ready = condition(body, "Ready");
+            assert_eq!((ready["status"].as_str(), ready["reason"].as_str()), (Some("False"), Some("Stopped")));
+            assert!(ready["message"].as_str().unwrap().contains("volumes, the Erlang cookie and the users are kept"));
+            assert_eq!(condition(body, "ClusterFormed")["reason"], "Stopped");
+            assert_eq!(condition(body, "ReconcileSuccess")["status"], "True");
+        }),
+    ];
+    let (result, calls) = run_with(cluster, live, script, &fake.url).await;
+    assert!(result.is_ok(), "{result:?}");
+    assert!(!calls.iter().any(|(m, p, _)| m == Method::DELETE || p.contains("persistentvolumeclaims")), "{calls:?}");
+    assert!(fake.requests().is_empty(), "the broker was called: {:?}", fake.requests());
+}
+
+/// Starting a cluster stopped with three nodes at spec.replicas 1: every node that holds data comes
+/// back first (a node left out would be waited for by the others), then a scale-down runs.
+#[tokio::test]
+async fn a_stopped_cluster_starts_with_every_node_that_holds_data() {
+    let SteadyCluster { mut cluster, fake, mut live, .. } = steady_cluster().await;
+    cluster.spec.replicas = 1;
+    live[0]["spec"]["replicas"] = json!(0);
+    live[0]["metadata"]["annotations"][APPLIED_HASH_ANNOTATION] = json!("stopped");
+    let claim = |i: usize| json!({"metadata": {"name": format!("data-demo-{i}"), "namespace": "default"}});
+    let script = vec![
+        Call::get(format!("{NS}/persistentvolumeclaims")).returns(json!({"apiVersion": "v1",
+            "kind": "PersistentVolumeClaimList", "metadata": {}, "items": [claim(0), claim(1), claim(2)]})),
+        Call::forced_apply(STS).check(|body| assert_eq!(body["spec"]["replicas"], 3, "{body}")),
+        Call::event("default", "Updated"),
+    ];
+    let (result, _) = run_with(cluster, live, script, &fake.url).await;
+    assert!(result.is_ok(), "{result:?}");
 }

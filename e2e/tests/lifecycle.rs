@@ -27,6 +27,11 @@ async fn children_are_owned_follow_the_spec_and_the_cookie_never_changes() {
     let uid = created.uid().expect("uid");
     for (child, refs) in cluster::children(&client, &ns.name, NAME).await.expect("children") {
         let refs = refs.unwrap_or_else(|| panic!("{child} missing; operator log: {}", operator.log.display()));
+        if child.starts_with("Secret ") {
+            // The credentials outlive the RabbitCluster, as the claims do.
+            assert!(refs.is_empty(), "{child} has owners (garbage-collected with the cluster): {refs:?}");
+            continue;
+        }
         assert!(
             refs.iter()
                 .any(|r| r.uid == uid && r.kind == "RabbitCluster" && r.name == NAME && r.controller == Some(true)),
@@ -109,7 +114,11 @@ async fn the_chart_grants_no_more_than_the_operator_needs() {
     {
         assert!(can(verb, resource, &ns.name), "the operator may not {verb} {resource} in its namespace");
     }
-    // Scale-down's node commands: exec into the RabbitMQ pods, and nothing else on pods or claims.
+    // Scale-down's node commands: exec into the RabbitMQ pods, and nothing else on pods. Claims:
+    // listed (does the cluster have data?) and deleted by the forget step only; never made or edited.
+    for (verb, resource) in [("list", "persistentvolumeclaims"), ("delete", "persistentvolumeclaims")] {
+        assert!(can(verb, resource, &ns.name), "the operator may not {verb} {resource} in its namespace");
+    }
     let exec =
         kubectl(&["auth", "can-i", "create", "pods", "--subresource=exec", "-n", &ns.name, "--as", &operator.user]);
     assert_eq!(String::from_utf8_lossy(&exec.stdout).trim(), "yes", "the operator may not exec into pods");
@@ -119,7 +128,8 @@ async fn the_chart_grants_no_more_than_the_operator_needs() {
         ("update", "rabbitclusters.warren.dev"),
         ("create", "pods"),
         ("delete", "pods"),
-        ("delete", "persistentvolumeclaims"),
+        ("create", "persistentvolumeclaims"),
+        ("patch", "persistentvolumeclaims"),
         ("create", "clusterroles.rbac.authorization.k8s.io"),
     ] {
         assert!(!can(verb, resource, &ns.name), "the operator may {verb} {resource}: more than it needs");
@@ -135,7 +145,7 @@ async fn the_chart_grants_no_more_than_the_operator_needs() {
 }
 
 #[tokio::test]
-async fn deleting_the_cluster_collects_its_children_but_keeps_volumes() {
+async fn deleting_the_cluster_collects_its_children_but_keeps_volumes_and_credentials() {
     ensure_crds().await;
     let client = admin_client().await;
     let ns = TestNamespace::create(&client, "e2e-delete").await;
@@ -152,17 +162,35 @@ async fn deleting_the_cluster_collects_its_children_but_keeps_volumes() {
     })
     .await;
 
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns.name);
+    let credentials = || async {
+        let mut values = Vec::new();
+        for (name, key) in [("demo-erlang-cookie", "cookie"), ("demo-default-user", "password")] {
+            let secret = secrets.get(name).await.unwrap_or_else(|e| panic!("Secret {name}: {e}"));
+            values.push(secret.data.and_then(|d| d.get(key).cloned()).map(|v| v.0));
+        }
+        values
+    };
+    let before = credentials().await;
+    assert!(before.iter().all(Option::is_some), "credentials missing");
+
     ok("kubectl delete RabbitCluster", kubectl(&["delete", "rabbitcluster", NAME, "-n", &ns.name, "--wait=true"]));
-    wait_for("children garbage-collected", Duration::from_secs(90), || async {
+    wait_for("children garbage-collected, but the credentials", Duration::from_secs(90), || async {
         let left: Vec<String> = cluster::children(&client, &ns.name, NAME)
             .await?
             .into_iter()
             .filter(|(_, refs)| refs.is_some())
             .map(|(child, _)| child)
             .collect();
-        if left.is_empty() { Ok(()) } else { Err(format!("still there: {left:?}")) }
+        if left == ["Secret demo-erlang-cookie", "Secret demo-default-user"] {
+            Ok(())
+        } else {
+            Err(format!("still there: {left:?}"))
+        }
     })
     .await;
+    // Compared without printing: these are credentials.
+    assert!(credentials().await == before, "the kept credentials changed");
     let kept = claims.list(&ListParams::default()).await.expect("claims");
     let mut kept_names: Vec<String> = kept.items.iter().map(|c| c.name_any()).collect();
     kept_names.sort();
@@ -173,6 +201,18 @@ async fn deleting_the_cluster_collects_its_children_but_keeps_volumes() {
         kept.items.iter().all(|c| c.metadata.deletion_timestamp.is_none()),
         "a PersistentVolumeClaim is being deleted"
     );
+
+    // A GitOps prune and re-sync: the same RabbitCluster applied again adopts the kept credentials
+    // (the data on the claims opens with them), and owns its other children anew.
+    cluster::apply(&ns.name, &manifest(NAME, 3, ""));
+    let again = wait_condition(&client, &ns.name, NAME, "ReconcileSuccess", "True", None).await;
+    assert!(credentials().await == before, "the re-created cluster invented new credentials");
+    let uid = again.uid().expect("uid");
+    for (child, refs) in cluster::children(&client, &ns.name, NAME).await.expect("children") {
+        let refs = refs.unwrap_or_else(|| panic!("{child} missing after the re-create"));
+        let owned = refs.iter().any(|r| r.uid == uid && r.controller == Some(true));
+        assert_eq!(owned, !child.starts_with("Secret "), "{child}: {refs:?}");
+    }
 }
 
 #[tokio::test]

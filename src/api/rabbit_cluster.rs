@@ -29,6 +29,11 @@ pub const DEFAULT_IMAGE: &str = "rabbitmq:4.1.4-management";
     shortname = "rbc",
     category = "rabbitmq",
     status = "RabbitClusterStatus",
+    scale(
+        spec_replicas_path = ".spec.replicas",
+        status_replicas_path = ".status.replicas",
+        label_selector_path = ".status.selector"
+    ),
     doc = "A highly available RabbitMQ cluster managed by Warren.",
     printcolumn(name = "Desired", type_ = "integer", json_path = ".spec.replicas"),
     printcolumn(name = "Ready", type_ = "integer", json_path = ".status.readyReplicas"),
@@ -53,8 +58,12 @@ pub struct RabbitClusterSpec {
     /// checked (no queue would lose its only copy or its majority), handed over (quorum members
     /// shrunk, maintenance mode), removed with its volume claim, then forgotten by the cluster; the
     /// Scaling condition shows the step, and what is unsafe is refused with the queues named.
+    /// 0 stops the cluster on purpose: every pod stops, the volumes, the Erlang cookie and the users
+    /// are kept, and scaling back re-forms the same cluster with its messages (starting again with
+    /// fewer nodes than it stopped with first brings back every node that holds data, then scales
+    /// down). `kubectl scale rabbitcluster` (the scale subresource) goes through the same path.
     #[serde(default = "default_replicas")]
-    #[schemars(range(min = 1, max = 99))]
+    #[schemars(range(min = 0, max = 99))]
     pub replicas: i32,
 
     /// Container image running RabbitMQ. Its tag (for example `4.1.4-management`) tells the operator
@@ -327,6 +336,10 @@ pub struct RabbitClusterStatus {
     /// Pods ready to serve.
     #[serde(default)]
     pub ready_replicas: i32,
+
+    /// The label selector of the cluster's pods, for the scale subresource (a HorizontalPodAutoscaler).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selector: Option<String>,
 
     /// Running cluster members, as RabbitMQ node names.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]

@@ -11,9 +11,9 @@ use kube::runtime::reflector::ObjectRef;
 
 use super::dereference::Dereferenced;
 use super::validate::ValidatedCluster;
-use super::{Context, scale, status};
+use super::{Context, recover, scale, status};
 use crate::api::RabbitCluster;
-use crate::error::Error;
+use crate::error::{BrokerReason, Error};
 use crate::rabbitmq::broker::{self, BrokerObservation};
 use crate::rabbitmq::management::ManagementClient;
 
@@ -41,13 +41,24 @@ pub async fn observe(
     let key = ObjectRef::new(&validated.stateful_set_name()).within(&validated.namespace);
     let stateful_set = ctx.stores.stateful_sets.get(&key);
     let (_, all_ready) = status::replicas_ready(stateful_set.as_deref(), validated.replicas);
-    let (broker, error) = if all_ready {
+    // Stopped on purpose (spec.replicas 0): no broker to ask.
+    let (broker, error) = if all_ready && validated.replicas > 0 {
         let expected: Vec<String> = (0..validated.replicas).map(|i| validated.node_name(i)).collect();
         let outcome = async {
             let credentials = &world.credentials;
             let client =
                 ManagementClient::new(&ctx.management_url(validated), &credentials.username, &credentials.password)?;
-            broker::converge(&client, &expected, &validated.high_availability).await
+            match broker::converge(&client, &expected, &validated.high_availability).await {
+                // The Secret's user does not log in: the Secret was re-created (default_user only
+                // applies to an empty database) or edited. The Secret is what clients read: the
+                // broker's user is set to match it.
+                Err(Error::Broker { reason: BrokerReason::BrokerUnauthorized, .. }) => {
+                    let note = recover::restore_default_user(ctx, validated, credentials).await?;
+                    ctx.event(cluster, EventType::Warning, "DefaultUserRestored", "Converge", note).await;
+                    broker::converge(&client, &expected, &validated.high_availability).await
+                }
+                outcome => outcome,
+            }
         }
         .await;
         match outcome {
@@ -89,7 +100,9 @@ async fn report_scaling(cluster: &RabbitCluster, ctx: &Context, pass: &scale::Sc
         ctx.event(cluster, EventType::Normal, "ScalingDown", "Scale", pass.done.join("; ")).await;
     }
     if let Some(node) = &pass.removed {
-        let note = format!("{node} left the cluster: its pod is gone and the cluster no longer lists it");
+        let note = format!(
+            "{node} left the cluster: its pod and its volume claim are gone and the cluster no longer lists it"
+        );
         let pod = ObjectReference {
             api_version: Some("v1".into()),
             kind: Some("Pod".into()),

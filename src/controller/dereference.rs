@@ -8,11 +8,11 @@ use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service, ServiceAccount};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 
-use super::Context;
 use super::build::secrets::{COOKIE_KEY, PASSWORD_KEY, USERNAME_KEY};
 use super::build::{self, Credentials};
 use super::stores::cached;
 use super::validate::ValidatedCluster;
+use super::{Context, recover};
 use crate::error::{Error, Result};
 use crate::rabbitmq::version::RabbitVersion;
 
@@ -34,6 +34,11 @@ pub struct Children {
 pub struct Dereferenced {
     pub children: Children,
     pub credentials: Credentials,
+    /// Nodes 0..n that hold data when the StatefulSet is absent or at 0 replicas (the claims that
+    /// outlived it); 0 when the StatefulSet runs (then not counted).
+    pub members_with_data: i32,
+    /// Credentials recovered or made anew for a cluster with data, for a Warning Event.
+    pub recovered: Vec<String>,
 }
 
 /// Reads the cluster's objects from the stores (one GET for any the store does not hold yet) and
@@ -51,8 +56,15 @@ pub async fn dereference(ctx: &Context, cluster: &ValidatedCluster) -> Result<De
         pod_disruption_budget: cached(client, &stores.budgets, ns, &cluster.name).await?,
     };
     check_tls_secrets(ctx, cluster).await?;
-    let credentials = credentials(cluster, &children)?;
-    Ok(Dereferenced { children, credentials })
+    // A running StatefulSet says the cluster has data; otherwise its claims may (stopped, or the
+    // RabbitCluster deleted and applied again): one LIST, only then.
+    let running = children.current_replicas().is_some_and(|r| r > 0);
+    let claimed = if running { Vec::new() } else { recover::claimed_ordinals(ctx, cluster).await? };
+    let has_data = children.stateful_set.is_some() || !claimed.is_empty();
+    let members_with_data = claimed.last().map_or(0, |last| last + 1);
+    let mut recovered = Vec::new();
+    let credentials = credentials(ctx, cluster, &children, has_data, &mut recovered).await?;
+    Ok(Dereferenced { children, credentials, members_with_data, recovered })
 }
 
 impl Children {
@@ -82,8 +94,16 @@ fn secret_value(secret: &Secret, key: &str) -> Option<String> {
         .filter(|v| !v.is_empty())
 }
 
-/// The cluster's credentials: from the existing Secrets, generated only for what does not exist yet.
-fn credentials(cluster: &ValidatedCluster, children: &Children) -> Result<Credentials> {
+/// The cluster's credentials: from the existing Secrets, generated only for what does not exist
+/// yet. Of a cluster with data, a missing cookie is recovered from a running node, and new
+/// default-user credentials are set on the broker by the broker step (`recover`).
+async fn credentials(
+    ctx: &Context,
+    cluster: &ValidatedCluster,
+    children: &Children,
+    has_data: bool,
+    recovered: &mut Vec<String>,
+) -> Result<Credentials> {
     let needs_fresh = children.erlang_cookie_secret.is_none() || children.default_user_secret.is_none();
     let fresh = if needs_fresh { Credentials::generate() } else { Credentials::default() };
     let erlang_cookie = match &children.erlang_cookie_secret {
@@ -93,6 +113,11 @@ fn credentials(cluster: &ValidatedCluster, children: &Children) -> Result<Creden
                 "key {COOKIE_KEY:?} is missing or empty; restore it (every node must share the same cookie)"
             ),
         })?,
+        None if has_data => {
+            let (cookie, note) = recover::erlang_cookie(ctx, cluster).await?;
+            recovered.push(note);
+            cookie
+        }
         None => fresh.erlang_cookie,
     };
     let (username, password) = match &children.default_user_secret {
@@ -105,7 +130,17 @@ fn credentials(cluster: &ValidatedCluster, children: &Children) -> Result<Creden
                 });
             }
         },
-        None => (fresh.username, fresh.password),
+        None => {
+            if has_data {
+                recovered.push(format!(
+                    "Secret {} was missing: new default-user credentials ({}); the broker's user is set to match \
+                     once a node runs",
+                    cluster.default_user_secret_name(),
+                    fresh.username
+                ));
+            }
+            (fresh.username, fresh.password)
+        }
     };
     Ok(Credentials { erlang_cookie, username, password })
 }

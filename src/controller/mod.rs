@@ -6,6 +6,7 @@ pub mod broker_step;
 pub mod build;
 pub mod dereference;
 pub mod migration;
+pub mod recover;
 pub mod scale;
 pub mod status;
 pub mod stores;
@@ -22,6 +23,7 @@ use k8s_openapi::api::core::v1::{ConfigMap, ObjectReference, Secret, Service, Se
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use kube::runtime::controller::{self, Action, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::reflector::ObjectRef;
 use kube::runtime::{reflector, watcher};
 use kube::{Api, Client, Resource, ResourceExt};
 use tracing::Instrument;
@@ -32,6 +34,7 @@ use self::stores::{Stores, Writers, metadata_only, reflect, slim_metadata};
 use self::validate::{Settings, ValidatedCluster};
 use crate::api::{PAUSE_ANNOTATION, RabbitCluster, RabbitMigration};
 use crate::error::{Error, Result};
+use crate::rabbitmq::version::RabbitVersion;
 use crate::server::{Metrics, Phase, Readiness};
 
 /// How often a healthy cluster is looked at again (membership and partitions change without any
@@ -195,8 +198,9 @@ pub async fn run(ctx: Arc<Context>, namespace: Option<String>, readiness: Readin
         ))
         .owns_stream(reflect(scoped::<Service>(&client, ns), children.clone(), writers.services, metadata_only))
         .owns_stream(reflect(scoped::<ConfigMap>(&client, ns), children.clone(), writers.config_maps, metadata_only))
-        // Every Secret, not only the children: a cluster's TLS Secret is the user's.
-        .owns_stream(reflect(scoped::<Secret>(&client, ns), all(), writers.secrets, stores::slim_secret))
+        // Every Secret, not only the children: a cluster's TLS Secret is the user's. The credential
+        // Secrets have no owner (they outlive the cluster): their labels name it.
+        .watches_stream(reflect(scoped::<Secret>(&client, ns), all(), writers.secrets, stores::slim_secret), cluster_of)
         .owns_stream(reflect(
             scoped::<ServiceAccount>(&client, ns),
             children.clone(),
@@ -237,6 +241,15 @@ pub async fn run(ctx: Arc<Context>, namespace: Option<String>, readiness: Readin
         }
     });
     futures::join!(clusters, migrations, synced);
+}
+
+/// The RabbitCluster a credential Secret belongs to, by the labels the operator gave it.
+fn cluster_of(secret: Secret) -> Option<ObjectRef<RabbitCluster>> {
+    let labels = secret.labels();
+    if labels.get(build::MANAGED_BY_LABEL).is_none_or(|v| v != "warren") {
+        return None;
+    }
+    Some(ObjectRef::new(labels.get(build::INSTANCE_LABEL)?).within(&secret.namespace()?))
 }
 
 fn migration_error_policy(migration: Arc<RabbitMigration>, error: &Error, ctx: Arc<Context>) -> Action {
@@ -283,7 +296,7 @@ async fn reconcile_cluster(cluster: &RabbitCluster, ctx: &Context) -> Result<Act
     let prepared = async {
         let validated = validate::validate(cluster, &ctx.settings)?;
         let world = dereference::dereference(ctx, &validated).await?;
-        validate::check_in_place_upgrade(world.children.running_version(), &validated)?;
+        validate::check_in_place_upgrade(running_version(cluster, &world), &validated)?;
         let (validated, scaling) = scale_before_apply(ctx, cluster, validated, &world).await;
         let applied =
             apply::apply(&ctx.client, &validated, build::build(&validated, &world.credentials), &world.children)
@@ -295,12 +308,32 @@ async fn reconcile_cluster(cluster: &RabbitCluster, ctx: &Context) -> Result<Act
         Err(error) => return fail_early(cluster, ctx, error).await,
     };
     report_applied(cluster, ctx, &validated, &applied).await;
+    for note in &world.recovered {
+        ctx.event(cluster, EventType::Warning, "CredentialsRecovered", "Dereference", note.clone()).await;
+    }
     let observed = broker_step::observe(cluster, ctx, &validated, &world, scaling).await;
     status::write(cluster, ctx, &validated, observed).await
 }
 
+/// The version the cluster runs: what the broker reported when every pod was last ready and
+/// updated (status), else the StatefulSet's image. Not the template alone: after a roll-out to a tag
+/// that does not exist (one pod in ImagePullBackOff), going back to the version every ready pod still
+/// runs must not be refused as a downgrade.
+fn running_version(cluster: &RabbitCluster, world: &Dereferenced) -> Option<RabbitVersion> {
+    cluster
+        .status
+        .as_ref()
+        .and_then(|s| s.rabbitmq_version.as_deref())
+        .and_then(RabbitVersion::parse)
+        .or_else(|| world.children.running_version())
+}
+
 /// Fewer replicas: the nodes leave one at a time, each handed over first (controller::scale). The
 /// cluster to build keeps the StatefulSet's size until a node may go.
+///
+/// Two counts are not a scale-down. 0 stops every node at once and keeps their data (nothing is
+/// handed over or forgotten). A StatefulSet below spec.replicas was scaled by hand (or is being
+/// started from 0): apply reverts it, and no node is forgotten for it.
 async fn scale_before_apply(
     ctx: &Context,
     cluster: &RabbitCluster,
@@ -308,9 +341,19 @@ async fn scale_before_apply(
     world: &Dereferenced,
 ) -> (ValidatedCluster, Option<scale::ScalePass>) {
     let Some(current) = world.children.current_replicas() else { return (validated, None) };
+    if validated.replicas == 0 {
+        return (validated, None);
+    }
+    if current == 0 {
+        // Starting a stopped cluster: every node that holds data comes back (a node left out would
+        // be waited for by the others, or seen as lost), then a scale-down runs as usual.
+        let replicas = validated.replicas.max(world.members_with_data);
+        return (ValidatedCluster { replicas, ..validated }, None);
+    }
     if validated.replicas >= current && !scale::in_progress(cluster) {
         return (validated, None);
     }
+    let current = current.max(validated.replicas);
     let pass = scale::pass(ctx, cluster, &validated, &world.credentials, current).await;
     (ValidatedCluster { replicas: pass.replicas, ..validated }, Some(pass))
 }
@@ -328,6 +371,9 @@ async fn report_applied(cluster: &RabbitCluster, ctx: &Context, validated: &Vali
     if !applied.updated.is_empty() {
         ctx.event(cluster, EventType::Normal, "Updated", "Apply", format!("updated {}", describe(&applied.updated)))
             .await;
+    }
+    for note in &applied.reverted {
+        ctx.event(cluster, EventType::Warning, "DriftReverted", "Apply", note.clone()).await;
     }
     for warning in &validated.warnings {
         if !cluster.status.as_ref().is_some_and(|s| s.warnings.contains(warning)) {

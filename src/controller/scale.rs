@@ -5,10 +5,10 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use k8s_openapi::api::core::v1::Pod;
-use kube::api::{AttachParams, ListParams};
+use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod};
+use kube::api::{AttachParams, DeleteParams, ListParams};
 use kube::{Api, ResourceExt};
-use tokio::io::AsyncReadExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::build::{self, Credentials};
 use super::status::{self, Verdict};
@@ -30,14 +30,30 @@ pub struct PodExec {
     stateful_set: String,
 }
 
-impl NodeCommands for PodExec {
-    async fn run(&self, ordinal: i32, command: &[&str]) -> Result<String> {
+impl PodExec {
+    pub fn new(ctx: &Context, cluster: &ValidatedCluster) -> Self {
+        Self {
+            pods: Api::namespaced(ctx.client.clone(), &cluster.namespace),
+            stateful_set: cluster.stateful_set_name(),
+        }
+    }
+
+    /// Runs `command` in pod `ordinal` with `input` on its standard input (a secret never goes in
+    /// an argument, which any process of the pod may read), and returns its standard output.
+    pub async fn run_with_input(&self, ordinal: i32, command: &[&str], input: Option<&[u8]>) -> Result<String> {
         let pod = format!("{}-{ordinal}", self.stateful_set);
         let failed = |message: String| Error::NodeCommand { pod: pod.clone(), command: command.join(" "), message };
-        let params = AttachParams::default().container(build::statefulset::RABBITMQ_CONTAINER).stderr(true);
+        let params = AttachParams::default()
+            .container(build::statefulset::RABBITMQ_CONTAINER)
+            .stdin(input.is_some())
+            .stderr(true);
         let run = async {
             let mut process =
                 self.pods.exec(&pod, command.to_vec(), &params).await.map_err(|e| failed(e.to_string()))?;
+            if let (Some(input), Some(mut stdin)) = (input, process.stdin()) {
+                stdin.write_all(input).await.map_err(|e| failed(format!("writing its input: {e}")))?;
+                // Dropped: the end of the input reaches the command.
+            }
             let status = process.take_status();
             let (mut stdout, mut stderr) = (process.stdout(), process.stderr());
             let (mut out, mut err) = (String::new(), String::new());
@@ -74,11 +90,16 @@ impl NodeCommands for PodExec {
     }
 }
 
+impl NodeCommands for PodExec {
+    async fn run(&self, ordinal: i32, command: &[&str]) -> Result<String> {
+        self.run_with_input(ordinal, command, None).await
+    }
+}
+
 /// The StatefulSet's pods by ordinal.
 async fn pod_states(pods: &Api<Pod>, cluster: &ValidatedCluster) -> Result<BTreeMap<i32, PodState>> {
-    let selector = build::selector_labels(&cluster.name).iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>();
     let list = pods
-        .list(&ListParams::default().labels(&selector.join(",")))
+        .list(&ListParams::default().labels(&build::selector_string(&cluster.name)))
         .await
         .map_err(|e| Error::kube(format!("list the pods of StatefulSet {}", cluster.stateful_set_name()), e))?;
     let prefix = format!("{}-", cluster.stateful_set_name());
@@ -95,6 +116,18 @@ async fn pod_states(pods: &Api<Pod>, cluster: &ValidatedCluster) -> Result<BTree
             Some((ordinal, PodState { ready, terminating: pod.metadata.deletion_timestamp.is_some() }))
         })
         .collect())
+}
+
+/// Deletes the claim of pod `ordinal`, a node this operator removed and is about to forget: the
+/// one place a claim is deleted (the StatefulSet retains them, see `build::statefulset`).
+async fn delete_claim(ctx: &Context, cluster: &ValidatedCluster, ordinal: i32) -> Result<()> {
+    let claims: Api<PersistentVolumeClaim> = Api::namespaced(ctx.client.clone(), &cluster.namespace);
+    let name = cluster.claim_name(ordinal);
+    match claims.delete(&name, &DeleteParams::default()).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(status)) if status.code == 404 => Ok(()),
+        Err(e) => Err(Error::kube(format!("delete PersistentVolumeClaim {name} of the removed node"), e)),
+    }
 }
 
 /// One pass of a scale-down (or of forgetting nodes whose pods are gone).
@@ -143,10 +176,17 @@ pub async fn pass(
         };
         let broker =
             ManagementClient::new(&ctx.management_url(validated), &credentials.username, &credentials.password)?;
-        let commands = PodExec { pods, stateful_set: validated.stateful_set_name() };
+        let commands = PodExec::new(ctx, validated);
         scale_down::observe(&broker, &commands, &mut view).await?;
         let step = scale_down::decide(&view);
         ctx.track_mirror_sync(&object_key(cluster), matches!(&step, Step::Wait { reason: "WaitingForMirrorSync", .. }));
+        if let Step::Forget { node } = &step
+            && let Some(ordinal) = scale_down::ordinal_of(node, &validated.stateful_set_name())
+        {
+            // Before the forget, so that a forget that fails is retried with the claim already
+            // gone: a forgotten node's data must never boot again with a later scale-up.
+            delete_claim(ctx, validated, ordinal).await?;
+        }
         let done = scale_down::execute(&step, &broker, &commands).await?;
         Ok::<_, Error>((step, done))
     }

@@ -16,7 +16,7 @@ use serde::de::DeserializeOwned;
 use super::apply::FIELD_MANAGER;
 use super::broker_step::Observation;
 use super::validate::ValidatedCluster;
-use super::{Context, RESYNC, scale};
+use super::{Context, RESYNC, build, scale};
 use crate::api::{RabbitCluster, RabbitClusterStatus};
 use crate::error::{Error, Result};
 use crate::rabbitmq::broker::BrokerObservation;
@@ -50,6 +50,8 @@ pub const NO_PARTITIONS: &str = "NoPartitions";
 pub const RECONCILE_SUCCESS: &str = "ReconcileSuccess";
 /// A scale-down in progress: the node being removed and the step it is at.
 pub const SCALING: &str = "Scaling";
+/// The reason of Ready (and of the broker's conditions) while spec.replicas is 0.
+pub const STOPPED: &str = "Stopped";
 
 /// How many nodes report a partition, by the NoPartitions condition; None until the broker was
 /// checked (the condition's message lists one `node: partitioned from ...` per such node).
@@ -157,6 +159,20 @@ pub fn verdicts(observed: &Observed) -> Vec<Verdict> {
             },
         ),
     };
+    if observed.desired_replicas == 0 {
+        // Stopped on purpose: nothing serves, and nothing is wrong.
+        let why = "spec.replicas is 0: every node stopped on purpose; the volumes, the Erlang cookie and the \
+                   users are kept, and scaling back re-forms the same cluster";
+        let stopped = |type_| verdict(type_, None, STOPPED, why);
+        return vec![
+            verdict(READY, Some(false), STOPPED, why),
+            replicas,
+            stopped(CLUSTER_FORMED),
+            stopped(HIGH_AVAILABILITY),
+            stopped(NO_PARTITIONS),
+            reconcile,
+        ];
+    }
     let ha_ok = ha.status == Some(true) || ha.reason == "Disabled";
     let blockers: Vec<&Verdict> = [&reconcile, &replicas, &formed, &partitions]
         .into_iter()
@@ -287,12 +303,16 @@ fn cluster_status(
     let sts_status = stateful_set.and_then(|s| s.status.as_ref());
     RabbitClusterStatus {
         observed_generation: cluster.meta().generation,
+        // What the broker reported once every pod was ready and updated, kept through a roll-out
+        // that has not completed: the version to which a failed roll-out may always return. The
+        // image's tag only until the broker was first reached.
         rabbitmq_version: broker
             .map(|b| b.version.clone())
-            .or_else(|| validated.image_version.map(|v| v.to_string()))
-            .or(previous.rabbitmq_version.clone()),
+            .or(previous.rabbitmq_version.clone())
+            .or_else(|| validated.image_version.map(|v| v.to_string())),
         replicas: sts_status.map(|s| s.replicas).unwrap_or(0),
         ready_replicas: sts_status.and_then(|s| s.ready_replicas).unwrap_or(0),
+        selector: Some(build::selector_string(&validated.name)),
         members: broker.map(|b| b.members.clone()).unwrap_or(previous.members.clone()),
         warnings: validated.warnings.clone(),
         conditions: merge_conditions(&previous.conditions, verdicts, cluster.meta().generation, &now()),

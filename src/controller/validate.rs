@@ -92,10 +92,10 @@ pub fn validate(cluster: &RabbitCluster, settings: &Settings) -> Result<Validate
             format!("metadata.name {name:?}: must be a DNS-1035 label of at most 42 characters"),
         ));
     }
-    if spec.replicas < 1 {
+    if spec.replicas < 0 {
         return Err(invalid(
             SpecReason::InvalidReplicas,
-            format!("spec.replicas: {} is below the minimum of 1", spec.replicas),
+            format!("spec.replicas: {} is below 0 (0 stops every node and keeps the data)", spec.replicas),
         ));
     }
     let image = spec.image.trim().to_string();
@@ -155,7 +155,7 @@ pub fn validate(cluster: &RabbitCluster, settings: &Settings) -> Result<Validate
 /// What the spec allows but a user should hear about: status keeps them, each one an Event once.
 fn warnings(spec: &RabbitClusterSpec, image: &str, image_version: Option<RabbitVersion>) -> Vec<String> {
     let mut warnings = Vec::new();
-    if spec.replicas % 2 == 0 {
+    if spec.replicas > 0 && spec.replicas % 2 == 0 {
         warnings.push(format!(
             "spec.replicas is {}: with an even count a partition can split the cluster in halves, and \
              pause_minority then pauses both; use an odd count",

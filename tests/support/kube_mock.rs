@@ -38,6 +38,13 @@ impl Call {
         call.query_contains = vec!["fieldManager=warren".into()];
         call
     }
+    /// Server-side apply by the operator's field manager, forced (the StatefulSet, whose fields
+    /// another manager may have taken: drift is reverted).
+    pub fn forced_apply(path: impl Into<String>) -> Self {
+        let mut call = Self::new(Method::PATCH, path);
+        call.query_contains = vec!["force=true".into(), "fieldManager=warren".into()];
+        call
+    }
     /// A server-side apply (forced, by the one status field manager) of a RabbitCluster's status
     /// subresource, answered with the object.
     pub fn status_patch(path: impl Into<String>) -> Self {
@@ -102,9 +109,11 @@ pub fn scripted_client(script: Vec<Call>) -> (Client, JoinHandle<Served>) {
             for part in &call.query_contains {
                 assert!(query.contains(part.as_str()), "call {index} {path}: query {query:?} lacks {part}");
             }
-            // Children are applied without force (a conflict is reported); status is forced.
+            // Children are applied without force (a conflict is reported), unless the script says
+            // force (the StatefulSet); status is forced.
             let child_apply = call.method == Method::PATCH && !path.ends_with("/status");
-            if child_apply && call.query_contains.iter().any(|q| q.contains("fieldManager")) {
+            let forced = call.query_contains.iter().any(|q| q == "force=true");
+            if child_apply && !forced && call.query_contains.iter().any(|q| q.contains("fieldManager")) {
                 assert!(!query.contains("force=true"), "call {index} {path}: apply must not force");
             }
             if let Some(check) = &call.check {

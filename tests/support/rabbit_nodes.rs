@@ -507,7 +507,7 @@ impl NodeCluster {
     }
 
     /// What the StatefulSet does when its replicas drop by one: the last pod is deleted (its preStop
-    /// runs, then SIGTERM), and its claim goes with it (whenScaled: Delete). The ConfigMap says
+    /// runs, then SIGTERM), and its claim goes (the operator's forget step deletes it). The ConfigMap says
     /// the new count first, as the operator applies both together.
     pub async fn remove_last(&mut self, grace: Duration) {
         let replicas = self.nodes.len() - 1;

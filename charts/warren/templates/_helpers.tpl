@@ -58,10 +58,17 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
   verbs: [list]
 # Scale-down runs rabbitmqctl-level commands in the RabbitMQ pods (quorum shrink, maintenance
 # mode, forget_cluster_node), as `kubectl exec` does: a WebSocket upgrade of a GET, which servers
-# before the WebSocket create check authorise as get. Never pods themselves, never their claims.
+# before the WebSocket create check authorise as get; so do the recovery of a deleted Erlang
+# cookie Secret (read from a running node) and of the default user (re-created on the broker).
+# Never pods themselves.
 - apiGroups: [""]
   resources: [pods/exec]
   verbs: [create, get]
+# Claims: listed to know whether a cluster has data (a missing Secret is then recovered, never
+# re-invented); deleted only by a scale-down's forget step, for the node the operator removed.
+- apiGroups: [""]
+  resources: [persistentvolumeclaims]
+  verbs: [list, delete]
 - apiGroups: [events.k8s.io]
   resources: [events]
   verbs: [create, patch]

@@ -67,6 +67,11 @@ pub fn selector_labels(name: &str) -> BTreeMap<String, String> {
     BTreeMap::from([(NAME_LABEL.to_string(), "rabbitmq".to_string()), (INSTANCE_LABEL.to_string(), name.to_string())])
 }
 
+/// The selector of a cluster's pods as one string (`kubectl get pods -l`, the scale subresource).
+pub fn selector_string(name: &str) -> String {
+    selector_labels(name).iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(",")
+}
+
 /// Labels on every child.
 pub fn labels(name: &str) -> BTreeMap<String, String> {
     let mut labels = selector_labels(name);
@@ -75,11 +80,17 @@ pub fn labels(name: &str) -> BTreeMap<String, String> {
 }
 
 fn child_meta(cluster: &ValidatedCluster, name: &str) -> ObjectMeta {
+    ObjectMeta { owner_references: Some(vec![cluster.owner.clone()]), ..kept_meta(cluster, name) }
+}
+
+/// A credential the data depends on (the Erlang cookie, the default user): no owner reference, so
+/// it outlives the RabbitCluster as the claims do (a GitOps prune and re-sync, a deletion by
+/// mistake), and the re-created RabbitCluster adopts it by its labels. Deleted only by the user.
+fn kept_meta(cluster: &ValidatedCluster, name: &str) -> ObjectMeta {
     ObjectMeta {
         name: Some(name.to_string()),
         namespace: Some(cluster.namespace.clone()),
         labels: Some(labels(&cluster.name)),
-        owner_references: Some(vec![cluster.owner.clone()]),
         ..Default::default()
     }
 }
@@ -124,6 +135,10 @@ impl ValidatedCluster {
     /// Stable DNS name of pod `ordinal`.
     pub fn pod_host(&self, ordinal: i32) -> String {
         format!("{}-{ordinal}.{}", self.stateful_set_name(), self.peer_domain())
+    }
+    /// The PersistentVolumeClaim of pod `ordinal`, as the StatefulSet's claim template names it.
+    pub fn claim_name(&self, ordinal: i32) -> String {
+        format!("{}-{}-{ordinal}", statefulset::DATA_VOLUME, self.stateful_set_name())
     }
     /// RabbitMQ node name of pod `ordinal` (long names: the pods' FQDNs).
     pub fn node_name(&self, ordinal: i32) -> String {

@@ -8,7 +8,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use rand::Rng;
 use rand::distr::Alphanumeric;
 
-use super::child_meta;
+use super::kept_meta;
 use super::services::{AMQP_PORT, MANAGEMENT_PORT};
 use crate::controller::validate::ValidatedCluster;
 use crate::rabbitmq::management::encode;
@@ -67,7 +67,7 @@ fn secret(metadata: ObjectMeta, data: BTreeMap<String, String>) -> Secret {
 
 pub fn erlang_cookie_secret(cluster: &ValidatedCluster, credentials: &Credentials) -> Secret {
     secret(
-        child_meta(cluster, &cluster.erlang_cookie_secret_name()),
+        kept_meta(cluster, &cluster.erlang_cookie_secret_name()),
         BTreeMap::from([(COOKIE_KEY.to_string(), credentials.erlang_cookie.clone())]),
     )
 }
@@ -86,7 +86,7 @@ pub fn default_user_secret(cluster: &ValidatedCluster, credentials: &Credentials
     let failover: Vec<String> =
         (0..cluster.replicas).map(|ordinal| amqp_uri(&user, &password, &cluster.pod_host(ordinal))).collect();
     secret(
-        child_meta(cluster, &cluster.default_user_secret_name()),
+        kept_meta(cluster, &cluster.default_user_secret_name()),
         BTreeMap::from([
             (USERNAME_KEY.to_string(), credentials.username.clone()),
             (PASSWORD_KEY.to_string(), credentials.password.clone()),

@@ -39,7 +39,7 @@ fn pod_annotations(config_hash: &str) -> BTreeMap<String, String> {
 
 /// uid and gid of the `rabbitmq` user in the official image (and in the Debian-built one).
 const RABBITMQ_UID: i64 = 999;
-const DATA_VOLUME: &str = "data";
+pub const DATA_VOLUME: &str = "data";
 const DATA_DIR: &str = "/var/lib/rabbitmq";
 const CONFIG_DIR: &str = "/etc/warren/config";
 const COOKIE_DIR: &str = "/etc/warren/cookie";
@@ -271,12 +271,14 @@ pub fn stateful_set(cluster: &ValidatedCluster, config_hash: &str) -> StatefulSe
                 type_: Some("RollingUpdate".into()),
                 ..Default::default()
             }),
-            // The data outlives the cluster object: PVCs are only deleted by a human.
+            // The data outlives the cluster object, and outlives a StatefulSet scaled by hand (a
+            // runbook's `kubectl scale sts --replicas=0`, an off-hours downscaler): with `Delete`,
+            // Kubernetes removed every claim above the new count and the scale-back seeded an empty
+            // cluster. A claim is deleted only by the operator's own forget step, for a node it
+            // removed itself (controller::scale), so a forgotten node's data never boots again.
             persistent_volume_claim_retention_policy: Some(StatefulSetPersistentVolumeClaimRetentionPolicy {
                 when_deleted: Some("Retain".into()),
-                // A removed node is forgotten by the cluster: its data must never come back with a later
-                // scale-up (it would boot believing it is still a member), so its claim goes with its pod.
-                when_scaled: Some("Delete".into()),
+                when_scaled: Some("Retain".into()),
             }),
             template: PodTemplateSpec {
                 metadata: Some(ObjectMeta {

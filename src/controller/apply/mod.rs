@@ -14,19 +14,40 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use sha2::{Digest, Sha256};
 
-use super::build::Resources;
+use super::build::{INSTANCE_LABEL, MANAGED_BY_LABEL, Resources};
 use super::dereference::Children;
 use super::validate::ValidatedCluster;
 use crate::error::{Error, Result};
 
+mod drift;
+
 pub const FIELD_MANAGER: &str = "warren";
 pub const APPLIED_HASH_ANNOTATION: &str = "warren.dev/applied-hash";
+/// The StatefulSet's `metadata.generation` right after the operator's last apply. Any later change
+/// of its spec by someone else (`kubectl scale`, `kubectl set image`, an edit, a downscaler) moves
+/// the generation past it: drift, seen from the store alone.
+pub const APPLIED_GENERATION_ANNOTATION: &str = "warren.dev/applied-generation";
 
-/// What `apply` changed: `(kind, name)` pairs.
+/// What `apply` changed: `(kind, name)` pairs, and drift it reverted (one line per object).
 #[derive(Debug, Default, PartialEq)]
 pub struct Applied {
     pub created: Vec<(String, String)>,
     pub updated: Vec<(String, String)>,
+    pub reverted: Vec<String>,
+}
+
+/// Whether `live` is this cluster's to apply: controlled by it, or made by Warren for a
+/// RabbitCluster of this name and controlled by nothing (a credential Secret kept through the
+/// RabbitCluster's deletion, a child orphaned by `kubectl delete --cascade=orphan`): adopted.
+fn owned<K: Resource>(live: &K, cluster: &ValidatedCluster) -> bool {
+    let refs = live.owner_references();
+    if refs.iter().any(|o| o.uid == cluster.owner.uid && o.controller == Some(true)) {
+        return true;
+    }
+    let labels = live.labels();
+    refs.iter().all(|o| o.controller != Some(true))
+        && labels.get(MANAGED_BY_LABEL).is_some_and(|v| v == "warren")
+        && labels.get(INSTANCE_LABEL) == Some(&cluster.name)
 }
 
 /// The hash recorded on a child: of the object as built, before the annotation is added.
@@ -53,8 +74,7 @@ where
     let name = desired.name_any();
     let hash = hash_of(&desired)?;
     if let Some(live) = existing {
-        let owned = live.owner_references().iter().any(|o| o.uid == cluster.owner.uid && o.controller == Some(true));
-        if !owned {
+        if !owned(live, cluster) {
             return Err(Error::ApplyConflict {
                 object: format!("{kind} {name}"),
                 message: "exists and is not owned by this RabbitCluster; rename or delete it".into(),
@@ -108,10 +128,10 @@ pub async fn apply(
     let service_accounts: Api<ServiceAccount> = Api::namespaced(client.clone(), ns);
     apply_child(&service_accounts, cluster, service_account, live.service_account.as_deref(), &mut applied).await?;
 
+    // The cookie is built from the Secret that exists (or from a running node, see `recover`):
+    // applying it again changes its metadata only, never the cookie.
     let secrets: Api<Secret> = Api::namespaced(client.clone(), ns);
-    if live.erlang_cookie_secret.is_none() {
-        apply_child(&secrets, cluster, erlang_cookie_secret, None, &mut applied).await?;
-    }
+    apply_child(&secrets, cluster, erlang_cookie_secret, live.erlang_cookie_secret.as_deref(), &mut applied).await?;
     apply_child(&secrets, cluster, default_user_secret, live.default_user_secret.as_deref(), &mut applied).await?;
 
     let config_maps: Api<ConfigMap> = Api::namespaced(client.clone(), ns);
@@ -125,6 +145,7 @@ pub async fn apply(
     apply_child(&budgets, cluster, pod_disruption_budget, live.pod_disruption_budget.as_deref(), &mut applied).await?;
 
     let stateful_sets: Api<StatefulSet> = Api::namespaced(client.clone(), ns);
-    apply_child(&stateful_sets, cluster, stateful_set, live.stateful_set.as_deref(), &mut applied).await?;
+    drift::apply_stateful_set(&stateful_sets, cluster, stateful_set, live.stateful_set.as_deref(), &mut applied)
+        .await?;
     Ok(applied)
 }
