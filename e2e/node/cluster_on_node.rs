@@ -13,6 +13,7 @@ use kube::api::ListParams;
 use kube::{Api, Client};
 
 use crate::amqp;
+use crate::day_two;
 use crate::observability;
 use crate::rig::{Endpoint, POD_TIMEOUT, default_is_quorum, delete, ensure_operator, manifest, pods, wait_ready};
 use crate::support::cluster::{apply, condition, patch};
@@ -22,7 +23,7 @@ const NAME: &str = "ha";
 const KEPT: &str = "e2e-kept";
 const KEPT_COUNT: u32 = 500;
 
-async fn volumes(client: &Client, namespace: &str) -> BTreeMap<String, String> {
+pub(crate) async fn volumes(client: &Client, namespace: &str) -> BTreeMap<String, String> {
     let api: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), namespace);
     api.list(&ListParams::default())
         .await
@@ -48,7 +49,7 @@ async fn listed_nodes(endpoint: &Endpoint) -> Vec<String> {
 }
 
 /// The notes of the Events of `reason` in `namespace`.
-fn events(namespace: &str, reason: &str) -> Vec<String> {
+pub(crate) fn events(namespace: &str, reason: &str) -> Vec<String> {
     let out = kubectl(&[
         "get",
         "events.events.k8s.io",
@@ -74,7 +75,7 @@ async fn kill_operator(client: &Client) -> String {
 
 /// Waits until every pod of the cluster is ready and none of them is one of `old` (by uid). Shortly
 /// before giving up, prints what the pods that are not ready say (their Events and log tail).
-async fn wait_replaced(client: &Client, namespace: &str, old: &[String], count: usize) {
+pub(crate) async fn wait_replaced(client: &Client, namespace: &str, old: &[String], count: usize) {
     let started = std::time::Instant::now();
     let explained = std::sync::atomic::AtomicBool::new(false);
     wait_for(&format!("{count} ready pods, none of the deleted ones"), POD_TIMEOUT, || async {
@@ -136,7 +137,7 @@ async fn a_rabbit_cluster_runs_heals_grows_and_keeps_its_data_on_a_real_node() {
     let first_pods = pods(&client, &ns, NAME).await;
     assert_eq!(first_pods.iter().map(|p| p.0.as_str()).collect::<Vec<_>>(), ["ha-0", "ha-1", "ha-2"]);
     assert!(first_pods.iter().all(|p| p.2), "all ready: {first_pods:?}");
-    let endpoint = Endpoint::of(&client, &ns, NAME).await;
+    let mut endpoint = Endpoint::of(&client, &ns, NAME).await;
     let nodes = endpoint.get("nodes").await.expect("GET /api/nodes");
     let running: Vec<_> = nodes
         .as_array()
@@ -185,6 +186,9 @@ async fn a_rabbit_cluster_runs_heals_grows_and_keeps_its_data_on_a_real_node() {
     wait_ready(&client, &ns, NAME, 3).await;
     assert_eq!(volumes(&client, &ns).await, claims, "the same volumes");
     endpoint.wait_depth(KEPT, KEPT_COUNT as u64).await;
+
+    // What people do to a running cluster (issue: day-2 safety), on this formed cluster.
+    day_two::survives_what_people_do(&client, &ns, NAME, &mut endpoint, KEPT, KEPT_COUNT as u64).await;
 
     // 4. Scale 3 to 5: two more pods join.
     let api: Api<warren::api::RabbitCluster> = Api::namespaced(client.clone(), &ns);
@@ -275,7 +279,9 @@ async fn a_rabbit_cluster_runs_heals_grows_and_keeps_its_data_on_a_real_node() {
     let got = amqp::drain(&endpoint.amqp(), KEPT, KEPT_COUNT as usize, Duration::from_secs(10)).await.expect("drain");
     assert_eq!(got, (0..KEPT_COUNT).map(|id| (id, 1)).collect::<BTreeMap<_, _>>());
 
-    // 6. Delete the RabbitCluster: pods and Services go, the claims stay.
+    // 6. Delete the RabbitCluster: pods and Services go, the claims and the credentials stay.
+    let (confirmed, error) = amqp::publish(&endpoint.amqp(), KEPT, 0..REAPPLIED_COUNT, 100).await;
+    assert_eq!((confirmed.len(), error), (REAPPLIED_COUNT as usize, None));
     delete(&["rabbitcluster", NAME, "-n", &ns]);
     let pod_api: Api<Pod> = Api::namespaced(client.clone(), &ns);
     let service_api: Api<Service> = Api::namespaced(client.clone(), &ns);
@@ -290,4 +296,21 @@ async fn a_rabbit_cluster_runs_heals_grows_and_keeps_its_data_on_a_real_node() {
     for (claim, volume) in &claims {
         assert_eq!(left.get(claim), Some(volume), "{claim} still bound to its volume");
     }
+
+    // 7. Applied again (a GitOps prune and re-sync): the kept credential Secrets are adopted, the
+    //    five nodes come back on their claims as one cluster, and the messages are there.
+    let secrets: Api<k8s_openapi::api::core::v1::Secret> = Api::namespaced(client.clone(), &ns);
+    assert!(secrets.get_opt("ha-erlang-cookie").await.expect("get").is_some(), "the cookie Secret was deleted");
+    assert!(secrets.get_opt("ha-default-user").await.expect("get").is_some(), "the default user Secret was deleted");
+    apply(&ns, &manifest(NAME, 5));
+    wait_ready(&client, &ns, NAME, 5).await;
+    let endpoint = Endpoint::of(&client, &ns, NAME).await;
+    endpoint.wait_depth(KEPT, REAPPLIED_COUNT as u64).await;
+    let got =
+        amqp::drain(&endpoint.amqp(), KEPT, REAPPLIED_COUNT as usize, Duration::from_secs(10)).await.expect("drain");
+    assert_eq!(got, (0..REAPPLIED_COUNT).map(|id| (id, 1)).collect::<BTreeMap<_, _>>());
+    assert_eq!(volumes(&client, &ns).await, left, "the same claims");
 }
+
+/// Messages kept through the RabbitCluster's deletion and re-creation.
+const REAPPLIED_COUNT: u32 = 100;

@@ -9,6 +9,7 @@ mod amqp;
 mod support;
 
 mod cluster_on_node;
+mod day_two;
 mod migration_job;
 mod observability;
 mod rig;

@@ -246,3 +246,60 @@ async fn the_pause_annotation_stops_reconciling() {
     wait_condition(&client, &ns.name, NAME, "ReconcileSuccess", "True", Some("Reconciled")).await;
     assert_eq!(additional_config(&config_map(&client, &ns.name, NAME).await), "consumer_timeout = 60000\n");
 }
+
+/// What a person does to the StatefulSet, set back by the operator with a Warning naming the field,
+/// both values and the field manager; what the operator never sets (`kubectl rollout restart`'s
+/// annotation) is left alone and is no drift.
+#[tokio::test]
+async fn a_stateful_set_changed_by_hand_is_set_back_with_a_warning() {
+    ensure_crds().await;
+    let client = admin_client().await;
+    let ns = TestNamespace::create(&client, "e2e-drift").await;
+    let _operator = Operator::install(&client, &ns.name).await;
+    cluster::apply(&ns.name, &manifest(NAME, 3, ""));
+    wait_condition(&client, &ns.name, NAME, "ReconcileSuccess", "True", None).await;
+    let stateful_sets: Api<StatefulSet> = Api::namespaced(client.clone(), &ns.name);
+    let image = |sts: &StatefulSet| {
+        sts.spec.as_ref().and_then(|s| s.template.spec.as_ref()).map(|p| p.containers[0].image.clone())
+    };
+    let applied = stateful_sets.get(NAME).await.expect("StatefulSet");
+
+    ok("kubectl rollout restart", kubectl(&["rollout", "restart", "statefulset", NAME, "-n", &ns.name]));
+    ok("kubectl scale sts", kubectl(&["scale", "statefulset", NAME, "-n", &ns.name, "--replicas=0"]));
+    ok(
+        "kubectl set image",
+        kubectl(&["set", "image", &format!("statefulset/{NAME}"), "rabbitmq=rabbitmq:4.1.99", "-n", &ns.name]),
+    );
+    let events: Api<Event> = Api::namespaced(client.clone(), &ns.name);
+    let notes = wait_for("DriftReverted naming both fields", Duration::from_secs(60), || async {
+        let list = events.list(&ListParams::default()).await.map_err(|e| e.to_string())?;
+        let notes: Vec<String> = list
+            .items
+            .iter()
+            .filter(|e| e.reason.as_deref() == Some("DriftReverted") && e.type_.as_deref() == Some("Warning"))
+            .filter_map(|e| e.note.clone())
+            .collect();
+        let both = notes.join("\n");
+        if both.contains("spec.replicas 0 (set back to 3)") && both.contains("rabbitmq:4.1.99") {
+            Ok(notes)
+        } else {
+            Err(format!("{notes:?}"))
+        }
+    })
+    .await;
+    // Who: kubectl set image's field manager; kubectl scale leaves none (the scale subresource).
+    let both = notes.join("\n");
+    assert!(both.contains("by kubectl-set") && both.contains("through the scale subresource"), "{notes:?}");
+    let back = wait_for("the StatefulSet as applied", Duration::from_secs(60), || async {
+        let sts = stateful_sets.get(NAME).await.map_err(|e| e.to_string())?;
+        let replicas = sts.spec.as_ref().and_then(|s| s.replicas);
+        if replicas == Some(3) && image(&sts) == image(&applied) { Ok(sts) } else { Err(format!("{replicas:?}")) }
+    })
+    .await;
+    let restarted = back
+        .spec
+        .and_then(|s| s.template.metadata)
+        .and_then(|m| m.annotations)
+        .is_some_and(|a| a.contains_key("kubectl.kubernetes.io/restartedAt"));
+    assert!(restarted, "kubectl rollout restart's annotation was taken away");
+}

@@ -372,8 +372,20 @@ async fn report_applied(cluster: &RabbitCluster, ctx: &Context, validated: &Vali
         ctx.event(cluster, EventType::Normal, "Updated", "Apply", format!("updated {}", describe(&applied.updated)))
             .await;
     }
-    for note in &applied.reverted {
-        ctx.event(cluster, EventType::Warning, "DriftReverted", "Apply", note.clone()).await;
+    for reverted in &applied.reverted {
+        // The StatefulSet as it was, as the related object: one Event per change, where one
+        // series would keep only the first change's note.
+        let stateful_set = ObjectReference {
+            api_version: Some("apps/v1".into()),
+            kind: Some("StatefulSet".into()),
+            name: Some(validated.stateful_set_name()),
+            namespace: Some(validated.namespace.clone()),
+            resource_version: reverted.resource_version.clone(),
+            ..ObjectReference::default()
+        };
+        let regarding = cluster.object_ref(&());
+        let (type_, note) = (EventType::Warning, reverted.note.clone());
+        ctx.record(&regarding, Some(stateful_set), type_, "DriftReverted", "Apply", note).await;
     }
     for warning in &validated.warnings {
         if !cluster.status.as_ref().is_some_and(|s| s.warnings.contains(warning)) {

@@ -72,7 +72,8 @@ pub async fn apply_stateful_set(
         (Some(_), Some(before)) if before.metadata.generation != after.metadata.generation => {
             let changes = spec_changes(&spec_json(before)?, &spec_json(&after)?);
             let managers = changed_by(before, &changes);
-            applied.reverted.push(describe_drift(&name, &changes, &managers));
+            let note = describe_drift(&name, &changes, &managers);
+            applied.reverted.push(Reverted { note, resource_version: before.metadata.resource_version.clone() });
         }
         (Some(_), _) => {}
     }
@@ -183,6 +184,14 @@ pub fn changed_by(live: &StatefulSet, changes: &[Change]) -> Vec<String> {
     managers
 }
 
+/// A StatefulSet change the operator set back: the Event's text, and the object as it was
+/// (its resource version tells one change from the next).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Reverted {
+    pub note: String,
+    pub resource_version: Option<String>,
+}
+
 /// The Warning's text: what changed, from what to what, and by whom when the managed fields say.
 pub fn describe_drift(name: &str, changes: &[Change], managers: &[String]) -> String {
     let mut listed: Vec<String> = changes
@@ -193,7 +202,15 @@ pub fn describe_drift(name: &str, changes: &[Change], managers: &[String]) -> St
     if changes.len() > CHANGES_SHOWN {
         listed.push(format!("and {} more", changes.len() - CHANGES_SHOWN));
     }
-    let who = if managers.is_empty() { String::new() } else { format!(" by {}", managers.join(", ")) };
+    let who = if !managers.is_empty() {
+        format!(" by {}", managers.join(", "))
+    } else if changes.iter().any(|c| c.path == "spec.replicas") {
+        // The API server records no field manager for a change made through /scale (seen on
+        // Kubernetes 1.34: `kubectl scale` leaves no managed-fields entry).
+        " through the scale subresource (kubectl scale, an autoscaler or a downscaler)".to_string()
+    } else {
+        String::new()
+    };
     format!(
         "StatefulSet {name} was changed outside the RabbitCluster{who}: {}. Reverted: change the RabbitCluster \
          instead (spec.replicas 0 stops the cluster and keeps its data; `kubectl scale rabbitcluster` works)",
@@ -247,5 +264,12 @@ mod tests {
         assert_eq!(managers, ["kubectl (through /scale)"]);
         let text = describe_drift("demo", &changes, &managers);
         assert!(text.contains("by kubectl (through /scale): spec.replicas 0 (set back to 3)"), "{text}");
+        // Kubernetes 1.34 records no manager for a change through /scale.
+        let text = describe_drift("demo", &changes, &[]);
+        assert!(
+            text.contains(
+                "through the scale subresource (kubectl scale, an autoscaler or a downscaler): spec.replicas 0"
+            )
+        );
     }
 }

@@ -19,7 +19,7 @@ use super::dereference::Children;
 use super::validate::ValidatedCluster;
 use crate::error::{Error, Result};
 
-mod drift;
+pub mod drift;
 
 pub const FIELD_MANAGER: &str = "warren";
 pub const APPLIED_HASH_ANNOTATION: &str = "warren.dev/applied-hash";
@@ -33,7 +33,7 @@ pub const APPLIED_GENERATION_ANNOTATION: &str = "warren.dev/applied-generation";
 pub struct Applied {
     pub created: Vec<(String, String)>,
     pub updated: Vec<(String, String)>,
-    pub reverted: Vec<String>,
+    pub reverted: Vec<drift::Reverted>,
 }
 
 /// Whether `live` is this cluster's to apply: controlled by it, or made by Warren for a
