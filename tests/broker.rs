@@ -35,7 +35,7 @@ fn ha(mode: HighAvailabilityMode) -> HighAvailabilitySpec {
 async fn on_3x_auto_applies_ha_all_with_automatic_sync_in_every_vhost_once() {
     let (fake, client) = broker("3.10.8").await;
     fake.answer("GET", "/api/vhosts", 200, json!([{"name": "/"}, {"name": "celery"}]));
-    let observed = converge(&client, &expected(), &ha(HighAvailabilityMode::Auto)).await.expect("converge");
+    let observed = converge(&client, &expected(), &ha(HighAvailabilityMode::Auto), &[]).await.expect("converge");
     let policy = json!({"pattern": ".*", "apply-to": "queues", "priority": 0,
                         "definition": {"ha-mode": "all", "ha-sync-mode": "automatic"}});
     assert_eq!(
@@ -57,7 +57,7 @@ async fn on_3x_auto_applies_ha_all_with_automatic_sync_in_every_vhost_once() {
     fake.answer("GET", "/api/policies/%2F/ha-all", 200, stored.clone());
     fake.answer("GET", "/api/policies/celery/ha-all", 200, stored);
     let before = fake.writes().len();
-    let observed = converge(&client, &expected(), &ha(HighAvailabilityMode::Auto)).await.expect("converge");
+    let observed = converge(&client, &expected(), &ha(HighAvailabilityMode::Auto), &[]).await.expect("converge");
     assert_eq!(fake.writes().len(), before, "a converged broker gets no writes");
     assert!(observed.actions.is_empty());
 }
@@ -72,7 +72,7 @@ async fn on_4x_auto_sets_quorum_default_keeping_vhost_metadata_and_never_sends_h
         json!([{"name": "/", "description": "main", "tags": ["prod", "eu"], "default_queue_type": "classic"},
                {"name": "done", "metadata": {"default_queue_type": "quorum"}}]),
     );
-    let observed = converge(&client, &expected(), &ha(HighAvailabilityMode::Auto)).await.expect("converge");
+    let observed = converge(&client, &expected(), &ha(HighAvailabilityMode::Auto), &[]).await.expect("converge");
     assert_eq!(
         fake.writes(),
         vec![(
@@ -88,7 +88,8 @@ async fn on_4x_auto_sets_quorum_default_keeping_vhost_metadata_and_never_sends_h
 async fn classic_mirrored_on_a_4x_broker_is_refused_without_writes() {
     let (fake, client) = broker("4.0.5").await;
     fake.answer("GET", "/api/vhosts", 200, json!([{"name": "/"}]));
-    let error = converge(&client, &expected(), &ha(HighAvailabilityMode::ClassicMirrored)).await.expect_err("refused");
+    let error =
+        converge(&client, &expected(), &ha(HighAvailabilityMode::ClassicMirrored), &[]).await.expect_err("refused");
     assert_eq!(error.reason(), "ClassicMirroringUnsupported");
     assert!(fake.writes().is_empty());
 }
@@ -105,7 +106,7 @@ async fn missing_members_and_partitions_are_reported() {
                {"name": NODES[2], "running": true, "partitions": [NODES[1]]}]),
     );
     fake.answer("GET", "/api/vhosts", 200, json!([]));
-    let observed = converge(&client, &expected(), &ha(HighAvailabilityMode::Auto)).await.expect("converge");
+    let observed = converge(&client, &expected(), &ha(HighAvailabilityMode::Auto), &[]).await.expect("converge");
     assert_eq!(observed.members, vec![NODES[0].to_string(), NODES[2].to_string()]);
     assert_eq!(observed.missing, vec![NODES[1].to_string()]);
     assert_eq!(observed.partitions.len(), 2);
@@ -122,7 +123,7 @@ async fn switching_to_none_removes_only_the_operators_mirroring_policy() {
                            "definition": {"max-length": 10}});
     fake.answer("GET", "/api/policies/%2F/ha-all", 200, mirroring);
     fake.answer("GET", "/api/policies/app/ha-all", 200, users_own);
-    converge(&client, &expected(), &ha(HighAvailabilityMode::None)).await.expect("converge");
+    converge(&client, &expected(), &ha(HighAvailabilityMode::None), &[]).await.expect("converge");
     assert_eq!(fake.writes(), vec![("DELETE /api/policies/%2F/ha-all".to_string(), serde_json::Value::Null)]);
 }
 
@@ -130,20 +131,20 @@ async fn switching_to_none_removes_only_the_operators_mirroring_policy() {
 async fn broker_failures_become_reasons() {
     let (fake, client) = broker("3.10.8").await;
     fake.answer("GET", "/api/overview", 401, json!({"error": "not_authorised", "reason": "Login failed"}));
-    let error = converge(&client, &expected(), &ha(HighAvailabilityMode::Auto)).await.expect_err("401");
+    let error = converge(&client, &expected(), &ha(HighAvailabilityMode::Auto), &[]).await.expect_err("401");
     assert_eq!(error.reason(), "BrokerUnauthorized");
     assert!(error.to_string().contains("Login failed"), "{error}");
     assert!(!error.to_string().contains("s3cret"), "credentials never in messages: {error}");
 
     fake.answer("GET", "/api/overview", 503, json!({"error": "unavailable", "reason": "node is booting"}));
-    let error = converge(&client, &expected(), &ha(HighAvailabilityMode::Auto)).await.expect_err("503");
+    let error = converge(&client, &expected(), &ha(HighAvailabilityMode::Auto), &[]).await.expect_err("503");
     assert_eq!(error.reason(), "BrokerUnavailable");
     assert!(error.is_retriable());
 
     // A port nothing listens on: bind one, note it, close it.
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let closed = ManagementClient::new(&format!("http://127.0.0.1:{port}"), "u", "p").unwrap();
-    let error = converge(&closed, &expected(), &ha(HighAvailabilityMode::Auto)).await.expect_err("unreachable");
+    let error = converge(&closed, &expected(), &ha(HighAvailabilityMode::Auto), &[]).await.expect_err("unreachable");
     assert_eq!(error.reason(), "BrokerUnreachable");
 }
 
@@ -159,4 +160,54 @@ async fn queues_are_read_even_when_a_key_comes_twice() {
     assert_eq!(queues[0].name, "orders");
     assert_eq!(queues[0].members, ["rabbit@a", "rabbit@b"], "the last one wins");
     assert_eq!(queues[0].messages, Some(3));
+}
+
+/// After a roll-out, every stable feature flag still disabled is enabled (a next minor version
+/// refuses to boot without them); experimental ones are left, and `khepri_db` is enabled only when
+/// the user asked for it, else reported as disabled.
+#[tokio::test]
+async fn stable_feature_flags_are_enabled_and_khepri_only_on_request() {
+    let (fake, client) = broker("4.2.3").await;
+    fake.answer("GET", "/api/vhosts", 200, json!([{"name": "/", "default_queue_type": "quorum"}]));
+    fake.answer(
+        "GET",
+        "/api/feature-flags",
+        200,
+        json!([
+            {"name": "quorum_queue", "state": "enabled", "stability": "required"},
+            {"name": "message_containers_deaths_v2", "state": "disabled", "stability": "stable"},
+            {"name": "khepri_db", "state": "disabled", "stability": "stable"},
+            {"name": "rabbit_exchange_type_local_random", "state": "disabled", "stability": "stable"},
+            {"name": "some_experiment", "state": "disabled", "stability": "experimental"}
+        ]),
+    );
+    let observed = converge(&client, &expected(), &ha(HighAvailabilityMode::Auto), &[]).await.expect("converge");
+    let puts: Vec<String> = fake.writes().into_iter().map(|(call, _)| call).collect();
+    assert_eq!(
+        puts,
+        [
+            "PUT /api/feature-flags/message_containers_deaths_v2/enable",
+            "PUT /api/feature-flags/rabbit_exchange_type_local_random/enable"
+        ]
+    );
+    assert_eq!(observed.disabled_feature_flags, ["khepri_db"]);
+    assert!(observed.actions.iter().any(|a| a.contains("enabled feature flags message_containers_deaths_v2")));
+
+    // Asked for by the annotation: khepri_db too.
+    let observed = converge(&client, &expected(), &ha(HighAvailabilityMode::Auto), &["khepri_db".to_string()])
+        .await
+        .expect("converge");
+    assert!(fake.writes().iter().any(|(call, _)| call == "PUT /api/feature-flags/khepri_db/enable"));
+    assert!(observed.disabled_feature_flags.is_empty());
+
+    // A node not running: no flag can be enabled cluster-wide, none is tried.
+    fake.answer(
+        "GET",
+        "/api/nodes",
+        200,
+        json!(NODES[..2].iter().map(|n| json!({"name": n, "running": true, "partitions": []})).collect::<Vec<_>>()),
+    );
+    let before = fake.writes().len();
+    converge(&client, &expected(), &ha(HighAvailabilityMode::Auto), &[]).await.expect("converge");
+    assert_eq!(fake.writes().len(), before, "{:?}", fake.writes());
 }

@@ -371,3 +371,27 @@ fn partition_handling_other_than_the_default_is_flagged_where_it_has_no_effect()
     cluster.spec.partition_handling = warren::api::PartitionHandling::PauseMinority;
     assert!(validate(&cluster, &Settings::default()).unwrap().warnings.is_empty(), "the default is what 4.3 does");
 }
+
+/// 4.2 → 4.3 on a Mnesia cluster: refused while `khepri_db` is disabled, naming it and the
+/// annotation that enables it; allowed once the broker reports it enabled. A patch release is never
+/// held back by a flag.
+#[test]
+fn a_next_minor_is_refused_while_a_flag_it_requires_is_disabled() {
+    use warren::controller::validate::check_in_place_upgrade;
+    use warren::rabbitmq::version::RabbitVersion;
+    let mut cluster = fixture("basic.yaml");
+    cluster.spec.image = "rabbitmq:4.3.6-management".into();
+    let validated = validate(&cluster, &Settings::default()).expect("valid");
+    let running = RabbitVersion::parse("4.2.3");
+    let khepri_off = vec!["khepri_db".to_string()];
+    let error = check_in_place_upgrade(running, &khepri_off, &validated).expect_err("refused");
+    assert_eq!(error.reason(), "UpgradeRefused");
+    let text = error.to_string();
+    for says in ["khepri_db", "warren.dev/enable-feature-flags=khepri_db", "from 4.2.3 to 4.3.6"] {
+        assert!(text.contains(says), "{says:?} not in {text}");
+    }
+    assert!(check_in_place_upgrade(running, &[], &validated).is_ok());
+    cluster.spec.image = "rabbitmq:4.2.9-management".into();
+    let patch = validate(&cluster, &Settings::default()).expect("valid");
+    assert!(check_in_place_upgrade(running, &khepri_off, &patch).is_ok());
+}

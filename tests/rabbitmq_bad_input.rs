@@ -78,7 +78,8 @@ async fn broker_errors_are_reported_and_retried_with_backoff() {
     resource.metadata.uid = Some("00000000-0000-4000-8000-00000000beef".into());
     let spec = validate(&resource, &Settings::default()).expect("the operator accepts the pattern");
     let client = ManagementClient::new(&nodes.management_url(1), user, password).expect("client");
-    let refused = broker::converge(&client, &expected, &spec.high_availability).await.expect_err("RabbitMQ refuses it");
+    let refused =
+        broker::converge(&client, &expected, &spec.high_availability, &[]).await.expect_err("RabbitMQ refuses it");
     assert_eq!(broker_reason(&refused), "BrokerRejected", "{refused}");
     let message = refused.to_string();
     assert!(message.contains("em-dash-queues") && message.contains("400"), "{message}");
@@ -88,7 +89,8 @@ async fn broker_errors_are_reported_and_retried_with_backoff() {
 
     // 2. Credentials RabbitMQ does not accept: reported without the password.
     let wrong = ManagementClient::new(&nodes.management_url(0), user, "not-the-password").expect("client");
-    let unauthorized = broker::converge(&wrong, &expected, &nodes.cluster.high_availability).await.expect_err("401");
+    let unauthorized =
+        broker::converge(&wrong, &expected, &nodes.cluster.high_availability, &[]).await.expect_err("401");
     assert_eq!(broker_reason(&unauthorized), "BrokerUnauthorized", "{unauthorized}");
     assert!(!unauthorized.to_string().contains("not-the-password"));
     errors.push(unauthorized);
@@ -97,14 +99,15 @@ async fn broker_errors_are_reported_and_retried_with_backoff() {
     let unavailable_url =
         scripted_server(Some(("503 Service Unavailable", r#"{"error":"unavailable","reason":"booting"}"#))).await;
     let unavailable = ManagementClient::new(&unavailable_url, user, password).expect("client");
-    let error = broker::converge(&unavailable, &expected, &nodes.cluster.high_availability).await.expect_err("503");
+    let error =
+        broker::converge(&unavailable, &expected, &nodes.cluster.high_availability, &[]).await.expect_err("503");
     assert_eq!(broker_reason(&error), "BrokerUnavailable", "{error}");
     errors.push(error);
     let silent_url = scripted_server(None).await;
     let silent = ManagementClient::new(&silent_url, user, password).expect("client");
     let error = tokio::time::timeout(
         Duration::from_secs(60),
-        broker::converge(&silent, &expected, &nodes.cluster.high_availability),
+        broker::converge(&silent, &expected, &nodes.cluster.high_availability, &[]),
     )
     .await
     .expect("a hanging management API must not hang the reconcile")

@@ -351,6 +351,7 @@ async fn steady_cluster() -> SteadyCluster {
         ready_replicas: 3,
         selector: Some("app.kubernetes.io/instance=demo,app.kubernetes.io/name=rabbitmq".into()),
         members: nodes.clone(),
+        disabled_feature_flags: vec![],
         warnings: vec![],
         conditions: status::merge_conditions(&[], &verdicts, Some(1), &earlier),
     });

@@ -11,6 +11,11 @@ use serde::{Deserialize, Serialize};
 /// writes nothing but the `ReconcileSuccess` condition.
 pub const PAUSE_ANNOTATION: &str = "warren.dev/paused";
 
+/// Annotation naming feature flags (comma-separated) the operator enables only when asked:
+/// `khepri_db`, which moves a Mnesia cluster's metadata to Khepri, required before RabbitMQ 4.3.
+/// Every other stable flag is enabled by the operator after each completed roll-out.
+pub const FEATURE_FLAGS_ANNOTATION: &str = "warren.dev/enable-feature-flags";
+
 /// The default image: the official RabbitMQ image of a current 4.x release, with the management plugin.
 pub const DEFAULT_IMAGE: &str = "rabbitmq:4.1.4-management";
 
@@ -344,6 +349,12 @@ pub struct RabbitClusterStatus {
     /// Running cluster members, as RabbitMQ node names.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub members: Vec<String>,
+
+    /// Stable feature flags the broker still reports disabled once every pod was ready: those
+    /// enabled only on request (`khepri_db`, see the `warren.dev/enable-feature-flags` annotation).
+    /// A next minor version that requires one is refused until it is enabled.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub disabled_feature_flags: Vec<String>,
 
     /// Things that work but deserve attention (for example an even replica count).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]

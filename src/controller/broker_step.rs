@@ -12,7 +12,7 @@ use kube::runtime::reflector::ObjectRef;
 use super::dereference::Dereferenced;
 use super::validate::ValidatedCluster;
 use super::{Context, recover, scale, status};
-use crate::api::RabbitCluster;
+use crate::api::{FEATURE_FLAGS_ANNOTATION, RabbitCluster};
 use crate::error::{BrokerReason, Error};
 use crate::rabbitmq::broker::{self, BrokerObservation};
 use crate::rabbitmq::management::ManagementClient;
@@ -44,18 +44,19 @@ pub async fn observe(
     // Stopped on purpose (spec.replicas 0): no broker to ask.
     let (broker, error) = if all_ready && validated.replicas > 0 {
         let expected: Vec<String> = (0..validated.replicas).map(|i| validated.node_name(i)).collect();
+        let requested = requested_feature_flags(cluster);
         let outcome = async {
             let credentials = &world.credentials;
             let client =
                 ManagementClient::new(&ctx.management_url(validated), &credentials.username, &credentials.password)?;
-            match broker::converge(&client, &expected, &validated.high_availability).await {
+            match broker::converge(&client, &expected, &validated.high_availability, &requested).await {
                 // The Secret's user does not log in: the Secret was re-created (default_user only
                 // applies to an empty database) or edited. The Secret is what clients read: the
                 // broker's user is set to match it.
                 Err(Error::Broker { reason: BrokerReason::BrokerUnauthorized, .. }) => {
                     let note = recover::restore_default_user(ctx, validated, credentials).await?;
                     ctx.event(cluster, EventType::Warning, "DefaultUserRestored", "Converge", note).await;
-                    broker::converge(&client, &expected, &validated.high_availability).await
+                    broker::converge(&client, &expected, &validated.high_availability, &requested).await
                 }
                 outcome => outcome,
             }
@@ -92,6 +93,16 @@ pub async fn observe(
     };
     let error = scaling.as_mut().and_then(|s| s.error.take()).or(error);
     Observation { stateful_set, broker, why_not_checked, scaling, error, all_ready }
+}
+
+/// The feature flags the user asked to enable beyond the stable ones the operator enables by itself
+/// (`khepri_db`), from the annotation.
+fn requested_feature_flags(cluster: &RabbitCluster) -> Vec<String> {
+    cluster
+        .annotations()
+        .get(FEATURE_FLAGS_ANNOTATION)
+        .map(|list| list.split(',').map(str::trim).filter(|f| !f.is_empty()).map(str::to_string).collect())
+        .unwrap_or_default()
 }
 
 /// Events of a scale-down pass: what it did, a node removed for good, a refusal.

@@ -296,7 +296,8 @@ async fn reconcile_cluster(cluster: &RabbitCluster, ctx: &Context) -> Result<Act
     let prepared = async {
         let validated = validate::validate(cluster, &ctx.settings)?;
         let world = dereference::dereference(ctx, &validated).await?;
-        validate::check_in_place_upgrade(running_version(cluster, &world), &validated)?;
+        let disabled_flags = cluster.status.as_ref().map(|s| s.disabled_feature_flags.clone()).unwrap_or_default();
+        validate::check_in_place_upgrade(running_version(cluster, &world), &disabled_flags, &validated)?;
         let (validated, scaling) = scale_before_apply(ctx, cluster, validated, &world).await;
         let applied =
             apply::apply(&ctx.client, &validated, build::build(&validated, &world.credentials), &world.children)

@@ -314,6 +314,9 @@ fn cluster_status(
         ready_replicas: sts_status.and_then(|s| s.ready_replicas).unwrap_or(0),
         selector: Some(build::selector_string(&validated.name)),
         members: broker.map(|b| b.members.clone()).unwrap_or(previous.members.clone()),
+        disabled_feature_flags: broker
+            .map(|b| b.disabled_feature_flags.clone())
+            .unwrap_or(previous.disabled_feature_flags.clone()),
         warnings: validated.warnings.clone(),
         conditions: merge_conditions(&previous.conditions, verdicts, cluster.meta().generation, &now()),
     }

@@ -13,8 +13,8 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, OwnerReferen
 use kube::{Resource, ResourceExt};
 
 use crate::api::{
-    HighAvailabilityMode, HighAvailabilitySpec, PartitionHandling, RabbitCluster, RabbitClusterSpec, ServiceSpec,
-    TlsSpec,
+    FEATURE_FLAGS_ANNOTATION, HighAvailabilityMode, HighAvailabilitySpec, PartitionHandling, RabbitCluster,
+    RabbitClusterSpec, ServiceSpec, TlsSpec,
 };
 use crate::error::{Error, Result, SpecReason};
 use crate::rabbitmq::ha;
@@ -182,7 +182,9 @@ fn warnings(spec: &RabbitClusterSpec, image: &str, image_version: Option<RabbitV
     }
     if image_version.is_none() {
         warnings.push(format!(
-            "spec.image {image:?} names no version in its tag: the HA mechanism is chosen once the broker reports its version"
+            "spec.image {image:?} names no version in its tag: the HA mechanism is chosen once the broker reports its \
+             version, and a change of image cannot be checked before the pods run it (a skipped minor version or a \
+             downgrade is not refused); pin a version tag"
         ));
     }
     warnings
@@ -351,11 +353,33 @@ pub fn parse_quantity_bytes(text: &str) -> std::result::Result<u64, String> {
 
 /// Refuses an image whose RabbitMQ version the running pods cannot roll to: a skipped minor or a
 /// downgrade (a same-minor patch change rolls the pods one at a time, each through preStop).
-pub fn check_in_place_upgrade(running: Option<RabbitVersion>, cluster: &ValidatedCluster) -> Result<()> {
+pub fn check_in_place_upgrade(
+    running: Option<RabbitVersion>,
+    disabled_flags: &[String],
+    cluster: &ValidatedCluster,
+) -> Result<()> {
     let (Some(from), Some(to)) = (running, cluster.image_version) else { return Ok(()) };
-    from.in_place_change_to(to).map_err(|refusal| Error::UpgradeRefused {
-        from: from.to_string(),
-        to: to.to_string(),
-        why: refusal.0,
-    })
+    let refused = |why: String| Error::UpgradeRefused { from: from.to_string(), to: to.to_string(), why };
+    from.in_place_change_to(to).map_err(|refusal| refused(refusal.0))?;
+    let blocking = from.flags_blocking(to, disabled_flags);
+    if blocking.is_empty() {
+        return Ok(());
+    }
+    let mut why = format!(
+        "feature flags {} are still disabled, and RabbitMQ {to} does not boot without them",
+        blocking.join(", ")
+    );
+    if blocking.iter().any(|f| f == "khepri_db") {
+        why.push_str(&format!(
+            " (khepri_db moves the metadata from Mnesia to Khepri and is enabled only on request: annotate the \
+             RabbitCluster {FEATURE_FLAGS_ANNOTATION}=khepri_db and wait until status.disabledFeatureFlags no \
+             longer lists it)"
+        ));
+    }
+    if blocking.iter().any(|f| f != "khepri_db") {
+        why.push_str(&format!(
+            "; the operator enables the stable ones once every pod runs {from} and is ready: wait for that"
+        ));
+    }
+    Err(refused(why))
 }

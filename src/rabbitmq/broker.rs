@@ -23,8 +23,43 @@ pub struct BrokerObservation {
     pub partitions: Vec<String>,
     /// How HA is provided, for the HighAvailability condition (reason, message).
     pub high_availability: (String, String),
+    /// Stable feature flags still disabled after this pass (sorted): those the operator leaves to the
+    /// user (`khepri_db`), or any a node refused. A next minor version may require them.
+    pub disabled_feature_flags: Vec<String>,
     /// Changes made in this pass, for Events.
     pub actions: Vec<String>,
+}
+
+/// Feature flags enabled only on request (`FEATURE_FLAGS_ANNOTATION`): `khepri_db` moves a Mnesia
+/// cluster's metadata to Khepri, a migration of its own (RabbitMQ's Khepri guide), which 4.3 needs.
+pub const ON_REQUEST_FEATURE_FLAGS: [&str; 1] = ["khepri_db"];
+
+/// After a roll-out has reached every node, enables every stable feature flag still disabled (as
+/// `rabbitmqctl enable_feature_flag all` does), but those enabled only on request unless
+/// `requested` names them: RabbitMQ refuses to boot a next minor version while flags that version
+/// requires are off (the feature flags guide). Returns the flags left disabled.
+async fn enable_feature_flags(
+    broker: &ManagementClient,
+    requested: &[String],
+    actions: &mut Vec<String>,
+) -> Result<Vec<String>> {
+    let flags = broker.feature_flags().await?;
+    let mut enabled = Vec::new();
+    let mut left = Vec::new();
+    for flag in flags.iter().filter(|f| f.state == "disabled" && f.stability == "stable") {
+        let on_request = ON_REQUEST_FEATURE_FLAGS.contains(&flag.name.as_str());
+        if on_request && !requested.contains(&flag.name) {
+            left.push(flag.name.clone());
+            continue;
+        }
+        broker.enable_feature_flag(&flag.name).await?;
+        enabled.push(flag.name.clone());
+    }
+    if !enabled.is_empty() {
+        actions.push(format!("enabled feature flags {}", enabled.join(", ")));
+    }
+    left.sort();
+    Ok(left)
 }
 
 /// Observes the cluster and applies the HA plan. `expected_nodes` are the node names of the
@@ -33,6 +68,7 @@ pub async fn converge(
     broker: &ManagementClient,
     expected_nodes: &[String],
     spec: &HighAvailabilitySpec,
+    requested_flags: &[String],
 ) -> Result<BrokerObservation> {
     let version_text = broker.rabbitmq_version().await?;
     let version = RabbitVersion::parse(&version_text).ok_or_else(|| Error::Broker {
@@ -43,7 +79,7 @@ pub async fn converge(
     let nodes = broker.nodes().await?;
     let mut members: Vec<String> = nodes.iter().filter(|n| n.running).map(|n| n.name.clone()).collect();
     members.sort();
-    let missing = expected_nodes.iter().filter(|n| !members.contains(n)).cloned().collect();
+    let missing: Vec<String> = expected_nodes.iter().filter(|n| !members.contains(n)).cloned().collect();
     let extra = nodes.iter().filter(|n| !expected_nodes.contains(&n.name)).map(|n| n.name.clone()).collect();
     let drained = nodes.iter().filter(|n| n.running && n.being_drained == Some(true)).map(|n| n.name.clone()).collect();
     let partitions = nodes
@@ -55,6 +91,12 @@ pub async fn converge(
     let plan = ha::plan(spec, version)
         .map_err(|refusal| Error::InvalidSpec { reason: refusal.reason, message: refusal.message })?;
     let mut actions = Vec::new();
+    // A flag is enabled on every node at once: only with every expected node a running member.
+    let disabled_feature_flags = if missing.is_empty() {
+        enable_feature_flags(broker, requested_flags, &mut actions).await?
+    } else {
+        Vec::new()
+    };
     let vhosts = broker.vhosts().await?;
     let high_availability = match &plan {
         HaPlan::ClassicMirroring(policy) => {
@@ -116,6 +158,7 @@ pub async fn converge(
         drained,
         partitions,
         high_availability,
+        disabled_feature_flags,
         actions,
     })
 }

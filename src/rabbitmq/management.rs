@@ -113,6 +113,17 @@ pub struct PolicyInfo {
     pub definition: Map<String, Value>,
 }
 
+/// One feature flag of `GET /api/feature-flags`.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+pub struct FeatureFlagInfo {
+    pub name: String,
+    /// `enabled`, `disabled`, `state_changing` or `unavailable` (a node does not know it).
+    pub state: String,
+    /// `stable`, `experimental` or `required`.
+    #[serde(default)]
+    pub stability: String,
+}
+
 #[derive(Deserialize)]
 struct Overview {
     rabbitmq_version: String,
@@ -251,6 +262,16 @@ impl ManagementClient {
     pub async fn sync_queue(&self, vhost: &str, name: &str) -> Result<()> {
         let path = format!("/api/queues/{}/{}/actions", encode(vhost), encode(name));
         self.send(reqwest::Method::POST, &path, Some(json!({"action": "sync"}))).await.map(|_| ())
+    }
+
+    pub async fn feature_flags(&self) -> Result<Vec<FeatureFlagInfo>> {
+        self.get_required("/api/feature-flags").await
+    }
+
+    /// Enables a feature flag on every node (all of them must run).
+    pub async fn enable_feature_flag(&self, name: &str) -> Result<()> {
+        let path = format!("/api/feature-flags/{}/enable", encode(name));
+        self.send(reqwest::Method::PUT, &path, Some(json!({}))).await.map(|_| ())
     }
 
     pub async fn vhosts(&self) -> Result<Vec<VhostInfo>> {

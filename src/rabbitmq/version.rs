@@ -90,6 +90,19 @@ impl RabbitVersion {
     }
 }
 
+impl RabbitVersion {
+    /// Of the stable feature flags still disabled, those that stop a move from `self` to `to`:
+    /// RabbitMQ boots a later minor only with the flags of the one before it enabled (the feature
+    /// flags guide: 4.2 requires 3.13's, 4.3 all of 4.2's), and 4.3, which has no Mnesia, only on a
+    /// cluster whose metadata is in Khepri already (`khepri_db`).
+    pub fn flags_blocking(self, to: RabbitVersion, disabled: &[String]) -> Vec<String> {
+        if (to.major, to.minor) <= (self.major, self.minor) {
+            return Vec::new();
+        }
+        disabled.iter().filter(|f| f.as_str() != "khepri_db" || to >= Self::new(4, 3, 0)).cloned().collect()
+    }
+}
+
 /// The minor versions between `from` and `to`, for messages (`3.11, 3.12, 3.13`, `4.1, 4.2`).
 fn skipped(from: RabbitVersion, to: RabbitVersion) -> String {
     if from.major == to.major {
@@ -144,6 +157,19 @@ mod tests {
         assert_eq!(v3_13.vhost_default_queue_type_key(), Some("default_queue_type"));
         assert!(v4_0.honours_partition_handling());
         assert!(!v4_3.honours_partition_handling());
+    }
+
+    #[test]
+    fn a_later_minor_waits_for_the_flags_it_requires() {
+        let v = |text: &str| RabbitVersion::parse(text).unwrap();
+        let disabled = vec!["khepri_db".to_string(), "message_containers".to_string()];
+        assert_eq!(v("4.2.3").flags_blocking(v("4.3.6"), &disabled), disabled);
+        // Before 4.3 Mnesia still exists: khepri_db is not required.
+        assert_eq!(v("4.1.4").flags_blocking(v("4.2.0"), &disabled), ["message_containers"]);
+        // A patch release, or going back to what runs, requires nothing new.
+        assert!(v("4.2.3").flags_blocking(v("4.2.9"), &disabled).is_empty());
+        assert!(v("4.2.3").flags_blocking(v("4.2.3"), &disabled).is_empty());
+        assert!(v("4.2.3").flags_blocking(v("4.3.6"), &[]).is_empty());
     }
 
     #[test]

@@ -25,6 +25,8 @@ pub struct ManagementFake {
 impl ManagementFake {
     pub async fn start() -> Self {
         let state = FakeState::default();
+        // Every feature flag enabled, unless a test says otherwise.
+        state.answers.lock().unwrap().insert("GET /api/feature-flags".into(), (200, "[]".into()));
         let app = Router::new().fallback(handle).with_state(state.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind loopback");
         let url = format!("http://{}", listener.local_addr().expect("address"));

@@ -71,7 +71,7 @@ impl NodeCluster {
             &self.credentials.password,
         )?;
         let all: Vec<usize> = (0..self.nodes.len()).collect();
-        warren::rabbitmq::broker::converge(&client, &self.names(&all), high_availability).await
+        warren::rabbitmq::broker::converge(&client, &self.names(&all), high_availability, &[]).await
     }
 
     /// Declares a durable classic queue through node `via` (so its master lives there) and waits
