@@ -164,6 +164,8 @@ fn config_map_holds_partition_handling_watermark_plugins_and_scripts() {
     assert_eq!(data["replicas"], "3");
     assert!(data["bootstrap.sh"].contains("join_cluster"));
     assert!(data["bootstrap.sh"].contains("forget_cluster_node"));
+    assert!(data["bootstrap.sh"].contains("the cluster formed before: waiting for a member to join"));
+    assert_eq!(data["formed"], "false", "a new cluster has not formed yet");
     assert!(data["pre-stop.sh"].contains("await_online_synchronized_mirror"));
     assert!(data["pre-stop.sh"].contains("await_online_quorum_plus_one"));
     assert!(data["ready.sh"].contains("warren-clustered"));
@@ -182,6 +184,21 @@ fn scaling_does_not_restart_pods_but_a_config_change_does() {
     let (template_5, replicas_5) = hash(&cluster);
     assert_eq!(template_3, template_5, "the pod template must not change with the replica count");
     assert_eq!((replicas_3.as_str(), replicas_5.as_str()), ("3", "5"));
+    // Once the broker reported members, the ConfigMap says the cluster formed (node 0 without data
+    // then joins instead of seeding), without restarting a pod.
+    let formed = |cluster: &warren::api::RabbitCluster| {
+        let r = build::build(&validate(cluster, &settings).unwrap(), &credentials());
+        (json_of(&r.stateful_set)["spec"]["template"].clone(), r.config_map.data.unwrap()["formed"].clone())
+    };
+    let (template_new, formed_new) = formed(&cluster);
+    cluster.status = Some(warren::api::RabbitClusterStatus {
+        members: vec!["rabbit@demo-0.demo-nodes.default.svc.cluster.local".into()],
+        ..Default::default()
+    });
+    let (template_formed, formed_formed) = formed(&cluster);
+    assert_eq!((formed_new.as_str(), formed_formed.as_str()), ("false", "true"));
+    assert_eq!(template_new, template_formed, "the pod template must not change when the cluster forms");
+    cluster.status = None;
     cluster.spec.partition_handling = warren::api::PartitionHandling::Autoheal;
     let (template_autoheal, _) = hash(&cluster);
     assert_ne!(

@@ -294,7 +294,9 @@ async fn steady_cluster() -> SteadyCluster {
     let mut cluster = fixture("basic.yaml");
     let credentials =
         Credentials { erlang_cookie: "C".repeat(48), username: "warren-user".into(), password: "pw".into() };
+    // Built as the operator builds it once the status below (with its members) was written.
     let validated = validate(&cluster, &Settings::default()).unwrap();
+    let validated = warren::controller::validate::ValidatedCluster { formed: true, ..validated };
     let resources = build::build(&validated, &credentials);
     fn live<K: serde::Serialize>(object: &K) -> Value {
         let mut value = serde_json::to_value(object).unwrap();

@@ -49,6 +49,9 @@ pub struct ValidatedCluster {
     pub namespace: String,
     pub owner: OwnerReference,
     pub replicas: i32,
+    /// The broker has reported members before (status): a node 0 that boots without data must join
+    /// them, never seed a new, empty cluster (bootstrap.sh, the ConfigMap's `formed`).
+    pub formed: bool,
     pub image: String,
     /// The version the image tag names, if it names one.
     pub image_version: Option<RabbitVersion>,
@@ -130,6 +133,7 @@ pub fn validate(cluster: &RabbitCluster, settings: &Settings) -> Result<Validate
         namespace,
         owner,
         replicas: spec.replicas,
+        formed: cluster.status.as_ref().is_some_and(|s| !s.members.is_empty()),
         image,
         image_version,
         image_pull_secrets: spec.image_pull_secrets.clone(),

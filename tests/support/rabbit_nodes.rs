@@ -92,7 +92,7 @@ impl Node {
         self.dir.join("data")
     }
 
-    fn console_log(&self) -> PathBuf {
+    pub fn console_log(&self) -> PathBuf {
         self.dir.join("console.log")
     }
 
@@ -482,6 +482,15 @@ impl NodeCluster {
             let etc = PathBuf::from("/etc/netns").join(&node.netns);
             std::fs::create_dir_all(&etc).expect("/etc/netns");
             std::fs::write(etc.join("hosts"), &hosts).expect("hosts");
+        }
+    }
+
+    /// What the operator writes in the ConfigMap once it has seen the cluster formed (every pod's
+    /// mounted copy follows): a node 0 without data then waits for a member instead of seeding.
+    pub fn mark_formed(&mut self) {
+        self.template.config.insert("formed".into(), "true".into());
+        for node in &self.nodes {
+            std::fs::write(node.dir.join("config/formed"), "true").expect("formed");
         }
     }
 

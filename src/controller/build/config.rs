@@ -22,6 +22,8 @@ pub const ADVANCED_CONFIG_KEY: &str = "advanced.config";
 /// The replica count, read by the scripts. Kept out of the pod template (and out of the config
 /// hash), so scaling does not restart every node.
 pub const REPLICAS_KEY: &str = "replicas";
+/// `true` once the cluster has formed: node 0 without data then waits for a member to join.
+pub const FORMED_KEY: &str = "formed";
 
 /// Where the pods mount the TLS Secrets.
 pub const TLS_DIR: &str = "/etc/warren/tls";
@@ -84,16 +86,19 @@ pub fn config_map(cluster: &ValidatedCluster) -> ConfigMap {
             ("pre-stop.sh".to_string(), PRE_STOP_SCRIPT.to_string()),
             ("ready.sh".to_string(), READINESS_SCRIPT.to_string()),
             (REPLICAS_KEY.to_string(), cluster.replicas.to_string()),
+            (FORMED_KEY.to_string(), cluster.formed.to_string()),
         ])),
         ..Default::default()
     }
 }
 
 /// A hash of everything a node reads only at boot: put on the pod template so a change rolls the pods.
+/// Not what the bootstrap script reads live from the mounted ConfigMap (the replica count, whether
+/// the cluster formed), which changes without a restart.
 pub fn config_hash(config_map: &ConfigMap) -> String {
     let mut hasher = Sha256::new();
     for (key, value) in config_map.data.iter().flatten() {
-        if key != REPLICAS_KEY {
+        if key != REPLICAS_KEY && key != FORMED_KEY {
             hasher.update(key.as_bytes());
             hasher.update([0]);
             hasher.update(value.as_bytes());

@@ -10,7 +10,8 @@
 #   RABBITMQ_NODENAME   rabbit@<sts>-<ordinal>.<peer domain> (long names)
 #   WARREN_STS_NAME     the StatefulSet's name
 #   WARREN_PEER_DOMAIN  DNS domain of the pods (the headless Service)
-#   WARREN_CONFIG_DIR   the mounted ConfigMap (holds `replicas`)
+#   WARREN_CONFIG_DIR   the mounted ConfigMap (holds `replicas`, and `formed`: true once the
+#                       operator has seen the cluster formed)
 #   WARREN_COOKIE_FILE  the Erlang cookie from its Secret
 set -euo pipefail
 
@@ -123,8 +124,15 @@ else
         done
         [[ -n "$joined" ]] && break
         if [[ "$ordinal" == 0 ]]; then
-            log "no running cluster member found: $RABBITMQ_NODENAME seeds the cluster"
-            break
+            if [[ $(cat "$config_dir/formed" 2>/dev/null) == true ]]; then
+                # Node 0 without data in a cluster that formed before (its volume lost, peers slow to
+                # boot after a full restart): seeding here would make a second, empty cluster that
+                # clients write to. Wait for the members that hold the data, then join them.
+                log "no running cluster member found, and the cluster formed before: waiting for a member to join"
+            else
+                log "no running cluster member found: $RABBITMQ_NODENAME seeds the cluster"
+                break
+            fi
         fi
         server_alive || { log "RabbitMQ exited while waiting for a peer"; wait "$server_pid"; exit 1; }
         log "no running cluster member to join yet; retrying in 5 s"
