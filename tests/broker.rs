@@ -211,3 +211,37 @@ async fn stable_feature_flags_are_enabled_and_khepri_only_on_request() {
     converge(&client, &expected(), &ha(HighAvailabilityMode::Auto), &[]).await.expect("converge");
     assert_eq!(fake.writes().len(), before, "{:?}", fake.writes());
 }
+
+/// On 3.13, the release that may move to 4.x in place, the classic queues a mirroring policy
+/// replicates are listed (the in-place upgrade is refused while any is); elsewhere not asked.
+#[tokio::test]
+async fn on_3_13_the_mirrored_classic_queues_are_listed() {
+    let (fake, client) = broker("3.13.7").await;
+    fake.answer("GET", "/api/vhosts", 200, json!([{"name": "/"}]));
+    fake.answer(
+        "GET",
+        "/api/policies/%2F/ha-all",
+        200,
+        json!({"name": "ha-all", "pattern": ".*",
+        "apply-to": "queues", "priority": 0, "definition": {"ha-mode": "all", "ha-sync-mode": "automatic"}}),
+    );
+    let mut queues = vec![
+        json!({"name": "quorum-one", "vhost": "/", "type": "quorum", "effective_policy_definition": {}}),
+        json!({"name": "lonely", "vhost": "/", "type": "classic", "effective_policy_definition": {}}),
+    ];
+    queues.extend((0..12).map(|i| {
+        json!({"name": format!("celery-{i:02}"), "vhost": "/", "type": "classic",
+        "effective_policy_definition": {"ha-mode": "all", "ha-sync-mode": "automatic"}})
+    }));
+    fake.answer("GET", "/api/queues", 200, json!(queues));
+    let observed = converge(&client, &expected(), &ha(HighAvailabilityMode::Auto), &[]).await.expect("converge");
+    let mut names: Vec<String> = (0..10).map(|i| format!("//celery-{i:02}")).collect();
+    names.push("and 2 more".into());
+    assert_eq!(observed.mirrored_classic_queues, names);
+
+    let (fake, client) = broker("3.12.4").await;
+    fake.answer("GET", "/api/vhosts", 200, json!([{"name": "/"}]));
+    let observed = converge(&client, &expected(), &ha(HighAvailabilityMode::Auto), &[]).await.expect("converge");
+    assert!(observed.mirrored_classic_queues.is_empty());
+    assert!(!fake.requests().iter().any(|(call, _)| call.starts_with("GET /api/queues")), "{:?}", fake.requests());
+}

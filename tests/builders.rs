@@ -394,21 +394,45 @@ fn partition_handling_other_than_the_default_is_flagged_where_it_has_no_effect()
 /// held back by a flag.
 #[test]
 fn a_next_minor_is_refused_while_a_flag_it_requires_is_disabled() {
-    use warren::controller::validate::check_in_place_upgrade;
+    use warren::controller::validate::{RunningBroker, check_in_place_upgrade};
     use warren::rabbitmq::version::RabbitVersion;
     let mut cluster = fixture("basic.yaml");
     cluster.spec.image = "rabbitmq:4.3.6-management".into();
     let validated = validate(&cluster, &Settings::default()).expect("valid");
-    let running = RabbitVersion::parse("4.2.3");
-    let khepri_off = vec!["khepri_db".to_string()];
-    let error = check_in_place_upgrade(running, &khepri_off, &validated).expect_err("refused");
+    let version = RabbitVersion::parse("4.2.3");
+    let khepri_off = RunningBroker { version, disabled_feature_flags: vec!["khepri_db".into()], ..Default::default() };
+    let error = check_in_place_upgrade(&khepri_off, &validated).expect_err("refused");
     assert_eq!(error.reason(), "UpgradeRefused");
     let text = error.to_string();
     for says in ["khepri_db", "warren.dev/enable-feature-flags=khepri_db", "from 4.2.3 to 4.3.6"] {
         assert!(text.contains(says), "{says:?} not in {text}");
     }
-    assert!(check_in_place_upgrade(running, &[], &validated).is_ok());
+    assert!(check_in_place_upgrade(&RunningBroker { version, ..Default::default() }, &validated).is_ok());
     cluster.spec.image = "rabbitmq:4.2.9-management".into();
     let patch = validate(&cluster, &Settings::default()).expect("valid");
-    assert!(check_in_place_upgrade(running, &khepri_off, &patch).is_ok());
+    assert!(check_in_place_upgrade(&khepri_off, &patch).is_ok());
+}
+
+/// 3.13 → 4.x in place while classic queues are mirrored: refused, naming them and the way out;
+/// allowed once none is (quorum queues, or queues moved by a migration).
+#[test]
+fn three_thirteen_to_four_is_refused_while_queues_are_mirrored() {
+    use warren::controller::validate::{RunningBroker, check_in_place_upgrade};
+    use warren::rabbitmq::version::RabbitVersion;
+    let mut cluster = fixture("basic.yaml");
+    cluster.spec.image = "rabbitmq:4.0.5-management".into();
+    let validated = validate(&cluster, &Settings::default()).expect("valid");
+    let mirrored = RunningBroker {
+        version: RabbitVersion::parse("3.13.7"),
+        mirrored_classic_queues: vec!["//celery".into(), "orders/invoices".into()],
+        ..Default::default()
+    };
+    let error = check_in_place_upgrade(&mirrored, &validated).expect_err("refused");
+    assert_eq!(error.reason(), "UpgradeRefused");
+    let text = error.to_string();
+    for says in ["//celery, orders/invoices", "no classic queue mirroring", "RabbitMigration", "3.13.7 to 4.0.5"] {
+        assert!(text.contains(says), "{says:?} not in {text}");
+    }
+    let none = RunningBroker { mirrored_classic_queues: vec![], ..mirrored };
+    assert!(check_in_place_upgrade(&none, &validated).is_ok());
 }

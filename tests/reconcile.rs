@@ -354,6 +354,7 @@ async fn steady_cluster() -> SteadyCluster {
         selector: Some("app.kubernetes.io/instance=demo,app.kubernetes.io/name=rabbitmq".into()),
         members: nodes.clone(),
         disabled_feature_flags: vec![],
+        mirrored_classic_queues: vec![],
         warnings: vec![],
         conditions: status::merge_conditions(&[], &verdicts, Some(1), &earlier),
     });

@@ -356,6 +356,11 @@ pub struct RabbitClusterStatus {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub disabled_feature_flags: Vec<String>,
 
+    /// On RabbitMQ 3.13: the classic queues a mirroring policy replicates (at most ten names, then a
+    /// count). RabbitMQ 4 has no mirroring: an in-place move to 4.x is refused while any exists.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub mirrored_classic_queues: Vec<String>,
+
     /// Things that work but deserve attention (for example an even replica count).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub warnings: Vec<String>,

@@ -296,8 +296,7 @@ async fn reconcile_cluster(cluster: &RabbitCluster, ctx: &Context) -> Result<Act
     let prepared = async {
         let validated = validate::validate(cluster, &ctx.settings)?;
         let world = dereference::dereference(ctx, &validated).await?;
-        let disabled_flags = cluster.status.as_ref().map(|s| s.disabled_feature_flags.clone()).unwrap_or_default();
-        validate::check_in_place_upgrade(running_version(cluster, &world), &disabled_flags, &validated)?;
+        validate::check_in_place_upgrade(&running_broker(cluster, &world), &validated)?;
         let (validated, scaling) = scale_before_apply(ctx, cluster, validated, &world).await;
         let applied =
             apply::apply(&ctx.client, &validated, build::build(&validated, &world.credentials), &world.children)
@@ -316,17 +315,21 @@ async fn reconcile_cluster(cluster: &RabbitCluster, ctx: &Context) -> Result<Act
     status::write(cluster, ctx, &validated, observed).await
 }
 
-/// The version the cluster runs: what the broker reported when every pod was last ready and
+/// What the cluster runs. Its version: what the broker reported when every pod was last ready and
 /// updated (status), else the StatefulSet's image. Not the template alone: after a roll-out to a tag
 /// that does not exist (one pod in ImagePullBackOff), going back to the version every ready pod still
 /// runs must not be refused as a downgrade.
-fn running_version(cluster: &RabbitCluster, world: &Dereferenced) -> Option<RabbitVersion> {
-    cluster
-        .status
-        .as_ref()
-        .and_then(|s| s.rabbitmq_version.as_deref())
-        .and_then(RabbitVersion::parse)
-        .or_else(|| world.children.running_version())
+fn running_broker(cluster: &RabbitCluster, world: &Dereferenced) -> validate::RunningBroker {
+    let status = cluster.status.clone().unwrap_or_default();
+    validate::RunningBroker {
+        version: status
+            .rabbitmq_version
+            .as_deref()
+            .and_then(RabbitVersion::parse)
+            .or_else(|| world.children.running_version()),
+        disabled_feature_flags: status.disabled_feature_flags,
+        mirrored_classic_queues: status.mirrored_classic_queues,
+    }
 }
 
 /// Fewer replicas: the nodes leave one at a time, each handed over first (controller::scale). The

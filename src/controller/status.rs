@@ -317,6 +317,9 @@ fn cluster_status(
         disabled_feature_flags: broker
             .map(|b| b.disabled_feature_flags.clone())
             .unwrap_or(previous.disabled_feature_flags.clone()),
+        mirrored_classic_queues: broker
+            .map(|b| b.mirrored_classic_queues.clone())
+            .unwrap_or(previous.mirrored_classic_queues.clone()),
         warnings: validated.warnings.clone(),
         conditions: merge_conditions(&previous.conditions, verdicts, cluster.meta().generation, &now()),
     }

@@ -357,14 +357,27 @@ pub fn parse_quantity_bytes(text: &str) -> std::result::Result<u64, String> {
 
 /// Refuses an image whose RabbitMQ version the running pods cannot roll to: a skipped minor or a
 /// downgrade (a same-minor patch change rolls the pods one at a time, each through preStop).
-pub fn check_in_place_upgrade(
-    running: Option<RabbitVersion>,
-    disabled_flags: &[String],
-    cluster: &ValidatedCluster,
-) -> Result<()> {
-    let (Some(from), Some(to)) = (running, cluster.image_version) else { return Ok(()) };
+/// What the broker last reported that an in-place version change depends on (status).
+#[derive(Clone, Debug, Default)]
+pub struct RunningBroker {
+    pub version: Option<RabbitVersion>,
+    pub disabled_feature_flags: Vec<String>,
+    pub mirrored_classic_queues: Vec<String>,
+}
+
+pub fn check_in_place_upgrade(running: &RunningBroker, cluster: &ValidatedCluster) -> Result<()> {
+    let (Some(from), Some(to)) = (running.version, cluster.image_version) else { return Ok(()) };
+    let disabled_flags = &running.disabled_feature_flags;
     let refused = |why: String| Error::UpgradeRefused { from: from.to_string(), to: to.to_string(), why };
     from.in_place_change_to(to).map_err(|refusal| refused(refusal.0))?;
+    if from.has_classic_mirroring() && !to.has_classic_mirroring() && !running.mirrored_classic_queues.is_empty() {
+        return Err(refused(format!(
+            "RabbitMQ {to} has no classic queue mirroring, and the classic queues {} are mirrored: they would \
+             keep one copy each (and the operator would remove the mirroring policy). Move them into quorum \
+             queues first, or with a RabbitMigration, which converts them",
+            running.mirrored_classic_queues.join(", ")
+        )));
+    }
     let blocking = from.flags_blocking(to, disabled_flags);
     if blocking.is_empty() {
         return Ok(());

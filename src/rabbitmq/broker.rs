@@ -26,8 +26,29 @@ pub struct BrokerObservation {
     /// Stable feature flags still disabled after this pass (sorted): those the operator leaves to the
     /// user (`khepri_db`), or any a node refused. A next minor version may require them.
     pub disabled_feature_flags: Vec<String>,
+    /// On 3.13 (the release that may move to 4.x in place): classic queues that a mirroring policy
+    /// replicates, which 4.x cannot (at most `MIRRORED_SHOWN` names, then a count).
+    pub mirrored_classic_queues: Vec<String>,
     /// Changes made in this pass, for Events.
     pub actions: Vec<String>,
+}
+
+/// Mirrored classic queues named in status before the rest become a count.
+pub const MIRRORED_SHOWN: usize = 10;
+
+/// The mirrored classic queues of a 3.13 cluster, for status (none on any other version).
+async fn mirrored_classic_queues(broker: &ManagementClient, version: RabbitVersion) -> Result<Vec<String>> {
+    if (version.major, version.minor) != (3, 13) {
+        return Ok(Vec::new());
+    }
+    let mut queues = broker.mirrored_classic_queues().await?;
+    queues.sort();
+    if queues.len() > MIRRORED_SHOWN {
+        let more = queues.len() - MIRRORED_SHOWN;
+        queues.truncate(MIRRORED_SHOWN);
+        queues.push(format!("and {more} more"));
+    }
+    Ok(queues)
 }
 
 /// Feature flags enabled only on request (`FEATURE_FLAGS_ANNOTATION`): `khepri_db` moves a Mnesia
@@ -159,6 +180,7 @@ pub async fn converge(
         partitions,
         high_availability,
         disabled_feature_flags,
+        mirrored_classic_queues: mirrored_classic_queues(broker, version).await?,
         actions,
     })
 }

@@ -258,6 +258,21 @@ impl ManagementClient {
             })
     }
 
+    /// The classic queues a mirroring policy (`ha-mode`) applies to, as `vhost/name` (3.x).
+    pub async fn mirrored_classic_queues(&self) -> Result<Vec<String>> {
+        let path = "/api/queues?columns=name,vhost,type,effective_policy_definition";
+        let queues: Vec<Map<String, Value>> = self.get_required(path).await?;
+        Ok(queues
+            .iter()
+            .filter(|q| q.get("type").and_then(Value::as_str).is_none_or(|t| t == "classic"))
+            .filter(|q| q.get("effective_policy_definition").and_then(|d| d.get("ha-mode")).is_some())
+            .map(|q| {
+                let field = |key: &str| q.get(key).and_then(Value::as_str).unwrap_or_default().to_string();
+                format!("{}/{}", field("vhost"), field("name"))
+            })
+            .collect())
+    }
+
     /// Asks a classic mirrored queue (3.x) to synchronise its mirrors now.
     pub async fn sync_queue(&self, vhost: &str, name: &str) -> Result<()> {
         let path = format!("/api/queues/{}/{}/actions", encode(vhost), encode(name));
