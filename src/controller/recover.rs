@@ -119,11 +119,20 @@ pub fn default_user_definitions(credentials: &Credentials, salt: [u8; 4]) -> ser
     })
 }
 
-const IMPORT_DEFINITIONS: [&str; 5] = ["rabbitmqctl", "-q", "import_definitions", "--format", "json"];
+/// The definitions go through a file only the node's user can read, in the pod's /tmp: `rabbitmqctl`
+/// cannot read its standard input on RabbitMQ 4.3's Erlang (`prim_tty.read` crashes when stdin is
+/// not a terminal, seen in the node tests), and an argument would be readable by every process.
+const IMPORT_DEFINITIONS: [&str; 3] = [
+    "sh",
+    "-c",
+    "umask 077; file=$(mktemp); cat > \"$file\"; \
+     rabbitmqctl -q import_definitions --format json \"$file\" < /dev/null; status=$?; rm -f \"$file\"; exit $status",
+];
 
 /// Makes the broker's default user match its Secret, through `rabbitmqctl import_definitions` in a
 /// running node (it speaks Erlang distribution, so it needs no password): the user is created, or
-/// its password, tags and permissions on `/` set again. Only a hash goes to the pod, on stdin.
+/// its password, tags and permissions on `/` set again. Only a hash goes to the pod, on stdin, and
+/// from there through a private file (`IMPORT_DEFINITIONS`).
 pub async fn restore_default_user(
     ctx: &Context,
     cluster: &ValidatedCluster,
