@@ -115,8 +115,10 @@ async fn the_chart_grants_no_more_than_the_operator_needs() {
         assert!(can(verb, resource, &ns.name), "the operator may not {verb} {resource} in its namespace");
     }
     // Scale-down's node commands: exec into the RabbitMQ pods, and nothing else on pods. Claims:
-    // listed (does the cluster have data?) and deleted by the forget step only; never made or edited.
-    for (verb, resource) in [("list", "persistentvolumeclaims"), ("delete", "persistentvolumeclaims")] {
+    // listed (does the cluster have data?), expanded, and deleted by the forget step only; never made.
+    for (verb, resource) in
+        [("list", "persistentvolumeclaims"), ("patch", "persistentvolumeclaims"), ("delete", "persistentvolumeclaims")]
+    {
         assert!(can(verb, resource, &ns.name), "the operator may not {verb} {resource} in its namespace");
     }
     let exec =
@@ -129,7 +131,6 @@ async fn the_chart_grants_no_more_than_the_operator_needs() {
         ("create", "pods"),
         ("delete", "pods"),
         ("create", "persistentvolumeclaims"),
-        ("patch", "persistentvolumeclaims"),
         ("create", "clusterroles.rbac.authorization.k8s.io"),
     ] {
         assert!(!can(verb, resource, &ns.name), "the operator may {verb} {resource}: more than it needs");
@@ -302,4 +303,46 @@ async fn a_stateful_set_changed_by_hand_is_set_back_with_a_warning() {
         .and_then(|m| m.annotations)
         .is_some_and(|a| a.contains_key("kubectl.kubernetes.io/restartedAt"));
     assert!(restarted, "kubectl rollout restart's annotation was taken away");
+}
+
+/// `spec.persistence.storage` changed on a running cluster: the StatefulSet's claim template is
+/// immutable, so it keeps its size and every other change in the same edit still applies; the
+/// claims are expanded where the API server allows it (here it does not: the claims are not bound,
+/// and the warning says so), and a smaller size is refused with a warning. Nothing blocks.
+#[tokio::test]
+async fn a_storage_change_never_blocks_the_other_changes() {
+    ensure_crds().await;
+    let client = admin_client().await;
+    let ns = TestNamespace::create(&client, "e2e-storage").await;
+    let _operator = Operator::install(&client, &ns.name).await;
+    cluster::apply(&ns.name, &manifest(NAME, 3, "consumer_timeout = 3600000\n"));
+    wait_condition(&client, &ns.name, NAME, "ReconcileSuccess", "True", None).await;
+    let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), &ns.name);
+    wait_for("3 claims", Duration::from_secs(60), || async {
+        let n = claims.list(&ListParams::default()).await.map_err(|e| e.to_string())?.items.len();
+        if n == 3 { Ok(()) } else { Err(format!("{n} claims")) }
+    })
+    .await;
+
+    cluster::patch(
+        &ns.name,
+        NAME,
+        r#"{"spec":{"persistence":{"storage":"20Gi"},"rabbitmq":{"additionalConfig":"consumer_timeout = 60000\n"}}}"#,
+    );
+    let grown = wait_condition(&client, &ns.name, NAME, "ReconcileSuccess", "True", None).await;
+    assert_eq!(additional_config(&config_map(&client, &ns.name, NAME).await), "consumer_timeout = 60000\n");
+    let warnings = grown.status.as_ref().map(|s| s.warnings.join("\n")).unwrap_or_default();
+    assert!(
+        warnings.contains("spec.persistence.storage 20Gi: claims not expanded") && warnings.contains("data-demo-0"),
+        "{warnings}"
+    );
+
+    cluster::patch(&ns.name, NAME, r#"{"spec":{"persistence":{"storage":"1Gi"}}}"#);
+    let shrunk = wait_condition(&client, &ns.name, NAME, "ReconcileSuccess", "True", None).await;
+    let warnings = shrunk.status.as_ref().map(|s| s.warnings.join("\n")).unwrap_or_default();
+    assert!(warnings.contains("1Gi is smaller than the volumes' 10Gi: volumes cannot shrink"), "{warnings}");
+    let stateful_sets: Api<StatefulSet> = Api::namespaced(client.clone(), &ns.name);
+    let template = stateful_sets.get(NAME).await.expect("StatefulSet").spec.and_then(|s| s.volume_claim_templates);
+    let size = template.and_then(|t| t[0].spec.clone()).and_then(|s| s.resources).and_then(|r| r.requests);
+    assert_eq!(size.map(|r| r["storage"].0.clone()).as_deref(), Some("10Gi"));
 }

@@ -9,6 +9,7 @@ pub mod migration;
 pub mod recover;
 pub mod scale;
 pub mod status;
+pub mod storage;
 pub mod stores;
 pub mod validate;
 
@@ -298,9 +299,11 @@ async fn reconcile_cluster(cluster: &RabbitCluster, ctx: &Context) -> Result<Act
         let world = dereference::dereference(ctx, &validated).await?;
         validate::check_in_place_upgrade(&running_broker(cluster, &world), &validated)?;
         let (validated, scaling) = scale_before_apply(ctx, cluster, validated, &world).await;
-        let applied =
+        let (mut validated, resize) = storage::plan(validated, &world.children);
+        let mut applied =
             apply::apply(&ctx.client, &validated, build::build(&validated, &world.credentials), &world.children)
                 .await?;
+        applied.expanded = storage::expand(ctx, &mut validated, &resize).await;
         Ok::<_, Error>((validated, world, scaling, applied))
     };
     let (validated, world, scaling, applied) = match prepared.await {
@@ -375,6 +378,10 @@ async fn report_applied(cluster: &RabbitCluster, ctx: &Context, validated: &Vali
     if !applied.updated.is_empty() {
         ctx.event(cluster, EventType::Normal, "Updated", "Apply", format!("updated {}", describe(&applied.updated)))
             .await;
+    }
+    if !applied.expanded.is_empty() {
+        let note = format!("expanded to spec.persistence.storage: {}", applied.expanded.join(", "));
+        ctx.event(cluster, EventType::Normal, "ClaimsExpanded", "Apply", note).await;
     }
     for reverted in &applied.reverted {
         // The StatefulSet as it was, as the related object: one Event per change, where one

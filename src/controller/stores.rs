@@ -13,8 +13,12 @@ use k8s_openapi::ByteString;
 use k8s_openapi::NamespaceResourceScope;
 use k8s_openapi::api::apps::v1::{StatefulSet, StatefulSetSpec};
 use k8s_openapi::api::batch::v1::Job;
-use k8s_openapi::api::core::v1::{ConfigMap, Container, PodSpec, PodTemplateSpec, Secret, Service, ServiceAccount};
+use k8s_openapi::api::core::v1::{
+    ConfigMap, Container, PersistentVolumeClaim, PersistentVolumeClaimSpec, PodSpec, PodTemplateSpec, Secret, Service,
+    ServiceAccount, VolumeResourceRequirements,
+};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::runtime::reflector::{self, ObjectRef, Store, store::Writer};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, Resource, ResourceExt};
@@ -135,10 +139,26 @@ pub fn metadata_only<K: Resource + Default>(object: &mut K) {
 }
 
 /// Of a StatefulSet, what reconcile reads: the replicas, the RabbitMQ container's image (the
-/// version the pods run) and the status (without its conditions).
+/// version the pods run), each claim template's name and size (immutable: `controller::storage`)
+/// and the status (without its conditions).
 pub fn slim_stateful_set(stateful_set: &mut StatefulSet) {
     slim_metadata(stateful_set);
     if let Some(spec) = stateful_set.spec.as_mut() {
+        let claim_templates = spec.volume_claim_templates.take().map(|templates| {
+            templates
+                .into_iter()
+                .map(|t| PersistentVolumeClaim {
+                    metadata: ObjectMeta { name: t.metadata.name, ..Default::default() },
+                    spec: t.spec.map(|s| PersistentVolumeClaimSpec {
+                        resources: s
+                            .resources
+                            .map(|r| VolumeResourceRequirements { requests: r.requests, limits: None }),
+                        ..Default::default()
+                    }),
+                    status: None,
+                })
+                .collect()
+        });
         let rabbitmq = spec
             .template
             .spec
@@ -147,6 +167,7 @@ pub fn slim_stateful_set(stateful_set: &mut StatefulSet) {
             .map(|c| Container { name: c.name, image: c.image, ..Default::default() });
         *spec = StatefulSetSpec {
             replicas: spec.replicas,
+            volume_claim_templates: claim_templates,
             template: PodTemplateSpec {
                 metadata: None,
                 spec: Some(PodSpec { containers: rabbitmq.into_iter().collect(), ..Default::default() }),
@@ -205,12 +226,17 @@ mod tests {
             "spec": {
                 "replicas": 3, "serviceName": "demo-nodes",
                 "selector": {"matchLabels": {"app": "demo"}},
-                "volumeClaimTemplates": [{"metadata": {"name": "data"}}],
+                "volumeClaimTemplates": [{"metadata": {"name": "data", "labels": {"app": "demo"}},
+                    "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "10Gi"}}}}],
                 "template": {"spec": {
                     "initContainers": [{"name": "setup", "image": "busybox"}],
                     "containers": [
                         {"name": "rabbitmq", "image": "rabbitmq:4.3.6-management",
-                         "env": [{"name": "RABBITMQ_NODENAME", "value": "rabbit@x"}]},
+                         "env": [{"name": "RABBITMQ_NODENAME", "value": "rabbit@x"},
+                                 {"name": "RABBITMQ_USE_LONGNAME", "value": "true"},
+                                 {"name": "RABBITMQ_MNESIA_BASE", "value": "/var/lib/rabbitmq/mnesia"},
+                                 {"name": "RABBITMQ_ENABLED_PLUGINS_FILE", "value": "/etc/warren/config/enabled_plugins"}],
+                         "readinessProbe": {"exec": {"command": ["/bin/bash", "/etc/warren/config/ready.sh"]}}},
                         {"name": "exporter", "image": "other"}
                     ]
                 }}
@@ -227,7 +253,17 @@ mod tests {
         assert_eq!(pod.containers.len(), 1);
         assert_eq!(pod.containers[0].image.as_deref(), Some("rabbitmq:4.3.6-management"));
         assert!(pod.containers[0].env.is_none() && pod.init_containers.is_none());
-        assert!(spec.volume_claim_templates.is_none() && spec.service_name.is_none());
+        assert!(spec.service_name.is_none());
+        // Of the claim template, its name and size (a size change cannot be applied to it).
+        let template = &spec.volume_claim_templates.as_ref().expect("claim templates")[0];
+        assert_eq!(template.metadata.name.as_deref(), Some("data"));
+        assert!(template.metadata.labels.is_none());
+        let claim = template.spec.as_ref().expect("claim spec");
+        assert_eq!(
+            claim.resources.as_ref().and_then(|r| r.requests.as_ref()).map(|r| r["storage"].0.as_str()),
+            Some("10Gi")
+        );
+        assert!(claim.access_modes.is_none());
         let status = slim.status.as_ref().expect("status");
         assert_eq!(
             (status.ready_replicas, status.observed_generation, status.conditions.is_none()),

@@ -65,10 +65,12 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
   resources: [pods/exec]
   verbs: [create, get]
 # Claims: listed to know whether a cluster has data (a missing Secret is then recovered, never
-# re-invented); deleted only by a scale-down's forget step, for the node the operator removed.
+# re-invented); patched to expand them to a larger spec.persistence.storage (their StorageClass
+# decides whether it may); deleted only by a scale-down's forget step, for the node the operator
+# removed.
 - apiGroups: [""]
   resources: [persistentvolumeclaims]
-  verbs: [list, delete]
+  verbs: [list, patch, delete]
 - apiGroups: [events.k8s.io]
   resources: [events]
   verbs: [create, patch]

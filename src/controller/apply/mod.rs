@@ -34,6 +34,8 @@ pub struct Applied {
     pub created: Vec<(String, String)>,
     pub updated: Vec<(String, String)>,
     pub reverted: Vec<drift::Reverted>,
+    /// Claims grown to a larger `spec.persistence.storage` (`controller::storage`).
+    pub expanded: Vec<String>,
 }
 
 /// Whether `live` is this cluster's to apply: controlled by it, or made by Warren for a
@@ -104,7 +106,8 @@ where
     }
 }
 
-/// Applies every child. The Erlang cookie Secret is only ever created, never rewritten.
+/// Applies every child. The Erlang cookie is never changed: its Secret is applied with the value it
+/// holds (or the one recovered from a running node), so only its metadata can change.
 pub async fn apply(
     client: &Client,
     cluster: &ValidatedCluster,
