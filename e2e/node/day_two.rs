@@ -75,17 +75,35 @@ pub async fn survives_what_people_do(
     wait_ready(client, ns, name, 3).await;
     endpoint.wait_depth(kept, count).await;
 
-    // 3. The default-user Secret deleted: new credentials in a new Secret, and the broker's user
-    //    set to match them (default_user only applies to an empty database).
+    // 3. The default-user Secret deleted: it comes back, and its credentials log in. (A pass that
+    //    read the Secret just before the deletion writes it back as it was; otherwise new
+    //    credentials are made and the broker's user is set to match: default_user only applies to
+    //    an empty database.)
     let user_secret = format!("{name}-default-user");
     let old_user = secret_value(&secrets, &user_secret, "username").await.expect("the default user");
     delete(&["secret", &user_secret, "-n", ns]);
+    wait_for("the default-user Secret back", POD_TIMEOUT, || async {
+        secret_value(&secrets, &user_secret, "username").await.ok_or("not yet".to_string())
+    })
+    .await;
+    let new_user = secret_value(&secrets, &user_secret, "username").await.expect("a default-user Secret");
+    if new_user != old_user {
+        let note = wait_event(ns, "DefaultUserRestored", "set again from the Secret").await;
+        eprintln!("DefaultUserRestored: {note}");
+    }
+    *endpoint = Endpoint::of(client, ns, name).await;
+    wait_for("the Secret's user logs in to the management API", POD_TIMEOUT, || endpoint.get("whoami")).await;
+
+    // The password changed in the Secret (a rotation, or an edit by mistake): the broker's user is
+    // set to match it, through rabbitmqctl in a running pod.
+    let rotated = format!("rotated-{}", std::process::id());
+    let patch_secret = format!(r#"{{"stringData":{{"password":"{rotated}"}}}}"#);
+    ok("kubectl patch secret", kubectl(&["patch", "secret", &user_secret, "-n", ns, "-p", &patch_secret]));
     let note = wait_event(ns, "DefaultUserRestored", "set again from the Secret").await;
     eprintln!("DefaultUserRestored: {note}");
-    let new_user = secret_value(&secrets, &user_secret, "username").await.expect("a new default-user Secret");
-    assert_ne!(new_user, old_user, "new credentials");
     *endpoint = Endpoint::of(client, ns, name).await;
-    wait_for("the new Secret's user logs in to the management API", POD_TIMEOUT, || endpoint.get("whoami")).await;
+    assert_eq!(endpoint.password, rotated);
+    wait_for("the rotated password logs in to the management API", POD_TIMEOUT, || endpoint.get("whoami")).await;
     wait_ready(client, ns, name, 3).await;
     endpoint.wait_depth(kept, count).await;
 
