@@ -485,6 +485,14 @@ impl NodeCluster {
         }
     }
 
+    /// Sets an environment variable of every node's RabbitMQ (before they start).
+    pub fn set_env(&mut self, key: &str, value: &str) {
+        for node in &mut self.nodes {
+            node.env.retain(|(k, _)| k != key);
+            node.env.push((key.to_string(), value.to_string()));
+        }
+    }
+
     /// What the operator writes in the ConfigMap once it has seen the cluster formed (every pod's
     /// mounted copy follows): a node 0 without data then waits for a member instead of seeding.
     pub fn mark_formed(&mut self) {
