@@ -15,6 +15,7 @@ use super::build::{self, Credentials};
 use super::scale::PodExec;
 use super::validate::ValidatedCluster;
 use crate::error::{Error, Result};
+use crate::rabbitmq::scale_down::NodeCommands;
 
 /// The ordinals of the pods whose claims exist (the data a stopped or re-created cluster comes
 /// back to), sorted. One LIST, made only when the StatefulSet does not say the cluster runs.
@@ -78,7 +79,7 @@ pub async fn erlang_cookie(ctx: &Context, cluster: &ValidatedCluster) -> Result<
         return Ok((Credentials::generate().erlang_cookie, note));
     };
     let pod = format!("{}-{ordinal}", cluster.stateful_set_name());
-    let out = PodExec::new(ctx, cluster).run_with_input(ordinal, &READ_COOKIE, None).await?;
+    let out = PodExec::new(ctx, cluster).run(ordinal, &READ_COOKIE).await?;
     let cookie = out.trim().to_string();
     if cookie.is_empty() || !cookie.bytes().all(|b| b.is_ascii_graphic()) {
         return Err(Error::SecretMissing {
@@ -119,20 +120,18 @@ pub fn default_user_definitions(credentials: &Credentials, salt: [u8; 4]) -> ser
     })
 }
 
-/// The definitions go through a file only the node's user can read, in the pod's /tmp: `rabbitmqctl`
-/// cannot read its standard input on RabbitMQ 4.3's Erlang (`prim_tty.read` crashes when stdin is
-/// not a terminal, seen in the node tests), and an argument would be readable by every process.
-const IMPORT_DEFINITIONS: [&str; 3] = [
-    "sh",
-    "-c",
-    "umask 077; file=$(mktemp); cat > \"$file\"; \
-     rabbitmqctl -q import_definitions --format json \"$file\" < /dev/null; status=$?; rm -f \"$file\"; exit $status",
-];
+/// `rabbitmqctl import_definitions` of the definitions given (base64) as the script's argument,
+/// through a file only the node's user can read in the pod's /tmp. Not through the command's
+/// standard input: RabbitMQ 4.3's Erlang crashes reading a piped stdin (`prim_tty.read`), and an
+/// exec whose stdin was closed hung until its time limit on the node tests. The argument holds a
+/// salted hash, never the password.
+const IMPORT_DEFINITIONS: &str = "umask 077; file=$(mktemp); printf %s \"$1\" | base64 -d > \"$file\"; \
+     rabbitmqctl -q import_definitions --format json \"$file\" < /dev/null; status=$?; rm -f \"$file\"; exit $status";
 
 /// Makes the broker's default user match its Secret, through `rabbitmqctl import_definitions` in a
 /// running node (it speaks Erlang distribution, so it needs no password): the user is created, or
-/// its password, tags and permissions on `/` set again. Only a hash goes to the pod, on stdin, and
-/// from there through a private file (`IMPORT_DEFINITIONS`).
+/// its password, tags and permissions on `/` set again. Only a salted hash goes to the pod
+/// (`IMPORT_DEFINITIONS`).
 pub async fn restore_default_user(
     ctx: &Context,
     cluster: &ValidatedCluster,
@@ -146,9 +145,17 @@ pub async fn restore_default_user(
         });
     };
     let definitions = default_user_definitions(credentials, rand::rng().random());
-    let input = serde_json::to_vec(&definitions)
+    let json = serde_json::to_vec(&definitions)
         .map_err(|e| Error::Serialization { what: "the default user's definitions".into(), message: e.to_string() })?;
-    PodExec::new(ctx, cluster).run_with_input(ordinal, &IMPORT_DEFINITIONS, Some(&input)).await?;
+    let encoded = base64::engine::general_purpose::STANDARD.encode(json);
+    let command = ["sh", "-c", IMPORT_DEFINITIONS, "import-definitions", encoded.as_str()];
+    PodExec::new(ctx, cluster).run(ordinal, &command).await.map_err(|error| match error {
+        // Named without its argument: the definitions stay out of Events and logs.
+        Error::NodeCommand { pod, message, .. } => {
+            Error::NodeCommand { pod, command: "rabbitmqctl import_definitions (the default user)".into(), message }
+        }
+        other => other,
+    })?;
     Ok(format!(
         "the broker's user {} did not match Secret {} (the Secret was re-created or edited): set again from the \
          Secret on {}-{ordinal} (administrator, all permissions on vhost /)",

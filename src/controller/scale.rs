@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod};
 use kube::api::{AttachParams, DeleteParams, ListParams};
 use kube::{Api, ResourceExt};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncReadExt;
 
 use super::build::{self, Credentials};
 use super::status::{self, Verdict};
@@ -37,23 +37,16 @@ impl PodExec {
             stateful_set: cluster.stateful_set_name(),
         }
     }
+}
 
-    /// Runs `command` in pod `ordinal` with `input` on its standard input (a secret never goes in
-    /// an argument, which any process of the pod may read), and returns its standard output.
-    pub async fn run_with_input(&self, ordinal: i32, command: &[&str], input: Option<&[u8]>) -> Result<String> {
+impl NodeCommands for PodExec {
+    async fn run(&self, ordinal: i32, command: &[&str]) -> Result<String> {
         let pod = format!("{}-{ordinal}", self.stateful_set);
         let failed = |message: String| Error::NodeCommand { pod: pod.clone(), command: command.join(" "), message };
-        let params = AttachParams::default()
-            .container(build::statefulset::RABBITMQ_CONTAINER)
-            .stdin(input.is_some())
-            .stderr(true);
+        let params = AttachParams::default().container(build::statefulset::RABBITMQ_CONTAINER).stderr(true);
         let run = async {
             let mut process =
                 self.pods.exec(&pod, command.to_vec(), &params).await.map_err(|e| failed(e.to_string()))?;
-            if let (Some(input), Some(mut stdin)) = (input, process.stdin()) {
-                stdin.write_all(input).await.map_err(|e| failed(format!("writing its input: {e}")))?;
-                // Dropped: the end of the input reaches the command.
-            }
             let status = process.take_status();
             let (mut stdout, mut stderr) = (process.stdout(), process.stderr());
             let (mut out, mut err) = (String::new(), String::new());
@@ -87,12 +80,6 @@ impl PodExec {
         tokio::time::timeout(COMMAND_LIMIT, run)
             .await
             .unwrap_or_else(|_| Err(failed(format!("no answer within {} s", COMMAND_LIMIT.as_secs()))))
-    }
-}
-
-impl NodeCommands for PodExec {
-    async fn run(&self, ordinal: i32, command: &[&str]) -> Result<String> {
-        self.run_with_input(ordinal, command, None).await
     }
 }
 
