@@ -284,32 +284,9 @@ async fn a_full_restart_in_any_order_keeps_everything(nodes: &mut NodeCluster) {
 
     // Every pod deleted at once, as a StatefulSet with Parallel pod management does.
     nodes.stop_all_gracefully(Duration::from_secs(120)).await;
-    if expects_khepri(nodes) {
-        // Node 0's volume lost on the way, and node 0 the first back: the cluster formed before
-        // (the operator says so in the ConfigMap), so it waits for the members that hold the data
-        // instead of seeding a second, empty cluster. (Khepri only: on Mnesia, nodes 1 and 2 may
-        // wait for node 0's tables, the case force_boot exists for.)
-        nodes.mark_formed();
-        std::fs::remove_dir_all(nodes.nodes[0].data_dir()).expect("wipe node 0's volume");
-        let console = nodes.nodes[0].console_log();
-        let before = std::fs::read_to_string(&console).unwrap_or_default().len();
-        nodes.start(&[0]);
-        let after = || std::fs::read_to_string(&console).unwrap_or_default().get(before..).unwrap_or("").to_string();
-        wait_for("node 0 waits for a member instead of seeding", BOOT, || async {
-            let text = after();
-            if text.contains("the cluster formed before: waiting for a member to join") { Ok(()) } else { Err(text) }
-        })
-        .await;
-        nodes.start(&[2, 1]);
-        nodes.wait_formed(BOOT).await;
-        let text = after();
-        assert!(!text.contains("seeds the cluster"), "node 0 seeded a new cluster:\n{text}");
-        assert!(text.contains("joining the cluster of"), "node 0 did not join:\n{text}");
-    } else {
-        // Back in the reverse order: the last to start was the first to stop.
-        nodes.start(&[2, 1, 0]);
-        nodes.wait_formed(BOOT).await;
-    }
+    // Back in the reverse order: the last to start was the first to stop.
+    nodes.start(&[2, 1, 0]);
+    nodes.wait_formed(BOOT).await;
     let status = nodes.nodes[1].cluster_status().await.expect("cluster_status");
     assert_eq!(node_list(&status["running_nodes"]), nodes.names(&[0, 1, 2]), "{status}");
     nodes.wait_replicated(1, "durable", &[0, 1, 2], Some(1_000)).await;

@@ -92,7 +92,7 @@ impl Node {
         self.dir.join("data")
     }
 
-    pub fn console_log(&self) -> PathBuf {
+    fn console_log(&self) -> PathBuf {
         self.dir.join("console.log")
     }
 
@@ -490,15 +490,6 @@ impl NodeCluster {
         for node in &mut self.nodes {
             node.env.retain(|(k, _)| k != key);
             node.env.push((key.to_string(), value.to_string()));
-        }
-    }
-
-    /// What the operator writes in the ConfigMap once it has seen the cluster formed (every pod's
-    /// mounted copy follows): a node 0 without data then waits for a member instead of seeding.
-    pub fn mark_formed(&mut self) {
-        self.template.config.insert("formed".into(), "true".into());
-        for node in &self.nodes {
-            std::fs::write(node.dir.join("config/formed"), "true").expect("formed");
         }
     }
 
