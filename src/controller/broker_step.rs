@@ -53,7 +53,10 @@ pub async fn observe(
                 // The Secret's user does not log in: the Secret was re-created (default_user only
                 // applies to an empty database) or edited. The Secret is what clients read: the
                 // broker's user is set to match it.
-                Err(Error::Broker { reason: BrokerReason::BrokerUnauthorized, .. }) => {
+                // Only a 401 (the login itself failed), not a 403 (a permission the user lacks).
+                Err(Error::Broker { reason: BrokerReason::BrokerUnauthorized, message, .. })
+                    if message.starts_with("HTTP 401") =>
+                {
                     let note = recover::restore_default_user(ctx, validated, credentials).await?;
                     ctx.event(cluster, EventType::Warning, "DefaultUserRestored", "Converge", note).await;
                     broker::converge(&client, &expected, &validated.high_availability, &requested).await
