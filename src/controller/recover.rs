@@ -17,21 +17,26 @@ use super::validate::ValidatedCluster;
 use crate::error::{Error, Result};
 use crate::rabbitmq::scale_down::NodeCommands;
 
-/// The ordinals of the pods whose claims exist (the data a stopped or re-created cluster comes
-/// back to), sorted. One LIST, made only when the StatefulSet does not say the cluster runs.
-pub async fn claimed_ordinals(ctx: &Context, cluster: &ValidatedCluster) -> Result<Vec<i32>> {
-    let claims: Api<PersistentVolumeClaim> = Api::namespaced(ctx.client.clone(), &cluster.namespace);
-    let list = claims
+/// The claims of the cluster's pods (not being deleted), with their ordinals. One LIST.
+pub async fn claims(ctx: &Context, cluster: &ValidatedCluster) -> Result<Vec<(i32, PersistentVolumeClaim)>> {
+    let api: Api<PersistentVolumeClaim> = Api::namespaced(ctx.client.clone(), &cluster.namespace);
+    let list = api
         .list(&ListParams::default().labels(&build::selector_string(&cluster.name)))
         .await
         .map_err(|e| Error::kube(format!("list the PersistentVolumeClaims of RabbitCluster {}", cluster.name), e))?;
     let prefix = format!("{}-{}-", build::statefulset::DATA_VOLUME, cluster.stateful_set_name());
-    let mut ordinals: Vec<i32> = list
+    Ok(list
         .items
-        .iter()
+        .into_iter()
         .filter(|claim| claim.metadata.deletion_timestamp.is_none())
-        .filter_map(|claim| claim.name_any().strip_prefix(&prefix)?.parse().ok())
-        .collect();
+        .filter_map(|claim| Some((claim.name_any().strip_prefix(&prefix)?.parse().ok()?, claim)))
+        .collect())
+}
+
+/// The ordinals of the pods whose claims exist (the data a stopped or re-created cluster comes
+/// back to), sorted. Read only when the StatefulSet does not say the cluster runs.
+pub async fn claimed_ordinals(ctx: &Context, cluster: &ValidatedCluster) -> Result<Vec<i32>> {
+    let mut ordinals: Vec<i32> = claims(ctx, cluster).await?.into_iter().map(|(ordinal, _)| ordinal).collect();
     ordinals.sort_unstable();
     Ok(ordinals)
 }

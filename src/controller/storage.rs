@@ -6,13 +6,13 @@
 
 use k8s_openapi::api::core::v1::PersistentVolumeClaim;
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
-use kube::api::{ListParams, Patch, PatchParams};
+use kube::api::{Patch, PatchParams};
 use kube::{Api, ResourceExt};
 
-use super::Context;
 use super::build;
 use super::dereference::Children;
 use super::validate::{ValidatedCluster, parse_quantity_bytes};
+use super::{Context, recover};
 
 /// What a size change asks of the claims.
 #[derive(Clone, Debug, PartialEq)]
@@ -76,20 +76,17 @@ fn requested(claim: &PersistentVolumeClaim) -> Option<u64> {
 pub async fn expand(ctx: &Context, cluster: &mut ValidatedCluster, resize: &Resize) -> Vec<String> {
     let Resize::Expand { to } = resize else { return Vec::new() };
     let Ok(target) = parse_quantity_bytes(&to.0) else { return Vec::new() };
-    let api: Api<PersistentVolumeClaim> = Api::namespaced(ctx.client.clone(), &cluster.namespace);
-    let claims = match api.list(&ListParams::default().labels(&build::selector_string(&cluster.name))).await {
-        Ok(list) => list.items,
+    let claims = match recover::claims(ctx, cluster).await {
+        Ok(claims) => claims,
         Err(error) => {
-            cluster
-                .warnings
-                .push(format!("spec.persistence.storage {}: the claims could not be listed: {error}", to.0));
+            cluster.warnings.push(format!("spec.persistence.storage {}: {error}", to.0));
             return Vec::new();
         }
     };
-    let prefix = format!("{}-{}-", build::statefulset::DATA_VOLUME, cluster.stateful_set_name());
+    let api: Api<PersistentVolumeClaim> = Api::namespaced(ctx.client.clone(), &cluster.namespace);
     let mut grown = Vec::new();
     let mut refused = Vec::new();
-    for claim in claims.iter().filter(|c| c.name_any().starts_with(&prefix) && requested(c) < Some(target)) {
+    for (_, claim) in claims.iter().filter(|(_, c)| requested(c) < Some(target)) {
         let name = claim.name_any();
         let patch = serde_json::json!({"spec": {"resources": {"requests": {"storage": to.0}}}});
         match api.patch(&name, &PatchParams::default(), &Patch::Merge(&patch)).await {

@@ -10,7 +10,7 @@ use kube::api::{Patch, PatchParams};
 use kube::{Api, ResourceExt};
 use serde_json::Value;
 
-use super::{APPLIED_GENERATION_ANNOTATION, APPLIED_HASH_ANNOTATION, Applied, FIELD_MANAGER, hash_of, owned};
+use super::{APPLIED_GENERATION_ANNOTATION, APPLIED_HASH_ANNOTATION, Applied, FIELD_MANAGER, ensure_owned, hash_of};
 use crate::controller::validate::ValidatedCluster;
 use crate::error::{Error, Result};
 
@@ -37,12 +37,7 @@ pub async fn apply_stateful_set(
     let mut before = None;
     let mut ours = false;
     if let Some(live) = existing {
-        if !owned(live, cluster) {
-            return Err(Error::ApplyConflict {
-                object: format!("StatefulSet {name}"),
-                message: "exists and is not owned by this RabbitCluster; rename or delete it".into(),
-            });
-        }
+        ensure_owned(live, cluster)?;
         ours = live.annotations().get(APPLIED_HASH_ANNOTATION) == Some(&hash);
         let untouched = live.metadata.generation.is_some() && recorded_generation(live) == live.metadata.generation;
         if ours && untouched {

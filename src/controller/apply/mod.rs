@@ -41,15 +41,21 @@ pub struct Applied {
 /// Whether `live` is this cluster's to apply: controlled by it, or made by Warren for a
 /// RabbitCluster of this name and controlled by nothing (a credential Secret kept through the
 /// RabbitCluster's deletion, a child orphaned by `kubectl delete --cascade=orphan`): adopted.
-fn owned<K: Resource>(live: &K, cluster: &ValidatedCluster) -> bool {
+/// Anything else of that name is left alone and reported.
+fn ensure_owned<K: Resource<DynamicType = ()>>(live: &K, cluster: &ValidatedCluster) -> Result<()> {
     let refs = live.owner_references();
-    if refs.iter().any(|o| o.uid == cluster.owner.uid && o.controller == Some(true)) {
-        return true;
-    }
+    let controlled = refs.iter().any(|o| o.uid == cluster.owner.uid && o.controller == Some(true));
     let labels = live.labels();
-    refs.iter().all(|o| o.controller != Some(true))
+    let adoptable = refs.iter().all(|o| o.controller != Some(true))
         && labels.get(MANAGED_BY_LABEL).is_some_and(|v| v == "warren")
-        && labels.get(INSTANCE_LABEL) == Some(&cluster.name)
+        && labels.get(INSTANCE_LABEL) == Some(&cluster.name);
+    if controlled || adoptable {
+        return Ok(());
+    }
+    Err(Error::ApplyConflict {
+        object: format!("{} {}", K::kind(&()), live.name_any()),
+        message: "exists and is not owned by this RabbitCluster; rename or delete it".into(),
+    })
 }
 
 /// The hash recorded on a child: of the object as built, before the annotation is added.
@@ -76,12 +82,7 @@ where
     let name = desired.name_any();
     let hash = hash_of(&desired)?;
     if let Some(live) = existing {
-        if !owned(live, cluster) {
-            return Err(Error::ApplyConflict {
-                object: format!("{kind} {name}"),
-                message: "exists and is not owned by this RabbitCluster; rename or delete it".into(),
-            });
-        }
+        ensure_owned(live, cluster)?;
         if live.annotations().get(APPLIED_HASH_ANNOTATION) == Some(&hash) {
             return Ok(());
         }
