@@ -117,9 +117,14 @@ struct MigrateArgs {
     /// Only queues whose names match this regular expression.
     #[arg(long)]
     queues: Option<String>,
-    /// Declare durable classic queues as quorum queues on the target.
-    #[arg(long)]
+    /// Declare durable classic queues as quorum queues on the target (a RabbitMQ 4.x target, which
+    /// has no classic mirroring, gets them as quorum queues anyway, unless --keep-classic).
+    #[arg(long, conflicts_with = "keep_classic")]
     convert_to_quorum: bool,
+    /// On a RabbitMQ 4.x target, keep classic queues classic: they are then not replicated, and
+    /// each is named in a warning.
+    #[arg(long)]
+    keep_classic: bool,
     /// Keep draining messages that still arrive until the source was empty for --idle-timeout.
     #[arg(long)]
     follow: bool,
@@ -194,6 +199,7 @@ async fn migrate(args: MigrateArgs) -> std::process::ExitCode {
         vhosts: args.vhosts,
         queues,
         convert_to_quorum: args.convert_to_quorum,
+        keep_classic: args.keep_classic,
         follow: args.follow,
         idle_timeout: args.idle_timeout,
         wait_for_consumers: args.wait_for_consumers,
@@ -217,6 +223,9 @@ async fn migrate(args: MigrateArgs) -> std::process::ExitCode {
     }
     match outcome {
         Ok(report) => {
+            for line in report.plan_lines() {
+                eprintln!("{line}");
+            }
             let json = serde_json::to_string_pretty(&report).unwrap_or_default();
             if let Some(path) = &args.report
                 && let Err(error) = std::fs::write(path, &json)

@@ -87,13 +87,19 @@ async fn every_message_and_property_arrives_exactly_once() {
     let properties = every_property(&old.credentials.username);
     let body: Vec<u8> = (0u8..=255).chain(b"{\"task\":\"add\"}".iter().copied()).collect();
     publish_one(&url, "everything", &body, properties.clone()).await;
+    // An auto-delete queue (that had no consumer yet): a consumer of the migrator's going away
+    // would make the source delete it, with whatever is left in it.
+    let auto_delete = serde_json::json!({"durable": true, "auto_delete": true, "arguments": {}});
+    old.api_put(0, "/api/queues/%2F/replies", auto_delete).await.expect("declare replies");
+    assert_eq!(amqp::publish(&url, "replies", 0..100, 100).await.0.len(), 100);
 
     // Keeping user_id needs a target user RabbitMQ lets publish as another user.
     let first = migrate(&options(&old, &new)).await.expect("migration");
     let refused =
         first.queues.iter().find(|q| q.name == "everything").and_then(|q| q.error.clone()).unwrap_or_default();
     assert!(refused.contains("impersonator"), "{first:#?}");
-    assert_eq!(first.moved(), 100_000, "everything but the user_id message");
+    assert_eq!(first.moved(), 100_100, "everything but the user_id message");
+    assert!(old.api(0, "/api/queues/%2F/replies").await.is_ok(), "the source deleted the auto-delete queue");
     let tags = serde_json::json!({"password": new.credentials.password, "tags": "administrator,impersonator"});
     new.api_put(0, &format!("/api/users/{}", new.credentials.username), tags).await.expect("impersonator tag");
     let report = migrate(&options(&old, &new)).await.expect("migration");
@@ -109,6 +115,7 @@ async fn every_message_and_property_arrives_exactly_once() {
         assert_in_order_once(queue, &ordered_ids(&target, queue).await, 0..5_000);
     }
     assert_only_message(&target, "everything", &body, &properties).await;
+    assert_in_order_once("replies", &ordered_ids(&target, "replies").await, 0..100);
     // The source is empty: everything left only after the target confirmed.
     for queue in queues.iter().chain(std::iter::once(&"everything".to_string())) {
         let depth = report.queues.iter().find(|q| &q.name == queue).map(|q| q.source_after);
@@ -214,6 +221,11 @@ fn tags(user: &serde_json::Value) -> Vec<String> {
 
 /// The upgrade users need most, and that RabbitMQ cannot do in place (3.10 to 4.x skips minors):
 /// a 3.10 cluster with ha-all mirrored classic queues into a 4.3 cluster (Khepri) with quorum queues.
+/// The default queue type of vhost `/`.
+async fn vhost_default_type(nodes: &NodeCluster) -> serde_json::Value {
+    nodes.api(0, "/api/vhosts/%2F").await.map(|v| v["default_queue_type"].clone()).unwrap_or_default()
+}
+
 #[tokio::test]
 async fn mirrored_3_10_moves_into_quorum_queues_on_4_3() {
     let (old, new) = pair_of("3.10", "4.3").await;
@@ -259,17 +271,28 @@ async fn mirrored_3_10_moves_into_quorum_queues_on_4_3() {
         serde_json::json!({"password": new.credentials.password, "tags": "administrator,impersonator"});
     new.api_put(0, &format!("/api/users/{}", new.credentials.username), tags_on_target).await.expect("impersonator");
 
-    let mut options = options(&old, &new);
-    options.convert_to_quorum = true;
-    let report = migrate(&options).await.expect("migration");
+    // No flags: a 4.x target has no classic mirroring, so the migration keeps HA by making durable
+    // classic queues quorum queues by itself.
+    assert_eq!(vhost_default_type(&new).await, "quorum", "the operator's default on the target");
+    let report = migrate(&options(&old, &new)).await.expect("migration");
     assert!(report.complete, "{report:#?}");
+    // The target's own vhost kept its settings (the 3.10 source's vhost carries none).
+    assert_eq!(vhost_default_type(&new).await, "quorum", "the target's vhost default after the migration");
+    let planned: Vec<(&str, &str, bool, &str, bool)> = report
+        .planned
+        .iter()
+        .map(|q| (q.name.as_str(), q.queue_type.as_str(), q.source_mirrored, q.target_type.as_str(), q.replicated))
+        .collect();
+    assert!(planned.contains(&("emails", "classic", true, "quorum", true)), "{planned:?}");
+    assert!(planned.contains(&("invoices", "classic", true, "classic", false)), "{planned:?}");
     assert_eq!(
         (report.source_version.as_str(), report.target_version.as_str()),
         ("3.10.8", new.cluster.image_version.unwrap().to_string().as_str())
     );
     assert_eq!(report.moved(), 2_321, "{report:#?}");
-    // Never silently dropped: what cannot be quorum is named with the reason, and moved as classic.
-    let kept: Vec<(&str, &str)> = report.kept_classic.iter().map(|k| (k.name.as_str(), k.reason.as_str())).collect();
+    // Never silently dropped: what cannot be quorum is named as losing HA, with the reason, and
+    // moved as classic.
+    let kept: Vec<(&str, &str)> = report.ha_lost.iter().map(|k| (k.name.as_str(), k.reason.as_str())).collect();
     assert_eq!(kept.len(), 2, "{kept:?}");
     assert!(kept[0].0 == "invoices" && kept[0].1.contains("x-max-priority 3"), "{kept:?}");
     assert!(kept[1].0 == "scratch" && kept[1].1.contains("not durable"), "{kept:?}");
@@ -473,6 +496,13 @@ async fn bad_input_is_refused_clearly_and_nothing_moves() {
     assert_eq!((error.phase, error.reason), ("preflight", "VhostMissing"), "{error}");
     assert!(error.message.contains("the source has no vhost nope"), "{error}");
 
+    // A --queues pattern that matches nothing (a typo) is an error, not a success that moved nothing.
+    let mut asked = options(&old, &new);
+    asked.queues = Some(regex::Regex::new("^ordres$").expect("regex"));
+    let error = migrate(&asked).await.expect_err("no queue matches");
+    assert_eq!((error.phase, error.reason), ("preflight", "QueuesMissing"), "{error}");
+    assert!(error.message.contains(r#"no queue of the source matches --queues "^ordres$""#), "{error}");
+
     // A vhost the target lacks, and a target user who may not create one (no administrator tag).
     let all = serde_json::json!({"configure": ".*", "write": ".*", "read": ".*"});
     old.api_put(0, "/api/vhosts/billing", serde_json::json!({})).await.expect("vhost billing");
@@ -524,4 +554,31 @@ async fn follow_drains_messages_published_during_the_migration() {
     assert!(report.complete, "{report:#?}");
     assert_eq!(report.moved(), 5_000);
     assert_in_order_once("late", &ordered_ids(&amqp_url(&new), "late").await, 0..5_000);
+
+    // A target that refuses messages (a max-length with reject-publish): the queue stops at the
+    // refusals, --follow or not, instead of requeueing them into a redelivery loop that never ends
+    // (and that a source's delivery limit ends by dead-lettering or dropping them).
+    declare(&old, "bounded", serde_json::json!({})).await;
+    assert_eq!(amqp::publish(&url, "bounded", 0..50, 50).await.0.len(), 50);
+    let policy = serde_json::json!({"pattern": "^bounded$", "apply-to": "queues", "priority": 10,
+                                    "definition": {"max-length": 20, "overflow": "reject-publish"}});
+    new.api_put(0, "/api/policies/%2F/bounded", policy).await.expect("the target's limit");
+    let mut bounded = self::options(&old, &new);
+    bounded.follow = true;
+    bounded.idle_timeout = Duration::from_secs(5);
+    bounded.queues = Some(regex::Regex::new("^bounded$").expect("regex"));
+    let report = tokio::time::timeout(Duration::from_secs(120), migrate(&bounded))
+        .await
+        .expect("a run with refusals ends")
+        .expect("migration");
+    assert!(!report.complete, "{report:#?}");
+    let queue = report.queues.iter().find(|q| q.name == "bounded").expect("bounded in the report");
+    assert_eq!((queue.moved, queue.refused), (20, 30), "{queue:?}");
+    let error = queue.error.as_deref().unwrap_or_default();
+    assert!(error.contains("the target refused 30 message(s)"), "{queue:?}");
+    // Nothing lost or doubled: the first 20 on the target, the other 30 back on the source, each once.
+    assert_in_order_once("bounded", &ordered_ids(&amqp_url(&new), "bounded").await, 0..20);
+    let mut left = ordered_ids(&url, "bounded").await;
+    left.sort_unstable();
+    assert_eq!(left, (20..50).collect::<Vec<u32>>(), "left on the source");
 }

@@ -33,7 +33,7 @@ fn the_job_runs_warren_migrate_with_credentials_only_from_secrets() {
     // An eighth of the default 512Mi limit: 64 MiB in flight.
     assert_eq!(
         container.args.clone().unwrap(),
-        ["migrate", "--max-in-flight", "67108864", "--wait-for-consumers", "10m", "--convert-to-quorum"]
+        ["migrate", "--max-in-flight", "67108864", "--wait-for-consumers", "10m"]
     );
     let resources = container.resources.clone().unwrap();
     let quantity = |map: &Option<std::collections::BTreeMap<String, Quantity>>, key: &str| {
@@ -95,6 +95,30 @@ fn the_jobs_memory_and_in_flight_budget_come_from_the_spec() {
     let error = migration_job(&migration, "warren:test", "cluster.local").expect_err("refused");
     assert_eq!(error.reason(), "InvalidResources");
     assert!(error.to_string().contains("spec.maxInFlight 600Mi") && error.to_string().contains("2Gi"), "{error}");
+}
+
+#[test]
+fn the_queue_type_choices_become_flags() {
+    let args = |migration: &RabbitMigration| {
+        migration_job(migration, "warren:test", "cluster.local")
+            .expect("job")
+            .spec
+            .unwrap()
+            .template
+            .spec
+            .unwrap()
+            .containers[0]
+            .args
+            .clone()
+            .unwrap()
+    };
+    let mut migration = example();
+    assert!(!args(&migration).iter().any(|a| a.contains("quorum") || a.contains("classic")), "the default keeps HA");
+    migration.spec.keep_classic = true;
+    assert!(args(&migration).contains(&"--keep-classic".to_string()));
+    migration.spec.keep_classic = false;
+    migration.spec.convert_to_quorum = true;
+    assert!(args(&migration).contains(&"--convert-to-quorum".to_string()));
 }
 
 #[test]

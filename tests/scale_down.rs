@@ -27,6 +27,9 @@ fn view(current: i32, desired: i32) -> ClusterView {
         nodes: (0..current).map(running).collect(),
         queues: Vec::new(),
         mirror_sync_waited: None,
+        khepri: false,
+        pause_minority: true,
+        partition_handling_now: None,
     }
 }
 
@@ -114,6 +117,69 @@ fn quorum_queues_walk_the_highest_node_through_hand_over_remove_and_forget() {
     // Forgotten: node 3 is next.
     v.nodes.pop();
     assert_eq!(decide(&v), Step::HandOver { ordinal: 3, node: node(3), shrink: true });
+}
+
+#[test]
+fn on_khepri_each_node_leaves_while_a_majority_stands_down_to_one() {
+    // 2 -> 1 on Khepri: forgetting node 1 once its pod stopped would need a majority of a 2-member
+    // metadata store, which node 0 alone is not. So node 1 leaves while it still runs.
+    let mut v = view(2, 1);
+    v.khepri = true;
+    v.queues = vec![quorum("orders", &[0, 1])];
+    assert_eq!(decide(&v), Step::HandOver { ordinal: 1, node: node(1), shrink: true });
+    v.queues = vec![quorum("orders", &[0])];
+    v.nodes[1].being_drained = Some(true);
+    v.pods.insert(1, PodState { ready: false, terminating: false });
+    assert_eq!(decide(&v), Step::Leave { ordinal: 1, node: node(1) });
+
+    // The leave stopped the application but its reset failed: taken up again, not waited on.
+    v.nodes[1].running = false;
+    assert_eq!(decide(&v), Step::Leave { ordinal: 1, node: node(1) });
+    // Not drained and not running: a node that failed, which is waited for.
+    v.nodes[1].being_drained = Some(false);
+    assert_eq!(wait_reason(&decide(&v)), "ClusterNotWhole");
+
+    // Left: the cluster no longer lists it, so its pod goes; nothing is left to forget.
+    v.nodes.pop();
+    assert!(matches!(decide(&v), Step::Remove { ordinal: 1, .. }), "{:?}", decide(&v));
+    v.current = 1;
+    v.pods.remove(&1);
+    assert_eq!(decide(&v), Step::Steady);
+
+    // Mnesia forgets a stopped node without a majority: no leave there.
+    let mut v = view(2, 1);
+    v.nodes[1].being_drained = Some(true);
+    assert_eq!(decide(&v), Step::Remove { ordinal: 1, node: node(1) });
+}
+
+#[test]
+fn two_to_one_with_pause_minority_keeps_the_staying_node_serving() {
+    // Mnesia, pause_minority: node 0 would pause itself the moment node 1 stops (1 of 2 is no
+    // majority). It ignores partitions until node 1 is forgotten, then takes pause_minority back.
+    let mut v = view(2, 1);
+    v.partition_handling_now = Some("pause_minority".into());
+    assert_eq!(decide(&v), Step::SuspendPauseMinority { node: node(0) });
+    v.partition_handling_now = Some("ignore".into());
+    assert_eq!(decide(&v), Step::HandOver { ordinal: 1, node: node(1), shrink: false });
+    v.nodes[1].being_drained = Some(true);
+    assert_eq!(decide(&v), Step::Remove { ordinal: 1, node: node(1) });
+    v.current = 1;
+    v.pods.remove(&1);
+    v.nodes[1].running = false;
+    assert_eq!(decide(&v), Step::Forget { node: node(1) });
+    v.nodes.pop();
+    assert_eq!(decide(&v), Step::RestorePauseMinority { node: node(0) });
+    v.partition_handling_now = Some("pause_minority".into());
+    assert_eq!(decide(&v), Step::Steady);
+
+    // Called off after the suspension: the same restore.
+    let mut v = view(2, 2);
+    v.partition_handling_now = Some("ignore".into());
+    assert_eq!(decide(&v), Step::RestorePauseMinority { node: node(0) });
+    // 3 -> 2 keeps a majority: nothing to suspend (and nothing is asked there).
+    let mut v = view(3, 2);
+    v.partition_handling_now = None;
+    assert_eq!(decide(&v), Step::HandOver { ordinal: 2, node: node(2), shrink: false });
 }
 
 #[test]

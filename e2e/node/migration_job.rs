@@ -37,7 +37,7 @@ async fn a_migration_job_in_the_cluster_moves_every_message() {
     }
 
     let migration = "apiVersion: warren.dev/v1alpha1\nkind: RabbitMigration\nmetadata:\n  name: old-to-new\nspec:\n  \
-                     source:\n    clusterRef: old\n  target:\n    clusterRef: new\n  convertToQuorum: true\n";
+                     source:\n    clusterRef: old\n  target:\n    clusterRef: new\n";
     ok("kubectl apply RabbitMigration", kubectl_stdin(&["apply", "-n", &ns, "-f", "-"], migration));
     let api: Api<RabbitMigration> = Api::namespaced(client.clone(), &ns);
     let done = wait_for("the migration Job to succeed", POD_TIMEOUT, || async {
@@ -59,6 +59,12 @@ async fn a_migration_job_in_the_cluster_moves_every_message() {
         status.queues.iter().map(|q| (q.vhost.as_str(), q.name.as_str(), q.total, q.moved, q.left)).collect();
     let per_queue = PER_QUEUE as u64;
     assert_eq!(queues, QUEUES.map(|q| ("/", q, per_queue, per_queue, 0)), "{status:?}");
+    // The default spec keeps HA: a target without classic mirroring (4.x) gets quorum queues, and
+    // the status says each queue's type there; nothing lost HA.
+    let quorum = crate::rig::default_is_quorum();
+    let types: Vec<Option<&str>> = status.queues.iter().map(|q| q.target_type.as_deref()).collect();
+    assert_eq!(types, [Some(if quorum { "quorum" } else { "classic" }); 3], "{status:?}");
+    assert!(status.ha_lost.is_empty(), "{status:?}");
     // The same counts, as the operator exports them to Prometheus.
     let prometheus = Prometheus::of_node();
     let object = format!(r#"exported_namespace="{ns}",name="old-to-new""#);
@@ -70,7 +76,6 @@ async fn a_migration_job_in_the_cluster_moves_every_message() {
     }
 
     let new = Endpoint::of(&client, &ns, "new").await;
-    let quorum = crate::rig::default_is_quorum();
     for queue in QUEUES {
         let info = new.get(&format!("queues/%2F/{queue}")).await.expect("queue on the target");
         assert_eq!(info["type"], if quorum { "quorum" } else { "classic" }, "{info}");

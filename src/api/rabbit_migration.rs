@@ -26,6 +26,7 @@ use serde::{Deserialize, Serialize};
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
 )]
 #[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("!(has(self.convertToQuorum) && self.convertToQuorum && has(self.keepClassic) && self.keepClassic)").message("set at most one of convertToQuorum and keepClassic"))]
 pub struct RabbitMigrationSpec {
     /// Where the messages are now.
     pub source: MigrationEndpoint,
@@ -37,9 +38,14 @@ pub struct RabbitMigrationSpec {
     /// Only queues whose names match this regular expression.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub queues: Option<String>,
-    /// Declare durable classic queues as quorum queues on the target.
+    /// Declare durable classic queues as quorum queues on the target. A target without classic
+    /// mirroring (RabbitMQ 4.x) gets them as quorum queues anyway, unless `keepClassic`.
     #[serde(default)]
     pub convert_to_quorum: bool,
+    /// On a target without classic mirroring (RabbitMQ 4.x), keep classic queues classic: they
+    /// are then not replicated, and `status.haLost` names each.
+    #[serde(default)]
+    pub keep_classic: bool,
     /// Keep draining messages that still arrive until the source has been idle for `idleTimeout`.
     #[serde(default)]
     pub follow: bool,
@@ -124,6 +130,9 @@ pub struct RabbitMigrationStatus {
     /// message; the Job's log has them all.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub omitted_queues: Option<u64>,
+    /// Queues not replicated on the target (a classic queue on RabbitMQ 4.x), each with why.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ha_lost: Vec<String>,
 }
 
 /// One queue of a finished migration.
@@ -143,6 +152,9 @@ pub struct MigrationQueueStatus {
     pub refused: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// The queue's type on the target (`quorum`, `classic`, `stream`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_type: Option<String>,
 }
 
 fn is_zero(n: &u64) -> bool {

@@ -115,7 +115,7 @@ async fn report_scaling(cluster: &RabbitCluster, ctx: &Context, pass: &scale::Sc
     }
     if let Some(node) = &pass.removed {
         let note = format!(
-            "{node} left the cluster: its pod and its volume claim are gone and the cluster no longer lists it"
+            "{node} left the cluster for good: the cluster no longer lists it, and its volume claim goes with its pod"
         );
         let pod = ObjectReference {
             api_version: Some("v1".into()),

@@ -101,6 +101,10 @@ async fn reconcile_migration(migration: Arc<RabbitMigration>, ctx: Arc<Context>)
         ctx.publish(&migration.object_ref(&()), type_, reason.as_str(), "Migrate", note).await;
     }
     let summary = summary.and_then(|s| s.ok());
+    if let Some(summary) = summary.as_ref().filter(|s| !s.ha_lost.is_empty()) {
+        let note = format!("Job {name}: {}", summary.ha_lost.join("; "));
+        ctx.publish(&migration.object_ref(&()), EventType::Warning, "HighAvailabilityLost", "Migrate", note).await;
+    }
     write_status(&ctx, &migration, phase, Some(name), complete, summary).await?;
     Ok(Action::await_change())
 }
@@ -200,9 +204,9 @@ async fn write_status(
             });
         }
     }
-    let (moved, queues, omitted_queues) = match summary {
-        Some(s) => (Some(s.moved), s.queues, (s.omitted_queues > 0).then_some(s.omitted_queues)),
-        None => (previous.moved, previous.queues.clone(), previous.omitted_queues),
+    let (moved, queues, omitted_queues, ha_lost) = match summary {
+        Some(s) => (Some(s.moved), s.queues, (s.omitted_queues > 0).then_some(s.omitted_queues), s.ha_lost),
+        None => (previous.moved, previous.queues.clone(), previous.omitted_queues, previous.ha_lost.clone()),
     };
     let next = RabbitMigrationStatus {
         phase: Some(phase.as_str().to_string()),
@@ -212,6 +216,7 @@ async fn write_status(
         moved,
         queues,
         omitted_queues,
+        ha_lost,
     };
     super::status::apply(&ctx.client, migration, migration.status.as_ref(), &next).await
 }

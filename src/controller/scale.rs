@@ -159,6 +159,7 @@ pub async fn pass(
             current,
             pods: pod_states(&pods, validated).await?,
             mirror_sync_waited: ctx.mirror_sync_waited(&object_key(cluster)),
+            pause_minority: validated.partition_handling == crate::api::PartitionHandling::PauseMinority,
             ..ClusterView::default()
         };
         let broker =
@@ -167,11 +168,12 @@ pub async fn pass(
         scale_down::observe(&broker, &commands, &mut view).await?;
         let step = scale_down::decide(&view);
         ctx.track_mirror_sync(&object_key(cluster), matches!(&step, Step::Wait { reason: "WaitingForMirrorSync", .. }));
-        if let Step::Forget { node } = &step
+        if let Step::Forget { node } | Step::Leave { node, .. } = &step
             && let Some(ordinal) = scale_down::ordinal_of(node, &validated.stateful_set_name())
         {
-            // Before the forget, so that a forget that fails is retried with the claim already
-            // gone: a forgotten node's data must never boot again with a later scale-up.
+            // Before the forget (or leave), so that one that fails is retried with the claim
+            // already gone: a forgotten node's data must never boot again with a later scale-up.
+            // A claim still mounted (a leave) goes when its pod does (pvc-protection).
             delete_claim(ctx, validated, ordinal).await?;
         }
         let done = scale_down::execute(&step, &broker, &commands).await?;
@@ -209,7 +211,7 @@ pub async fn pass(
         _ => None,
     };
     let removed = match &step {
-        Step::Forget { node } => Some(node.clone()),
+        Step::Forget { node } | Step::Leave { node, .. } => Some(node.clone()),
         _ => None,
     };
     ScalePass {

@@ -8,6 +8,7 @@
 
 pub mod amqp;
 pub mod budget;
+pub mod declarations;
 pub mod definitions;
 pub mod mover;
 pub mod preflight;
@@ -97,7 +98,11 @@ pub struct Options {
     pub vhosts: Vec<String>,
     /// Only queues whose names match.
     pub queues: Option<Regex>,
+    /// Declare durable classic queues as quorum queues, on any target (on a 4.x target they are
+    /// converted anyway unless `keep_classic`).
     pub convert_to_quorum: bool,
+    /// On a target without classic mirroring (4.x), keep classic queues classic: unreplicated.
+    pub keep_classic: bool,
     /// Keep draining until the source has been empty for `idle_timeout`.
     pub follow: bool,
     pub idle_timeout: Duration,
@@ -127,6 +132,7 @@ impl Options {
             vhosts: Vec::new(),
             queues: None,
             convert_to_quorum: false,
+            keep_classic: false,
             follow: false,
             idle_timeout: Duration::from_secs(30),
             wait_for_consumers: None,
@@ -170,6 +176,12 @@ pub async fn migrate(options: &Options) -> Result<Report, MigrateError> {
         return Ok(report);
     }
     report.definitions = definitions::import(&target_api, &plan).await?;
+    // Before any message moves: would the apps' own declarations be accepted after the cutover?
+    report.refused_declarations = declarations::check(options, &plan).await?;
+    for refused in &report.refused_declarations {
+        tracing::warn!(vhost = %refused.vhost, name = %refused.name, "the apps' declaration of this {} would be refused \
+            by the target: {}; {}", refused.kind, refused.error, refused.advice);
+    }
     tracing::info!(queues = plan.queues.len(), "definitions imported; moving messages");
     report.queues = mover::move_all(options, &plan.queues).await;
     report.finish();

@@ -10,8 +10,8 @@ use std::time::Duration;
 use futures::{FutureExt, StreamExt};
 use lapin::message::Delivery;
 use lapin::options::{
-    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicGetOptions, BasicNackOptions, BasicPublishOptions,
-    BasicQosOptions, ConfirmSelectOptions,
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicGetOptions, BasicPublishOptions, BasicQosOptions,
+    ConfirmSelectOptions,
 };
 use lapin::types::FieldTable;
 use lapin::{Acker, Channel, Confirmation, Consumer, PublisherConfirm};
@@ -36,8 +36,13 @@ struct InFlight {
 }
 
 /// The target's verdicts, taken in order: the source is acknowledged with one `multiple` ack up to
-/// the newest confirmed message (everything older is settled already), and each message the
-/// target refused (nacked, or returned as unroutable) is given back to the source.
+/// the newest confirmed message (everything older is settled already). A message the target
+/// refused (nacked: a `reject-publish` overflow, a size limit; or returned as unroutable) is left
+/// unsettled: the queue stops (see `Moving::stop_if_refused`), and the message goes back to the
+/// source when the channel closes, once. Requeued at once, it would come straight back to this
+/// consumer and be refused again, in a loop that a source's delivery limit ends by dead-lettering
+/// or dropping it. After a refusal, confirmed messages are acknowledged one by one, so that no
+/// `multiple` ack covers the refused one.
 #[derive(Default)]
 struct Verdicts {
     confirmed: Option<Acker>,
@@ -52,12 +57,19 @@ impl Verdicts {
     ) -> Result<(), Failure> {
         let confirmation = confirmation.map_err(|e| Failure::of("target confirm", &e))?;
         if confirmation.is_ack() && confirmation.take_message().is_none() {
-            self.confirmed = Some(message.acker);
+            if report.refused > 0 {
+                let one = BasicAckOptions { multiple: false };
+                message.acker.ack(one).await.map_err(|e| Failure::of("source ack", &e))?;
+            } else {
+                self.confirmed = Some(message.acker);
+            }
             report.moved += 1;
             report.possible_duplicates += u64::from(message.redelivered);
         } else {
-            let requeue = BasicNackOptions { multiple: false, requeue: true };
-            message.acker.nack(requeue).await.map_err(|e| Failure::of("source nack", &e))?;
+            // Everything confirmed before it is acknowledged now, up to it and not beyond.
+            if let Some(last) = self.confirmed.take() {
+                last.ack(BasicAckOptions { multiple: true }).await.map_err(|e| Failure::of("source ack", &e))?;
+            }
             report.refused += 1;
         }
         Ok(())
@@ -207,10 +219,15 @@ impl Moving<'_> {
             largest: self.plan.average_message_bytes(),
         };
         let too_large = |flow: &Flow| flow.largest.is_some_and(|bytes| bytes > self.lot.share);
-        if !too_large(&flow) && self.consume(from, to, there, &mut flow).await? {
-            return self.settle_all(&mut flow.pending).await;
+        // An auto-delete queue would be deleted by the source, with what is left in it, when this
+        // consumer went away: it is fetched one message at a time instead.
+        let consumable = !too_large(&flow) && !self.plan.auto_delete;
+        if consumable && self.consume(from, to, there, &mut flow).await? {
+            self.settle_all(&mut flow.pending).await?;
+            return self.stop_if_refused(&mut flow.pending).await;
         }
-        self.pull(from, to, there, &mut flow).await
+        self.pull(from, to, there, &mut flow).await?;
+        self.stop_if_refused(&mut flow.pending).await
     }
 
     /// The consumer's part of `relay`; `false` when it stopped for messages too large for it.
@@ -221,6 +238,7 @@ impl Moving<'_> {
         let mut consumer = subscribe(from, &self.plan.name, prefetch).await?;
         let mut resubscribing = false;
         loop {
+            self.stop_if_refused(&mut flow.pending).await?;
             // Without --follow, what arrives after preflight is left for the next run.
             if !options.follow && flow.received >= there {
                 return Ok(true);
@@ -293,6 +311,7 @@ impl Moving<'_> {
         let mut empty_since: Option<tokio::time::Instant> = None;
         let mut largest = flow.largest.unwrap_or(self.lot.share);
         while self.options.follow || flow.received < there {
+            self.stop_if_refused(&mut flow.pending).await?;
             let held = self.hold(largest, &mut flow.pending).await?;
             let get = from.basic_get(self.plan.name.as_str().into(), BasicGetOptions::default());
             let Some(message) = within("basic.get", get).await? else {
@@ -362,6 +381,21 @@ impl Moving<'_> {
     async fn settle_all(&mut self, pending: &mut VecDeque<InFlight>) -> Result<(), Failure> {
         let all = pending.len();
         settle(pending, all, self.report, self.bar).await
+    }
+
+    /// Once the target refused a message, the queue stops: what is in flight is settled, and the
+    /// queue's move ends with an error naming the refusal (the run is then not complete).
+    async fn stop_if_refused(&mut self, pending: &mut VecDeque<InFlight>) -> Result<(), Failure> {
+        if self.report.refused == 0 {
+            return Ok(());
+        }
+        self.settle_all(pending).await?;
+        Err(Failure::refused(format!(
+            "the target refused {} message(s) (nacked: a max-length with reject-publish, a message size limit; or \
+             unroutable); the queue stopped there, and each refused message is back on the source, not redelivered \
+             in a loop: make room on the target (or change its limit) and run again",
+            self.report.refused
+        )))
     }
 }
 

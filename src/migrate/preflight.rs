@@ -21,7 +21,17 @@ pub struct QueuePlan {
     pub messages: u64,
     /// Their bytes (bodies), when the statistics had them.
     pub bytes: u64,
+    /// Its type on the source.
     pub queue_type: String,
+    /// A policy on the source mirrored it (`ha-mode`, RabbitMQ 3.x).
+    pub source_mirrored: bool,
+    /// Its type on the target.
+    pub target_type: String,
+    /// It has replicas on the target: a quorum queue or a stream, or a classic queue on a 3.x
+    /// target that a policy the migration brings mirrors.
+    pub replicated: bool,
+    /// Deleted by the source when its last consumer goes: moved with basic.get, never consumed.
+    pub auto_delete: bool,
 }
 
 impl QueuePlan {
@@ -41,8 +51,11 @@ pub struct Plan {
     pub definitions: Value,
     /// What the conversion changed, for the report.
     pub notes: Vec<String>,
-    /// Queues `--convert-to-quorum` leaves classic, with the reason.
-    pub kept_classic: Vec<definitions::KeptClassic>,
+    /// Queues left unreplicated on a target without classic mirroring, with the reason.
+    pub ha_lost: Vec<definitions::HaLost>,
+    /// The selected queues and exchanges as the source has them: what the apps declare.
+    pub app_queues: Vec<Value>,
+    pub app_exchanges: Vec<Value>,
     pub queues: Vec<QueuePlan>,
 }
 
@@ -89,8 +102,19 @@ struct QueueStats {
     consumers: u64,
     #[serde(default)]
     exclusive: bool,
+    #[serde(default)]
+    auto_delete: bool,
     #[serde(rename = "type", default = "classic")]
     queue_type: String,
+    /// The policy in effect (3.x and 4.x report it; absent on some versions).
+    #[serde(default)]
+    effective_policy_definition: Option<Value>,
+}
+
+impl QueueStats {
+    fn mirrored(&self) -> bool {
+        self.effective_policy_definition.as_ref().is_some_and(|d| d.get("ha-mode").is_some())
+    }
 }
 
 fn default_vhost() -> String {
@@ -204,15 +228,26 @@ pub async fn run(
     check_vhosts_asked_for(source, options).await?;
     let source_queues = wait_until_released(source, options).await?;
     let exported: Value = get(source, "source", "/api/definitions").await?;
-    let definitions::Conversion { definitions, notes, kept_classic } =
+    let definitions::Conversion { definitions, notes, ha_lost, app_queues, app_exchanges } =
         definitions::convert(&exported, options, target_parsed);
-    for kept in &kept_classic {
-        tracing::warn!(vhost = %kept.vhost, queue = %kept.name, "stays a classic queue on the target: {}", kept.reason);
+    for lost in &ha_lost {
+        tracing::warn!(vhost = %lost.vhost, queue = %lost.name, "{lost}");
     }
     check_target_may_create_vhosts(target, &definitions).await?;
     check_target_queues(target, &definitions).await?;
-    let queues = queues_to_move(&source_queues, &definitions);
-    Ok(Plan { source_version, target_version, definitions, notes, kept_classic, queues })
+    let queues = queues_to_move(&source_queues, &definitions, target_parsed);
+    if let Some(pattern) = options.queues.as_ref().filter(|_| definitions::queues(&definitions).next().is_none()) {
+        // A pattern with a typo would otherwise "succeed" having moved nothing.
+        return Err(fail(
+            "QueuesMissing",
+            format!("no queue of the source matches --queues {:?}{}", pattern.as_str(), vhosts_said(options)),
+        ));
+    }
+    Ok(Plan { source_version, target_version, definitions, notes, ha_lost, app_queues, app_exchanges, queues })
+}
+
+fn vhosts_said(options: &Options) -> String {
+    if options.vhosts.is_empty() { String::new() } else { format!(" in vhost {}", options.vhosts.join(", ")) }
 }
 
 /// Every vhost asked for must be on the source.
@@ -312,18 +347,30 @@ async fn check_target_queues(target: &ManagementClient, definitions: &Value) -> 
     Ok(())
 }
 
-/// The queues to move: those the converted definitions kept (selected vhosts and names).
-fn queues_to_move(source_queues: &[QueueStats], definitions: &Value) -> Vec<QueuePlan> {
-    let wanted: Vec<(&str, &str)> = definitions::queues(definitions).map(definitions::queue_key).collect();
+/// The queues to move: those the converted definitions kept (selected vhosts and names), each with
+/// its type on either side.
+fn queues_to_move(source_queues: &[QueueStats], definitions: &Value, target: RabbitVersion) -> Vec<QueuePlan> {
     source_queues
         .iter()
-        .filter(|q| wanted.iter().any(|(v, n)| q.vhost == *v && q.name == *n))
-        .map(|q| QueuePlan {
-            vhost: q.vhost.clone(),
-            name: q.name.clone(),
-            messages: q.messages_ready,
-            bytes: q.message_bytes_ready,
-            queue_type: q.queue_type.clone(),
+        .filter_map(|q| {
+            let declared =
+                definitions::queues(definitions).find(|d| definitions::queue_key(d) == (&q.vhost, &q.name))?;
+            let target_type = definitions::queue_type(declared).to_string();
+            let replicated = match target_type.as_str() {
+                "classic" => target.has_classic_mirroring() && definitions::mirrored_by_policy(definitions, declared),
+                _ => true,
+            };
+            Some(QueuePlan {
+                vhost: q.vhost.clone(),
+                name: q.name.clone(),
+                messages: q.messages_ready,
+                bytes: q.message_bytes_ready,
+                queue_type: q.queue_type.clone(),
+                source_mirrored: q.mirrored(),
+                target_type,
+                replicated,
+                auto_delete: q.auto_delete,
+            })
         })
         .collect()
 }

@@ -4,7 +4,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::api::MigrationQueueStatus;
 
-use super::definitions::{DefinitionsReport, KeptClassic};
+use super::declarations::RefusedDeclaration;
+use super::definitions::{DefinitionsReport, HaLost};
 use super::preflight::{Plan, QueuePlan};
 
 /// One queue's outcome.
@@ -35,8 +36,10 @@ pub struct Report {
     pub dry_run: bool,
     /// The plan: the queues and their depths at preflight.
     pub planned: Vec<QueuePlan>,
-    /// Queues `--convert-to-quorum` could not convert: moved as classic queues, with the reason.
-    pub kept_classic: Vec<KeptClassic>,
+    /// Queues not replicated on the target (a target without classic mirroring), with the reason.
+    pub ha_lost: Vec<HaLost>,
+    /// Declarations the apps make that the target refuses (tried after the import).
+    pub refused_declarations: Vec<RefusedDeclaration>,
     pub definitions: DefinitionsReport,
     pub queues: Vec<QueueReport>,
     pub notes: Vec<String>,
@@ -51,7 +54,8 @@ impl Report {
             target_version: plan.target_version.clone(),
             dry_run,
             planned: plan.queues.clone(),
-            kept_classic: plan.kept_classic.clone(),
+            ha_lost: plan.ha_lost.clone(),
+            refused_declarations: Vec::new(),
             definitions: DefinitionsReport { notes: plan.notes.clone(), ..Default::default() },
             queues: Vec::new(),
             notes: Vec::new(),
@@ -65,6 +69,34 @@ impl Report {
             "a message's per-message TTL (expiration) starts again on the target: it was published there anew".into(),
         );
         self.complete = self.queues.iter().all(|q| q.error.is_none() && q.refused == 0 && q.source_after == 0);
+    }
+
+    /// The plan for people, one line per queue (its type on either side, whether it is replicated
+    /// on the target), then each queue that loses HA, with why.
+    pub fn plan_lines(&self) -> Vec<String> {
+        let mut lines: Vec<String> = self
+            .planned
+            .iter()
+            .map(|q| {
+                format!(
+                    "queue {} (vhost {}): {}{} -> {}, {}",
+                    q.name,
+                    q.vhost,
+                    q.queue_type,
+                    if q.source_mirrored { " mirrored by a policy" } else { "" },
+                    q.target_type,
+                    if q.replicated { "replicated" } else { "NOT replicated" }
+                )
+            })
+            .collect();
+        lines.extend(self.ha_lost.iter().map(|lost| format!("warning: {lost}")));
+        lines.extend(self.refused_declarations.iter().map(|r| {
+            format!(
+                "warning: the apps' declaration of {} {} (vhost {}) is refused by the target: {}; {}",
+                r.kind, r.name, r.vhost, r.error, r.advice
+            )
+        }));
+        lines
     }
 
     pub fn moved(&self) -> u64 {
@@ -83,9 +115,15 @@ pub struct Summary {
     pub queues: Vec<MigrationQueueStatus>,
     #[serde(default)]
     pub omitted_queues: u64,
+    /// Queues left unreplicated on the target, with why (the first few; the last entry counts the rest).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ha_lost: Vec<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<SummaryError>,
 }
+
+/// HA-lost entries a summary lists before it counts the rest.
+const HA_LOST_SHOWN: usize = 8;
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct SummaryError {
@@ -117,9 +155,22 @@ impl Summary {
                 left: q.source_after,
                 refused: q.refused,
                 error: q.error.as_deref().map(|e| clip(e, 200)),
+                target_type: report
+                    .planned
+                    .iter()
+                    .find(|p| p.vhost == q.vhost && p.name == q.name)
+                    .map(|p| p.target_type.clone()),
             })
             .collect();
-        Self { complete: report.complete, moved: report.moved(), queues, omitted_queues: 0, error: None }
+        let mut ha_lost: Vec<String> =
+            report.ha_lost.iter().take(HA_LOST_SHOWN).map(|lost| clip(&lost.to_string(), 200)).collect();
+        if report.ha_lost.len() > HA_LOST_SHOWN {
+            ha_lost.push(format!(
+                "and {} more queues not replicated (see the Job's log)",
+                report.ha_lost.len() - HA_LOST_SHOWN
+            ));
+        }
+        Self { complete: report.complete, moved: report.moved(), queues, omitted_queues: 0, ha_lost, error: None }
     }
 
     pub fn of_error(error: &super::MigrateError) -> Self {
@@ -165,7 +216,10 @@ mod tests {
             target_version: "3.10.8".into(),
             dry_run: false,
             planned: Vec::new(),
-            kept_classic: Vec::new(),
+            ha_lost: (0..20)
+                .map(|i| HaLost { vhost: "/".into(), name: format!("q{i}"), reason: "x-max-priority 9".into() })
+                .collect(),
+            refused_declarations: Vec::new(),
             definitions: DefinitionsReport::default(),
             queues: (0..500).map(queue).collect(),
             notes: Vec::new(),
@@ -177,6 +231,9 @@ mod tests {
         assert_eq!(back.moved, 500_000);
         assert!(back.queues.len() > 10, "{} queues kept", back.queues.len());
         assert_eq!(back.queues.len() as u64 + back.omitted_queues, 500);
+        assert_eq!(back.ha_lost.len(), HA_LOST_SHOWN + 1, "{:?}", back.ha_lost);
+        assert_eq!(back.ha_lost[HA_LOST_SHOWN], "and 12 more queues not replicated (see the Job's log)");
+        assert!(back.ha_lost[0].starts_with("queue q0 in vhost / is not replicated on the target (HA lost)"));
         assert_eq!(
             back.queues[0],
             MigrationQueueStatus {
@@ -187,6 +244,7 @@ mod tests {
                 left: 0,
                 refused: 0,
                 error: None,
+                target_type: None,
             }
         );
     }

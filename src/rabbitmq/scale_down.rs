@@ -5,7 +5,10 @@
 //! cluster whole, no queue left without a copy or a majority), hand over (quorum members shrunk off
 //! the node, then maintenance mode, which moves clients and queue leaders away), remove (the
 //! StatefulSet drops the pod; its preStop runs as on any stop), forget (`forget_cluster_node` on a
-//! node that stays, once the pod is gone). Every step is decided again from the world on every
+//! node that stays, once the pod is gone). On Khepri the node leaves before its pod stops instead
+//! (`stop_app` and `reset` on the node itself): removing a member from the metadata store's Raft
+//! group needs a majority of its members, and a 2-node cluster whose leaving node has stopped has
+//! none, so a forget after the fact could never commit (3 -> 1 stalled at 2). Every step is decided again from the world on every
 //! pass, so an operator restarted at any point resumes where the cluster is.
 //! See <https://www.rabbitmq.com/docs/clustering#removing-nodes>.
 
@@ -45,6 +48,13 @@ pub struct ClusterView {
     pub queues: Vec<QueueInfo>,
     /// How long the scale-down has waited for mirrors to synchronise, if it is waiting.
     pub mirror_sync_waited: Option<Duration>,
+    /// The metadata store is Khepri (`khepri_db` enabled): a node leaves while it still runs.
+    pub khepri: bool,
+    /// `cluster_partition_handling` is `pause_minority` in the configuration.
+    pub pause_minority: bool,
+    /// Node 0's `cluster_partition_handling` in its memory, asked only where it matters (Mnesia,
+    /// `pause_minority`, at most 2 nodes).
+    pub partition_handling_now: Option<String>,
 }
 
 /// The next step of a scale-down.
@@ -63,7 +73,17 @@ pub enum Step {
     /// Move quorum members (when `shrink`), then clients and queue leaders (maintenance mode), off
     /// the leaving node.
     HandOver { ordinal: i32, node: String, shrink: bool },
-    /// The leaving node holds nothing any more: the StatefulSet may drop its pod.
+    /// Khepri: the handed-over node leaves the cluster while it still runs, so a majority of the
+    /// metadata store commits its removal (`stop_app`, `reset` on the node itself).
+    Leave { ordinal: i32, node: String },
+    /// 2 -> 1 with `pause_minority` (Mnesia): the node that stays would pause itself the moment the
+    /// other stops (1 of 2 is no majority) and the cluster would stop serving. It ignores
+    /// partitions, in memory, until the other is forgotten.
+    SuspendPauseMinority { node: String },
+    /// The node that stayed takes `pause_minority` back from the configuration.
+    RestorePauseMinority { node: String },
+    /// The leaving node holds nothing any more (or is no member at all): the StatefulSet may drop
+    /// its pod.
     Remove { ordinal: i32, node: String },
 }
 
@@ -86,6 +106,21 @@ impl Step {
                     removing(node),
                     if *shrink { ": its quorum queue members are removed, then it" } else { "" }
                 ),
+            ),
+            Step::SuspendPauseMinority { node } => (
+                "SuspendingPauseMinority",
+                format!(
+                    "{}: {node} ignores partitions until the other node is forgotten (with 2 nodes, pause_minority \
+                     would pause it when the other stops)",
+                    removing(node)
+                ),
+            ),
+            Step::RestorePauseMinority { node } => {
+                ("RestoringPauseMinority", format!("{node} takes cluster_partition_handling pause_minority back"))
+            }
+            Step::Leave { node, .. } => (
+                "LeavingCluster",
+                format!("{} leaves the cluster while a majority stands (stop_app, reset)", removing(node)),
             ),
             Step::Remove { node, .. } => {
                 ("RemovingNode", format!("{} holds no queue data any more; its pod stops", removing(node)))
@@ -134,13 +169,22 @@ pub fn decide(view: &ClusterView) -> Step {
     }) {
         return Step::Revive { ordinal: ordinal(node).unwrap_or_default(), node: node.name.clone() };
     }
-    let Some(leaving) = leaving else { return Step::Steady };
-    let leaving_node = view
-        .nodes
-        .iter()
-        .find(|n| ordinal(n) == Some(leaving))
-        .map(|n| n.name.clone())
-        .unwrap_or_else(|| format!("pod {}-{leaving}", view.stateful_set));
+    let Some(leaving) = leaving else {
+        if view.partition_handling_now.as_deref().is_some_and(|now| now != "pause_minority")
+            && let Some(node) = view.nodes.iter().find(|n| ordinal(n) == Some(0) && n.running)
+        {
+            return Step::RestorePauseMinority { node: node.name.clone() };
+        }
+        return Step::Steady;
+    };
+    let Some(leaving_node) = view.nodes.iter().find(|n| ordinal(n) == Some(leaving)).map(|n| n.name.clone()) else {
+        // The cluster does not list the leaving pod's node: it left (a Khepri leave, done), or
+        // never joined. It holds nothing of the cluster's.
+        return Step::Remove {
+            ordinal: leaving,
+            node: format!("pod {}-{leaving} (not a cluster member)", view.stateful_set),
+        };
+    };
     let prefix = format!("scaling down from {} to {}: {leaving_node}", view.current, view.desired);
 
     // 3. Only a whole cluster is shrunk.
@@ -186,9 +230,16 @@ pub fn decide(view: &ClusterView) -> Step {
             ),
         );
     }
-    // 5. Hand over, then remove.
+    // 5. With 2 nodes and pause_minority, the node that stays must not pause when the other stops.
+    if view.partition_handling_now.as_deref() == Some("pause_minority") && view.current == 2 {
+        return Step::SuspendPauseMinority { node: staying.first().map(|n| n.to_string()).unwrap_or_default() };
+    }
+    // 6. Hand over, then (Khepri) leave, then remove.
     if safety.quorum_members || !drained {
         return Step::HandOver { ordinal: leaving, node: leaving_node, shrink: safety.quorum_members };
+    }
+    if view.khepri {
+        return Step::Leave { ordinal: leaving, node: leaving_node };
     }
     Step::Remove { ordinal: leaving, node: leaving_node }
 }
@@ -202,7 +253,11 @@ fn not_whole(view: &ClusterView, leaving: i32) -> Option<String> {
         let drained = node.is_some_and(|n| n.being_drained == Some(true));
         match (node, view.pods.get(&o)) {
             (None, _) => return Some(format!("pod {}-{o} is not a cluster member yet", view.stateful_set)),
-            (Some(n), _) if !n.running => return Some(format!("{} is not running", n.name)),
+            // A Khepri leave that stopped the node's application but did not finish its reset
+            // is taken up again.
+            (Some(n), _) if !(n.running || view.khepri && o == leaving && drained) => {
+                return Some(format!("{} is not running", n.name));
+            }
             (_, None) => return Some(format!("pod {}-{o} does not exist", view.stateful_set)),
             (_, Some(p)) if p.terminating => return Some(format!("pod {}-{o} is stopping", view.stateful_set)),
             (_, Some(p)) if !(p.ready || o == leaving && drained) => {
@@ -317,6 +372,29 @@ pub fn grow_command(node: &str) -> [&str; 5] {
 pub fn forget_command(node: &str) -> [&str; 4] {
     ["rabbitmqctl", "-q", "forget_cluster_node", node]
 }
+/// A node leaves the cluster by itself, while the others commit it (run on the leaving node, in
+/// this order): the application stops, then the node resets, which removes it from the cluster
+/// and wipes its data (already handed over), then the marker bootstrap.sh keeps in the data
+/// directory goes (a reset on Khepri leaves it): a node that restarts after leaving joins again
+/// rather than start alone, and its preStop sees a node with nothing to hand over.
+pub const LEAVE_COMMANDS: [&[&str]; 3] = [
+    &["rabbitmqctl", "-q", "stop_app"],
+    &["rabbitmqctl", "-q", "reset"],
+    &["sh", "-c", "rm -f \"$RABBITMQ_MNESIA_BASE/$RABBITMQ_NODENAME/warren-clustered\""],
+];
+
+/// `cluster_partition_handling` as the node holds it now.
+pub const PARTITION_HANDLING_QUERY: [&str; 4] =
+    ["rabbitmqctl", "-q", "eval", "element(2, application:get_env(rabbit, cluster_partition_handling))."];
+/// Sets `cluster_partition_handling` in the node's memory (a restart reads the configuration).
+pub fn partition_handling_command(value: &'static str) -> [String; 4] {
+    [
+        "rabbitmqctl".into(),
+        "-q".into(),
+        "eval".into(),
+        format!("application:set_env(rabbit, cluster_partition_handling, {value})."),
+    ]
+}
 
 /// Whether the node is in maintenance mode, asked of the node itself where the management API does
 /// not report it (3.x; `rabbit_maintenance` is there from 3.8 on).
@@ -328,7 +406,17 @@ pub const DRAINED_QUERY: [&str; 4] =
 /// down, the queues.
 pub async fn observe(broker: &ManagementClient, commands: &impl NodeCommands, view: &mut ClusterView) -> Result<()> {
     view.nodes = broker.nodes().await?;
-    view.queues = if view.desired < view.current { broker.queues().await? } else { Vec::new() };
+    if view.desired < view.current {
+        view.queues = broker.queues().await?;
+    }
+    if view.desired < view.current || (view.pause_minority && view.current <= 2) {
+        view.khepri = broker.feature_flags().await?.iter().any(|f| f.name == "khepri_db" && f.state == "enabled");
+    }
+    if view.pause_minority && !view.khepri && view.current <= 2 {
+        // Unknown (the command failed) is left unknown: nothing is suspended or restored on it.
+        view.partition_handling_now =
+            commands.run(0, &PARTITION_HANDLING_QUERY).await.ok().map(|out| out.trim().to_string());
+    }
     let last = view.current - 1;
     if let Some(node) = view
         .nodes
@@ -371,6 +459,22 @@ pub async fn execute(step: &Step, broker: &ManagementClient, commands: &impl Nod
             }
             commands.run(*ordinal, &DRAIN_COMMAND).await?;
             done.push(format!("{node} in maintenance mode"));
+        }
+        Step::SuspendPauseMinority { node } => {
+            let command = partition_handling_command("ignore");
+            commands.run(0, &command.each_ref().map(String::as_str)).await?;
+            done.push(format!("{node} ignores partitions until the leaving node is forgotten"));
+        }
+        Step::RestorePauseMinority { node } => {
+            let command = partition_handling_command("pause_minority");
+            commands.run(0, &command.each_ref().map(String::as_str)).await?;
+            done.push(format!("{node} takes pause_minority back"));
+        }
+        Step::Leave { ordinal, node } => {
+            for command in LEAVE_COMMANDS {
+                commands.run(*ordinal, command).await?;
+            }
+            done.push(format!("{node} left the cluster (stop_app, reset); the others committed it"));
         }
         Step::Steady | Step::Refuse { .. } | Step::Remove { .. } => {}
     }

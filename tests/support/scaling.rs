@@ -20,6 +20,7 @@ pub async fn pass(nodes: &mut NodeCluster, broker: &ManagementClient, desired: i
         stateful_set: nodes.cluster.stateful_set_name(),
         desired,
         current: nodes.nodes.len() as i32,
+        pause_minority: nodes.cluster.partition_handling == warren::api::PartitionHandling::PauseMinority,
         ..ClusterView::default()
     };
     for node in &nodes.nodes {

@@ -128,9 +128,12 @@ fn args(migration: &RabbitMigration, max_in_flight: u64) -> Vec<String> {
             args.extend([flag.to_string(), value.clone()]);
         }
     }
-    for (flag, on) in
-        [("--convert-to-quorum", spec.convert_to_quorum), ("--follow", spec.follow), ("--force", spec.force)]
-    {
+    for (flag, on) in [
+        ("--convert-to-quorum", spec.convert_to_quorum),
+        ("--keep-classic", spec.keep_classic),
+        ("--follow", spec.follow),
+        ("--force", spec.force),
+    ] {
         if on {
             args.push(flag.into());
         }

@@ -32,12 +32,6 @@ rm -f "$cookie_target"
 (umask 077 && cat "$cookie_file" > "$cookie_target")
 chmod 400 "$cookie_target"
 
-rabbitmq-server &
-server_pid=$!
-trap 'kill -TERM "$server_pid" 2>/dev/null || true' TERM INT
-
-server_alive() { kill -0 "$server_pid" 2>/dev/null; }
-
 # The disk nodes of the cluster NODE belongs to, one per line; fails when NODE's RabbitMQ is not running.
 members_of() {
     local status
@@ -46,35 +40,66 @@ members_of() {
     sed -n 's/.*"disk_nodes":\[\([^]]*\)\].*/\1/p' <<<"$status" | tr ',' '\n' | tr -d '"' | sed '/^$/d'
 }
 
-# Whether NODE keeps its metadata in Khepri (Raft; the only store from 4.3) rather than Mnesia.
-uses_khepri() {
-    [[ $(timeout 60 rabbitmqctl -q -n "$1" eval 'rabbit_khepri:is_enabled().' 2>/dev/null) == true ]]
+# A node with no data directory at all that a running peer still lists as a member lost its
+# volume. Forget the lost incarnation before this node's RabbitMQ starts: on Khepri (4.3) the
+# cluster's leader otherwise reaches the new, empty node under the old identity and replicates into
+# its store while it seeds itself (seen: the first boot crashed with user_already_exists). A node
+# that has data, even without the marker, is never forgotten here.
+forget_lost_incarnation() {
+    local replicas i peer members
+    replicas=$(cat "$config_dir/replicas" 2>/dev/null || echo 0)
+    for ((i = 0; i < replicas; i++)); do
+        [[ "$i" == "$ordinal" ]] && continue
+        peer="rabbit@${WARREN_STS_NAME}-${i}.${WARREN_PEER_DOMAIN}"
+        members=$(members_of "$peer") || continue
+        grep -qxF "$RABBITMQ_NODENAME" <<<"$members" || return 0
+        log "the cluster still lists $RABBITMQ_NODENAME but it has no data (its volume was lost); forgetting it before it starts"
+        timeout 120 rabbitmqctl -q -n "$peer" forget_cluster_node "$RABBITMQ_NODENAME" && return 0
+        log "forgetting it on $peer failed; it is forgotten after it starts instead"
+        return 0
+    done
 }
+[[ -d "${mnesia_base}/${RABBITMQ_NODENAME}" ]] || forget_lost_incarnation
+
+rabbitmq-server &
+server_pid=$!
+trap 'kill -TERM "$server_pid" 2>/dev/null || true' TERM INT
+
+server_alive() { kill -0 "$server_pid" 2>/dev/null; }
 
 join_cluster() {
     local seed="$1" seed_members="$2"
     log "joining the cluster of $seed"
     rabbitmqctl -q stop_app
-    if uses_khepri "$seed"; then
-        # Khepri takes a wiped node back as it is: no forget (its quorum queue members are restarted
-        # as new ones), and no reset, which can fail on a node the cluster's leader still contacts
-        # (leader_saw_append_entries_rpc_in_same_term) and would crash-loop the pod.
-        rabbitmqctl -q join_cluster "$seed"
-    else
-        if grep -qxF "$RABBITMQ_NODENAME" <<<"$seed_members"; then
-            # This node's volume was lost: Mnesia still lists its old incarnation. Forget it first.
-            log "the cluster still lists $RABBITMQ_NODENAME (its data was lost); forgetting it"
-            rabbitmqctl -q -n "$seed" forget_cluster_node "$RABBITMQ_NODENAME"
-        fi
-        rabbitmqctl -q reset
-        rabbitmqctl -q join_cluster "$seed"
+    if grep -qxF "$RABBITMQ_NODENAME" <<<"$seed_members"; then
+        # This node's volume was lost: the cluster still lists its old incarnation. Forget it first,
+        # on either store. Mnesia refuses the join otherwise; Khepri would take the node back under
+        # its old identity, as a Raft member that lost its log, and starts its quorum queue members
+        # only if the queue records have arrived before the node's own recovery (a race seen on
+        # 4.3.6: a queue left with a member that never runs). Forgotten, the node joins as a new
+        # member and its quorum queue members are grown below, as for a new replica.
+        log "the cluster still lists $RABBITMQ_NODENAME (its data was lost); forgetting it"
+        rabbitmqctl -q -n "$seed" forget_cluster_node "$RABBITMQ_NODENAME"
     fi
+    # On Khepri, reset can fail once while the cluster's leader still contacts the wiped node's own
+    # single-node store (leader_saw_append_entries_rpc_in_same_term): retry it.
+    local try
+    for try in 1 2 3 4 5; do
+        rabbitmqctl -q reset && break
+        [[ "$try" == 5 ]] && { log "reset failed $try times"; return 1; }
+        log "reset failed (try $try); retrying in 5 s"
+        sleep 5
+    done
+    rabbitmqctl -q join_cluster "$seed"
     rabbitmqctl -q start_app
     # A node that joins (a new replica, or one whose volume was lost and was forgotten) holds no
     # member of the existing quorum queues: give each one a member here, so every queue is
     # replicated on every node again. Not fatal: the cluster works without it.
-    rabbitmq-queues -q grow "$RABBITMQ_NODENAME" all >/dev/null 2>&1 ||
-        log "growing quorum queues onto $RABBITMQ_NODENAME failed; they keep their other members"
+    for try in 1 2 3 4 5; do
+        rabbitmq-queues -q grow "$RABBITMQ_NODENAME" all >/dev/null 2>&1 && return 0
+        sleep 5
+    done
+    log "growing quorum queues onto $RABBITMQ_NODENAME failed; they keep their other members"
 }
 
 # Maintenance mode outlives a restart: a node drained by its previous pod's preStop hook (or by a

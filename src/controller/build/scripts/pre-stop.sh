@@ -22,6 +22,16 @@ if [[ "$replicas" -le 1 ]]; then
 fi
 deadline=$((SECONDS + timeout))
 
+# A node that is no cluster member holds nothing to hand over: one that left the cluster (a
+# scale-down on Khepri runs stop_app and reset on it, then removes the marker bootstrap.sh keeps in
+# its data directory), or one that never joined. Its application is stopped, so the checks
+# below could only fail until the timeout.
+marker="${RABBITMQ_MNESIA_BASE:-/var/lib/rabbitmq/mnesia}/${RABBITMQ_NODENAME:-}/warren-clustered"
+if [[ ! -f "$marker" && $(timeout 60 rabbitmqctl -q eval 'rabbit:is_running().' 2>/dev/null) != true ]]; then
+    log "not a cluster member (left or never joined) and not running: nothing to hand over"
+    exit 0
+fi
+
 rabbitmqctl -q eval 'application:set_env(rabbit, warren_leaving, true).' >/dev/null 2>&1 ||
     log "could not mark this node as leaving"
 

@@ -1,0 +1,311 @@
+//! Tier 2: a Celery app moved from RabbitMQ 3.10 (3 nodes, `ha-all`) into Warren's default 4.3
+//! (3 nodes, quorum the default queue type) with `warren migrate` and no flags, as a user does it:
+//! real Celery and kombu from PyPI, pinned in tests/fixtures/celery, in two lines (5.3 with kombu
+//! 5.3, which many apps still run, and the newest). Each app runs in a vhost of its own on both
+//! clusters, its worker holding ETA tasks when the first run is tried.
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use support::generations::manifest;
+use support::rabbit_nodes::{NodeCluster, wait_for};
+use warren::migrate::{Endpoint, Options, migrate};
+
+/// Tasks each app sends with an ETA before the move, and tasks it sends to run now.
+const ETA_TASKS: u32 = 200;
+const NOW_TASKS: u32 = 20;
+/// How far ahead the ETAs are: past the move and the new workers' start.
+const ETA_DELAY: Duration = Duration::from_secs(90);
+/// Task numbers: run now on the source, ETA tasks (moved), run now on the target.
+const BEFORE: u32 = 0;
+const HELD: u32 = 1_000;
+const AFTER: u32 = 2_000;
+
+struct App {
+    line: &'static str,
+    vhost: &'static str,
+    /// The settings the README recommends for quorum queues (a prefetch with room for ETA tasks).
+    recommended: bool,
+}
+
+const APPS: [App; 3] = [
+    App { line: "5.3", vhost: "shop53", recommended: false },
+    App { line: "5.7", vhost: "shop57", recommended: false },
+    App { line: "5.7", vhost: "shop57-tuned", recommended: true },
+];
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/celery")
+}
+
+/// The line's virtualenv, made once per machine.
+fn venv(line: &str) -> PathBuf {
+    let out = Command::new(fixtures().join("venv.sh")).arg(line).output().expect("venv.sh");
+    assert!(out.status.success(), "venv.sh {line}: {}", String::from_utf8_lossy(&out.stderr));
+    PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
+}
+
+fn broker_url(nodes: &NodeCluster, vhost: &str) -> String {
+    let encode = |s: &str| percent_encoding::utf8_percent_encode(s, percent_encoding::NON_ALPHANUMERIC).to_string();
+    let (user, password) = (&nodes.credentials.username, &nodes.credentials.password);
+    format!("amqp://{}:{}@{}:5672/{}", encode(user), encode(password), nodes.nodes[0].ip, encode(vhost))
+}
+
+fn now() -> f64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).expect("clock").as_secs_f64()
+}
+
+/// A Celery worker process, stopped by its pid when dropped (a failing test leaves none behind).
+struct Worker {
+    child: Child,
+    log: PathBuf,
+}
+
+impl Worker {
+    fn start(app: &App, venv: &Path, url: &str, results: &Path, log: PathBuf) -> Self {
+        let out = std::fs::File::create(&log).expect("worker log");
+        let child = Command::new(venv.join("bin/celery"))
+            .args(["-A", "tasks", "worker", "--pool=solo", "--without-gossip", "--without-mingle"])
+            .args(["--without-heartbeat", "--loglevel=INFO", "-n", &format!("{}@%h", app.vhost)])
+            .current_dir(fixtures())
+            .env("WARREN_BROKER_URL", url)
+        .env("PYTHONDONTWRITEBYTECODE", "1")
+            .env("PYTHONDONTWRITEBYTECODE", "1")
+            .env("WARREN_RESULTS", results)
+            .env("WARREN_RECOMMENDED", if app.recommended { "1" } else { "0" })
+            .stdout(out.try_clone().expect("log"))
+            .stderr(out)
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("start a celery worker");
+        Self { child, log }
+    }
+
+    /// A warm shutdown (SIGTERM): what it holds unacknowledged goes back to the queue.
+    fn stop(mut self) {
+        let pid = self.child.id().to_string();
+        let _ = Command::new("kill").args(["-TERM", &pid]).status();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while Instant::now() < deadline {
+            if self.child.try_wait().ok().flatten().is_some() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        panic!("the worker did not stop within 60 s of SIGTERM:\n{}", self.log_tail());
+    }
+
+    fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        text.lines().rev().take(40).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n")
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Sends tasks as the app's web process would (python send.py).
+fn send(venv: &Path, url: &str, first: u32, count: u32, delay: Duration) {
+    let out = Command::new(venv.join("bin/python"))
+        .args(["send.py", &first.to_string(), &count.to_string(), &delay.as_secs_f64().to_string()])
+        .current_dir(fixtures())
+        .env("WARREN_BROKER_URL", url)
+        .env("WARREN_RESULTS", "/dev/null")
+        .output()
+        .expect("send.py");
+    assert!(out.status.success(), "send.py: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// One task run, as the task recorded it.
+#[derive(Debug, serde::Deserialize)]
+struct Ran {
+    number: u32,
+    eta: Option<f64>,
+    ran: f64,
+}
+
+fn runs(results: &Path) -> Vec<Ran> {
+    let text = std::fs::read_to_string(results).unwrap_or_default();
+    text.lines().map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l}: {e}"))).collect()
+}
+
+/// How many times each task number ran.
+fn counts(runs: &[Ran]) -> BTreeMap<u32, u32> {
+    let mut counts = BTreeMap::new();
+    for run in runs {
+        *counts.entry(run.number).or_default() += 1;
+    }
+    counts
+}
+
+async fn queue(nodes: &NodeCluster, vhost: &str, name: &str) -> Result<serde_json::Value, String> {
+    nodes.api(0, &format!("/api/queues/{vhost}/{name}")).await
+}
+
+#[tokio::test]
+async fn celery_apps_move_from_3_10_into_4_3_with_no_flags_and_every_task_runs_once() {
+    let (old, new) = NodeCluster::started_pair(&manifest("old", 3, "3.10", ""), &manifest("new", 3, "4.3", "")).await;
+    let scratch = tempdir();
+    let venvs: BTreeMap<&str, PathBuf> = ["5.3", "5.7"].into_iter().map(|line| (line, venv(line))).collect();
+    let all = serde_json::json!({"configure": ".*", "write": ".*", "read": ".*"});
+    for app in &APPS {
+        old.api_put(0, &format!("/api/vhosts/{}", app.vhost), serde_json::json!({})).await.expect("vhost");
+        let permissions = format!("/api/permissions/{}/{}", app.vhost, old.credentials.username);
+        old.api_put(0, &permissions, all.clone()).await.expect("permissions");
+    }
+    // The operator's broker reconcile puts ha-all on every vhost, the new ones too.
+    old.converge(0).await.expect("ha-all on the apps' vhosts");
+
+    // On the old cluster: each app's worker runs what is due and holds its ETA tasks.
+    let results = |app: &App| scratch.join(format!("{}.jsonl", app.vhost));
+    let mut workers = Vec::new();
+    for app in &APPS {
+        let url = broker_url(&old, app.vhost);
+        workers.push(Worker::start(
+            app,
+            &venvs[app.line],
+            &url,
+            &results(app),
+            scratch.join(format!("old-{}.log", app.vhost)),
+        ));
+        send(&venvs[app.line], &url, BEFORE, NOW_TASKS, Duration::ZERO);
+        send(&venvs[app.line], &url, HELD, ETA_TASKS, ETA_DELAY);
+    }
+    let etas_sent = now();
+    for (app, worker) in APPS.iter().zip(&workers) {
+        wait_for(
+            &format!("{}: the worker runs what is due and holds its ETA tasks", app.vhost),
+            Duration::from_secs(90),
+            || async {
+                let info = queue(&old, app.vhost, "celery").await?;
+                let ran = runs(&results(app)).len();
+                // Celery raises its prefetch for each ETA task it holds, a few at a time.
+            let held = info["messages_unacknowledged"].as_u64().is_some_and(|n| n >= u64::from(ETA_TASKS / 2));
+                let mirrored = info["policy"] == "ha-all";
+                if ran == NOW_TASKS as usize && held && mirrored {
+                    Ok(())
+                } else {
+                    Err(format!("{ran} ran; {info}\n{}", worker.log_tail()))
+                }
+            },
+        )
+        .await;
+    }
+
+    // `warren migrate`, no flags, while the workers hold the ETA tasks: refused, naming them.
+    let options = Options::new(endpoint(&old), endpoint(&new));
+    let error = migrate(&options).await.expect_err("messages held by the workers");
+    assert_eq!(error.reason, "MessagesHeldByConsumers", "{error}");
+    for app in &APPS {
+        assert!(error.message.contains(&format!("{}/celery: ", app.vhost)), "{error}");
+    }
+    // The workers stop (a warm shutdown gives their ETA tasks back), then the move.
+    for worker in workers.drain(..) {
+        worker.stop();
+    }
+    let report = migrate(&options).await.expect("the migration");
+    for line in report.plan_lines() {
+        eprintln!("[celery] {line}");
+    }
+    eprintln!("[celery] refused declarations: {:?}", report.refused_declarations);
+    assert!(report.complete, "{report:#?}");
+    assert_eq!(report.moved(), u64::from(ETA_TASKS) * APPS.len() as u64, "{report:#?}");
+    for app in &APPS {
+        let planned = report.planned.iter().find(|q| q.vhost == app.vhost && q.name == "celery").expect("planned");
+        assert!(planned.source_mirrored && planned.target_type == "quorum" && planned.replicated, "{planned:?}");
+        assert!(!report.ha_lost.iter().any(|l| l.vhost == app.vhost && l.name == "celery"), "{:?}", report.ha_lost);
+        assert!(
+            !report.refused_declarations.iter().any(|r| r.vhost == app.vhost && r.name == "celery"),
+            "{:?}",
+            report.refused_declarations
+        );
+        // HA kept: a quorum queue with a member on every node; the vhost the migration created
+        // defaults to quorum, as Warren's own do.
+        let info = queue(&new, app.vhost, "celery").await.expect("celery on the target");
+        assert_eq!(info["type"], "quorum", "{info}");
+        assert_eq!(info["members"].as_array().map(Vec::len), Some(3), "{info}");
+        let vhost = new.api(0, &format!("/api/vhosts/{}", app.vhost)).await.expect("vhost on the target");
+        assert_eq!(vhost["default_queue_type"], "quorum", "{vhost}");
+    }
+    let root = new.api(0, "/api/vhosts/%2F").await.expect("vhost /");
+    assert_eq!(root["default_queue_type"], "quorum", "the target's own vhost kept its default: {root}");
+
+    // On Warren's cluster: the same apps, unchanged (one with the recommended settings), a worker
+    // each, and new tasks sent now while the moved ETA tasks wait.
+    let moved_at = now();
+    assert!(moved_at < etas_sent + ETA_DELAY.as_secs_f64() - 10.0, "the move took past the ETAs; nothing to prove");
+    for app in &APPS {
+        let url = broker_url(&new, app.vhost);
+        workers.push(Worker::start(
+            app,
+            &venvs[app.line],
+            &url,
+            &results(app),
+            scratch.join(format!("new-{}.log", app.vhost)),
+        ));
+        send(&venvs[app.line], &url, AFTER, NOW_TASKS, Duration::ZERO);
+    }
+    let sent_after = now();
+    let limit = ETA_DELAY + Duration::from_secs(120);
+    for (app, worker) in APPS.iter().zip(&workers) {
+        wait_for(&format!("{}: every task ran", app.vhost), limit, || async {
+            let ran = runs(&results(app)).len();
+            if ran >= (ETA_TASKS + 2 * NOW_TASKS) as usize {
+                Ok(())
+            } else {
+                Err(format!("{ran} ran\n{}", worker.log_tail()))
+            }
+        })
+        .await;
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    for app in &APPS {
+        let runs = runs(&results(app));
+        let expected: BTreeMap<u32, u32> = (BEFORE..BEFORE + NOW_TASKS)
+            .chain(HELD..HELD + ETA_TASKS)
+            .chain(AFTER..AFTER + NOW_TASKS)
+            .map(|n| (n, 1))
+            .collect();
+        assert_eq!(counts(&runs), expected, "{}: every task exactly once", app.vhost);
+        let early: Vec<&Ran> = runs.iter().filter(|r| r.eta.is_some_and(|eta| r.ran < eta)).collect();
+        assert!(early.is_empty(), "{}: ETA tasks run before their ETA: {early:?}", app.vhost);
+        let first_eta = runs.iter().filter_map(|r| r.eta).fold(f64::MAX, f64::min);
+        let new_done = runs.iter().filter(|r| r.number >= AFTER).map(|r| r.ran).fold(0.0, f64::max);
+        eprintln!(
+            "[celery] {} (Celery {}{}): tasks sent after the move done {:.1} s after sending; the moved ETA tasks \
+             were due {:.1} s after sending",
+            app.vhost,
+            app.line,
+            if app.recommended { ", recommended settings" } else { ", unchanged" },
+            new_done - sent_after,
+            first_eta - sent_after
+        );
+        if app.recommended {
+            // With room in the prefetch, tasks sent now do not wait behind the ETA tasks.
+            assert!(new_done < first_eta, "{}: new tasks waited for the ETA tasks", app.vhost);
+        }
+    }
+    for worker in workers.drain(..) {
+        worker.stop();
+    }
+    let _ = std::fs::remove_dir_all(&scratch);
+}
+
+fn endpoint(nodes: &NodeCluster) -> Endpoint {
+    Endpoint::parse(&nodes.nodes[0].amqp_url(&nodes.credentials), &nodes.management_url(0)).expect("endpoint")
+}
+
+/// A directory of this test's own under the system's temporary directory.
+fn tempdir() -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("warren-celery-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("scratch dir");
+    dir
+}
