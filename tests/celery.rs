@@ -73,7 +73,7 @@ impl Worker {
             .args(["--without-heartbeat", "--loglevel=INFO", "-n", &format!("{}@%h", app.vhost)])
             .current_dir(fixtures())
             .env("WARREN_BROKER_URL", url)
-        .env("PYTHONDONTWRITEBYTECODE", "1")
+            .env("PYTHONDONTWRITEBYTECODE", "1")
             .env("PYTHONDONTWRITEBYTECODE", "1")
             .env("WARREN_RESULTS", results)
             .env("WARREN_RECOMMENDED", if app.recommended { "1" } else { "0" })
@@ -188,7 +188,7 @@ async fn celery_apps_move_from_3_10_into_4_3_with_no_flags_and_every_task_runs_o
                 let info = queue(&old, app.vhost, "celery").await?;
                 let ran = runs(&results(app)).len();
                 // Celery raises its prefetch for each ETA task it holds, a few at a time.
-            let held = info["messages_unacknowledged"].as_u64().is_some_and(|n| n >= u64::from(ETA_TASKS / 2));
+                let held = info["messages_unacknowledged"].as_u64().is_some_and(|n| n >= u64::from(ETA_TASKS / 2));
                 let mirrored = info["policy"] == "ha-all";
                 if ran == NOW_TASKS as usize && held && mirrored {
                     Ok(())
@@ -296,16 +296,31 @@ async fn celery_apps_move_from_3_10_into_4_3_with_no_flags_and_every_task_runs_o
     for worker in workers.drain(..) {
         worker.stop();
     }
-    let _ = std::fs::remove_dir_all(&scratch);
 }
 
 fn endpoint(nodes: &NodeCluster) -> Endpoint {
     Endpoint::parse(&nodes.nodes[0].amqp_url(&nodes.credentials), &nodes.management_url(0)).expect("endpoint")
 }
 
-/// A directory of this test's own under the system's temporary directory.
-fn tempdir() -> PathBuf {
+/// A directory of this test's own under the system's temporary directory, removed when dropped
+/// (after the workers, declared later, are stopped), also when the test fails.
+struct Scratch(PathBuf);
+
+impl std::ops::Deref for Scratch {
+    type Target = PathBuf;
+    fn deref(&self) -> &PathBuf {
+        &self.0
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn tempdir() -> Scratch {
     let dir = std::env::temp_dir().join(format!("warren-celery-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("scratch dir");
-    dir
+    Scratch(dir)
 }

@@ -285,6 +285,19 @@ async fn mirrored_3_10_moves_into_quorum_queues_on_4_3() {
         .collect();
     assert!(planned.contains(&("emails", "classic", true, "quorum", true)), "{planned:?}");
     assert!(planned.contains(&("invoices", "classic", true, "classic", false)), "{planned:?}");
+    for line in report.plan_lines() {
+        eprintln!("[3.10 -> 4.3] {line}");
+    }
+    // The apps' own declarations, tried on the target before anything moved: the priority queue
+    // kept classic is refused (the vhost defaults to quorum, so a declaration without a type asks
+    // for quorum), with the fix; the lazy queue made quorum takes its app's x-queue-mode (4.3
+    // accepts it on a redeclare).
+    let refused: Vec<(&str, &str)> =
+        report.refused_declarations.iter().map(|r| (r.kind.as_str(), r.name.as_str())).collect();
+    assert_eq!(refused, [("queue", "invoices")], "{:?}", report.refused_declarations);
+    let invoices = &report.refused_declarations[0];
+    assert!(invoices.error.contains("inequivalent arg 'x-queue-type'"), "{invoices:?}");
+    assert!(invoices.advice.contains("x-queue-type=classic"), "{invoices:?}");
     assert_eq!(
         (report.source_version.as_str(), report.target_version.as_str()),
         ("3.10.8", new.cluster.image_version.unwrap().to_string().as_str())
@@ -554,6 +567,37 @@ async fn follow_drains_messages_published_during_the_migration() {
     assert!(report.complete, "{report:#?}");
     assert_eq!(report.moved(), 5_000);
     assert_in_order_once("late", &ordered_ids(&amqp_url(&new), "late").await, 0..5_000);
+
+    // A delay queue (TTL 2 s, dead-lettered into its work queue) whose messages expire while they
+    // move: one message in flight at a time makes the move outlast the TTL. Whatever expired on
+    // the source after the work queue's move ended is moved in a later round; on the target the
+    // rest expire into the work queue there. Every message ends on the target's work queue once.
+    declare(&old, "work", serde_json::json!({})).await;
+    let delay =
+        serde_json::json!({"x-message-ttl": 2000, "x-dead-letter-exchange": "", "x-dead-letter-routing-key": "work"});
+    declare(&old, "delay", delay).await;
+    assert_eq!(amqp::publish(&url, "delay", 0..3_000, 500).await.0.len(), 3_000);
+    let mut delayed = self::options(&old, &new);
+    delayed.queues = Some(regex::Regex::new("^(delay|work)$").expect("regex"));
+    (delayed.window, delayed.parallel_queues) = (1, 1);
+    let started = std::time::Instant::now();
+    let report = migrate(&delayed).await.expect("migration");
+    eprintln!(
+        "[delay] moved in {:.1} s: {:?}",
+        started.elapsed().as_secs_f64(),
+        report.queues.iter().map(|q| (&q.name, q.moved, q.source_after)).collect::<Vec<_>>()
+    );
+    assert!(report.complete, "{report:#?}");
+    assert_eq!(report.moved(), 3_000, "{report:#?}");
+    assert_eq!((live_depth(&old, "delay").await, live_depth(&old, "work").await), (0, 0), "left on the source");
+    wait_for("every delayed message on the target's work queue", Duration::from_secs(30), || async {
+        let (delay, work) = (live_depth(&new, "delay").await, live_depth(&new, "work").await);
+        if (delay, work) == (0, 3_000) { Ok(()) } else { Err(format!("delay {delay}, work {work}")) }
+    })
+    .await;
+    let mut ids = ordered_ids(&amqp_url(&new), "work").await;
+    ids.sort_unstable();
+    assert_eq!(ids, (0..3_000).collect::<Vec<u32>>(), "every delayed message once");
 
     // A target that refuses messages (a max-length with reject-publish): the queue stops at the
     // refusals, --follow or not, instead of requeueing them into a redelivery loop that never ends

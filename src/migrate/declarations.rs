@@ -65,17 +65,28 @@ fn app_arguments(queue: &Value) -> Map<String, Value> {
 
 /// What the app should change so the target accepts its declaration of `queue`.
 fn queue_advice(name: &str, target_type: &str, error: &str) -> String {
-    if error.contains("x-queue-type") {
+    if !error.contains("x-queue-type") {
+        return format!(
+            "declare queue {name} in the app with the arguments it has on the target (the management UI or \
+             `rabbitmqctl list_queues name arguments` show them), or remove the argument the error names"
+        );
+    }
+    let declare = format!(
+        "declare it with x-queue-type={target_type} (Celery: task_queues = [Queue(\"{name}\", queue_arguments=\
+         {{\"x-queue-type\": \"{target_type}\"}})]; kombu: Queue(..., queue_arguments=...); pika: \
+         arguments={{\"x-queue-type\": \"{target_type}\"}})"
+    );
+    if target_type == "classic" {
+        // Kept classic (it cannot be quorum), on a vhost whose default is quorum: a declaration
+        // that names no type asks for a quorum queue.
         format!(
-            "queue {name} is a {target_type} queue on the target: declare it with x-queue-type={target_type} (Celery: \
-             task_queues = [Queue(\"{name}\", queue_arguments={{\"x-queue-type\": \"{target_type}\"}})], or from Celery \
-             5.5 task_default_queue_type = \"{target_type}\"; kombu: Queue(..., queue_arguments=...); pika: \
-             arguments={{\"x-queue-type\": \"{target_type}\"}}), or migrate with --keep-classic"
+            "queue {name} stayed a classic queue on the target, whose vhost defaults to quorum, so a declaration \
+             without x-queue-type asks for a quorum queue: {declare}"
         )
     } else {
         format!(
-            "declare queue {name} in the app with the arguments it has on the target (the management UI or \
-             `rabbitmqctl list_queues name arguments` show them), or remove the argument the error names"
+            "queue {name} is a {target_type} queue on the target: {declare}, or from Celery 5.5 \
+             task_default_queue_type = \"{target_type}\"; or migrate with --keep-classic"
         )
     }
 }
@@ -211,5 +222,9 @@ mod tests {
         );
         assert!(advice.contains("x-queue-type=quorum"), "{advice}");
         assert!(advice.contains("task_default_queue_type"), "{advice}");
+        // A queue kept classic on a vhost that defaults to quorum (seen live on 4.3: a priority queue).
+        let advice = queue_advice("invoices", "classic", "inequivalent arg 'x-queue-type': received 'quorum'");
+        assert!(advice.contains("x-queue-type=classic") && advice.contains("defaults to quorum"), "{advice}");
+        assert!(!advice.contains("--keep-classic"), "{advice}");
     }
 }

@@ -184,8 +184,52 @@ pub async fn migrate(options: &Options) -> Result<Report, MigrateError> {
     }
     tracing::info!(queues = plan.queues.len(), "definitions imported; moving messages");
     report.queues = mover::move_all(options, &plan.queues).await;
+    if !options.follow {
+        move_late_arrivals(options, &plan.queues, &mut report.queues).await;
+    }
     report.finish();
     Ok(report)
+}
+
+/// Rounds after the first, at most.
+const LATE_ROUNDS: usize = 3;
+
+/// Messages that reached a queue after its move ended: dead-lettered from another queue that was
+/// moving (a delay queue's TTL expiring into its work queue), or sent by a producer. A queue whose
+/// move ended without error but left messages on the source is moved again, while rounds move
+/// something (with `--follow` each queue waits for quiet instead).
+async fn move_late_arrivals(options: &Options, plans: &[preflight::QueuePlan], reports: &mut [report::QueueReport]) {
+    for round in 1..=LATE_ROUNDS {
+        let again: Vec<preflight::QueuePlan> = plans
+            .iter()
+            .filter(|p| {
+                reports
+                    .iter()
+                    .any(|q| q.vhost == p.vhost && q.name == p.name && q.error.is_none() && q.source_after > 0)
+            })
+            .cloned()
+            .collect();
+        if again.is_empty() {
+            return;
+        }
+        tracing::info!(round, queues = again.len(), "messages arrived on the source during the move: moving them");
+        let mut moved = 0;
+        for late in mover::move_all(options, &again).await {
+            let Some(report) = reports.iter_mut().find(|q| q.vhost == late.vhost && q.name == late.name) else {
+                continue;
+            };
+            moved += late.moved;
+            report.moved += late.moved;
+            report.possible_duplicates += late.possible_duplicates;
+            report.refused += late.refused;
+            report.reconnects += late.reconnects;
+            report.source_after = late.source_after;
+            report.error = late.error;
+        }
+        if moved == 0 {
+            return;
+        }
+    }
 }
 
 /// `30s`, `10m`, `1h`, `500ms` or plain seconds.
