@@ -133,6 +133,10 @@ pub struct RabbitMigrationStatus {
     /// Queues not replicated on the target (a classic queue on RabbitMQ 4.x), each with why.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub ha_lost: Vec<String>,
+    /// Declarations the apps make that the target refuses (tried before any message moved), each
+    /// with what to change in the app.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub refused_declarations: Vec<String>,
 }
 
 /// One queue of a finished migration.

@@ -105,6 +105,11 @@ async fn reconcile_migration(migration: Arc<RabbitMigration>, ctx: Arc<Context>)
         let note = format!("Job {name}: {}", summary.ha_lost.join("; "));
         ctx.publish(&migration.object_ref(&()), EventType::Warning, "HighAvailabilityLost", "Migrate", note).await;
     }
+    if let Some(summary) = summary.as_ref().filter(|s| !s.refused_declarations.is_empty()) {
+        let refused = summary.refused_declarations.join("; ");
+        let note = format!("Job {name}: the apps' declarations would be refused: {refused}");
+        ctx.publish(&migration.object_ref(&()), EventType::Warning, "DeclarationRefused", "Migrate", note).await;
+    }
     write_status(&ctx, &migration, phase, Some(name), complete, summary).await?;
     Ok(Action::await_change())
 }
@@ -204,9 +209,18 @@ async fn write_status(
             });
         }
     }
-    let (moved, queues, omitted_queues, ha_lost) = match summary {
-        Some(s) => (Some(s.moved), s.queues, (s.omitted_queues > 0).then_some(s.omitted_queues), s.ha_lost),
-        None => (previous.moved, previous.queues.clone(), previous.omitted_queues, previous.ha_lost.clone()),
+    let (moved, queues, omitted_queues, ha_lost, refused_declarations) = match summary {
+        Some(s) => {
+            let omitted = (s.omitted_queues > 0).then_some(s.omitted_queues);
+            (Some(s.moved), s.queues, omitted, s.ha_lost, s.refused_declarations)
+        }
+        None => (
+            previous.moved,
+            previous.queues.clone(),
+            previous.omitted_queues,
+            previous.ha_lost.clone(),
+            previous.refused_declarations.clone(),
+        ),
     };
     let next = RabbitMigrationStatus {
         phase: Some(phase.as_str().to_string()),
@@ -217,6 +231,7 @@ async fn write_status(
         queues,
         omitted_queues,
         ha_lost,
+        refused_declarations,
     };
     super::status::apply(&ctx.client, migration, migration.status.as_ref(), &next).await
 }

@@ -118,6 +118,9 @@ pub struct Summary {
     /// Queues left unreplicated on the target, with why (the first few; the last entry counts the rest).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub ha_lost: Vec<String>,
+    /// The apps' declarations the target refuses, with the fix (the first few, then a count).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub refused_declarations: Vec<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<SummaryError>,
 }
@@ -170,7 +173,24 @@ impl Summary {
                 report.ha_lost.len() - HA_LOST_SHOWN
             ));
         }
-        Self { complete: report.complete, moved: report.moved(), queues, omitted_queues: 0, ha_lost, error: None }
+        let refused = &report.refused_declarations;
+        let mut refused_declarations: Vec<String> = refused
+            .iter()
+            .take(HA_LOST_SHOWN)
+            .map(|r| clip(&format!("{} {} in vhost {}: {}", r.kind, r.name, r.vhost, r.advice), 300))
+            .collect();
+        if refused.len() > HA_LOST_SHOWN {
+            refused_declarations.push(format!("and {} more (see the Job's log)", refused.len() - HA_LOST_SHOWN));
+        }
+        Self {
+            complete: report.complete,
+            moved: report.moved(),
+            queues,
+            omitted_queues: 0,
+            ha_lost,
+            refused_declarations,
+            error: None,
+        }
     }
 
     pub fn of_error(error: &super::MigrateError) -> Self {
