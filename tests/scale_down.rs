@@ -139,10 +139,13 @@ fn on_khepri_each_node_leaves_while_a_majority_stands_down_to_one() {
     v.nodes[1].being_drained = Some(false);
     assert_eq!(wait_reason(&decide(&v)), "ClusterNotWhole");
 
-    // Left: the cluster no longer lists it, so its pod goes; nothing is left to forget.
+    // Left: the cluster no longer lists it, so its pod goes; nothing is left to forget, but the
+    // scale-down is done only once the pod is gone.
     v.nodes.pop();
     assert!(matches!(decide(&v), Step::Remove { ordinal: 1, .. }), "{:?}", decide(&v));
     v.current = 1;
+    v.pods.insert(1, PodState { ready: false, terminating: true });
+    assert_eq!(wait_reason(&decide(&v)), "NodeStopping");
     v.pods.remove(&1);
     assert_eq!(decide(&v), Step::Steady);
 

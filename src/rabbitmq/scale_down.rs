@@ -159,6 +159,11 @@ pub fn decide(view: &ClusterView) -> Step {
         }
         return Step::Forget { node: stale.name.clone() };
     }
+    // A pod the StatefulSet dropped that still stops (a node that left on Khepri is no longer
+    // listed): the scale-down is done only once it is gone, with its claim.
+    if let Some((o, _)) = view.pods.range(view.current..).next() {
+        return wait("NodeStopping", format!("pod {}-{o}: waiting for it to stop", view.stateful_set));
+    }
     let leaving = (view.desired < view.current).then_some(view.current - 1);
     // 2. A node left in maintenance by a called-off hand-over (not one whose pod is stopping: its
     //    preStop drained it).
