@@ -28,23 +28,38 @@ impl NodeCluster {
 
     /// PUT of the management API of node `index`.
     pub async fn api_put(&self, index: usize, path: &str, body: serde_json::Value) -> Result<(), String> {
+        self.api_send(reqwest::Method::PUT, index, path, body).await.map(drop)
+    }
+
+    /// POST of the management API of node `index` (a queue's `/get`), its answer as JSON.
+    pub async fn api_post(
+        &self,
+        index: usize,
+        path: &str,
+        body: serde_json::Value,
+    ) -> Result<serde_json::Value, String> {
+        let text = self.api_send(reqwest::Method::POST, index, path, body).await?;
+        serde_json::from_str(&text).map_err(|e| format!("POST {path} on node {index}: {e}"))
+    }
+
+    async fn api_send(
+        &self,
+        method: reqwest::Method,
+        index: usize,
+        path: &str,
+        body: serde_json::Value,
+    ) -> Result<String, String> {
         let response = reqwest::Client::new()
-            .put(format!("{}{path}", self.management_url(index)))
+            .request(method.clone(), format!("{}{path}", self.management_url(index)))
             .basic_auth(&self.credentials.username, Some(&self.credentials.password))
             .json(&body)
-            .timeout(Duration::from_secs(10))
+            .timeout(Duration::from_secs(30))
             .send()
             .await
-            .map_err(|e| format!("PUT {path} on node {index}: {e}"))?;
-        if response.status().is_success() {
-            Ok(())
-        } else {
-            Err(format!(
-                "PUT {path} on node {index}: {} {}",
-                response.status(),
-                response.text().await.unwrap_or_default()
-            ))
-        }
+            .map_err(|e| format!("{method} {path} on node {index}: {e}"))?;
+        let status = response.status();
+        let text = response.text().await.unwrap_or_default();
+        if status.is_success() { Ok(text) } else { Err(format!("{method} {path} on node {index}: {status} {text}")) }
     }
 
     /// The names of the nodes at `indexes`, sorted.
