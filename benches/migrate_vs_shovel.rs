@@ -1,11 +1,15 @@
 //! `make bench`: `warren migrate` against the Shovel plugin (dynamic shovels, ack-mode
-//! on-confirm) and against a ceiling, moving the same load between the same two brokers
-//! (single-node RabbitMQ 3.10.8 from the tier-2 harness, on one pod network): 100,000 persistent
-//! 1 KiB messages in one queue, then over 20 queues. The ceiling is RabbitMQ PerfTest (from Maven
-//! Central, e2e/perftest.sh) consuming the source with manual acks while a second PerfTest
-//! publishes as many messages with confirms into the target, at the same time: what the two
-//! brokers can do with no relay between them. Prints messages per second side by side, then the
-//! migrator's peak memory on 16 MiB messages under a 256 MiB cgroup and on a million small ones.
+//! on-confirm) and against a ceiling, moving the same load between the same brokers (from the
+//! tier-2 harness, on one pod network): 100,000 persistent 1 KiB messages from a single-node
+//! RabbitMQ 3.10.8 into another in one queue, then over 20 queues; then in one queue into
+//! Warren's default, a 3-node 4.3 where the queue is a quorum queue (warren migrate converts it
+//! with no flags; the Shovel and the ceiling publish into the same quorum queue, declared so).
+//! The ceiling is RabbitMQ PerfTest (from Maven Central, e2e/perftest.sh) consuming the source with
+//! manual acks while a second PerfTest publishes as many messages with confirms into the target,
+//! at the same time: what the two brokers can do with no relay between them (for a quorum target,
+//! confirms come once a majority of the three members has the message on disk). Prints messages
+//! per second side by side, then the migrator's peak memory on 16 MiB messages under a 256 MiB
+//! cgroup and on a million small ones.
 
 #[path = "../tests/support/mod.rs"]
 mod support;
@@ -14,19 +18,34 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions};
-use lapin::types::FieldTable;
+use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Connection, ConnectionProperties};
+use support::generations::manifest;
 use support::memory::{MemoryGroup, Scratch, measure, migrate_command, publish_large};
 use support::rabbit_nodes::NodeCluster;
 use warren::migrate::{Endpoint, Options, migrate};
 
 const MESSAGES: u32 = 100_000;
 
-fn cluster(name: &str) -> String {
-    format!(
-        "apiVersion: warren.dev/v1alpha1\nkind: RabbitCluster\nmetadata: {{name: {name}}}\nspec:\n  replicas: 1\n  \
-         image: rabbitmq:3.10.8-management\n  rabbitmq:\n    plugins: [rabbitmq_shovel, rabbitmq_shovel_management]\n"
-    )
+fn cluster(name: &str, replicas: usize, generation: &str) -> String {
+    manifest(name, replicas, generation, "  rabbitmq:\n    plugins: [rabbitmq_shovel, rabbitmq_shovel_management]\n")
+}
+
+/// The queues a target row declares: classic on 3.10, quorum on 4.3.
+fn target_arguments(target: &NodeCluster) -> FieldTable {
+    let mut arguments = FieldTable::default();
+    if target.cluster.image_version.is_some_and(|v| v.major >= 4) {
+        arguments.insert("x-queue-type".into(), AMQPValue::LongString("quorum".into()));
+    }
+    arguments
+}
+
+/// Declares `queues` on the target as its row says.
+async fn declare_on_target(channel: &lapin::Channel, target: &NodeCluster, queues: &[String]) {
+    for queue in queues {
+        let durable = QueueDeclareOptions { durable: true, ..Default::default() };
+        channel.queue_declare(queue.as_str().into(), durable, target_arguments(target)).await.expect("declare");
+    }
 }
 
 fn url(nodes: &NodeCluster) -> String {
@@ -81,6 +100,8 @@ async fn with_warren(source: &NodeCluster, target: &NodeCluster, queues: &[Strin
     let report = migrate(&options).await.expect("migration");
     let elapsed = started.elapsed();
     assert!(report.complete && report.moved() == u64::from(MESSAGES), "{report:#?}");
+    let declared = target_arguments(target).inner().get("x-queue-type").is_some();
+    assert!(report.planned.iter().all(|q| (q.target_type == "quorum") == declared), "{:?}", report.planned);
     f64::from(MESSAGES) / elapsed.as_secs_f64()
 }
 
@@ -88,10 +109,7 @@ async fn with_shovel(source: &NodeCluster, target: &NodeCluster, queues: &[Strin
     fill(source, queues, MESSAGES / queues.len() as u32).await;
     let connection = Connection::connect(&url(target), ConnectionProperties::default()).await.expect("connect");
     let channel = connection.create_channel().await.expect("channel");
-    for queue in queues {
-        let durable = QueueDeclareOptions { durable: true, ..Default::default() };
-        channel.queue_declare(queue.as_str().into(), durable, FieldTable::default()).await.expect("declare");
-    }
+    declare_on_target(&channel, target, queues).await;
     let (user, password) = (&source.credentials.username, &source.credentials.password);
     let dest =
         format!("amqp://{}:{}@{}:5672", target.credentials.username, target.credentials.password, target.nodes[0].ip);
@@ -145,10 +163,7 @@ async fn with_perftest(classpath: &str, source: &NodeCluster, target: &NodeClust
     fill(source, queues, per_queue).await;
     let connection = Connection::connect(&url(target), ConnectionProperties::default()).await.expect("connect");
     let channel = connection.create_channel().await.expect("channel");
-    for queue in queues {
-        let durable = QueueDeclareOptions { durable: true, ..Default::default() };
-        channel.queue_declare(queue.as_str().into(), durable, FieldTable::default()).await.expect("declare");
-    }
+    declare_on_target(&channel, target, queues).await;
     let (n, per_queue) = (queues.len().to_string(), per_queue.to_string());
     // The queues are `<prefix>0`..`<prefix><n-1>`.
     let prefix = queues[0].strip_suffix('0').expect("queues numbered from 0");
@@ -213,22 +228,38 @@ async fn memory(source: &NodeCluster, target: &NodeCluster) {
     );
 }
 
+fn version(nodes: &NodeCluster) -> String {
+    nodes.cluster.image_version.map(|v| v.to_string()).unwrap_or_default()
+}
+
 #[tokio::main]
 async fn main() {
     let classpath = perftest_classpath();
-    let (source, target) = NodeCluster::started_pair(&cluster("bench-src"), &cluster("bench-dst")).await;
-    println!("warren migrate vs the Shovel plugin: {MESSAGES} persistent 1 KiB messages, RabbitMQ 3.10.8 to 3.10.8");
+    let mut group = NodeCluster::started_group(&[
+        &cluster("bench-src", 1, "3.10"),
+        &cluster("bench-dst", 1, "3.10"),
+        &cluster("bench-qq", 3, "4.3"),
+    ])
+    .await
+    .into_iter();
+    let (source, target, quorum) = (group.next().unwrap(), group.next().unwrap(), group.next().unwrap());
+    let (from, to, to_quorum) = (version(&source), version(&target), version(&quorum));
     println!(
-        "  {:<12} {:>15} {:>13} {:>13} {:>11} {:>11}",
+        "warren migrate vs the Shovel plugin: {MESSAGES} persistent 1 KiB messages, RabbitMQ {from} to {to}, and to \
+         {to_quorum} (3 nodes, quorum queues)"
+    );
+    println!(
+        "  {:<26} {:>15} {:>13} {:>13} {:>11} {:>11}",
         "load", "ceiling msg/s", "warren msg/s", "shovel msg/s", "of ceiling", "vs shovel"
     );
-    for (label, count) in [("1 queue", 1usize), ("20 queues", 20)] {
-        let names = |who: &str| (0..count).map(|i| format!("{who}-{count}-{i}")).collect::<Vec<String>>();
-        let ceiling = with_perftest(&classpath, &source, &target, &names("perftest")).await;
-        let warren = with_warren(&source, &target, &names("warren")).await;
-        let shovel = with_shovel(&source, &target, &names("shovel")).await;
+    let rows = [("1 queue", 1usize, &target), ("20 queues", 20, &target), ("1 queue, quorum x3 on 4.3", 1, &quorum)];
+    for (row, (label, count, target)) in rows.into_iter().enumerate() {
+        let names = |who: &str| (0..count).map(|i| format!("{who}-{row}-{i}")).collect::<Vec<String>>();
+        let ceiling = with_perftest(&classpath, &source, target, &names("perftest")).await;
+        let warren = with_warren(&source, target, &names("warren")).await;
+        let shovel = with_shovel(&source, target, &names("shovel")).await;
         println!(
-            "  {label:<12} {ceiling:>15.0} {warren:>13.0} {shovel:>13.0} {:>10.2}x {:>10.2}x",
+            "  {label:<26} {ceiling:>15.0} {warren:>13.0} {shovel:>13.0} {:>10.2}x {:>10.2}x",
             warren / ceiling,
             warren / shovel
         );

@@ -1,5 +1,6 @@
-//! Tier 2: a Celery app moved from RabbitMQ 3.10 (3 nodes, `ha-all`) into Warren's default 4.3
-//! (3 nodes, quorum the default queue type) with `warren migrate` and no flags, as a user does it:
+//! Tier 2: Celery apps moved from RabbitMQ 3.10 (3 nodes, `ha-all`) and from 4.0 (3 nodes, classic
+//! queues left unreplicated by the upgrade from 3.x) into Warren's default 4.3 (3 nodes, quorum the
+//! default queue type) with `warren migrate` and no flags, as a user does it:
 //! real Celery and kombu from PyPI, pinned in tests/fixtures/celery, in two lines (5.3 with kombu
 //! 5.3, which many apps still run, and the newest). Each app runs in a vhost of its own on both
 //! clusters, its worker holding ETA tasks when the first run is tried.
@@ -77,14 +78,13 @@ struct Worker {
 }
 
 impl Worker {
-    fn start(app: &App, venv: &Path, url: &str, results: &Path, log: PathBuf) -> Self {
+    fn start(app: &App, vhost: &str, venv: &Path, url: &str, results: &Path, log: PathBuf) -> Self {
         let out = std::fs::File::create(&log).expect("worker log");
         let child = Command::new(venv.join("bin/celery"))
             .args(["-A", "tasks", "worker", "--pool=solo", "--without-gossip", "--without-mingle"])
-            .args(["--without-heartbeat", "--loglevel=INFO", "-n", &format!("{}@%h", app.vhost)])
+            .args(["--without-heartbeat", "--loglevel=INFO", "-n", &format!("{vhost}@%h")])
             .current_dir(fixtures())
             .env("WARREN_BROKER_URL", url)
-            .env("PYTHONDONTWRITEBYTECODE", "1")
             .env("PYTHONDONTWRITEBYTECODE", "1")
             .env("WARREN_RESULTS", results)
             .env("WARREN_RECOMMENDED", if app.recommended { "1" } else { "0" })
@@ -161,46 +161,75 @@ async fn queue(nodes: &NodeCluster, vhost: &str, name: &str) -> Result<serde_jso
     nodes.api(0, &format!("/api/queues/{vhost}/{name}")).await
 }
 
+/// A source cluster: RabbitMQ 3.10 with `ha-all` (where users come from), or 4.0 with classic
+/// queues that lost their mirrors in the upgrade from 3.x. Its apps' vhosts start with `prefix`.
+struct Source {
+    generation: &'static str,
+    prefix: &'static str,
+    nodes: NodeCluster,
+}
+
+/// One app on one source, and on the target after the move: its vhost is the same on both.
+struct Deployed<'a> {
+    app: &'a App,
+    vhost: String,
+    source: usize,
+}
+
 #[tokio::test]
-async fn celery_apps_move_from_3_10_into_4_3_with_no_flags_and_every_task_runs_once() {
-    let (old, new) = NodeCluster::started_pair(&manifest("old", 3, "3.10", ""), &manifest("new", 3, "4.3", "")).await;
+async fn celery_apps_move_from_3_10_and_4_0_into_4_3_with_no_flags_and_every_task_runs_once() {
+    let mut group = NodeCluster::started_group(&[
+        &manifest("old", 3, "3.10", ""),
+        &manifest("old40", 3, "4.0", ""),
+        &manifest("new", 3, "4.3", ""),
+    ])
+    .await;
+    let new = group.pop().expect("the target");
+    let sources: Vec<Source> = group
+        .into_iter()
+        .zip([("3.10", ""), ("4.0", "from40-")])
+        .map(|(nodes, (generation, prefix))| Source { generation, prefix, nodes })
+        .collect();
     let scratch = tempdir();
     let venvs: BTreeMap<&str, PathBuf> = ["5.3", "5.7"].into_iter().map(|line| (line, venv(line))).collect();
     let all = serde_json::json!({"configure": ".*", "write": ".*", "read": ".*"});
-    for app in &APPS {
-        old.api_put(0, &format!("/api/vhosts/{}", app.vhost), serde_json::json!({})).await.expect("vhost");
-        let permissions = format!("/api/permissions/{}/{}", app.vhost, old.credentials.username);
-        old.api_put(0, &permissions, all.clone()).await.expect("permissions");
+    let mut apps = Vec::new();
+    for (source, old) in sources.iter().enumerate() {
+        for app in &APPS {
+            let vhost = format!("{}{}", old.prefix, app.vhost);
+            old.nodes.api_put(0, &format!("/api/vhosts/{vhost}"), serde_json::json!({})).await.expect("vhost");
+            let permissions = format!("/api/permissions/{vhost}/{}", old.nodes.credentials.username);
+            old.nodes.api_put(0, &permissions, all.clone()).await.expect("permissions");
+            apps.push(Deployed { app, vhost, source });
+        }
     }
-    // The operator's broker reconcile puts ha-all on every vhost, the new ones too.
-    old.converge(0).await.expect("ha-all on the apps' vhosts");
+    // On 3.10 the operator's broker reconcile puts ha-all on every vhost, the new ones too. The 4.0
+    // cluster's new vhosts keep RabbitMQ's default: classic queues, on one node each.
+    sources[0].nodes.converge(0).await.expect("ha-all on the apps' vhosts");
 
-    // On the old cluster: each app's worker runs what is due and holds its ETA tasks.
-    let results = |app: &App| scratch.join(format!("{}.jsonl", app.vhost));
+    // On the old clusters: each app's worker runs what is due and holds its ETA tasks.
+    let results = |deployed: &Deployed| scratch.join(format!("{}.jsonl", deployed.vhost));
+    let url = |nodes: &NodeCluster, deployed: &Deployed| broker_url(nodes, &deployed.vhost);
     let mut workers = Vec::new();
-    for app in &APPS {
-        let url = broker_url(&old, app.vhost);
-        workers.push(Worker::start(
-            app,
-            &venvs[app.line],
-            &url,
-            &results(app),
-            scratch.join(format!("old-{}.log", app.vhost)),
-        ));
-        send(&venvs[app.line], &url, BEFORE, NOW_TASKS, Duration::ZERO);
-        send(&venvs[app.line], &url, HELD, ETA_TASKS, app.eta_delay());
+    for deployed in &apps {
+        let (venv, url) = (&venvs[deployed.app.line], url(&sources[deployed.source].nodes, deployed));
+        let log = scratch.join(format!("old-{}.log", deployed.vhost));
+        workers.push(Worker::start(deployed.app, &deployed.vhost, venv, &url, &results(deployed), log));
+        send(venv, &url, BEFORE, NOW_TASKS, Duration::ZERO);
+        send(venv, &url, HELD, ETA_TASKS, deployed.app.eta_delay());
     }
-    for (app, worker) in APPS.iter().zip(&workers) {
+    for (deployed, worker) in apps.iter().zip(&workers) {
+        let old = &sources[deployed.source];
         wait_for(
-            &format!("{}: the worker runs what is due and holds its ETA tasks", app.vhost),
+            &format!("{}: the worker runs what is due and holds its ETA tasks", deployed.vhost),
             Duration::from_secs(90),
             || async {
-                let info = queue(&old, app.vhost, "celery").await?;
-                let ran = runs(&results(app)).len();
+                let info = queue(&old.nodes, &deployed.vhost, "celery").await?;
+                let ran = runs(&results(deployed)).len();
                 // Celery raises its prefetch for each ETA task it holds, a few at a time.
                 let held = info["messages_unacknowledged"].as_u64().is_some_and(|n| n >= u64::from(ETA_TASKS / 2));
                 let mirrored = info["policy"] == "ha-all";
-                if ran == NOW_TASKS as usize && held && mirrored {
+                if ran == NOW_TASKS as usize && held && mirrored == (old.generation == "3.10") {
                     Ok(())
                 } else {
                     Err(format!("{ran} ran; {info}\n{}", worker.log_tail()))
@@ -211,67 +240,68 @@ async fn celery_apps_move_from_3_10_into_4_3_with_no_flags_and_every_task_runs_o
     }
 
     // `warren migrate`, no flags, while the workers hold the ETA tasks: refused, naming them.
-    let options = Options::new(endpoint(&old), endpoint(&new));
-    let error = migrate(&options).await.expect_err("messages held by the workers");
-    assert_eq!(error.reason, "MessagesHeldByConsumers", "{error}");
-    for app in &APPS {
-        assert!(error.message.contains(&format!("{}/celery: ", app.vhost)), "{error}");
+    for (source, old) in sources.iter().enumerate() {
+        let error = migrate(&Options::new(endpoint(&old.nodes), endpoint(&new))).await.expect_err("messages held");
+        assert_eq!(error.reason, "MessagesHeldByConsumers", "{error}");
+        for deployed in apps.iter().filter(|d| d.source == source) {
+            assert!(error.message.contains(&format!("{}/celery: ", deployed.vhost)), "{error}");
+        }
     }
-    // The workers stop (a warm shutdown gives their ETA tasks back), then the move.
+    // The workers stop (a warm shutdown gives their ETA tasks back), then the moves.
     for worker in workers.drain(..) {
         worker.stop();
     }
-    let report = migrate(&options).await.expect("the migration");
-    for line in report.plan_lines() {
-        eprintln!("[celery] {line}");
-    }
-    eprintln!("[celery] refused declarations: {:?}", report.refused_declarations);
-    assert!(report.complete, "{report:#?}");
-    assert_eq!(report.moved(), u64::from(ETA_TASKS) * APPS.len() as u64, "{report:#?}");
-    for app in &APPS {
-        let planned = report.planned.iter().find(|q| q.vhost == app.vhost && q.name == "celery").expect("planned");
-        assert!(planned.source_mirrored && planned.target_type == "quorum" && planned.replicated, "{planned:?}");
-        assert!(!report.ha_lost.iter().any(|l| l.vhost == app.vhost && l.name == "celery"), "{:?}", report.ha_lost);
-        assert!(
-            !report.refused_declarations.iter().any(|r| r.vhost == app.vhost && r.name == "celery"),
-            "{:?}",
-            report.refused_declarations
-        );
-        // HA kept: a quorum queue with a member on every node; the vhost the migration created
-        // defaults to quorum, as Warren's own do.
-        let info = queue(&new, app.vhost, "celery").await.expect("celery on the target");
-        assert_eq!(info["type"], "quorum", "{info}");
-        assert_eq!(info["members"].as_array().map(Vec::len), Some(3), "{info}");
-        let vhost = new.api(0, &format!("/api/vhosts/{}", app.vhost)).await.expect("vhost on the target");
-        assert_eq!(vhost["default_queue_type"], "quorum", "{vhost}");
+    for (source, old) in sources.iter().enumerate() {
+        let report = migrate(&Options::new(endpoint(&old.nodes), endpoint(&new))).await.expect("the migration");
+        for line in report.plan_lines() {
+            eprintln!("[celery] from {}: {line}", old.generation);
+        }
+        eprintln!("[celery] from {}: refused declarations: {:?}", old.generation, report.refused_declarations);
+        assert!(report.complete, "{report:#?}");
+        assert_eq!(report.moved(), u64::from(ETA_TASKS) * APPS.len() as u64, "{report:#?}");
+        for deployed in apps.iter().filter(|d| d.source == source) {
+            let vhost = deployed.vhost.as_str();
+            let planned = report.planned.iter().find(|q| q.vhost == vhost && q.name == "celery").expect("planned");
+            // Mirrored on 3.10, on one node on 4.0; replicated on the target either way.
+            assert_eq!(planned.source_mirrored, old.generation == "3.10", "{planned:?}");
+            assert!(planned.target_type == "quorum" && planned.replicated, "{planned:?}");
+            assert!(!report.ha_lost.iter().any(|l| l.vhost == vhost && l.name == "celery"), "{:?}", report.ha_lost);
+            assert!(
+                !report.refused_declarations.iter().any(|r| r.vhost == vhost && r.name == "celery"),
+                "{:?}",
+                report.refused_declarations
+            );
+            // HA kept: a quorum queue with a member on every node; the vhost the migration created
+            // defaults to quorum, as Warren's own do.
+            let info = queue(&new, vhost, "celery").await.expect("celery on the target");
+            assert_eq!(info["type"], "quorum", "{info}");
+            assert_eq!(info["members"].as_array().map(Vec::len), Some(3), "{info}");
+            let vhost = new.api(0, &format!("/api/vhosts/{vhost}")).await.expect("vhost on the target");
+            assert_eq!(vhost["default_queue_type"], "quorum", "{vhost}");
+        }
     }
     let root = new.api(0, "/api/vhosts/%2F").await.expect("vhost /");
     assert_eq!(root["default_queue_type"], "quorum", "the target's own vhost kept its default: {root}");
 
     // On Warren's cluster: the same apps, unchanged (one with the recommended settings), a worker
     // each, and new tasks sent now while the moved ETA tasks wait.
-    for app in &APPS {
-        let url = broker_url(&new, app.vhost);
-        workers.push(Worker::start(
-            app,
-            &venvs[app.line],
-            &url,
-            &results(app),
-            scratch.join(format!("new-{}.log", app.vhost)),
-        ));
-        send(&venvs[app.line], &url, AFTER, NOW_TASKS, Duration::ZERO);
+    for deployed in &apps {
+        let (venv, url) = (&venvs[deployed.app.line], url(&new, deployed));
+        let log = scratch.join(format!("new-{}.log", deployed.vhost));
+        workers.push(Worker::start(deployed.app, &deployed.vhost, venv, &url, &results(deployed), log));
+        send(venv, &url, AFTER, NOW_TASKS, Duration::ZERO);
     }
     let sent_after = now();
     let limit = ETA_DELAY + Duration::from_secs(120);
-    for (app, worker) in APPS.iter().zip(&workers) {
+    for (deployed, worker) in apps.iter().zip(&workers) {
         // The tuned app's ETA tasks are due in an hour: every task sent now ran while its worker
         // holds all of them.
-        let due = if app.recommended { 2 * NOW_TASKS } else { ETA_TASKS + 2 * NOW_TASKS };
-        wait_for(&format!("{}: every task due ran", app.vhost), limit, || async {
-            let ran = runs(&results(app)).len();
-            let held = queue(&new, app.vhost, "celery").await?["messages_unacknowledged"].as_u64();
-            let holds_all = !app.recommended || held == Some(u64::from(ETA_TASKS));
-            if ran >= due as usize && holds_all {
+        let tuned = deployed.app.recommended;
+        let due = if tuned { 2 * NOW_TASKS } else { ETA_TASKS + 2 * NOW_TASKS };
+        wait_for(&format!("{}: every task due ran", deployed.vhost), limit, || async {
+            let ran = runs(&results(deployed)).len();
+            let held = queue(&new, &deployed.vhost, "celery").await?["messages_unacknowledged"].as_u64();
+            if ran >= due as usize && (!tuned || held == Some(u64::from(ETA_TASKS))) {
                 Ok(())
             } else {
                 Err(format!("{ran} ran, {held:?} held\n{}", worker.log_tail()))
@@ -280,14 +310,14 @@ async fn celery_apps_move_from_3_10_into_4_3_with_no_flags_and_every_task_runs_o
         .await;
     }
     tokio::time::sleep(Duration::from_secs(3)).await;
-    for app in &APPS {
-        let runs = runs(&results(app));
+    for deployed in &apps {
+        let (app, runs) = (deployed.app, runs(&results(deployed)));
         let held = if app.recommended { 0..0 } else { HELD..HELD + ETA_TASKS };
         let expected: BTreeMap<u32, u32> =
             (BEFORE..BEFORE + NOW_TASKS).chain(held).chain(AFTER..AFTER + NOW_TASKS).map(|n| (n, 1)).collect();
-        assert_eq!(counts(&runs), expected, "{}: every task due exactly once, none early", app.vhost);
+        assert_eq!(counts(&runs), expected, "{}: every task due exactly once, none early", deployed.vhost);
         let early: Vec<&Ran> = runs.iter().filter(|r| r.eta.is_some_and(|eta| r.ran < eta)).collect();
-        assert!(early.is_empty(), "{}: ETA tasks run before their ETA: {early:?}", app.vhost);
+        assert!(early.is_empty(), "{}: ETA tasks run before their ETA: {early:?}", deployed.vhost);
         let new_done = runs.iter().filter(|r| r.number >= AFTER).map(|r| r.ran).fold(0.0, f64::max);
         let first_eta = runs.iter().filter_map(|r| r.eta).fold(f64::MAX, f64::min);
         let etas = if app.recommended {
@@ -296,8 +326,9 @@ async fn celery_apps_move_from_3_10_into_4_3_with_no_flags_and_every_task_runs_o
             format!("the moved ETA tasks were due {:.1} s after sending", first_eta - sent_after)
         };
         eprintln!(
-            "[celery] {} (Celery {}{}): tasks sent after the move done {:.1} s after sending; {etas}",
-            app.vhost,
+            "[celery] {} from {} (Celery {}{}): tasks sent after the move done {:.1} s after sending; {etas}",
+            deployed.vhost,
+            sources[deployed.source].generation,
             app.line,
             if app.recommended { ", recommended settings" } else { ", unchanged" },
             new_done - sent_after,
@@ -306,34 +337,36 @@ async fn celery_apps_move_from_3_10_into_4_3_with_no_flags_and_every_task_runs_o
     for worker in workers.drain(..) {
         worker.stop();
     }
-    // The tuned app's worker gave its ETA tasks back on its warm shutdown: each moved one is in
-    // the queue once, with its arguments.
-    let tuned = APPS.iter().find(|app| app.recommended).expect("a tuned app");
-    wait_for("the ETA tasks back in the queue", Duration::from_secs(30), || async {
-        let info = queue(&new, tuned.vhost, "celery").await?;
-        if info["messages_ready"] == ETA_TASKS && info["messages_unacknowledged"] == 0 {
-            Ok(())
-        } else {
-            Err(info.to_string())
-        }
-    })
-    .await;
-    let get = serde_json::json!({"count": ETA_TASKS, "ackmode": "ack_requeue_true", "encoding": "auto"});
-    let path = format!("/api/queues/{}/celery/get", tuned.vhost);
-    let messages = new.api_post(0, &path, get).await.expect("the held ETA tasks");
-    let mut numbers: Vec<u64> = messages
-        .as_array()
-        .expect("messages")
-        .iter()
-        .map(|m| {
-            // Celery's message protocol 2: the body is [args, kwargs, embed]; args = (number, eta).
-            let body: serde_json::Value = serde_json::from_str(m["payload"].as_str().expect("payload")).expect("json");
-            body[0][0].as_u64().unwrap_or_else(|| panic!("a task number in {body}"))
+    // The tuned apps' workers gave their ETA tasks back on their warm shutdown: each moved one is
+    // in the queue once, with its arguments.
+    for deployed in apps.iter().filter(|d| d.app.recommended) {
+        let vhost = deployed.vhost.as_str();
+        wait_for(&format!("{vhost}: the ETA tasks back in the queue"), Duration::from_secs(30), || async {
+            let info = queue(&new, vhost, "celery").await?;
+            if info["messages_ready"] == ETA_TASKS && info["messages_unacknowledged"] == 0 {
+                Ok(())
+            } else {
+                Err(info.to_string())
+            }
         })
-        .collect();
-    numbers.sort_unstable();
-    let expected: Vec<u64> = (u64::from(HELD)..u64::from(HELD + ETA_TASKS)).collect();
-    assert_eq!(numbers, expected, "{}: each moved ETA task in the queue once", tuned.vhost);
+        .await;
+        let get = serde_json::json!({"count": ETA_TASKS, "ackmode": "ack_requeue_true", "encoding": "auto"});
+        let messages = new.api_post(0, &format!("/api/queues/{vhost}/celery/get"), get).await.expect("ETA tasks");
+        let mut numbers: Vec<u64> = messages
+            .as_array()
+            .expect("messages")
+            .iter()
+            .map(|m| {
+                // Celery's message protocol 2: the body is [args, kwargs, embed]; args = (number, eta).
+                let body: serde_json::Value =
+                    serde_json::from_str(m["payload"].as_str().expect("payload")).expect("json");
+                body[0][0].as_u64().unwrap_or_else(|| panic!("a task number in {body}"))
+            })
+            .collect();
+        numbers.sort_unstable();
+        let expected: Vec<u64> = (u64::from(HELD)..u64::from(HELD + ETA_TASKS)).collect();
+        assert_eq!(numbers, expected, "{vhost}: each moved ETA task in the queue once");
+    }
 }
 
 fn endpoint(nodes: &NodeCluster) -> Endpoint {

@@ -305,7 +305,7 @@ async fn mirrored_3_10_moves_into_quorum_queues_on_4_3() {
     assert_eq!(report.moved(), 2_321, "{report:#?}");
     // Never silently dropped: what cannot be quorum is named as losing HA, with the reason, and
     // moved as classic.
-    let kept: Vec<(&str, &str)> = report.ha_lost.iter().map(|k| (k.name.as_str(), k.reason.as_str())).collect();
+    let kept: Vec<(&str, String)> = report.ha_lost.iter().map(|k| (k.name.as_str(), k.reason.to_string())).collect();
     assert_eq!(kept.len(), 2, "{kept:?}");
     assert!(kept[0].0 == "invoices" && kept[0].1.contains("x-max-priority 3"), "{kept:?}");
     assert!(kept[1].0 == "scratch" && kept[1].1.contains("not durable"), "{kept:?}");

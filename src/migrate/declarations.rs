@@ -14,9 +14,10 @@ use lapin::{Channel, ExchangeKind};
 use serde_json::{Map, Value};
 
 use super::amqp::{self, Failure};
-use super::definitions;
+use super::model::Queue;
 use super::preflight::Plan;
 use super::{MigrateError, Options};
+use crate::rabbitmq::queue_type::QueueType;
 
 /// A declaration an app makes that the target refuses, with RabbitMQ's words and what to change.
 #[derive(Clone, Debug, PartialEq, serde::Serialize)]
@@ -54,17 +55,8 @@ pub fn table(arguments: &Map<String, Value>) -> FieldTable {
     table
 }
 
-/// The queue declaration an app makes: the source's arguments, without `x-queue-type`, as kombu
-/// and pika send them by default (the source's type came from its vhost's default, or from 3.x,
-/// where classic was the only kind an app declared without naming one).
-fn app_arguments(queue: &Value) -> Map<String, Value> {
-    let mut arguments = queue["arguments"].as_object().cloned().unwrap_or_default();
-    arguments.remove("x-queue-type");
-    arguments
-}
-
 /// What the app should change so the target accepts its declaration of `queue`.
-fn queue_advice(name: &str, target_type: &str, error: &str) -> String {
+fn queue_advice(name: &str, target_type: &QueueType, error: &str) -> String {
     if !error.contains("x-queue-type") {
         return format!(
             "declare queue {name} in the app with the arguments it has on the target (the management UI or \
@@ -76,7 +68,7 @@ fn queue_advice(name: &str, target_type: &str, error: &str) -> String {
          {{\"x-queue-type\": \"{target_type}\"}})]; kombu: Queue(..., queue_arguments=...); pika: \
          arguments={{\"x-queue-type\": \"{target_type}\"}})"
     );
-    if target_type == "classic" {
+    if *target_type == QueueType::Classic {
         // Kept classic (it cannot be quorum), on a vhost whose default is quorum: a declaration
         // that names no type asks for a quorum queue.
         format!(
@@ -95,8 +87,8 @@ fn queue_advice(name: &str, target_type: &str, error: &str) -> String {
 /// ones, each with RabbitMQ's error. A channel the broker closes on a refusal is replaced.
 pub async fn check(options: &Options, plan: &Plan) -> Result<Vec<RefusedDeclaration>, MigrateError> {
     let mut refused = Vec::new();
-    let mut vhosts: Vec<&str> = plan.app_queues.iter().map(|q| definitions::queue_key(q).0).collect();
-    vhosts.extend(plan.app_exchanges.iter().map(|e| e["vhost"].as_str().unwrap_or("/")));
+    let mut vhosts: Vec<&str> = plan.app_queues.iter().map(|q| q.vhost.as_str()).collect();
+    vhosts.extend(plan.app_exchanges.iter().map(|e| e.vhost.as_str()));
     vhosts.sort_unstable();
     vhosts.dedup();
     for vhost in vhosts {
@@ -121,25 +113,25 @@ async fn check_vhost(
     refused: &mut Vec<RefusedDeclaration>,
 ) -> Result<(), Failure> {
     let mut on = channel(connection).await?;
-    for queue in plan.app_queues.iter().filter(|q| definitions::queue_key(q).0 == vhost) {
-        let name = definitions::queue_key(queue).1;
+    for queue in plan.app_queues.iter().filter(|q| q.vhost == vhost) {
+        let name = queue.name.as_str();
         let declare = QueueDeclareOptions {
-            durable: queue["durable"] != false,
-            auto_delete: queue["auto_delete"] == true,
+            durable: queue.durable,
+            auto_delete: queue.auto_delete,
             ..QueueDeclareOptions::default()
         };
-        let arguments = table(&app_arguments(queue));
+        let arguments = table(&queue.app_arguments());
         match amqp::within(&format!("queue.declare {name}"), on.queue_declare(name.into(), declare, arguments)).await {
             Ok(_) => {}
             Err(failure) if failure.transport => return Err(failure),
             Err(failure) => {
-                let target_type = plan.definitions["queues"]
-                    .as_array()
-                    .into_iter()
-                    .flatten()
-                    .find(|d| definitions::queue_key(d) == (vhost, name))
-                    .map(|d| definitions::queue_type(d).to_string())
-                    .unwrap_or_else(|| "classic".into());
+                let target_type = plan
+                    .definitions
+                    .queues
+                    .iter()
+                    .find(|d| d.key() == (vhost, name))
+                    .map(Queue::kind)
+                    .unwrap_or_default();
                 refused.push(RefusedDeclaration {
                     vhost: vhost.to_string(),
                     kind: "queue".into(),
@@ -151,9 +143,9 @@ async fn check_vhost(
             }
         }
     }
-    for exchange in plan.app_exchanges.iter().filter(|e| e["vhost"].as_str().unwrap_or("/") == vhost) {
-        let name = exchange["name"].as_str().unwrap_or_default();
-        let kind = match exchange["type"].as_str().unwrap_or("direct") {
+    for exchange in plan.app_exchanges.iter().filter(|e| e.vhost == vhost) {
+        let name = exchange.name.as_str();
+        let kind = match exchange.kind.as_str() {
             "direct" => ExchangeKind::Direct,
             "fanout" => ExchangeKind::Fanout,
             "headers" => ExchangeKind::Headers,
@@ -161,12 +153,12 @@ async fn check_vhost(
             other => ExchangeKind::Custom(other.to_string()),
         };
         let declare = ExchangeDeclareOptions {
-            durable: exchange["durable"] != false,
-            auto_delete: exchange["auto_delete"] == true,
-            internal: exchange["internal"] == true,
+            durable: exchange.durable,
+            auto_delete: exchange.auto_delete,
+            internal: exchange.internal,
             ..ExchangeDeclareOptions::default()
         };
-        let arguments = table(&exchange["arguments"].as_object().cloned().unwrap_or_default());
+        let arguments = table(&exchange.arguments);
         let declared = on.exchange_declare(name.into(), kind, declare, arguments);
         match amqp::within(&format!("exchange.declare {name}"), declared).await {
             Ok(_) => {}
@@ -194,14 +186,6 @@ mod tests {
     use serde_json::json;
 
     #[test]
-    fn an_app_declares_its_arguments_without_a_type() {
-        let defaulted = json!({"name": "celery", "type": "classic", "arguments": {"x-max-priority": 10}});
-        assert_eq!(Value::Object(app_arguments(&defaulted)), json!({"x-max-priority": 10}));
-        let explicit = json!({"name": "q", "arguments": {"x-queue-type": "classic", "x-max-length": 5}});
-        assert_eq!(Value::Object(app_arguments(&explicit)), json!({"x-max-length": 5}));
-    }
-
-    #[test]
     fn json_arguments_become_amqp_fields_of_the_same_kind() {
         let arguments = json!({"x-max-length": 10, "x-message-ttl": 1.5, "x-dead-letter-exchange": "dlx",
                                "x-single-active-consumer": true});
@@ -217,13 +201,14 @@ mod tests {
     fn a_type_mismatch_is_answered_with_the_declaration_to_use() {
         let advice = queue_advice(
             "celery",
-            "quorum",
+            &QueueType::Quorum,
             "queue.declare celery: PRECONDITION_FAILED - inequivalent arg 'x-queue-type' for queue 'celery'",
         );
         assert!(advice.contains("x-queue-type=quorum"), "{advice}");
         assert!(advice.contains("task_default_queue_type"), "{advice}");
         // A queue kept classic on a vhost that defaults to quorum (seen live on 4.3: a priority queue).
-        let advice = queue_advice("invoices", "classic", "inequivalent arg 'x-queue-type': received 'quorum'");
+        let advice =
+            queue_advice("invoices", &QueueType::Classic, "inequivalent arg 'x-queue-type': received 'quorum'");
         assert!(advice.contains("x-queue-type=classic") && advice.contains("defaults to quorum"), "{advice}");
         assert!(!advice.contains("--keep-classic"), "{advice}");
     }

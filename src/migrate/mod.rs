@@ -10,6 +10,7 @@ pub mod amqp;
 pub mod budget;
 pub mod declarations;
 pub mod definitions;
+pub mod model;
 pub mod mover;
 pub mod preflight;
 pub mod progress;

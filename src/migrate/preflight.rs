@@ -8,8 +8,10 @@ use serde_json::Value;
 
 use super::amqp::{self, Failure};
 use super::definitions;
+use super::model::{Definitions, Exchange, Queue};
 use super::{MigrateError, Options};
 use crate::rabbitmq::management::{ManagementClient, encode};
+use crate::rabbitmq::queue_type::QueueType;
 use crate::rabbitmq::version::RabbitVersion;
 
 /// One queue to move.
@@ -22,11 +24,11 @@ pub struct QueuePlan {
     /// Their bytes (bodies), when the statistics had them.
     pub bytes: u64,
     /// Its type on the source.
-    pub queue_type: String,
+    pub queue_type: QueueType,
     /// A policy on the source mirrored it (`ha-mode`, RabbitMQ 3.x).
     pub source_mirrored: bool,
     /// Its type on the target.
-    pub target_type: String,
+    pub target_type: QueueType,
     /// It has replicas on the target: a quorum queue or a stream, or a classic queue on a 3.x
     /// target that a policy the migration brings mirrors.
     pub replicated: bool,
@@ -48,14 +50,14 @@ pub struct Plan {
     pub source_version: String,
     pub target_version: String,
     /// Definitions to import, already converted for the target.
-    pub definitions: Value,
+    pub definitions: Definitions,
     /// What the conversion changed, for the report.
     pub notes: Vec<String>,
     /// Queues left unreplicated on a target without classic mirroring, with the reason.
     pub ha_lost: Vec<definitions::HaLost>,
     /// The selected queues and exchanges as the source has them: what the apps declare.
-    pub app_queues: Vec<Value>,
-    pub app_exchanges: Vec<Value>,
+    pub app_queues: Vec<Queue>,
+    pub app_exchanges: Vec<Exchange>,
     pub queues: Vec<QueuePlan>,
 }
 
@@ -104,8 +106,8 @@ struct QueueStats {
     exclusive: bool,
     #[serde(default)]
     auto_delete: bool,
-    #[serde(rename = "type", default = "classic")]
-    queue_type: String,
+    #[serde(rename = "type", default)]
+    queue_type: QueueType,
     /// The policy in effect (3.x and 4.x report it; absent on some versions).
     #[serde(default)]
     effective_policy_definition: Option<Value>,
@@ -119,10 +121,6 @@ impl QueueStats {
 
 fn default_vhost() -> String {
     "/".into()
-}
-
-fn classic() -> String {
-    "classic".into()
 }
 
 /// `GET /api/whoami`: tags are a list from 3.9, a comma-separated string before.
@@ -227,7 +225,7 @@ pub async fn run(
     let (target_version, target_parsed) = version(target, "target").await?;
     check_vhosts_asked_for(source, options).await?;
     let source_queues = wait_until_released(source, options).await?;
-    let exported: Value = get(source, "source", "/api/definitions").await?;
+    let exported: Definitions = get(source, "source", "/api/definitions").await?;
     let definitions::Conversion { definitions, notes, ha_lost, app_queues, app_exchanges } =
         definitions::convert(&exported, options, target_parsed);
     for lost in &ha_lost {
@@ -236,7 +234,7 @@ pub async fn run(
     check_target_may_create_vhosts(target, &definitions).await?;
     check_target_queues(target, &definitions).await?;
     let queues = queues_to_move(&source_queues, &definitions, target_parsed);
-    if let Some(pattern) = options.queues.as_ref().filter(|_| definitions::queues(&definitions).next().is_none()) {
+    if let Some(pattern) = options.queues.as_ref().filter(|_| definitions.queues.is_empty()) {
         // A pattern with a typo would otherwise "succeed" having moved nothing.
         return Err(fail(
             "QueuesMissing",
@@ -302,10 +300,13 @@ async fn wait_until_released(source: &ManagementClient, options: &Options) -> Re
 }
 
 /// A vhost the target lacks is created by the import, which takes the administrator tag.
-async fn check_target_may_create_vhosts(target: &ManagementClient, definitions: &Value) -> Result<(), MigrateError> {
+async fn check_target_may_create_vhosts(
+    target: &ManagementClient,
+    definitions: &Definitions,
+) -> Result<(), MigrateError> {
     let target_vhosts = names(&get::<Vec<Named>>(target, "target", "/api/vhosts").await?);
-    let missing: Vec<String> =
-        definitions::vhost_names(definitions).into_iter().filter(|v| !target_vhosts.contains(v)).collect();
+    let missing: Vec<&str> =
+        definitions.vhosts.iter().map(|v| v.name.as_str()).filter(|v| !target_vhosts.iter().any(|t| t == v)).collect();
     if missing.is_empty() {
         return Ok(());
     }
@@ -326,20 +327,22 @@ async fn check_target_may_create_vhosts(target: &ManagementClient, definitions: 
 }
 
 /// A queue that exists on the target with other arguments cannot receive these messages.
-async fn check_target_queues(target: &ManagementClient, definitions: &Value) -> Result<(), MigrateError> {
-    for queue in definitions::queues(definitions) {
-        let (vhost, name) = definitions::queue_key(queue);
+async fn check_target_queues(target: &ManagementClient, definitions: &Definitions) -> Result<(), MigrateError> {
+    for queue in &definitions.queues {
+        let (vhost, name) = queue.key();
         let path = format!("/api/queues/{}/{}", encode(vhost), encode(name));
         let existing = target.get(&path).await.map_err(|e| fail(e.reason(), format!("target: {e}")))?;
         let Some(existing) = existing else { continue };
-        let (have, want) = (definitions::effective_arguments(&existing), definitions::effective_arguments(queue));
-        if have != want || existing["durable"] != queue["durable"] {
+        let existing: Queue = serde_json::from_value(existing)
+            .map_err(|e| fail("BrokerBadResponse", format!("target: GET {path}: {e}")))?;
+        let (have, want) = (Value::Object(existing.effective_arguments()), Value::Object(queue.effective_arguments()));
+        if have != want || existing.durable != queue.durable {
             return Err(fail(
                 "QueueMismatch",
                 format!(
                     "queue {name} in vhost {vhost} exists on the target with other properties (durable {}, \
                      arguments {have}) than the migration needs (durable {}, arguments {want}); delete or rename it",
-                    existing["durable"], queue["durable"]
+                    existing.durable, queue.durable
                 ),
             ));
         }
@@ -349,17 +352,16 @@ async fn check_target_queues(target: &ManagementClient, definitions: &Value) -> 
 
 /// The queues to move: those the converted definitions kept (selected vhosts and names), each with
 /// its type on either side.
-fn queues_to_move(source_queues: &[QueueStats], definitions: &Value, target: RabbitVersion) -> Vec<QueuePlan> {
+fn queues_to_move(source_queues: &[QueueStats], definitions: &Definitions, target: RabbitVersion) -> Vec<QueuePlan> {
     source_queues
         .iter()
         .filter_map(|q| {
-            let declared =
-                definitions::queues(definitions).find(|d| definitions::queue_key(d) == (&q.vhost, &q.name))?;
-            let target_type = definitions::queue_type(declared).to_string();
-            let replicated = match target_type.as_str() {
-                "classic" => target.has_classic_mirroring() && definitions::mirrored_by_policy(definitions, declared),
-                _ => true,
-            };
+            let declared = definitions.queues.iter().find(|d| d.key() == (&q.vhost, &q.name))?;
+            let target_type = declared.kind();
+            let replicated = target_type.is_replicated()
+                || (target_type == QueueType::Classic
+                    && target.has_classic_mirroring()
+                    && definitions::mirrored_by_policy(definitions, declared));
             Some(QueuePlan {
                 vhost: q.vhost.clone(),
                 name: q.name.clone(),

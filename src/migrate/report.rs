@@ -162,7 +162,7 @@ impl Summary {
                     .planned
                     .iter()
                     .find(|p| p.vhost == q.vhost && p.name == q.name)
-                    .map(|p| p.target_type.clone()),
+                    .map(|p| p.target_type.to_string()),
             })
             .collect();
         let mut ha_lost: Vec<String> =
@@ -221,6 +221,7 @@ impl Summary {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::migrate::definitions::HaLostReason;
 
     #[test]
     fn a_summary_of_many_queues_fits_a_termination_message_and_counts_what_it_left_out() {
@@ -237,7 +238,11 @@ mod tests {
             dry_run: false,
             planned: Vec::new(),
             ha_lost: (0..20)
-                .map(|i| HaLost { vhost: "/".into(), name: format!("q{i}"), reason: "x-max-priority 9".into() })
+                .map(|i| HaLost {
+                    vhost: "/".into(),
+                    name: format!("q{i}"),
+                    reason: HaLostReason::Priorities(9.into()),
+                })
                 .collect(),
             refused_declarations: Vec::new(),
             definitions: DefinitionsReport::default(),

@@ -3,5 +3,6 @@
 pub mod broker;
 pub mod ha;
 pub mod management;
+pub mod queue_type;
 pub mod scale_down;
 pub mod version;

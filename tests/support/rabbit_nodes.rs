@@ -357,19 +357,34 @@ impl NodeCluster {
 
     /// Two clusters side by side (a migration's source and target), started and formed.
     pub async fn started_pair(source: &str, target: &str) -> (Self, Self) {
+        let mut group = Self::started_group(&[source, target]).await.into_iter();
+        let first = group.next().expect("the source");
+        (first, group.next().expect("the target"))
+    }
+
+    /// Clusters side by side (migrations' sources and their target), started and formed.
+    pub async fn started_group(manifests: &[&str]) -> Vec<Self> {
         let guard = ONE_AT_A_TIME.lock().await;
-        let mut first = Self::create_holding(source, Some(guard), None);
-        // One pod network for both, as two clusters in one Kubernetes cluster: they reach each
-        // other directly (a migration, or a Shovel, connects from one to the other).
-        let shared = Some((first.bridge.clone(), first.network.0, 101));
-        let mut second = Self::create_holding(target, None, shared);
-        first.start_all();
-        second.start_all();
-        first.wait_formed(BOOT).await;
-        second.wait_formed(BOOT).await;
-        first.converge(0).await.expect("broker reconcile of the source");
-        second.converge(0).await.expect("broker reconcile of the target");
-        (first, second)
+        let first = Self::create_holding(manifests[0], Some(guard), None);
+        // One pod network for all, as clusters in one Kubernetes cluster: they reach each other
+        // directly (a migration, or a Shovel, connects from one to the other). The first one's
+        // nodes are at .1 and up, the next ones' at .101, .151, .201 and up.
+        let (bridge, subnet) = (first.bridge.clone(), first.network.0);
+        let mut group = vec![first];
+        for (k, manifest) in manifests.iter().enumerate().skip(1) {
+            let first_host = u8::try_from(101 + 50 * (k - 1)).expect("at most four clusters side by side");
+            group.push(Self::create_holding(manifest, None, Some((bridge.clone(), subnet, first_host))));
+        }
+        for cluster in &mut group {
+            cluster.start_all();
+        }
+        for cluster in &group {
+            cluster.wait_formed(BOOT).await;
+        }
+        for cluster in &group {
+            cluster.converge(0).await.expect("broker reconcile");
+        }
+        group
     }
 
     fn create_holding(
