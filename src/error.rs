@@ -46,6 +46,10 @@ named_enum! {
         ClassicMirroringUnsupported,
         /// Quorum as the default queue type asked of a version without per-vhost defaults.
         QuorumDefaultUnsupported,
+        /// A RabbitMigration names a Secret not meant for migrations (no opt-in label).
+        CredentialsNotPermitted,
+        /// A RabbitMigration names a Job image while the operator runs only its own.
+        ImageNotPermitted,
     }
 }
 

@@ -40,6 +40,10 @@ enum Command {
         /// Image of migration Jobs whose RabbitMigration names none.
         #[arg(long, env = "WARREN_IMAGE", default_value = warren::controller::migration::DEFAULT_IMAGE)]
         migration_image: String,
+        /// Let a RabbitMigration run its Job with another image (`spec.image`); off, a Job runs
+        /// the operator's own image only (the Job holds both clusters' credentials).
+        #[arg(long, env = "WARREN_ALLOW_MIGRATION_IMAGE")]
+        allow_migration_image: bool,
         /// Management API URL of a cluster; `{service}`, `{namespace}` and `{domain}` are filled in.
         #[arg(long, env = "WARREN_MANAGEMENT_URL", default_value = "http://{service}.{namespace}.svc.{domain}:15672")]
         management_url_template: String,
@@ -390,6 +394,7 @@ async fn main() -> std::process::ExitCode {
             listen,
             cluster_domain,
             migration_image,
+            allow_migration_image,
             management_url_template,
             lease_namespace,
             lease_name,
@@ -407,6 +412,7 @@ async fn main() -> std::process::ExitCode {
             let server = tokio::spawn(server::serve(listen, metrics.clone(), readiness.clone()));
             let mut ctx = Context::new(client.clone(), Settings { cluster_domain }, management_url_template, metrics);
             ctx.migration_image = migration_image;
+            ctx.allow_migration_image = allow_migration_image;
             let ctx = Arc::new(ctx);
             tracing::info!(namespace = namespace.as_deref().unwrap_or("<all>"), %listen, "warren controller starting");
             let work = controller::run(ctx, namespace, readiness.clone());

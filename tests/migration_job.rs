@@ -15,7 +15,7 @@ fn example() -> RabbitMigration {
 
 #[test]
 fn the_job_runs_warren_migrate_with_credentials_only_from_secrets() {
-    let job = migration_job(&example(), "warren:test", "cluster.local").expect("job");
+    let job = migration_job(&example(), "warren:test", false, "cluster.local").expect("job");
     assert_eq!(job.metadata.name.as_deref(), Some("from-legacy-migrate"));
     let owner = &job.metadata.owner_references.as_ref().unwrap()[0];
     assert_eq!(
@@ -75,7 +75,7 @@ fn the_jobs_memory_and_in_flight_budget_come_from_the_spec() {
         .unwrap(),
     );
     let container = |migration: &RabbitMigration| {
-        let job = migration_job(migration, "warren:test", "cluster.local").expect("job");
+        let job = migration_job(migration, "warren:test", false, "cluster.local").expect("job");
         job.spec.unwrap().template.spec.unwrap().containers.remove(0)
     };
     let sized = container(&migration);
@@ -92,7 +92,7 @@ fn the_jobs_memory_and_in_flight_budget_come_from_the_spec() {
 
     // More than a quarter of the limit: a message in flight can take three times its size.
     migration.spec.max_in_flight = Some("600Mi".into());
-    let error = migration_job(&migration, "warren:test", "cluster.local").expect_err("refused");
+    let error = migration_job(&migration, "warren:test", false, "cluster.local").expect_err("refused");
     assert_eq!(error.reason(), "InvalidResources");
     assert!(error.to_string().contains("spec.maxInFlight 600Mi") && error.to_string().contains("2Gi"), "{error}");
 }
@@ -100,7 +100,7 @@ fn the_jobs_memory_and_in_flight_budget_come_from_the_spec() {
 #[test]
 fn the_queue_type_choices_become_flags() {
     let args = |migration: &RabbitMigration| {
-        migration_job(migration, "warren:test", "cluster.local")
+        migration_job(migration, "warren:test", false, "cluster.local")
             .expect("job")
             .spec
             .unwrap()
@@ -125,9 +125,38 @@ fn the_queue_type_choices_become_flags() {
 fn an_endpoint_without_credentials_is_refused() {
     let mut migration = example();
     migration.spec.source.credentials_secret = None;
-    let error = migration_job(&migration, "warren:test", "cluster.local").expect_err("refused");
+    let error = migration_job(&migration, "warren:test", false, "cluster.local").expect_err("refused");
     assert_eq!(error.reason(), "InvalidSpec");
     assert!(error.to_string().contains("source"), "{error}");
+}
+
+#[test]
+fn the_jobs_image_is_the_operators_unless_the_operator_allows_another() {
+    let image = |migration: &RabbitMigration, allow: bool| {
+        migration_job(migration, "warren:test", allow, "cluster.local")
+            .map(|job| job.spec.unwrap().template.spec.unwrap().containers[0].image.clone().unwrap())
+    };
+    let mut migration = example();
+    migration.spec.image = Some("warren:test".into());
+    assert_eq!(image(&migration, false).expect("its own image, named"), "warren:test");
+    migration.spec.image = Some("registry.example/anything:1".into());
+    let error = image(&migration, false).expect_err("another image");
+    assert_eq!(error.reason(), "ImageNotPermitted");
+    assert!(error.to_string().contains("spec.image registry.example/anything:1"), "{error}");
+    assert!(error.to_string().contains("migration.allowImageOverride"), "{error}");
+    assert_eq!(image(&migration, true).expect("allowed"), "registry.example/anything:1");
+}
+
+#[test]
+fn only_a_secret_labelled_for_migrations_may_be_named() {
+    use std::collections::BTreeMap;
+    use warren::controller::migration::meant_for_migrations;
+    let labels = |pairs: &[(&str, &str)]| -> BTreeMap<String, String> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    };
+    assert!(meant_for_migrations(&labels(&[("warren.dev/migration-credentials", "true")])));
+    assert!(!meant_for_migrations(&labels(&[("warren.dev/migration-credentials", "false")])));
+    assert!(!meant_for_migrations(&labels(&[("app", "legacy")])));
 }
 
 #[test]

@@ -1,5 +1,6 @@
-//! A RabbitMigration with the operator installed by the chart: the Job it creates, its phase in
-//! status, and deletion taking the Job with it.
+//! A RabbitMigration with the operator installed by the chart: a credentials Secret not labelled
+//! for migrations refused, then the Job it creates, its phase in status, and deletion taking the
+//! Job with it.
 
 use std::time::Duration;
 
@@ -17,10 +18,43 @@ async fn a_migration_becomes_an_owned_job_and_reports_its_phase() {
     let ns = TestNamespace::create(&client, "e2e-migration").await;
     let operator = Operator::install(&client, &ns.name).await;
     let example = manifest(std::path::Path::new("examples/migration.yaml"));
-    ok("kubectl apply", crate::support::kubectl_stdin(&["apply", "-n", &ns.name, "-f", "-"], &example));
-
+    let apply = || ok("kubectl apply", crate::support::kubectl_stdin(&["apply", "-n", &ns.name, "-f", "-"], &example));
     let migrations: Api<RabbitMigration> = Api::namespaced(client.clone(), &ns.name);
     let jobs: Api<Job> = Api::namespaced(client.clone(), &ns.name);
+
+    // The example's credentials Secret, as a user who has not read the example's comment makes it:
+    // no label. The operator refuses to hand it to a Job, naming the field.
+    let secret = ["create", "secret", "generic", "old-rabbitmq-credentials", "-n", &ns.name];
+    ok(
+        "kubectl create secret",
+        kubectl(&[&secret[..], &["--from-literal=username=u", "--from-literal=password=p"]].concat()),
+    );
+    apply();
+    wait_for("the migration refused", Duration::from_secs(60), || async {
+        let m = migrations.get("from-legacy").await.map_err(|e| e.to_string())?;
+        let status = m.status.clone().unwrap_or_default();
+        let refused = status.conditions.iter().any(|c| {
+            c.type_ == "Complete"
+                && c.status == "False"
+                && c.reason == "CredentialsNotPermitted"
+                && c.message.contains("spec.source.credentialsSecret: Secret old-rabbitmq-credentials has no label")
+        });
+        if refused && status.phase.as_deref() == Some("Failed") { Ok(()) } else { Err(format!("{status:?}")) }
+    })
+    .await;
+    let events = ok(
+        "kubectl get events",
+        kubectl(&["get", "events", "-n", &ns.name, "--field-selector", "reason=CredentialsNotPermitted", "-o", "name"]),
+    );
+    assert!(!events.trim().is_empty(), "a Warning Event for the refusal");
+    assert!(jobs.get_opt("from-legacy-migrate").await.expect("jobs").is_none(), "a Job despite the refusal");
+
+    // Labelled for migrations, and the migration applied again: the Job.
+    let label =
+        ["label", "secret", "old-rabbitmq-credentials", "-n", &ns.name, "warren.dev/migration-credentials=true"];
+    ok("kubectl label", kubectl(&label));
+    ok("kubectl delete", kubectl(&["delete", "rabbitmigration", "from-legacy", "-n", &ns.name]));
+    apply();
     let job = wait_for("the migration Job", Duration::from_secs(60), || async {
         jobs.get_opt("from-legacy-migrate").await.map_err(|e| e.to_string())?.ok_or_else(|| "no Job yet".to_string())
     })

@@ -61,7 +61,9 @@ pub struct RabbitMigrationSpec {
     /// Move what can be moved although consumers hold messages unacknowledged.
     #[serde(default)]
     pub force: bool,
-    /// Image of the Job (the operator's own image by default).
+    /// Image of the Job: the operator's own by default, and another only when the operator allows
+    /// it (the chart's `migration.allowImageOverride`), since the Job holds both clusters'
+    /// credentials.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image: Option<String>,
     /// The Job container's resources. Unset values default to requests cpu 250m and memory
@@ -93,7 +95,8 @@ pub struct MigrationEndpoint {
     pub amqp_port: u16,
     #[serde(default = "default_management_port")]
     pub management_port: u16,
-    /// With `host`: a Secret of this namespace with keys `username` and `password`.
+    /// With `host`: a Secret of this namespace with keys `username` and `password`, labelled
+    /// `warren.dev/migration-credentials=true` (the operator hands no other Secret to a Job).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub credentials_secret: Option<String>,
 }

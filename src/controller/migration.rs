@@ -12,9 +12,11 @@ use kube::{Api, Resource, ResourceExt};
 use tracing::Instrument;
 
 use super::Context;
-pub use super::build::job::{DEFAULT_IMAGE, job_name, migration_job};
+pub use super::build::job::{
+    DEFAULT_IMAGE, MIGRATION_CREDENTIALS_LABEL, job_name, meant_for_migrations, migration_job,
+};
 use crate::api::{RabbitMigration, RabbitMigrationStatus};
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, SpecReason};
 use crate::migrate::report::Summary;
 
 crate::error::named_enum! {
@@ -57,7 +59,16 @@ async fn reconcile_migration(migration: Arc<RabbitMigration>, ctx: Arc<Context>)
     let job = match super::stores::cached(&ctx.client, &ctx.stores.jobs, &namespace, &name).await? {
         Some(job) => job,
         None => {
-            let job = match migration_job(&migration, &ctx.migration_image, &ctx.settings.cluster_domain) {
+            let built = match credentials_permitted(&ctx, &migration).await {
+                Ok(()) => migration_job(
+                    &migration,
+                    &ctx.migration_image,
+                    ctx.allow_migration_image,
+                    &ctx.settings.cluster_domain,
+                ),
+                Err(error) => Err(error),
+            };
+            let job = match built {
                 Ok(job) => job,
                 Err(error) => {
                     ctx.publish(
@@ -112,6 +123,31 @@ async fn reconcile_migration(migration: Arc<RabbitMigration>, ctx: Arc<Context>)
     }
     write_status(&ctx, &migration, phase, Some(name), complete, summary).await?;
     Ok(Action::await_change())
+}
+
+/// A side given by `host` names a `credentialsSecret`: the Job sends its username and password
+/// to that host. Only a Secret labelled for migrations may be named, so that the right to create
+/// a RabbitMigration is not the right to read every Secret of the namespace. (A side given by
+/// `clusterRef` uses that RabbitCluster's default-user Secret, which the operator made.)
+async fn credentials_permitted(ctx: &Context, migration: &RabbitMigration) -> Result<()> {
+    let namespace = migration.namespace().unwrap_or_default();
+    for (field, endpoint) in [("spec.source", &migration.spec.source), ("spec.target", &migration.spec.target)] {
+        let (Some(_), Some(name)) = (&endpoint.host, &endpoint.credentials_secret) else { continue };
+        let secret = super::stores::cached(&ctx.client, &ctx.stores.secrets, &namespace, name).await?;
+        let labelled = secret.as_ref().is_some_and(|s| meant_for_migrations(s.labels()));
+        if !labelled {
+            let state = if secret.is_some() { "has no label" } else { "does not exist, and needs the label" };
+            return Err(Error::InvalidSpec {
+                reason: SpecReason::CredentialsNotPermitted,
+                message: format!(
+                    "{field}.credentialsSecret: Secret {name} {state} {MIGRATION_CREDENTIALS_LABEL}=true, which says \
+                     it is meant for migrations (kubectl label secret {name} {MIGRATION_CREDENTIALS_LABEL}=true), \
+                     then edit or re-create this RabbitMigration"
+                ),
+            });
+        }
+    }
+    Ok(())
 }
 
 /// The `Complete` condition for a finished Job — (status, reason, message) — from the summary its

@@ -55,6 +55,8 @@ pub struct Context {
     pub metrics: Metrics,
     /// Image of migration Jobs whose RabbitMigration names none.
     pub migration_image: String,
+    /// Whether a RabbitMigration may name another image for its Job (`spec.image`).
+    pub allow_migration_image: bool,
     /// Consecutive failures per cluster, for exponential back-off.
     failures: Mutex<HashMap<String, u32>>,
     /// Since when a scale-down has waited for mirrors to synchronise, per cluster.
@@ -76,6 +78,7 @@ impl Context {
             management_url_template,
             metrics,
             migration_image: migration::DEFAULT_IMAGE.to_string(),
+            allow_migration_image: false,
             failures: Mutex::default(),
             mirror_sync_since: Mutex::default(),
             stores,

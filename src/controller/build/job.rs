@@ -141,10 +141,42 @@ fn args(migration: &RabbitMigration, max_in_flight: u64) -> Vec<String> {
     args
 }
 
+/// The label a Secret carries (value `true`) to be usable as a RabbitMigration's
+/// `credentialsSecret`: without it, anyone who may create a RabbitMigration could have the
+/// operator's Job send any Secret of the namespace to a host of their choosing.
+pub const MIGRATION_CREDENTIALS_LABEL: &str = "warren.dev/migration-credentials";
+
+/// Whether a Secret with these labels may be handed to a migration Job.
+pub fn meant_for_migrations(labels: &BTreeMap<String, String>) -> bool {
+    labels.get(MIGRATION_CREDENTIALS_LABEL).is_some_and(|v| v == "true")
+}
+
+/// The Job's image: the operator's own, or the spec's when the operator allows it (the chart's
+/// `migration.allowImageOverride`): a Job runs with the credentials of both clusters.
+fn image(spec: &RabbitMigrationSpec, default_image: &str, allow_override: bool) -> Result<String> {
+    match &spec.image {
+        None => Ok(default_image.to_string()),
+        Some(image) if image == default_image || allow_override => Ok(image.clone()),
+        Some(image) => Err(Error::InvalidSpec {
+            reason: SpecReason::ImageNotPermitted,
+            message: format!(
+                "spec.image {image}: this operator runs migration Jobs with its own image ({default_image}) only; \
+                 remove spec.image, or install the chart with migration.allowImageOverride=true"
+            ),
+        }),
+    }
+}
+
 /// The Job of `migration` (pure: tested from fixtures).
-pub fn migration_job(migration: &RabbitMigration, default_image: &str, domain: &str) -> Result<Job> {
+pub fn migration_job(
+    migration: &RabbitMigration,
+    default_image: &str,
+    allow_image_override: bool,
+    domain: &str,
+) -> Result<Job> {
     let namespace = migration.namespace().unwrap_or_default();
     let spec = &migration.spec;
+    let image = image(spec, default_image, allow_image_override)?;
     let resources = resources(spec);
     let max_in_flight = max_in_flight(spec, &resources)?;
     let mut env = endpoint_env("source", &spec.source, &namespace, domain)?;
@@ -167,7 +199,7 @@ pub fn migration_job(migration: &RabbitMigration, default_image: &str, domain: &
     ]);
     let container = Container {
         name: "migrate".into(),
-        image: Some(spec.image.clone().unwrap_or_else(|| default_image.to_string())),
+        image: Some(image),
         args: Some(args(migration, max_in_flight)),
         env: Some(env),
         termination_message_path: Some(TERMINATION_LOG.into()),
