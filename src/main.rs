@@ -104,6 +104,10 @@ struct MigrateArgs {
     /// http[s]://HOST:PORT of the old cluster's management API.
     #[arg(long, env = "WARREN_SOURCE_API")]
     source_api: String,
+    /// PEM file of the CA that signed the old cluster's certificates (amqps/https), besides the
+    /// system's roots. A peer that cannot be verified is refused.
+    #[arg(long, env = "WARREN_SOURCE_CA")]
+    source_ca: Option<std::path::PathBuf>,
     /// amqp[s]://USER:PASS@HOST:PORT of the new cluster (prefer the environment variable).
     #[arg(long, env = "WARREN_TARGET_URI", hide_env_values = true)]
     target: String,
@@ -115,6 +119,9 @@ struct MigrateArgs {
     /// http[s]://HOST:PORT of the new cluster's management API.
     #[arg(long, env = "WARREN_TARGET_API")]
     target_api: String,
+    /// PEM file of the CA that signed the new cluster's certificates (amqps/https).
+    #[arg(long, env = "WARREN_TARGET_CA")]
+    target_ca: Option<std::path::PathBuf>,
     /// Only this vhost (repeatable; all vhosts when omitted).
     #[arg(long = "vhost")]
     vhosts: Vec<String>,
@@ -179,10 +186,12 @@ async fn migrate(args: MigrateArgs) -> std::process::ExitCode {
     give_back_large_buffers();
     use warren::migrate::{Endpoint, Options, migrate};
     let bars = progress_bars(&args);
-    let source = Endpoint::with_credentials(&args.source, &args.source_api, args.source_username, args.source_password);
+    let source = Endpoint::with_credentials(&args.source, &args.source_api, args.source_username, args.source_password)
+        .and_then(|source| source.with_ca_file(args.source_ca.as_deref()));
     let endpoints = source.and_then(|source| {
         let target =
-            Endpoint::with_credentials(&args.target, &args.target_api, args.target_username, args.target_password);
+            Endpoint::with_credentials(&args.target, &args.target_api, args.target_username, args.target_password)
+                .and_then(|target| target.with_ca_file(args.target_ca.as_deref()));
         Ok((source, target?))
     });
     let (source, target) = match endpoints {

@@ -440,7 +440,7 @@ async fn a_target_node_killed_mid_run_is_reconnected_and_nothing_is_lost() {
     // (The queue exists on the target only once the definitions are in: until then, not yet.)
     wait_for("some messages moved", Duration::from_secs(120), || async {
         let url = amqp_url(&new);
-        let connection = warren::migrate::amqp::connect(&url, "target").await.map_err(|e| e.message)?;
+        let connection = warren::migrate::amqp::connect(&url, None, "target").await.map_err(|e| e.message)?;
         let counted = async {
             let channel = connection.create_channel().await.map_err(|e| e.to_string())?;
             warren::migrate::amqp::depth(&channel, "tasks-0").await.map_err(|e| e.message)

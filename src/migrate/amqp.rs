@@ -6,8 +6,9 @@ use std::time::Duration;
 
 use lapin::options::QueueDeclareOptions;
 use lapin::protocol::{AMQPErrorKind, AMQPHardError};
+use lapin::tcp::OwnedTLSConfig;
 use lapin::types::FieldTable;
-use lapin::{Channel, Connection, ConnectionProperties, ErrorKind};
+use lapin::{Channel, Connection, DefaultConnectionBuilder, ErrorKind};
 
 /// A broker that stops answering must not stall a step forever.
 pub const ANSWER_WITHIN: Duration = Duration::from_secs(30);
@@ -63,8 +64,12 @@ pub async fn bounded<T>(what: &str, steps: impl Future<Output = Result<T, Failur
     })
 }
 
-pub async fn connect(uri: &str, side: &str) -> Result<Connection, Failure> {
-    within(&format!("connect to the {side}"), Connection::connect(uri, ConnectionProperties::default())).await
+pub async fn connect(uri: &str, ca: Option<&str>, side: &str) -> Result<Connection, Failure> {
+    let what = format!("connect to the {side}");
+    let builder = DefaultConnectionBuilder::new().map_err(|e| Failure::of(&what, &e))?;
+    let tls = OwnedTLSConfig { identity: None, cert_chain: ca.map(str::to_string) };
+    let builder = builder.with_uri_str(uri.to_string()).with_tls_config(tls);
+    within(&what, builder.connect()).await
 }
 
 /// Closes a connection, waiting a few seconds at most.

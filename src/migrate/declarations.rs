@@ -94,7 +94,9 @@ pub async fn check(options: &Options, plan: &Plan) -> Result<Vec<RefusedDeclarat
     for vhost in vhosts {
         let unreachable =
             |e: Failure| MigrateError::new("definitions", "BrokerUnreachable", format!("target: {}", e.message));
-        let connection = amqp::connect(&options.target.amqp_for(vhost), "target").await.map_err(unreachable)?;
+        let connection = amqp::connect(&options.target.amqp_for(vhost), options.target.ca.as_deref(), "target")
+            .await
+            .map_err(unreachable)?;
         let outcome = check_vhost(&connection, vhost, plan, &mut refused).await;
         amqp::close(connection, "declarations checked").await;
         outcome.map_err(unreachable)?;

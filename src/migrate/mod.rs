@@ -24,11 +24,15 @@ use url::Url;
 use crate::rabbitmq::management::ManagementClient;
 pub use report::Report;
 
-/// One broker: its AMQP URI (credentials included) and its management API.
+/// One broker: its AMQP URI (credentials included) and its management API, and the CA its
+/// certificates are verified against when either is TLS (`amqps`, `https`): with no CA, the
+/// system's roots. A peer that cannot be verified is refused; there is no way to skip the check.
 #[derive(Clone)]
 pub struct Endpoint {
     pub amqp: Url,
     pub api: Url,
+    /// PEM certificates (the `ca.crt` of a cert-manager Secret).
+    pub ca: Option<String>,
 }
 
 // Credentials stay out of logs.
@@ -36,7 +40,11 @@ impl std::fmt::Debug for Endpoint {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let mut amqp = self.amqp.clone();
         let _ = amqp.set_password(None);
-        f.debug_struct("Endpoint").field("amqp", &amqp.as_str()).field("api", &self.api.as_str()).finish()
+        f.debug_struct("Endpoint")
+            .field("amqp", &amqp.as_str())
+            .field("api", &self.api.as_str())
+            .field("ca", &self.ca.is_some())
+            .finish()
     }
 }
 
@@ -51,7 +59,20 @@ impl Endpoint {
         if !matches!(api.scheme(), "http" | "https") {
             return Err(MigrateError::input("management API URI must be http[s]://HOST:PORT"));
         }
-        Ok(Self { amqp, api })
+        Ok(Self { amqp, api, ca: None })
+    }
+
+    /// The same endpoint, its TLS peers verified against the PEM certificates in `path`.
+    pub fn with_ca_file(mut self, path: Option<&std::path::Path>) -> Result<Self, MigrateError> {
+        if let Some(path) = path {
+            let pem = std::fs::read_to_string(path)
+                .map_err(|e| MigrateError::input(format!("CA file {}: {e}", path.display())))?;
+            if !pem.contains("-----BEGIN CERTIFICATE-----") {
+                return Err(MigrateError::input(format!("CA file {}: no PEM certificate in it", path.display())));
+            }
+            self.ca = Some(pem);
+        }
+        Ok(self)
     }
 
     /// `parse`, with the user and password (when given) put into the AMQP URI, encoded.
@@ -78,7 +99,7 @@ impl Endpoint {
     pub fn management(&self) -> Result<ManagementClient, MigrateError> {
         let user = Self::decoded(self.amqp.username());
         let password = Self::decoded(self.amqp.password().unwrap_or_default());
-        ManagementClient::new(self.api.as_str(), &user, &password)
+        ManagementClient::with_ca(self.api.as_str(), &user, &password, self.ca.as_deref())
             .map_err(|e| MigrateError::new("preflight", "BrokerClientError", e.to_string()))
     }
 

@@ -138,8 +138,9 @@ async fn drain_queue(
     first_attempt: bool,
 ) -> Result<(), Failure> {
     let lost = |failure: Failure| Failure { transport: true, ..failure };
-    let source = connect(&options.source.amqp_for(&plan.vhost), "source").await.map_err(lost)?;
-    let target = match connect(&options.target.amqp_for(&plan.vhost), "target").await {
+    let source =
+        connect(&options.source.amqp_for(&plan.vhost), options.source.ca.as_deref(), "source").await.map_err(lost)?;
+    let target = match connect(&options.target.amqp_for(&plan.vhost), options.target.ca.as_deref(), "target").await {
         Ok(target) => target,
         Err(e) => {
             close(source, "migration done").await;
@@ -410,7 +411,7 @@ struct Flow {
 /// when the source cannot say, what was there less what moved.
 async fn left_on_source(options: &Options, plan: &QueuePlan, report: &QueueReport) -> u64 {
     let measured = async {
-        let connection = connect(&options.source.amqp_for(&plan.vhost), "source").await?;
+        let connection = connect(&options.source.amqp_for(&plan.vhost), options.source.ca.as_deref(), "source").await?;
         let channel = within("open a source channel", connection.create_channel()).await;
         let left = match channel {
             Ok(channel) => depth(&channel, &plan.name).await,

@@ -66,7 +66,22 @@ fn fail(reason: &'static str, message: impl Into<String>) -> MigrateError {
 }
 
 async fn version(api: &ManagementClient, side: &str) -> Result<(String, RabbitVersion), MigrateError> {
-    let text = api.rabbitmq_version().await.map_err(|e| fail(e.reason(), format!("{side}: {e}")))?;
+    let text = api.rabbitmq_version().await.map_err(|e| {
+        let text = e.to_string();
+        if text.contains("certificate") {
+            // The first call to either side: a TLS peer that was not verified is named as such.
+            fail(
+                "TlsNotVerified",
+                format!(
+                    "{side}: {text}: its certificate was not verified; pass --{side}-ca with the CA that signed it \
+                     (a RabbitMigration takes it from the cluster's TLS Secret), and address the host by a name \
+                     the certificate holds"
+                ),
+            )
+        } else {
+            fail(e.reason(), format!("{side}: {text}"))
+        }
+    })?;
     let version =
         RabbitVersion::parse(&text).ok_or_else(|| fail("BrokerBadResponse", format!("{side}: version {text:?}")))?;
     Ok((text, version))
@@ -188,7 +203,9 @@ async fn still_held(options: &Options, held: Vec<Held>) -> Result<Vec<Held>, Mig
     for mut queue in held {
         let unreachable =
             |e: Failure| fail("BrokerUnreachable", format!("source AMQP (vhost {}): {}", queue.vhost, e.message));
-        let connection = amqp::connect(&options.source.amqp_for(&queue.vhost), "source").await.map_err(unreachable)?;
+        let connection = amqp::connect(&options.source.amqp_for(&queue.vhost), options.source.ca.as_deref(), "source")
+            .await
+            .map_err(unreachable)?;
         let live = match amqp::within("open a channel", connection.create_channel()).await {
             Ok(channel) => amqp::declared(&channel, &queue.name).await,
             Err(e) => Err(e),

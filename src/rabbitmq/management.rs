@@ -140,19 +140,35 @@ pub fn encode(component: &str) -> String {
 impl ManagementClient {
     /// `base_url` is the management listener, e.g. `http://demo.ns.svc:15672`.
     pub fn new(base_url: &str, username: &str, password: &str) -> Result<Self> {
-        let http = reqwest::Client::builder()
-            .connect_timeout(Duration::from_secs(5))
-            .timeout(Duration::from_secs(15))
-            .build()
-            .map_err(|e| Error::Broker {
-                reason: BrokerReason::BrokerClientError,
-                what: base_url.to_string(),
-                // reqwest's own text is only "builder error": the cause is in its sources.
-                message: std::iter::successors(Some(&e as &dyn std::error::Error), |e| e.source())
-                    .map(ToString::to_string)
-                    .collect::<Vec<_>>()
-                    .join(": "),
-            })?;
+        Self::with_ca(base_url, username, password, None)
+    }
+
+    /// An `https` listener's certificate is verified against `ca` (PEM) as well as the system's
+    /// roots.
+    pub fn with_ca(base_url: &str, username: &str, password: &str, ca: Option<&str>) -> Result<Self> {
+        let client_error = |message: String| Error::Broker {
+            reason: BrokerReason::BrokerClientError,
+            what: base_url.to_string(),
+            message,
+        };
+        let mut builder =
+            reqwest::Client::builder().connect_timeout(Duration::from_secs(5)).timeout(Duration::from_secs(15));
+        if let Some(ca) = ca {
+            for certificate in reqwest::Certificate::from_pem_bundle(ca.as_bytes())
+                .map_err(|e| client_error(format!("the CA: {e}")))?
+            {
+                builder = builder.add_root_certificate(certificate);
+            }
+        }
+        let http = builder.build().map_err(|e| Error::Broker {
+            reason: BrokerReason::BrokerClientError,
+            what: base_url.to_string(),
+            // reqwest's own text is only "builder error": the cause is in its sources.
+            message: std::iter::successors(Some(&e as &dyn std::error::Error), |e| e.source())
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(": "),
+        })?;
         Ok(Self {
             http,
             base_url: base_url.trim_end_matches('/').to_string(),

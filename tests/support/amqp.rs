@@ -19,7 +19,7 @@ use tokio::sync::Mutex;
 /// from before.
 pub async fn live_depth(url: &str, queue: &str) -> u64 {
     use warren::migrate::amqp;
-    let connection = amqp::connect(url, "broker").await.expect("connect");
+    let connection = amqp::connect(url, None, "broker").await.expect("connect");
     let channel = amqp::within("open a channel", connection.create_channel()).await.expect("channel");
     let depth = amqp::depth(&channel, queue).await.expect("passive declare");
     amqp::close(connection, "counted").await;
