@@ -288,6 +288,35 @@ fn tls_fixture_adds_listeners_ports_and_volumes() {
 }
 
 #[test]
+fn tls_only_closes_the_plain_listeners_and_hands_out_amqps_uris() {
+    let mut cluster = fixture("tls.yaml");
+    cluster.spec.tls.as_mut().unwrap().disable_non_tls_listeners = true;
+    let validated = validate(&cluster, &Settings::default()).expect("valid");
+    let r = build::build(&validated, &credentials());
+    let conf = &r.config_map.data.as_ref().unwrap()["10-operator.conf"];
+    assert!(conf.contains("listeners.tcp = none\n") && conf.contains("listeners.ssl.default = 5671\n"), "{conf}");
+    assert!(!conf.contains("listeners.tcp.default") && !conf.contains("management.tcp.port"), "{conf}");
+    let ports = |service: &Value| -> Vec<i64> {
+        service["spec"]["ports"].as_array().unwrap().iter().map(|p| p["port"].as_i64().unwrap()).collect()
+    };
+    assert_eq!(ports(&json_of(&r.client_service)), [15692, 5671, 15671]);
+    assert_eq!(ports(&json_of(&r.headless_service)), [4369, 25672, 5671, 15671]);
+    let container = &json_of(&r.stateful_set)["spec"]["template"]["spec"]["containers"][0];
+    let probe_port = container["env"].as_array().unwrap().iter().find(|e| e["name"] == "WARREN_AMQP_PORT");
+    assert_eq!(probe_port.map(|e| &e["value"]), Some(&Value::from("5671")), "the readiness probe's port");
+    let data = r.default_user_secret.data.as_ref().unwrap();
+    let text = |key: &str| String::from_utf8(data[key].0.clone()).unwrap();
+    assert!(text("uri").starts_with("amqps://") && text("uri").contains(":5671/"), "{}", text("uri"));
+    assert!(text("failover-uris").split(';').all(|u| u.starts_with("amqps://")), "{}", text("failover-uris"));
+    assert_eq!(text("port"), "5671");
+    assert!(text("management-uri").starts_with("https://") && text("management-uri").ends_with(":15671"));
+    // Without TLS only, the plain listeners stay and the probe keeps its default port.
+    let (_, both) = built("tls.yaml");
+    let container = &json_of(&both.stateful_set)["spec"]["template"]["spec"]["containers"][0];
+    assert!(!container["env"].as_array().unwrap().iter().any(|e| e["name"] == "WARREN_AMQP_PORT"));
+}
+
+#[test]
 fn bad_specs_are_refused_with_a_reason_that_names_the_field() {
     let cases = [
         ("bad-mirrored-on-4x.yaml", "ClassicMirroringUnsupported", "ClassicMirrored"),

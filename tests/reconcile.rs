@@ -231,7 +231,8 @@ async fn a_paused_cluster_gets_only_its_condition() {
 #[tokio::test]
 async fn a_missing_tls_secret_is_reported_and_retried() {
     let mut cluster = fixture("basic.yaml");
-    cluster.spec.tls = Some(TlsSpec { secret_name: "demo-tls".into(), ca_secret_name: None });
+    cluster.spec.tls =
+        Some(TlsSpec { secret_name: "demo-tls".into(), ca_secret_name: None, disable_non_tls_listeners: false });
     let mut script = vec![Call::get_missing(STS)];
     script.extend(missing_except_stateful_set());
     script.extend([

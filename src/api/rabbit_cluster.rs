@@ -320,6 +320,18 @@ pub struct TlsSpec {
     /// Secret holding the CA certificate `ca.crt` used to verify peers; defaults to `secretName`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ca_secret_name: Option<String>,
+
+    /// Close the plain listeners (AMQP 5672, management HTTP 15672): clients and the operator
+    /// then speak AMQPS 5671 and HTTPS 15671 only.
+    #[serde(default, rename = "disableNonTLSListeners")]
+    pub disable_non_tls_listeners: bool,
+}
+
+impl TlsSpec {
+    /// Whether the plain AMQP and HTTP listeners are closed.
+    pub fn tls_only(tls: Option<&TlsSpec>) -> bool {
+        tls.is_some_and(|t| t.disable_non_tls_listeners)
+    }
 }
 
 /// Observed state of a RabbitCluster.

@@ -8,6 +8,7 @@ use sha2::{Digest, Sha256};
 
 use super::child_meta;
 use super::services::{AMQP_PORT, AMQPS_PORT, MANAGEMENT_PORT, MANAGEMENT_TLS_PORT, PROMETHEUS_PORT};
+use crate::api::TlsSpec;
 use crate::controller::validate::ValidatedCluster;
 
 pub const BOOTSTRAP_SCRIPT: &str = include_str!("scripts/bootstrap.sh");
@@ -39,8 +40,13 @@ pub fn rabbitmq_conf(cluster: &ValidatedCluster) -> String {
     line(format!("cluster_name = {}", cluster.name));
     // pause_minority by default: a partition must never leave two halves that both accept writes.
     line(format!("cluster_partition_handling = {}", cluster.partition_handling.as_config_value()));
-    line(format!("listeners.tcp.default = {AMQP_PORT}"));
-    line(format!("management.tcp.port = {MANAGEMENT_PORT}"));
+    if TlsSpec::tls_only(cluster.tls.as_ref()) {
+        // The management plugin opens no plain listener when only its TLS one is configured.
+        line("listeners.tcp = none".into());
+    } else {
+        line(format!("listeners.tcp.default = {AMQP_PORT}"));
+        line(format!("management.tcp.port = {MANAGEMENT_PORT}"));
+    }
     line(format!("prometheus.tcp.port = {PROMETHEUS_PORT}"));
     line("log.console = true".into());
     line("log.console.level = info".into());

@@ -9,7 +9,7 @@ use rand::Rng;
 use rand::distr::Alphanumeric;
 
 use super::kept_meta;
-use super::services::{AMQP_PORT, MANAGEMENT_PORT};
+use super::services::{AMQP_PORT, AMQPS_PORT, MANAGEMENT_PORT, MANAGEMENT_TLS_PORT};
 use crate::controller::validate::ValidatedCluster;
 use crate::rabbitmq::management::encode;
 
@@ -72,9 +72,16 @@ pub fn erlang_cookie_secret(cluster: &ValidatedCluster, credentials: &Credential
     )
 }
 
-fn amqp_uri(user: &str, password: &str, host: &str) -> String {
+/// An AMQP URI of the default vhost: `amqps` on 5671 when the cluster has TLS.
+fn amqp_uri(cluster: &ValidatedCluster, user: &str, password: &str, host: &str) -> String {
+    let (scheme, port) = amqp_scheme_port(cluster);
     // `//` is the default vhost "/" in the AMQP URI form kombu and pika read.
-    format!("amqp://{user}:{password}@{host}:{AMQP_PORT}//")
+    format!("{scheme}://{user}:{password}@{host}:{port}//")
+}
+
+/// What clients use: TLS when the cluster has it.
+fn amqp_scheme_port(cluster: &ValidatedCluster) -> (&'static str, i32) {
+    if cluster.tls.is_some() { ("amqps", AMQPS_PORT) } else { ("amqp", AMQP_PORT) }
 }
 
 /// Credentials plus ready-made connection strings: `uri` through the client Service and
@@ -84,17 +91,22 @@ pub fn default_user_secret(cluster: &ValidatedCluster, credentials: &Credentials
     let password = encode(&credentials.password);
     let host = cluster.client_service_host();
     let failover: Vec<String> =
-        (0..cluster.replicas).map(|ordinal| amqp_uri(&user, &password, &cluster.pod_host(ordinal))).collect();
+        (0..cluster.replicas).map(|ordinal| amqp_uri(cluster, &user, &password, &cluster.pod_host(ordinal))).collect();
+    let management_uri = if cluster.tls.is_some() {
+        format!("https://{host}:{MANAGEMENT_TLS_PORT}")
+    } else {
+        format!("http://{host}:{MANAGEMENT_PORT}")
+    };
     secret(
         kept_meta(cluster, &cluster.default_user_secret_name()),
         BTreeMap::from([
             (USERNAME_KEY.to_string(), credentials.username.clone()),
             (PASSWORD_KEY.to_string(), credentials.password.clone()),
             ("host".to_string(), host.clone()),
-            ("port".to_string(), AMQP_PORT.to_string()),
-            ("uri".to_string(), amqp_uri(&user, &password, &host)),
+            ("port".to_string(), amqp_scheme_port(cluster).1.to_string()),
+            ("uri".to_string(), amqp_uri(cluster, &user, &password, &host)),
             ("failover-uris".to_string(), failover.join(";")),
-            ("management-uri".to_string(), format!("http://{host}:{MANAGEMENT_PORT}")),
+            ("management-uri".to_string(), management_uri),
             (DEFAULT_USER_CONF_KEY.to_string(), default_user_conf(credentials)),
         ]),
     )

@@ -5,6 +5,7 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use super::{child_meta, selector_labels};
 use crate::api::ServiceType;
+use crate::api::TlsSpec;
 use crate::controller::validate::ValidatedCluster;
 
 pub const AMQP_PORT: i32 = 5672;
@@ -27,7 +28,11 @@ fn port(name: &str, number: i32) -> ServicePort {
 
 /// Client-facing ports of a cluster (AMQPS and HTTPS only with TLS).
 pub fn client_ports(cluster: &ValidatedCluster) -> Vec<(&'static str, i32)> {
-    let mut ports = vec![("amqp", AMQP_PORT), ("management", MANAGEMENT_PORT), ("prometheus", PROMETHEUS_PORT)];
+    let mut ports = Vec::new();
+    if !TlsSpec::tls_only(cluster.tls.as_ref()) {
+        ports.extend([("amqp", AMQP_PORT), ("management", MANAGEMENT_PORT)]);
+    }
+    ports.push(("prometheus", PROMETHEUS_PORT));
     if cluster.tls.is_some() {
         ports.push(("amqps", AMQPS_PORT));
         ports.push(("management-tls", MANAGEMENT_TLS_PORT));
@@ -47,8 +52,16 @@ pub fn headless_service(cluster: &ValidatedCluster) -> Service {
             ports: Some(vec![
                 port("epmd", EPMD_PORT),
                 port("cluster-rpc", DISTRIBUTION_PORT),
-                port("amqp", AMQP_PORT),
-                port("management", MANAGEMENT_PORT),
+                if TlsSpec::tls_only(cluster.tls.as_ref()) {
+                    port("amqps", AMQPS_PORT)
+                } else {
+                    port("amqp", AMQP_PORT)
+                },
+                if TlsSpec::tls_only(cluster.tls.as_ref()) {
+                    port("management-tls", MANAGEMENT_TLS_PORT)
+                } else {
+                    port("management", MANAGEMENT_PORT)
+                },
             ]),
             ..Default::default()
         }),

@@ -18,8 +18,9 @@ use super::config::{
     ADDITIONAL_CONF_KEY, ADVANCED_CONFIG_KEY, ENABLED_PLUGINS_KEY, OPERATOR_CONF_KEY, TLS_CA_DIR, TLS_DIR,
 };
 use super::secrets::{COOKIE_KEY, DEFAULT_USER_CONF_KEY};
-use super::services::{DISTRIBUTION_PORT, EPMD_PORT, PROMETHEUS_PORT, client_ports};
+use super::services::{AMQPS_PORT, DISTRIBUTION_PORT, EPMD_PORT, PROMETHEUS_PORT, client_ports};
 use super::{CONFIG_HASH_ANNOTATION, child_meta, labels, selector_labels};
+use crate::api::TlsSpec;
 use crate::controller::validate::ValidatedCluster;
 
 /// Where a Prometheus without the Prometheus operator finds the pods' metrics: the `prometheus.io/*`
@@ -81,7 +82,7 @@ fn key(key: &str, path: &str) -> KeyToPath {
 
 fn environment(cluster: &ValidatedCluster) -> Vec<EnvVar> {
     let peer_domain = format!("{}.$(POD_NAMESPACE).svc.{}", cluster.headless_service_name(), cluster.cluster_domain);
-    vec![
+    let mut environment = vec![
         env_from_field("POD_NAME", "metadata.name"),
         env_from_field("POD_NAMESPACE", "metadata.namespace"),
         env("WARREN_STS_NAME", cluster.stateful_set_name()),
@@ -96,7 +97,12 @@ fn environment(cluster: &ValidatedCluster) -> Vec<EnvVar> {
         env("RABBITMQ_ADVANCED_CONFIG_FILE", format!("{CONFIG_DIR}/{ADVANCED_CONFIG_KEY}")),
         env("RABBITMQ_LOG_BASE", LOG_DIR),
         env("HOME", DATA_DIR),
-    ]
+    ];
+    if TlsSpec::tls_only(cluster.tls.as_ref()) {
+        // The readiness probe's port: the TLS listener, the only one (ready.sh defaults to 5672).
+        environment.push(env("WARREN_AMQP_PORT", AMQPS_PORT.to_string()));
+    }
+    environment
 }
 
 fn volumes(cluster: &ValidatedCluster) -> Vec<Volume> {
