@@ -47,6 +47,10 @@ enum Command {
         /// Management API URL of a cluster; `{service}`, `{namespace}` and `{domain}` are filled in.
         #[arg(long, env = "WARREN_MANAGEMENT_URL", default_value = "http://{service}.{namespace}.svc.{domain}:15672")]
         management_url_template: String,
+        /// The same for a cluster with `spec.tls`: HTTPS, the certificate verified against the
+        /// `ca.crt` of its Secret.
+        #[arg(long, env = "WARREN_MANAGEMENT_TLS_URL", default_value = warren::controller::DEFAULT_MANAGEMENT_TLS_URL)]
+        management_tls_url_template: String,
         /// Namespace of the Lease the operator's replicas elect a leader with; without it this
         /// process reconciles at once (run one replica only).
         #[arg(long, env = "WARREN_LEASE_NAMESPACE")]
@@ -405,6 +409,7 @@ async fn main() -> std::process::ExitCode {
             migration_image,
             allow_migration_image,
             management_url_template,
+            management_tls_url_template,
             lease_namespace,
             lease_name,
             identity,
@@ -422,6 +427,7 @@ async fn main() -> std::process::ExitCode {
             let mut ctx = Context::new(client.clone(), Settings { cluster_domain }, management_url_template, metrics);
             ctx.migration_image = migration_image;
             ctx.allow_migration_image = allow_migration_image;
+            ctx.management_tls_url_template = management_tls_url_template;
             let ctx = Arc::new(ctx);
             tracing::info!(namespace = namespace.as_deref().unwrap_or("<all>"), %listen, "warren controller starting");
             let work = controller::run(ctx, namespace, readiness.clone());

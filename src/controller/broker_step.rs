@@ -15,7 +15,6 @@ use super::{Context, recover, scale, status};
 use crate::api::{FEATURE_FLAGS_ANNOTATION, RabbitCluster};
 use crate::error::{BrokerReason, Error};
 use crate::rabbitmq::broker::{self, BrokerObservation};
-use crate::rabbitmq::management::ManagementClient;
 
 /// What step 4 saw: the StatefulSet as its store holds it now, the broker when every pod is ready,
 /// a scale-down pass, and the first error.
@@ -47,8 +46,7 @@ pub async fn observe(
         let requested = requested_feature_flags(cluster);
         let outcome = async {
             let credentials = &world.credentials;
-            let client =
-                ManagementClient::new(&ctx.management_url(validated), &credentials.username, &credentials.password)?;
+            let client = ctx.management_client(validated, world)?;
             match broker::converge(&client, &expected, &validated.high_availability, &requested).await {
                 // The Secret's user does not log in: the Secret was re-created (default_user only
                 // applies to an empty database) or edited. The Secret is what clients read: the
@@ -84,7 +82,7 @@ pub async fn observe(
     {
         // Nodes to forget, or a node left in maintenance mode: by a scale-down called off before
         // its Scaling condition was written, the pass that would revive it is not otherwise run.
-        let pass = scale::pass(ctx, cluster, validated, &world.credentials, current.max(validated.replicas)).await;
+        let pass = scale::pass(ctx, cluster, validated, world, current.max(validated.replicas)).await;
         scaling = Some(pass);
     }
     if let Some(pass) = &scaling {

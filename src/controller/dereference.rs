@@ -10,6 +10,7 @@ use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 
 use super::build::secrets::{COOKIE_KEY, PASSWORD_KEY, USERNAME_KEY};
 use super::build::{self, Credentials};
+use super::stores::CA_KEY;
 use super::stores::cached;
 use super::validate::ValidatedCluster;
 use super::{Context, recover};
@@ -39,6 +40,9 @@ pub struct Dereferenced {
     pub members_with_data: i32,
     /// Credentials recovered or made anew for a cluster with data, for a Warning Event.
     pub recovered: Vec<String>,
+    /// With spec.tls: the CA (`ca.crt`, PEM) the operator verifies the management API's
+    /// certificate against.
+    pub tls_ca: Option<String>,
 }
 
 /// Reads the cluster's objects from the stores (one GET for any the store does not hold yet) and
@@ -55,7 +59,7 @@ pub async fn dereference(ctx: &Context, cluster: &ValidatedCluster) -> Result<De
         client_service: cached(client, &stores.services, ns, &cluster.client_service_name()).await?,
         pod_disruption_budget: cached(client, &stores.budgets, ns, &cluster.name).await?,
     };
-    check_tls_secrets(ctx, cluster).await?;
+    let tls_ca = check_tls_secrets(ctx, cluster).await?;
     // A running StatefulSet says the cluster has data; otherwise its claims may (stopped, or the
     // RabbitCluster deleted and applied again): one LIST, only then.
     let running = children.current_replicas().is_some_and(|r| r > 0);
@@ -64,7 +68,7 @@ pub async fn dereference(ctx: &Context, cluster: &ValidatedCluster) -> Result<De
     let members_with_data = claimed.last().map_or(0, |last| last + 1);
     let mut recovered = Vec::new();
     let credentials = credentials(ctx, cluster, &children, has_data, &mut recovered).await?;
-    Ok(Dereferenced { children, credentials, members_with_data, recovered })
+    Ok(Dereferenced { children, credentials, members_with_data, recovered, tls_ca })
 }
 
 impl Children {
@@ -146,9 +150,10 @@ async fn credentials(
 }
 
 /// The Secrets spec.tls names exist and hold their keys (the store keeps only whether a key of a
-/// Secret the operator does not own is empty: see `stores::slim_secret`).
-async fn check_tls_secrets(ctx: &Context, cluster: &ValidatedCluster) -> Result<()> {
-    let Some(tls) = &cluster.tls else { return Ok(()) };
+/// Secret the operator does not own is empty, and the CA certificate: see `stores::slim_secret`);
+/// the CA certificate.
+async fn check_tls_secrets(ctx: &Context, cluster: &ValidatedCluster) -> Result<Option<String>> {
+    let Some(tls) = &cluster.tls else { return Ok(None) };
     let ca_secret = tls.ca_secret_name.as_deref().unwrap_or(&tls.secret_name);
     let mut required = vec![(tls.secret_name.as_str(), vec!["tls.crt", "tls.key"])];
     match required.iter_mut().find(|(name, _)| *name == ca_secret) {
@@ -167,5 +172,8 @@ async fn check_tls_secrets(ctx: &Context, cluster: &ValidatedCluster) -> Result<
             return Err(Error::SecretMissing { name: name.to_string(), message: format!("has no key {key:?}") });
         }
     }
-    Ok(())
+    let secret = cached(&ctx.client, &ctx.stores.secrets, &cluster.namespace, ca_secret).await?;
+    let ca =
+        secret.as_ref().and_then(|s| s.data.as_ref()?.get(CA_KEY)).map(|v| String::from_utf8_lossy(&v.0).into_owned());
+    Ok(ca)
 }

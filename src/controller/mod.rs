@@ -35,6 +35,7 @@ use self::stores::{Stores, Writers, metadata_only, reflect, slim_metadata};
 use self::validate::{Settings, ValidatedCluster};
 use crate::api::{PAUSE_ANNOTATION, RabbitCluster, RabbitMigration};
 use crate::error::{Error, Result};
+use crate::rabbitmq::management::ManagementClient;
 use crate::rabbitmq::version::RabbitVersion;
 use crate::server::{Metrics, Phase, Readiness};
 
@@ -52,6 +53,8 @@ pub struct Context {
     pub settings: Settings,
     /// Management API base URL, with `{service}` and `{namespace}` filled in per cluster.
     pub management_url_template: String,
+    /// The same for a cluster with TLS (HTTPS).
+    pub management_tls_url_template: String,
     pub metrics: Metrics,
     /// Image of migration Jobs whose RabbitMigration names none.
     pub migration_image: String,
@@ -67,6 +70,9 @@ pub struct Context {
     writers: Mutex<Option<Writers>>,
 }
 
+/// Where the operator reaches a TLS cluster's management API (HTTPS).
+pub const DEFAULT_MANAGEMENT_TLS_URL: &str = "https://{service}.{namespace}.svc.{domain}:15671";
+
 impl Context {
     pub fn new(client: Client, settings: Settings, management_url_template: String, metrics: Metrics) -> Self {
         let reporter = Reporter { controller: "warren".into(), instance: std::env::var("POD_NAME").ok() };
@@ -76,6 +82,7 @@ impl Context {
             client,
             settings,
             management_url_template,
+            management_tls_url_template: DEFAULT_MANAGEMENT_TLS_URL.to_string(),
             metrics,
             migration_image: migration::DEFAULT_IMAGE.to_string(),
             allow_migration_image: false,
@@ -92,10 +99,25 @@ impl Context {
     }
 
     fn management_url(&self, cluster: &ValidatedCluster) -> String {
-        self.management_url_template
+        let template =
+            if cluster.tls.is_some() { &self.management_tls_url_template } else { &self.management_url_template };
+        template
             .replace("{service}", &cluster.client_service_name())
             .replace("{namespace}", &cluster.namespace)
             .replace("{domain}", &cluster.cluster_domain)
+    }
+
+    /// The cluster's management API as its default user: over HTTPS with its certificate verified
+    /// against its CA when the cluster has TLS (the certificate must name the client Service's
+    /// host), else plain HTTP.
+    pub fn management_client(&self, cluster: &ValidatedCluster, world: &Dereferenced) -> Result<ManagementClient> {
+        let credentials = &world.credentials;
+        ManagementClient::with_ca(
+            &self.management_url(cluster),
+            &credentials.username,
+            &credentials.password,
+            world.tls_ca.as_deref(),
+        )
     }
 
     async fn event(&self, cluster: &RabbitCluster, type_: EventType, reason: &str, action: &str, note: String) {
@@ -364,7 +386,7 @@ async fn scale_before_apply(
         return (validated, None);
     }
     let current = current.max(validated.replicas);
-    let pass = scale::pass(ctx, cluster, &validated, &world.credentials, current).await;
+    let pass = scale::pass(ctx, cluster, &validated, world, current).await;
     (ValidatedCluster { replicas: pass.replicas, ..validated }, Some(pass))
 }
 

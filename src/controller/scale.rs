@@ -10,13 +10,13 @@ use kube::api::{AttachParams, DeleteParams, ListParams};
 use kube::{Api, ResourceExt};
 use tokio::io::AsyncReadExt;
 
-use super::build::{self, Credentials};
+use super::build;
+use super::dereference::Dereferenced;
 use super::status::{self, Verdict};
 use super::validate::ValidatedCluster;
 use super::{Context, object_key};
 use crate::api::RabbitCluster;
 use crate::error::{Error, Result};
-use crate::rabbitmq::management::ManagementClient;
 use crate::rabbitmq::scale_down::{self, ClusterView, NodeCommands, PodState, Step};
 
 /// How long one node command may run (a drain or a shrink of thousands of queues takes a while).
@@ -145,7 +145,7 @@ pub async fn pass(
     ctx: &Context,
     cluster: &RabbitCluster,
     validated: &ValidatedCluster,
-    credentials: &Credentials,
+    world: &Dereferenced,
     current: i32,
 ) -> ScalePass {
     let desired = validated.replicas;
@@ -162,8 +162,7 @@ pub async fn pass(
             pause_minority: validated.partition_handling == crate::api::PartitionHandling::PauseMinority,
             ..ClusterView::default()
         };
-        let broker =
-            ManagementClient::new(&ctx.management_url(validated), &credentials.username, &credentials.password)?;
+        let broker = ctx.management_client(validated, world)?;
         let commands = PodExec::new(ctx, validated);
         scale_down::observe(&broker, &commands, &mut view).await?;
         let step = scale_down::decide(&view);

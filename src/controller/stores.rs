@@ -186,16 +186,22 @@ pub fn slim_job(job: &mut Job) {
     job.spec = None;
 }
 
+/// The key of a cert-manager Secret that holds the CA certificate.
+pub const CA_KEY: &str = "ca.crt";
+
 /// Secrets are watched in full (a cluster's TLS Secret is the user's, without the operator's
 /// label), but only the operator's own keep their values: of any other Secret the store keeps which
-/// keys are there and whether they are empty, all the TLS check asks.
+/// keys are there and whether they are empty, all the TLS check asks, and a CA certificate (public
+/// by nature), which the operator verifies a TLS cluster's management API against.
 pub fn slim_secret(secret: &mut Secret) {
     slim_metadata(secret);
     if secret.labels().get(MANAGED_BY_LABEL).is_some_and(|v| v == "warren") {
         return;
     }
-    for value in secret.data.iter_mut().flat_map(|data| data.values_mut()) {
-        *value = ByteString(if value.0.is_empty() { Vec::new() } else { vec![1] });
+    for (key, value) in secret.data.iter_mut().flat_map(|data| data.iter_mut()) {
+        if key != CA_KEY {
+            *value = ByteString(if value.0.is_empty() { Vec::new() } else { vec![1] });
+        }
     }
 }
 
@@ -304,5 +310,15 @@ mod tests {
         let data = users.data.unwrap();
         assert_eq!(data["tls.crt"].0, vec![1], "present and not empty, the value itself dropped");
         assert!(data["ca.crt"].0.is_empty(), "an empty key stays empty");
+
+        // A CA certificate is public: kept, for verifying the cluster's management API.
+        let key: &[u8] = b"-----BEGIN PRIVATE KEY-----";
+        let mut tls = secret(&[], &[("tls.key", key), ("ca.crt", b"-----BEGIN CERTIFICATE-----")]);
+        slim_secret(&mut tls);
+        let data = tls.data.unwrap();
+        assert_eq!(
+            (data["tls.key"].0.as_slice(), data["ca.crt"].0.as_slice()),
+            (&[1u8][..], &b"-----BEGIN CERTIFICATE-----"[..])
+        );
     }
 }

@@ -10,6 +10,7 @@ pub mod memory;
 pub mod rabbit_broker;
 pub mod rabbit_nodes;
 pub mod scaling;
+pub mod tls;
 pub mod wait;
 
 use warren::api::RabbitCluster;

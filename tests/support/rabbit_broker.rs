@@ -11,7 +11,8 @@ impl NodeCluster {
     /// GET of the management API of node `index`, as JSON.
     pub async fn api(&self, index: usize, path: &str) -> Result<serde_json::Value, String> {
         let url = format!("{}{path}", self.management_url(index));
-        let response = reqwest::Client::new()
+        let response = self
+            .http()
             .get(&url)
             .basic_auth(&self.credentials.username, Some(&self.credentials.password))
             .timeout(Duration::from_secs(10))
@@ -49,7 +50,8 @@ impl NodeCluster {
         path: &str,
         body: serde_json::Value,
     ) -> Result<String, String> {
-        let response = reqwest::Client::new()
+        let response = self
+            .http()
             .request(method.clone(), format!("{}{path}", self.management_url(index)))
             .basic_auth(&self.credentials.username, Some(&self.credentials.password))
             .json(&body)
@@ -80,10 +82,11 @@ impl NodeCluster {
         index: usize,
         high_availability: &warren::api::HighAvailabilitySpec,
     ) -> warren::error::Result<warren::rabbitmq::broker::BrokerObservation> {
-        let client = warren::rabbitmq::management::ManagementClient::new(
+        let client = warren::rabbitmq::management::ManagementClient::with_ca(
             &self.management_url(index),
             &self.credentials.username,
             &self.credentials.password,
+            self.ca(),
         )?;
         let all: Vec<usize> = (0..self.nodes.len()).collect();
         warren::rabbitmq::broker::converge(&client, &self.names(&all), high_availability, &[]).await

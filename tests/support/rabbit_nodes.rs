@@ -76,15 +76,18 @@ pub struct Node {
     root: PathBuf,
     env: Vec<(String, String)>,
     process: std::sync::Mutex<Option<Child>>,
+    /// Its plain listeners are closed (`spec.tls.disableNonTLSListeners`): AMQPS and HTTPS only.
+    tls_only: bool,
 }
 
 impl Node {
     pub fn amqp_url(&self, credentials: &Credentials) -> String {
-        format!("amqp://{}:{}@{}:5672/%2f", credentials.username, credentials.password, self.ip)
+        let (scheme, port) = if self.tls_only { ("amqps", 5671) } else { ("amqp", 5672) };
+        format!("{scheme}://{}:{}@{}:{port}/%2f", credentials.username, credentials.password, self.ip)
     }
 
     pub fn management_url(&self) -> String {
-        format!("http://{}:15672", self.ip)
+        if self.tls_only { format!("https://{}:15671", self.ip) } else { format!("http://{}:15672", self.ip) }
     }
 
     /// The node's data directory (its PersistentVolume).
@@ -138,7 +141,8 @@ impl Node {
 
     /// Whether a client inside the pod's network reaches the node's AMQP listener.
     pub async fn serves_amqp(&self) -> bool {
-        self.sh("exec 3<>/dev/tcp/127.0.0.1/5672", &[]).await.status.success()
+        let port = if self.tls_only { 5671 } else { 5672 };
+        self.sh(&format!("exec 3<>/dev/tcp/127.0.0.1/{port}"), &[]).await.status.success()
     }
 
     /// `rabbitmqctl <args>` against this node, run inside its namespace.
@@ -276,7 +280,8 @@ impl Node {
 
     /// An AMQP URL for a client in the node's own network (see `in_network`).
     pub fn local_amqp_url(&self, credentials: &Credentials) -> String {
-        format!("amqp://{}:{}@127.0.0.1:5672/%2f", credentials.username, credentials.password)
+        let (scheme, port) = if self.tls_only { ("amqps", 5671) } else { ("amqp", 5672) };
+        format!("{scheme}://{}:{}@127.0.0.1:{port}/%2f", credentials.username, credentials.password)
     }
 
     /// Cuts the node's link to the pod network, or heals it.
@@ -290,6 +295,9 @@ pub struct NodeCluster {
     pub nodes: Vec<Node>,
     pub credentials: Credentials,
     pub cluster: ValidatedCluster,
+    /// With `spec.tls`: the directory of its certificates (`ca.crt`, `tls.crt`, `tls.key`, made
+    /// with openssl, a CA of its own) and the CA's PEM, which the harness's clients trust.
+    pub tls: Option<(PathBuf, String)>,
     /// What every pod of the StatefulSet gets (the ConfigMap, Secrets, environment, image).
     template: PodTemplate,
     id: String,
@@ -417,12 +425,16 @@ impl NodeCluster {
             network: (subnet, first_host),
             owns_bridge,
             dir: dir.clone(),
+            tls: None,
             _one_at_a_time: guard,
         };
         // From here on, Drop removes whatever was made, even if a later step fails; if this process
         // is killed before Drop runs, the next run's sweep finds the owner gone and removes it.
         std::fs::create_dir_all(&dir).expect("cluster dir");
         std::fs::write(dir.join("owner.pid"), std::process::id().to_string()).expect("owner.pid");
+        if this.cluster.tls.is_some() {
+            this.issue_certificates();
+        }
         if owns_bridge {
             must("ip", &["link", "add", &bridge, "type", "bridge"]);
             must("ip", &["addr", "add", &format!("10.231.{subnet}.254/24"), "dev", &bridge]);
@@ -433,6 +445,40 @@ impl NodeCluster {
         }
         this.write_hosts();
         this
+    }
+
+    /// A CA of this cluster's and a certificate for every node it may have (its pod names and
+    /// addresses, and loopback), laid out as the pods mount the cert-manager Secret: the
+    /// configuration's certificate paths point at them.
+    fn issue_certificates(&mut self) {
+        let (subnet, first_host) = self.network;
+        let (ca_dir, tls_dir) = (self.dir.join("ca"), self.dir.join("tls"));
+        super::tls::ca(&ca_dir, &format!("{} CA", self.cluster.name));
+        let slots = self.cluster.replicas as usize + 2;
+        let mut dns: Vec<String> = (0..slots as i32).map(|i| self.cluster.pod_host(i)).collect();
+        dns.push("localhost".into());
+        let mut ips: Vec<String> = (0..slots).map(|i| format!("10.231.{subnet}.{}", i + first_host as usize)).collect();
+        ips.push("127.0.0.1".into());
+        super::tls::server(&tls_dir, &ca_dir, &dns, &ips);
+        let dir = tls_dir.to_string_lossy();
+        let conf = self.template.config.get_mut("10-operator.conf").expect("the operator's configuration");
+        *conf = conf.replace("/etc/warren/tls-ca/", &format!("{dir}/")).replace("/etc/warren/tls/", &format!("{dir}/"));
+        let ca = std::fs::read_to_string(tls_dir.join("ca.crt")).expect("ca.crt");
+        self.tls = Some((tls_dir, ca));
+    }
+
+    /// An HTTP client that trusts this cluster's CA (with TLS).
+    pub fn http(&self) -> reqwest::Client {
+        let mut builder = reqwest::Client::builder();
+        if let Some((_, ca)) = &self.tls {
+            builder = builder.add_root_certificate(reqwest::Certificate::from_pem(ca.as_bytes()).expect("the CA"));
+        }
+        builder.build().expect("HTTP client")
+    }
+
+    /// The CA's PEM, when the cluster has TLS.
+    pub fn ca(&self) -> Option<&str> {
+        self.tls.as_ref().map(|(_, ca)| ca.as_str())
     }
 
     /// Lays out pod `i`: its network namespace on the bridge and its volumes; not started.
@@ -456,6 +502,7 @@ impl NodeCluster {
             root: self.template.rootfs.path.clone(),
             env: Vec::new(),
             process: Default::default(),
+            tls_only: warren::api::TlsSpec::tls_only(self.cluster.tls.as_ref()),
         });
         must("ip", &["link", "add", &host_link, "type", "veth", "peer", "name", "eth0", "netns", &netns]);
         must("ip", &["link", "set", &host_link, "master", &self.bridge, "up"]);
