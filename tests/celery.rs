@@ -225,11 +225,17 @@ async fn celery_apps_move_from_3_10_and_4_0_into_4_3_with_no_flags_and_every_tas
             Duration::from_secs(90),
             || async {
                 let info = queue(&old.nodes, &deployed.vhost, "celery").await?;
-                let ran = runs(&results(deployed)).len();
-                // Celery raises its prefetch for each ETA task it holds, a few at a time.
-                let held = info["messages_unacknowledged"].as_u64().is_some_and(|n| n >= u64::from(ETA_TASKS / 2));
+                let ran = runs(&results(deployed)).iter().filter(|r| r.number < HELD).count();
+                // How many it holds depends on the Celery line and the broker: Celery raises a
+                // global prefetch for each ETA task it holds where it can (3.10), and keeps a
+                // fixed one where it cannot (seen with Celery 5.7 on 4.0: 8).
+                let held = info["messages_unacknowledged"].as_u64().unwrap_or(0);
                 let mirrored = info["policy"] == "ha-all";
-                if ran == NOW_TASKS as usize && held && mirrored == (old.generation == "3.10") {
+                if ran == NOW_TASKS as usize && held > 0 && mirrored == (old.generation == "3.10") {
+                    eprintln!(
+                        "[celery] {} on {} (Celery {}): the worker holds {held} ETA tasks",
+                        deployed.vhost, old.generation, deployed.app.line
+                    );
                     Ok(())
                 } else {
                     Err(format!("{ran} ran; {info}\n{}", worker.log_tail()))
@@ -251,14 +257,21 @@ async fn celery_apps_move_from_3_10_and_4_0_into_4_3_with_no_flags_and_every_tas
     for worker in workers.drain(..) {
         worker.stop();
     }
+    // What the move must take: each ETA task that has not run. (An ETA that came due while the
+    // old workers still ran was run there, once: the exactly-once check below spans both clusters.)
+    let left = |deployed: &Deployed| {
+        let ran = runs(&results(deployed)).iter().filter(|r| (HELD..HELD + ETA_TASKS).contains(&r.number)).count();
+        u64::from(ETA_TASKS) - ran as u64
+    };
     for (source, old) in sources.iter().enumerate() {
+        let expected: u64 = apps.iter().filter(|d| d.source == source).map(left).sum();
         let report = migrate(&Options::new(endpoint(&old.nodes), endpoint(&new))).await.expect("the migration");
         for line in report.plan_lines() {
             eprintln!("[celery] from {}: {line}", old.generation);
         }
         eprintln!("[celery] from {}: refused declarations: {:?}", old.generation, report.refused_declarations);
         assert!(report.complete, "{report:#?}");
-        assert_eq!(report.moved(), u64::from(ETA_TASKS) * APPS.len() as u64, "{report:#?}");
+        assert_eq!(report.moved(), expected, "{report:#?}");
         for deployed in apps.iter().filter(|d| d.source == source) {
             let vhost = deployed.vhost.as_str();
             let planned = report.planned.iter().find(|q| q.vhost == vhost && q.name == "celery").expect("planned");

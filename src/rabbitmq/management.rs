@@ -137,6 +137,18 @@ pub fn encode(component: &str) -> String {
     utf8_percent_encode(component, URI_COMPONENT).to_string()
 }
 
+/// An error's text with its sources', which reqwest keeps apart ("error sending request" says
+/// nothing of a certificate that was not verified).
+fn causes(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut texts: Vec<String> = Vec::new();
+    for text in std::iter::successors(Some(error), |e| e.source()).map(ToString::to_string) {
+        if !texts.last().is_some_and(|last| last.contains(&text)) {
+            texts.push(text);
+        }
+    }
+    texts.join(": ")
+}
+
 impl ManagementClient {
     /// `base_url` is the management listener, e.g. `http://demo.ns.svc:15672`.
     pub fn new(base_url: &str, username: &str, password: &str) -> Result<Self> {
@@ -189,7 +201,8 @@ impl ManagementClient {
         let response = request.send().await.map_err(|e| Error::Broker {
             reason: if e.is_timeout() { BrokerReason::BrokerTimeout } else { BrokerReason::BrokerUnreachable },
             what: what.clone(),
-            message: e.to_string(),
+            // With its causes: a refused connection, a certificate that was not verified.
+            message: causes(&e),
         })?;
         let status = response.status();
         if status == StatusCode::NOT_FOUND {
