@@ -298,13 +298,14 @@ async fn celery_apps_move_from_3_10_and_4_0_into_4_3_with_no_flags_and_every_tas
 
     // On Warren's cluster: the same apps, unchanged (one with the recommended settings), a worker
     // each, and new tasks sent now while the moved ETA tasks wait.
+    let mut sent_after = Vec::new();
     for deployed in &apps {
         let (venv, url) = (&venvs[deployed.app.line], url(&new, deployed));
         let log = scratch.join(format!("new-{}.log", deployed.vhost));
         workers.push(Worker::start(deployed.app, &deployed.vhost, venv, &url, &results(deployed), log));
         send(venv, &url, AFTER, NOW_TASKS, Duration::ZERO);
+        sent_after.push(now());
     }
-    let sent_after = now();
     let limit = ETA_DELAY + Duration::from_secs(120);
     for (deployed, worker) in apps.iter().zip(&workers) {
         // The tuned app's ETA tasks are due in an hour: every task sent now ran while its worker
@@ -323,7 +324,7 @@ async fn celery_apps_move_from_3_10_and_4_0_into_4_3_with_no_flags_and_every_tas
         .await;
     }
     tokio::time::sleep(Duration::from_secs(3)).await;
-    for deployed in &apps {
+    for (deployed, sent_after) in apps.iter().zip(sent_after) {
         let (app, runs) = (deployed.app, runs(&results(deployed)));
         let held = if app.recommended { 0..0 } else { HELD..HELD + ETA_TASKS };
         let expected: BTreeMap<u32, u32> =
