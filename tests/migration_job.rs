@@ -3,7 +3,7 @@
 use k8s_openapi::api::batch::v1::{Job, JobCondition, JobStatus};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use warren::api::RabbitMigration;
-use warren::controller::migration::{Phase, migration_job, phase};
+use warren::controller::migration::{ClustersTls, Phase, migration_job, phase};
 
 fn example() -> RabbitMigration {
     let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/examples/migration.yaml")).unwrap();
@@ -15,7 +15,7 @@ fn example() -> RabbitMigration {
 
 #[test]
 fn the_job_runs_warren_migrate_with_credentials_only_from_secrets() {
-    let job = migration_job(&example(), "warren:test", false, "cluster.local").expect("job");
+    let job = migration_job(&example(), "warren:test", false, "cluster.local", &ClustersTls::new()).expect("job");
     assert_eq!(job.metadata.name.as_deref(), Some("from-legacy-migrate"));
     let owner = &job.metadata.owner_references.as_ref().unwrap()[0];
     assert_eq!(
@@ -75,7 +75,7 @@ fn the_jobs_memory_and_in_flight_budget_come_from_the_spec() {
         .unwrap(),
     );
     let container = |migration: &RabbitMigration| {
-        let job = migration_job(migration, "warren:test", false, "cluster.local").expect("job");
+        let job = migration_job(migration, "warren:test", false, "cluster.local", &ClustersTls::new()).expect("job");
         job.spec.unwrap().template.spec.unwrap().containers.remove(0)
     };
     let sized = container(&migration);
@@ -92,7 +92,8 @@ fn the_jobs_memory_and_in_flight_budget_come_from_the_spec() {
 
     // More than a quarter of the limit: a message in flight can take three times its size.
     migration.spec.max_in_flight = Some("600Mi".into());
-    let error = migration_job(&migration, "warren:test", false, "cluster.local").expect_err("refused");
+    let error =
+        migration_job(&migration, "warren:test", false, "cluster.local", &ClustersTls::new()).expect_err("refused");
     assert_eq!(error.reason(), "InvalidResources");
     assert!(error.to_string().contains("spec.maxInFlight 600Mi") && error.to_string().contains("2Gi"), "{error}");
 }
@@ -100,7 +101,7 @@ fn the_jobs_memory_and_in_flight_budget_come_from_the_spec() {
 #[test]
 fn the_queue_type_choices_become_flags() {
     let args = |migration: &RabbitMigration| {
-        migration_job(migration, "warren:test", false, "cluster.local")
+        migration_job(migration, "warren:test", false, "cluster.local", &ClustersTls::new())
             .expect("job")
             .spec
             .unwrap()
@@ -122,10 +123,36 @@ fn the_queue_type_choices_become_flags() {
 }
 
 #[test]
+fn a_tls_cluster_is_reached_over_amqps_and_https_with_its_ca_mounted() {
+    let tls: warren::api::TlsSpec =
+        serde_json::from_value(serde_json::json!({"secretName": "demo-tls", "disableNonTLSListeners": true})).unwrap();
+    let job =
+        migration_job(&example(), "warren:test", false, "cluster.local", &ClustersTls::from([("demo".into(), tls)]))
+            .expect("job");
+    let pod = job.spec.unwrap().template.spec.unwrap();
+    let container = &pod.containers[0];
+    let env = container.env.clone().unwrap();
+    let value = |name: &str| env.iter().find(|e| e.name == name).and_then(|e| e.value.clone());
+    assert_eq!(value("WARREN_TARGET_URI").as_deref(), Some("amqps://demo.shop.svc.cluster.local:5671/"));
+    assert_eq!(value("WARREN_TARGET_API").as_deref(), Some("https://demo.shop.svc.cluster.local:15671"));
+    assert_eq!(value("WARREN_TARGET_CA").as_deref(), Some("/etc/warren/target-ca/ca.crt"));
+    // The host side (no RabbitCluster) stays as the spec says.
+    assert_eq!(value("WARREN_SOURCE_URI").as_deref(), Some("amqp://rabbitmq.legacy.svc.cluster.local:5672/"));
+    assert_eq!(value("WARREN_SOURCE_CA"), None);
+    let volume = &pod.volumes.unwrap()[0];
+    let secret = volume.secret.as_ref().unwrap();
+    assert_eq!((volume.name.as_str(), secret.secret_name.as_deref()), ("target-ca", Some("demo-tls")));
+    assert_eq!(secret.items.as_ref().unwrap()[0].key, "ca.crt", "the CA only, never the key");
+    let mount = &container.volume_mounts.as_ref().unwrap()[0];
+    assert_eq!((mount.mount_path.as_str(), mount.read_only), ("/etc/warren/target-ca", Some(true)));
+}
+
+#[test]
 fn an_endpoint_without_credentials_is_refused() {
     let mut migration = example();
     migration.spec.source.credentials_secret = None;
-    let error = migration_job(&migration, "warren:test", false, "cluster.local").expect_err("refused");
+    let error =
+        migration_job(&migration, "warren:test", false, "cluster.local", &ClustersTls::new()).expect_err("refused");
     assert_eq!(error.reason(), "InvalidSpec");
     assert!(error.to_string().contains("source"), "{error}");
 }
@@ -133,7 +160,7 @@ fn an_endpoint_without_credentials_is_refused() {
 #[test]
 fn the_jobs_image_is_the_operators_unless_the_operator_allows_another() {
     let image = |migration: &RabbitMigration, allow: bool| {
-        migration_job(migration, "warren:test", allow, "cluster.local")
+        migration_job(migration, "warren:test", allow, "cluster.local", &ClustersTls::new())
             .map(|job| job.spec.unwrap().template.spec.unwrap().containers[0].image.clone().unwrap())
     };
     let mut migration = example();

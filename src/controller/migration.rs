@@ -13,9 +13,9 @@ use tracing::Instrument;
 
 use super::Context;
 pub use super::build::job::{
-    DEFAULT_IMAGE, MIGRATION_CREDENTIALS_LABEL, job_name, meant_for_migrations, migration_job,
+    ClustersTls, DEFAULT_IMAGE, MIGRATION_CREDENTIALS_LABEL, job_name, meant_for_migrations, migration_job,
 };
-use crate::api::{RabbitMigration, RabbitMigrationStatus};
+use crate::api::{RabbitCluster, RabbitMigration, RabbitMigrationStatus};
 use crate::error::{Error, Result, SpecReason};
 use crate::migrate::report::Summary;
 
@@ -60,12 +60,16 @@ async fn reconcile_migration(migration: Arc<RabbitMigration>, ctx: Arc<Context>)
         Some(job) => job,
         None => {
             let built = match credentials_permitted(&ctx, &migration).await {
-                Ok(()) => migration_job(
-                    &migration,
-                    &ctx.migration_image,
-                    ctx.allow_migration_image,
-                    &ctx.settings.cluster_domain,
-                ),
+                Ok(()) => match clusters_tls(&ctx, &migration).await {
+                    Ok(tls) => migration_job(
+                        &migration,
+                        &ctx.migration_image,
+                        ctx.allow_migration_image,
+                        &ctx.settings.cluster_domain,
+                        &tls,
+                    ),
+                    Err(error) => Err(error),
+                },
                 Err(error) => Err(error),
             };
             let job = match built {
@@ -148,6 +152,21 @@ async fn credentials_permitted(ctx: &Context, migration: &RabbitMigration) -> Re
         }
     }
     Ok(())
+}
+
+/// The TLS of the RabbitClusters the migration names: the Job reaches a TLS cluster over AMQPS and
+/// HTTPS and verifies it against its CA.
+async fn clusters_tls(ctx: &Context, migration: &RabbitMigration) -> Result<ClustersTls> {
+    let namespace = migration.namespace().unwrap_or_default();
+    let clusters: Api<RabbitCluster> = Api::namespaced(ctx.client.clone(), &namespace);
+    let mut tls = ClustersTls::new();
+    for name in [&migration.spec.source, &migration.spec.target].into_iter().filter_map(|e| e.cluster_ref.as_ref()) {
+        let cluster = clusters.get_opt(name).await.map_err(|e| Error::kube(format!("get RabbitCluster {name}"), e))?;
+        if let Some(spec) = cluster.and_then(|c| c.spec.tls) {
+            tls.insert(name.clone(), spec);
+        }
+    }
+    Ok(tls)
 }
 
 /// The `Complete` condition for a finished Job — (status, reason, message) — from the summary its

@@ -6,17 +6,17 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::batch::v1::{Job, JobSpec};
 use k8s_openapi::api::core::v1::{
-    Capabilities, Container, EnvVar, EnvVarSource, PodSecurityContext, PodSpec, PodTemplateSpec, ResourceRequirements,
-    SeccompProfile, SecretKeySelector, SecurityContext,
+    Capabilities, Container, EnvVar, EnvVarSource, KeyToPath, PodSecurityContext, PodSpec, PodTemplateSpec,
+    ResourceRequirements, SeccompProfile, SecretKeySelector, SecretVolumeSource, SecurityContext, Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 use kube::{Resource, ResourceExt};
 
 use super::secrets::{PASSWORD_KEY, USERNAME_KEY};
-use super::services::{AMQP_PORT, MANAGEMENT_PORT};
+use super::services::{AMQP_PORT, AMQPS_PORT, MANAGEMENT_PORT, MANAGEMENT_TLS_PORT};
 use super::{INSTANCE_LABEL, MANAGED_BY_LABEL, NAME_LABEL, client_service_name, default_user_secret_name};
-use crate::api::{MigrationEndpoint, RabbitMigration, RabbitMigrationSpec};
+use crate::api::{MigrationEndpoint, RabbitMigration, RabbitMigrationSpec, TlsSpec};
 use crate::error::{Error, Result, SpecReason};
 use crate::migrate::budget;
 
@@ -46,33 +46,67 @@ fn secret_env(name: String, secret: &str, key: &str) -> EnvVar {
     }
 }
 
-/// The environment of one side.
-fn endpoint_env(side: &str, endpoint: &MigrationEndpoint, namespace: &str, domain: &str) -> Result<Vec<EnvVar>> {
-    let (host, secret, amqp_port, api_port) =
-        match (&endpoint.cluster_ref, &endpoint.host, &endpoint.credentials_secret) {
-            (Some(cluster), None, _) => (
-                format!("{}.{namespace}.svc.{domain}", client_service_name(cluster)),
-                default_user_secret_name(cluster),
-                AMQP_PORT,
-                MANAGEMENT_PORT,
-            ),
-            (None, Some(host), Some(secret)) => {
-                (host.clone(), secret.clone(), i32::from(endpoint.amqp_port), i32::from(endpoint.management_port))
-            }
-            _ => {
-                return Err(Error::InvalidSpec {
-                    reason: SpecReason::InvalidSpec,
-                    message: format!("{side}: set clusterRef, or host with credentialsSecret"),
-                });
-            }
-        };
+/// What one side gives the Job: its environment, and with a TLS cluster the volume of its CA.
+struct Side {
+    env: Vec<EnvVar>,
+    ca: Option<(Volume, VolumeMount)>,
+}
+
+/// The environment of one side. A `clusterRef` side whose RabbitCluster has TLS (`tls`) is reached
+/// over AMQPS and HTTPS, its certificate verified against the `ca.crt` of its Secret, mounted.
+fn endpoint_side(
+    side: &str,
+    endpoint: &MigrationEndpoint,
+    namespace: &str,
+    domain: &str,
+    tls: Option<&TlsSpec>,
+) -> Result<Side> {
     let upper = side.to_uppercase();
-    Ok(vec![
-        value_env(format!("WARREN_{upper}_URI"), format!("amqp://{host}:{amqp_port}/")),
-        value_env(format!("WARREN_{upper}_API"), format!("http://{host}:{api_port}")),
+    let (host, secret, mut amqp, mut api) = match (&endpoint.cluster_ref, &endpoint.host, &endpoint.credentials_secret)
+    {
+        (Some(cluster), None, _) => {
+            let host = format!("{}.{namespace}.svc.{domain}", client_service_name(cluster));
+            let (amqp, api) = (format!("amqp://{host}:{AMQP_PORT}/"), format!("http://{host}:{MANAGEMENT_PORT}"));
+            (host, default_user_secret_name(cluster), amqp, api)
+        }
+        (None, Some(host), Some(secret)) => {
+            let amqp = format!("amqp://{host}:{}/", endpoint.amqp_port);
+            (host.clone(), secret.clone(), amqp, format!("http://{host}:{}", endpoint.management_port))
+        }
+        _ => {
+            return Err(Error::InvalidSpec {
+                reason: SpecReason::InvalidSpec,
+                message: format!("{side}: set clusterRef, or host with credentialsSecret"),
+            });
+        }
+    };
+    let mut ca = None;
+    let mut env = Vec::new();
+    if let (Some(tls), Some(_)) = (tls, &endpoint.cluster_ref) {
+        (amqp, api) = (format!("amqps://{host}:{AMQPS_PORT}/"), format!("https://{host}:{MANAGEMENT_TLS_PORT}"));
+        let (volume_name, dir) = (format!("{side}-ca"), format!("/etc/warren/{side}-ca"));
+        let secret = tls.ca_secret_name.clone().unwrap_or_else(|| tls.secret_name.clone());
+        let volume = Volume {
+            name: volume_name.clone(),
+            secret: Some(SecretVolumeSource {
+                secret_name: Some(secret),
+                items: Some(vec![KeyToPath { key: "ca.crt".into(), path: "ca.crt".into(), mode: None }]),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let mount =
+            VolumeMount { name: volume_name, mount_path: dir.clone(), read_only: Some(true), ..Default::default() };
+        env.push(value_env(format!("WARREN_{upper}_CA"), format!("{dir}/ca.crt")));
+        ca = Some((volume, mount));
+    }
+    env.extend([
+        value_env(format!("WARREN_{upper}_URI"), amqp),
+        value_env(format!("WARREN_{upper}_API"), api),
         secret_env(format!("WARREN_{upper}_USERNAME"), &secret, USERNAME_KEY),
         secret_env(format!("WARREN_{upper}_PASSWORD"), &secret, PASSWORD_KEY),
-    ])
+    ]);
+    Ok(Side { env, ca })
 }
 
 /// Memory of the Job's container when the spec does not say.
@@ -167,20 +201,33 @@ fn image(spec: &RabbitMigrationSpec, default_image: &str, allow_override: bool) 
     }
 }
 
+/// The TLS of the RabbitClusters a migration names by `clusterRef`, by name (those without TLS
+/// are absent).
+pub type ClustersTls = BTreeMap<String, TlsSpec>;
+
 /// The Job of `migration` (pure: tested from fixtures).
 pub fn migration_job(
     migration: &RabbitMigration,
     default_image: &str,
     allow_image_override: bool,
     domain: &str,
+    clusters_tls: &ClustersTls,
 ) -> Result<Job> {
     let namespace = migration.namespace().unwrap_or_default();
     let spec = &migration.spec;
     let image = image(spec, default_image, allow_image_override)?;
     let resources = resources(spec);
     let max_in_flight = max_in_flight(spec, &resources)?;
-    let mut env = endpoint_env("source", &spec.source, &namespace, domain)?;
-    env.extend(endpoint_env("target", &spec.target, &namespace, domain)?);
+    let tls_of = |endpoint: &MigrationEndpoint| endpoint.cluster_ref.as_ref().and_then(|c| clusters_tls.get(c));
+    let source = endpoint_side("source", &spec.source, &namespace, domain, tls_of(&spec.source))?;
+    let target = endpoint_side("target", &spec.target, &namespace, domain, tls_of(&spec.target))?;
+    let (mut volumes, mut mounts) = (Vec::new(), Vec::new());
+    for (volume, mount) in [source.ca, target.ca].into_iter().flatten() {
+        volumes.push(volume);
+        mounts.push(mount);
+    }
+    let mut env = source.env;
+    env.extend(target.env);
     env.push(value_env("WARREN_LOG_FORMAT".into(), "json".into()));
     // The summary the operator reads back into status (per-queue counts, the error).
     env.push(value_env("WARREN_TERMINATION_LOG".into(), TERMINATION_LOG.into()));
@@ -211,6 +258,7 @@ pub fn migration_job(
             ..Default::default()
         }),
         resources: Some(resources),
+        volume_mounts: (!mounts.is_empty()).then_some(mounts),
         ..Default::default()
     };
     let pod = PodSpec {
@@ -224,6 +272,7 @@ pub fn migration_job(
             ..Default::default()
         }),
         containers: vec![container],
+        volumes: (!volumes.is_empty()).then_some(volumes),
         ..Default::default()
     };
     Ok(Job {
