@@ -330,6 +330,11 @@ async fn a_full_restart_in_any_order_keeps_everything(nodes: &mut NodeCluster) {
     // Back in the reverse order: the last to start was the first to stop.
     nodes.start(&[2, 1, 0]);
     nodes.wait_formed(BOOT).await;
+    eprintln!(
+        "[{}] full restart: boots retried inside a container so far: {}",
+        nodes.generation(),
+        nodes.boots_retried()
+    );
     let status = nodes.nodes[1].cluster_status().await.expect("cluster_status");
     assert_eq!(node_list(&status["running_nodes"]), nodes.names(&[0, 1, 2]), "{status}");
     nodes.wait_replicated(1, "durable", &[0, 1, 2], Some(1_000)).await;

@@ -636,6 +636,15 @@ impl NodeCluster {
         .await;
     }
 
+    /// How many times bootstrap.sh started a node's RabbitMQ again after an aborted boot (see the
+    /// script: RabbitMQ 4.0 on Mnesia can abort when every node boots at once).
+    pub fn boots_retried(&self) -> usize {
+        self.nodes
+            .iter()
+            .map(|n| std::fs::read_to_string(n.console_log()).unwrap_or_default().matches("starting it again").count())
+            .sum()
+    }
+
     /// Waits until every started node is ready and they all run as one cluster.
     pub async fn wait_formed(&self, limit: Duration) {
         let started: Vec<usize> = self.nodes.iter().filter(|n| n.is_started()).map(|n| n.index).collect();

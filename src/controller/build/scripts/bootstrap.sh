@@ -61,9 +61,14 @@ forget_lost_incarnation() {
 }
 [[ -d "${mnesia_base}/${RABBITMQ_NODENAME}" ]] || forget_lost_incarnation
 
+# Written once RabbitMQ has finished booting in this container (removed first: it is per container).
+booted_flag="${mnesia_base}/${RABBITMQ_NODENAME}-warren-booted"
+rm -f "$booted_flag"
+
 rabbitmq-server &
 server_pid=$!
-trap 'kill -TERM "$server_pid" 2>/dev/null || true' TERM INT
+terminating=false
+trap 'terminating=true; kill -TERM "$server_pid" 2>/dev/null || true' TERM INT
 
 server_alive() { kill -0 "$server_pid" 2>/dev/null; }
 
@@ -121,7 +126,15 @@ revive_if_drained() {
 
 if [[ -f "$marker" ]]; then
     log "$RABBITMQ_NODENAME is a cluster member already; starting"
-    revive_if_drained &
+    # In the background, so SIGTERM is handled at once: waits for the boot (through restarts below).
+    (
+        until timeout 120 rabbitmqctl -q await_startup >/dev/null 2>&1; do
+            kill -0 $$ 2>/dev/null || exit 0
+            sleep 2
+        done
+        touch "$booted_flag"
+        revive_if_drained
+    ) &
 else
     until timeout 120 rabbitmqctl -q await_startup >/dev/null 2>&1; do
         server_alive || { log "RabbitMQ exited during its first boot"; wait "$server_pid"; exit 1; }
@@ -164,12 +177,30 @@ else
         sleep 5
     done
     touch "$marker"
+    touch "$booted_flag"
     log "$RABBITMQ_NODENAME is clustered"
 fi
 
+# A member that fails to boot is started again, a few times, inside this container. RabbitMQ 4.0 on
+# Mnesia can abort its boot when peers boot at the same moment (all pods of a full restart): Mnesia's
+# protocol negotiation with a booting peer is killed and `rabbit` fails to start (seen on 4.0.5;
+# later RabbitMQ retries this itself). The next boot joins the peers that are up by then. A node
+# that keeps failing exits, and the kubelet's restart policy takes over.
 set +e
+boots=1
 while true; do
     wait "$server_pid"
     status=$?
-    server_alive || exit "$status"
+    server_alive && continue  # wait was interrupted by a signal's trap
+    [[ "$terminating" == true ]] && exit "$status"
+    if [[ -f "$marker" && ! -f "$booted_flag" && "$boots" -lt 3 ]]; then
+        boots=$((boots + 1))
+        log "RabbitMQ exited (status $status) before it finished booting; starting it again (boot $boots of 3)"
+        sleep 5
+        [[ "$terminating" == true ]] && exit "$status"
+        rabbitmq-server &
+        server_pid=$!
+        continue
+    fi
+    exit "$status"
 done
