@@ -1,69 +1,52 @@
 //! The operator's errors. Each becomes a status condition reason and a Kubernetes Event.
 
-/// A closed set of names: each variant's name is the CamelCase word Kubernetes shows (a condition
-/// reason, a phase).
-macro_rules! named_enum {
-    ($(#[$meta:meta])* $name:ident { $($(#[$variant_meta:meta])* $variant:ident),+ $(,)? }) => {
-        $(#[$meta])*
-        #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-        pub enum $name {
-            $($(#[$variant_meta])* $variant),+
-        }
-
-        impl $name {
-            pub fn as_str(self) -> &'static str {
-                match self {
-                    $($name::$variant => stringify!($variant)),+
-                }
-            }
-        }
-
-        impl std::fmt::Display for $name {
-            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-                f.write_str(self.as_str())
-            }
-        }
-    };
+/// Why a spec (or a manifest) is refused; each name is the condition reason Kubernetes shows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, strum::IntoStaticStr, strum::Display)]
+pub enum SpecReason {
+    InvalidSpec,
+    InvalidName,
+    InvalidReplicas,
+    InvalidImage,
+    InvalidStorage,
+    InvalidResources,
+    InvalidPlugin,
+    InvalidTls,
+    InvalidHighAvailability,
+    InvalidConfig,
+    /// `warren render`: the file is not a RabbitCluster.
+    InvalidManifest,
+    /// Classic mirroring asked of RabbitMQ 4.x, where it no longer exists.
+    ClassicMirroringUnsupported,
+    /// Quorum as the default queue type asked of a version without per-vhost defaults.
+    QuorumDefaultUnsupported,
+    /// A RabbitMigration names a Secret not meant for migrations (no opt-in label).
+    CredentialsNotPermitted,
+    /// A RabbitMigration names a Job image while the operator runs only its own.
+    ImageNotPermitted,
 }
-pub(crate) use named_enum;
 
-named_enum! {
-    /// Why a spec (or a manifest) is refused.
-    SpecReason {
-        InvalidSpec,
-        InvalidName,
-        InvalidReplicas,
-        InvalidImage,
-        InvalidStorage,
-        InvalidResources,
-        InvalidPlugin,
-        InvalidTls,
-        InvalidHighAvailability,
-        InvalidConfig,
-        /// `warren render`: the file is not a RabbitCluster.
-        InvalidManifest,
-        /// Classic mirroring asked of RabbitMQ 4.x, where it no longer exists.
-        ClassicMirroringUnsupported,
-        /// Quorum as the default queue type asked of a version without per-vhost defaults.
-        QuorumDefaultUnsupported,
-        /// A RabbitMigration names a Secret not meant for migrations (no opt-in label).
-        CredentialsNotPermitted,
-        /// A RabbitMigration names a Job image while the operator runs only its own.
-        ImageNotPermitted,
+/// Why the management API failed; each name is the condition reason Kubernetes shows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, strum::IntoStaticStr, strum::Display)]
+pub enum BrokerReason {
+    BrokerUnreachable,
+    BrokerTimeout,
+    BrokerUnauthorized,
+    BrokerUnavailable,
+    BrokerRejected,
+    BrokerBadResponse,
+    /// The HTTP client could not be built (a bad URL or TLS setting).
+    BrokerClientError,
+}
+
+impl SpecReason {
+    pub fn as_str(self) -> &'static str {
+        self.into()
     }
 }
 
-named_enum! {
-    /// Why the management API failed.
-    BrokerReason {
-        BrokerUnreachable,
-        BrokerTimeout,
-        BrokerUnauthorized,
-        BrokerUnavailable,
-        BrokerRejected,
-        BrokerBadResponse,
-        /// The HTTP client could not be built (a bad URL or TLS setting).
-        BrokerClientError,
+impl BrokerReason {
+    pub fn as_str(self) -> &'static str {
+        self.into()
     }
 }
 

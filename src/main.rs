@@ -259,7 +259,7 @@ async fn migrate(args: MigrateArgs) -> std::process::ExitCode {
             }
         }
         Err(error) => {
-            tracing::error!(phase = error.phase, reason = error.reason, "{}", error.message);
+            tracing::error!(phase = %error.phase, reason = %error.reason, "{}", error.message);
             eprintln!("warren migrate: {error}");
             std::process::ExitCode::FAILURE
         }

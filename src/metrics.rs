@@ -18,7 +18,7 @@ use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
-use crate::api::{RabbitCluster, RabbitMigration};
+use crate::api::{MigrationPhase, RabbitCluster, RabbitMigration};
 use crate::controller::status;
 use crate::error::Error;
 
@@ -196,9 +196,9 @@ impl Collector for ObjectGauges {
                 moved.samples.push((key.clone(), count as i64));
                 left.samples.push((key.clone(), status.queues.iter().map(|q| q.left).sum::<u64>() as i64));
             }
-            match status.phase.as_deref() {
-                Some("Succeeded") => succeeded.samples.push((key, 1)),
-                Some("Failed") => succeeded.samples.push((key, 0)),
+            match status.phase {
+                Some(MigrationPhase::Succeeded) => succeeded.samples.push((key, 1)),
+                Some(MigrationPhase::Failed) => succeeded.samples.push((key, 0)),
                 _ => {}
             }
         }

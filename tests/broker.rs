@@ -48,7 +48,7 @@ async fn on_3x_auto_applies_ha_all_with_automatic_sync_in_every_vhost_once() {
     assert_eq!(observed.version, "3.10.8");
     assert_eq!(observed.members, expected());
     assert!(observed.missing.is_empty() && observed.partitions.is_empty());
-    assert_eq!(observed.high_availability.0, "ClassicMirroring");
+    assert_eq!(observed.high_availability.reason(), "ClassicMirroring");
     assert_eq!(observed.actions.len(), 2);
 
     // Second pass: the policies are there, nothing is written.
@@ -80,7 +80,7 @@ async fn on_4x_auto_sets_quorum_default_keeping_vhost_metadata_and_never_sends_h
             json!({"description": "main", "tags": "prod,eu", "default_queue_type": "quorum"})
         )]
     );
-    assert_eq!(observed.high_availability.0, "QuorumQueues");
+    assert_eq!(observed.high_availability.reason(), "QuorumQueues");
     assert!(fake.requests().iter().all(|(call, body)| !call.contains("/api/policies/") || body.is_null()));
 }
 

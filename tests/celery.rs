@@ -14,7 +14,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use support::generations::manifest;
 use support::rabbit_nodes::{NodeCluster, wait_for};
-use warren::migrate::{Endpoint, Options, migrate};
+use warren::migrate::{Endpoint, MigrateReason, Options, migrate};
 
 /// Tasks each app sends with an ETA before the move, and tasks it sends to run now.
 const ETA_TASKS: u32 = 200;
@@ -248,7 +248,7 @@ async fn celery_apps_move_from_3_10_and_4_0_into_4_3_with_no_flags_and_every_tas
     // `warren migrate`, no flags, while the workers hold the ETA tasks: refused, naming them.
     for (source, old) in sources.iter().enumerate() {
         let error = migrate(&Options::new(endpoint(&old.nodes), endpoint(&new))).await.expect_err("messages held");
-        assert_eq!(error.reason, "MessagesHeldByConsumers", "{error}");
+        assert_eq!(error.reason, MigrateReason::MessagesHeldByConsumers, "{error}");
         for deployed in apps.iter().filter(|d| d.source == source) {
             assert!(error.message.contains(&format!("{}/celery: ", deployed.vhost)), "{error}");
         }

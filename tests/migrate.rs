@@ -17,7 +17,8 @@ use lapin::{BasicProperties, Connection, ConnectionProperties};
 use support::amqp;
 use support::generations::manifest;
 use support::rabbit_nodes::{NodeCluster, wait_for};
-use warren::migrate::{Endpoint, Options, migrate};
+use warren::error::BrokerReason;
+use warren::migrate::{Endpoint, MigratePhase, MigrateReason, Options, migrate};
 
 /// A source and a target of one node each, of these generations, formed and with HA applied.
 async fn pair_of(source: &str, target: &str) -> (NodeCluster, NodeCluster) {
@@ -145,7 +146,11 @@ async fn messages_held_by_consumers_are_detected_and_nothing_moves() {
     .await;
 
     let error = migrate(&options(&old, &new)).await.expect_err("refused");
-    assert_eq!((error.phase, error.reason), ("preflight", "MessagesHeldByConsumers"), "{error}");
+    assert_eq!(
+        (error.phase, error.reason),
+        (MigratePhase::Preflight, MigrateReason::MessagesHeldByConsumers),
+        "{error}"
+    );
     assert!(error.message.contains("//celery: 10 unacknowledged, held by 1 consumer(s)"), "{error}");
     assert!(new.api(0, "/api/queues/%2F/celery").await.is_err(), "the target got the queue anyway");
 
@@ -490,7 +495,11 @@ async fn bad_input_is_refused_clearly_and_nothing_moves() {
     )
     .expect("endpoint");
     let error = migrate(&Options::new(closed, endpoint(&new))).await.expect_err("unreachable");
-    assert_eq!((error.phase, error.reason), ("preflight", "BrokerUnreachable"), "{error}");
+    assert_eq!(
+        (error.phase, error.reason),
+        (MigratePhase::Preflight, MigrateReason::Broker(BrokerReason::BrokerUnreachable)),
+        "{error}"
+    );
 
     // Wrong password: said, not shown.
     let wrong = Endpoint::parse(
@@ -499,21 +508,21 @@ async fn bad_input_is_refused_clearly_and_nothing_moves() {
     )
     .expect("endpoint");
     let error = migrate(&Options::new(wrong, endpoint(&new))).await.expect_err("401");
-    assert_eq!(error.reason, "BrokerUnauthorized", "{error}");
+    assert_eq!(error.reason, MigrateReason::Broker(BrokerReason::BrokerUnauthorized), "{error}");
     assert!(!error.to_string().contains("not-the-password"));
 
     // A vhost the source does not have.
     let mut asked = options(&old, &new);
     asked.vhosts = vec!["nope".into()];
     let error = migrate(&asked).await.expect_err("no such vhost");
-    assert_eq!((error.phase, error.reason), ("preflight", "VhostMissing"), "{error}");
+    assert_eq!((error.phase, error.reason), (MigratePhase::Preflight, MigrateReason::VhostMissing), "{error}");
     assert!(error.message.contains("the source has no vhost nope"), "{error}");
 
     // A --queues pattern that matches nothing (a typo) is an error, not a success that moved nothing.
     let mut asked = options(&old, &new);
     asked.queues = Some(regex::Regex::new("^ordres$").expect("regex"));
     let error = migrate(&asked).await.expect_err("no queue matches");
-    assert_eq!((error.phase, error.reason), ("preflight", "QueuesMissing"), "{error}");
+    assert_eq!((error.phase, error.reason), (MigratePhase::Preflight, MigrateReason::QueuesMissing), "{error}");
     assert!(error.message.contains(r#"no queue of the source matches --queues "^ordres$""#), "{error}");
 
     // A vhost the target lacks, and a target user who may not create one (no administrator tag).
@@ -532,7 +541,7 @@ async fn bad_input_is_refused_clearly_and_nothing_moves() {
     )
     .expect("endpoint");
     let error = migrate(&Options::new(endpoint(&old), limited)).await.expect_err("vhost missing on the target");
-    assert_eq!((error.phase, error.reason), ("preflight", "VhostMissing"), "{error}");
+    assert_eq!((error.phase, error.reason), (MigratePhase::Preflight, MigrateReason::VhostMissing), "{error}");
     assert!(error.message.contains("the target has no vhost billing"), "{error}");
     assert!(error.message.contains("user limited may not create one"), "{error}");
     assert!(new.api(0, "/api/vhosts/billing").await.is_err(), "nothing created on the target");
@@ -541,7 +550,7 @@ async fn bad_input_is_refused_clearly_and_nothing_moves() {
     // The target has a queue of that name with other arguments.
     declare(&new, "orders", serde_json::json!({"x-max-length": 10})).await;
     let error = migrate(&options(&old, &new)).await.expect_err("mismatch");
-    assert_eq!(error.reason, "QueueMismatch", "{error}");
+    assert_eq!(error.reason, MigrateReason::QueueMismatch, "{error}");
     assert!(error.message.contains("queue orders in vhost /"), "{error}");
 
     assert_eq!((live_depth(&old, "orders").await, live_depth(&new, "orders").await), (50, 0), "something moved");

@@ -2,8 +2,9 @@
 
 use k8s_openapi::api::batch::v1::{Job, JobCondition, JobStatus};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use warren::api::MigrationPhase;
 use warren::api::RabbitMigration;
-use warren::controller::migration::{ClustersTls, Phase, migration_job, phase};
+use warren::controller::migration::{ClustersTls, migration_job, phase};
 
 fn example() -> RabbitMigration {
     let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/examples/migration.yaml")).unwrap();
@@ -190,15 +191,15 @@ fn only_a_secret_labelled_for_migrations_may_be_named() {
 fn the_phase_follows_the_job() {
     let job = |status: JobStatus| Job { status: Some(status), ..Default::default() };
     let condition = |type_: &str| JobCondition { type_: type_.into(), status: "True".into(), ..Default::default() };
-    assert_eq!(phase(&Job::default()), Phase::Pending);
-    assert_eq!(phase(&job(JobStatus { active: Some(1), ..Default::default() })), Phase::Running);
+    assert_eq!(phase(&Job::default()), MigrationPhase::Pending);
+    assert_eq!(phase(&job(JobStatus { active: Some(1), ..Default::default() })), MigrationPhase::Running);
     assert_eq!(
         phase(&job(JobStatus { conditions: Some(vec![condition("Complete")]), ..Default::default() })),
-        Phase::Succeeded
+        MigrationPhase::Succeeded
     );
     assert_eq!(
         phase(&job(JobStatus { conditions: Some(vec![condition("Failed")]), ..Default::default() })),
-        Phase::Failed
+        MigrationPhase::Failed
     );
 }
 
@@ -223,7 +224,7 @@ fn a_finished_job_is_described_by_the_summary_its_pod_left() {
         ..Default::default()
     };
     assert_eq!(
-        completion("m-migrate", Phase::Succeeded, Some(&Ok(done))),
+        completion("m-migrate", MigrationPhase::Succeeded, Some(&Ok(done))),
         Some((true, "Succeeded".into(), "30 messages moved from 2 queue(s) and verified".into()))
     );
     // The migrator's own reason and words, not a pointer to the logs.
@@ -236,7 +237,7 @@ fn a_finished_job_is_described_by_the_summary_its_pod_left() {
         ..Default::default()
     };
     assert_eq!(
-        completion("m-migrate", Phase::Failed, Some(&Ok(held))),
+        completion("m-migrate", MigrationPhase::Failed, Some(&Ok(held))),
         Some((
             false,
             "MessagesHeldByConsumers".into(),
@@ -245,18 +246,21 @@ fn a_finished_job_is_described_by_the_summary_its_pod_left() {
     );
     let partial = Summary { moved: 15, queues: vec![queue("a", 10, 10), queue("b", 20, 5)], ..Default::default() };
     assert_eq!(
-        completion("m-migrate", Phase::Failed, Some(&Ok(partial))),
+        completion("m-migrate", MigrationPhase::Failed, Some(&Ok(partial))),
         Some((false, "Incomplete".into(), "15 messages moved; 1 queue(s) not fully moved (see status.queues)".into()))
     );
     // Not a summary (the end of the log of a container that died) and not a condition reason.
     assert_eq!(
-        completion("m-migrate", Phase::Failed, Some(&Err("thread 'main' panicked".into()))),
+        completion("m-migrate", MigrationPhase::Failed, Some(&Err("thread 'main' panicked".into()))),
         Some((false, "JobFailed".into(), "Job m-migrate failed: thread 'main' panicked".into()))
     );
     let odd = Summary {
         error: Some(SummaryError { phase: "x".into(), reason: "not a reason!".into(), message: "m".into() }),
         ..Default::default()
     };
-    assert_eq!(completion("m-migrate", Phase::Failed, Some(&Ok(odd))).map(|c| c.1), Some("MigrationFailed".into()));
-    assert_eq!(completion("m-migrate", Phase::Running, None), None);
+    assert_eq!(
+        completion("m-migrate", MigrationPhase::Failed, Some(&Ok(odd))).map(|c| c.1),
+        Some("MigrationFailed".into())
+    );
+    assert_eq!(completion("m-migrate", MigrationPhase::Running, None), None);
 }

@@ -152,7 +152,7 @@ async fn formation_and_high_availability(nodes: &NodeCluster) {
     let policies = nodes.api(1, "/api/policies").await.expect("policies");
     if nodes.quorum() {
         assert_eq!(observed.actions, ["set default queue type quorum on vhost /"]);
-        assert_eq!(observed.high_availability.0, "QuorumQueues");
+        assert_eq!(observed.high_availability.reason(), "QuorumQueues");
         let vhost = nodes.api(1, "/api/vhosts/%2F").await.expect("vhost /");
         assert_eq!(vhost["default_queue_type"], "quorum", "vhost /: {vhost}");
         assert_eq!(policies, serde_json::json!([]), "no policy on 4.x");
@@ -165,7 +165,7 @@ async fn formation_and_high_availability(nodes: &NodeCluster) {
     }
     // What only a partition-handling setting gave on Mnesia, Raft gives on Khepri: status says so.
     assert_eq!(
-        observed.high_availability.1.contains("cluster_partition_handling has no effect"),
+        observed.high_availability.message().contains("cluster_partition_handling has no effect"),
         nodes.cluster.image_version.is_some_and(|v| !v.honours_partition_handling()),
         "{:?}",
         observed.high_availability

@@ -15,7 +15,7 @@ use lapin::options::BasicGetOptions;
 use support::amqp;
 use support::generations::manifest;
 use support::rabbit_nodes::NodeCluster;
-use warren::migrate::{Endpoint, Options, migrate};
+use warren::migrate::{Endpoint, MigrateReason, Options, migrate};
 
 const MESSAGES: u32 = 500;
 
@@ -78,7 +78,7 @@ async fn a_tls_only_cluster_serves_verified_clients_and_takes_a_migration_from_a
     let mut target = endpoint(&new).with_ca_file(Some(&other_ca)).expect("CA file");
     let _ = std::fs::remove_dir_all(&other);
     let error = migrate(&Options::new(endpoint(&old), target.clone())).await.expect_err("the wrong CA");
-    assert_eq!(error.reason, "TlsNotVerified", "{error}");
+    assert_eq!(error.reason, MigrateReason::TlsNotVerified, "{error}");
     assert!(error.message.contains("--target-ca"), "{error}");
     assert_eq!(amqp::live_depth(&source_url, "orders").await, u64::from(MESSAGES), "the source untouched");
     assert!(new.api(0, "/api/queues/%2F/orders").await.is_err(), "the target got the queue anyway");

@@ -20,7 +20,7 @@ use warren::controller::apply::{APPLIED_GENERATION_ANNOTATION, APPLIED_HASH_ANNO
 use warren::controller::build::{self, Credentials};
 use warren::controller::validate::{Settings, validate};
 use warren::controller::{Context, error_policy, reconcile, status};
-use warren::rabbitmq::broker::BrokerObservation;
+use warren::rabbitmq::broker::{BrokerObservation, HaOutcome};
 use warren::server::Metrics;
 
 const NS: &str = "/api/v1/namespaces/default";
@@ -335,7 +335,7 @@ async fn steady_cluster() -> SteadyCluster {
     let observation = BrokerObservation {
         version: "4.1.4".into(),
         members: nodes.clone(),
-        high_availability: ("QuorumQueues".into(), "quorum is the default queue type of 1 vhost(s)".into()),
+        high_availability: HaOutcome::QuorumQueues { vhosts: 1, raft_metadata: false },
         ..Default::default()
     };
     let mut verdicts = status::verdicts(&status::Observed {

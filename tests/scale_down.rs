@@ -5,7 +5,8 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use warren::rabbitmq::management::{NodeInfo, QueueInfo};
-use warren::rabbitmq::scale_down::{ClusterView, MIRROR_SYNC_LIMIT, PodState, Step, decide, ordinal_of};
+use warren::rabbitmq::queue_type::QueueType;
+use warren::rabbitmq::scale_down::{ClusterView, MIRROR_SYNC_LIMIT, PodState, Step, WaitReason, decide, ordinal_of};
 
 fn node(i: i32) -> String {
     format!("rabbit@demo-{i}.demo-nodes.default.svc.cluster.local")
@@ -37,7 +38,7 @@ fn quorum(name: &str, members: &[i32]) -> QueueInfo {
     QueueInfo {
         name: name.into(),
         vhost: "/".into(),
-        queue_type: Some("quorum".into()),
+        queue_type: Some(QueueType::Quorum),
         node: Some(node(members[0])),
         members: members.iter().map(|&i| node(i)).collect(),
         online: members.iter().map(|&i| node(i)).collect(),
@@ -51,7 +52,7 @@ fn classic(name: &str, on: i32, messages: u64) -> QueueInfo {
     QueueInfo {
         name: name.into(),
         vhost: "/".into(),
-        queue_type: Some("classic".into()),
+        queue_type: Some(QueueType::Classic),
         node: Some(node(on)),
         durable: true,
         messages: Some(messages),
@@ -59,9 +60,9 @@ fn classic(name: &str, on: i32, messages: u64) -> QueueInfo {
     }
 }
 
-fn wait_reason(step: &Step) -> &'static str {
+fn wait_reason(step: &Step) -> WaitReason {
     match step {
-        Step::Wait { reason, .. } => reason,
+        Step::Wait { reason, .. } => *reason,
         other => panic!("expected a wait, got {other:?}"),
     }
 }
@@ -108,9 +109,9 @@ fn quorum_queues_walk_the_highest_node_through_hand_over_remove_and_forget() {
     // The StatefulSet dropped it: its preStop runs, then the pod goes; only then is it forgotten.
     v.current = 4;
     v.pods.insert(4, PodState { ready: false, terminating: true });
-    assert_eq!(wait_reason(&decide(&v)), "NodeStopping");
+    assert_eq!(wait_reason(&decide(&v)), WaitReason::NodeStopping);
     v.pods.remove(&4);
-    assert_eq!(wait_reason(&decide(&v)), "NodeStopping", "its node still runs");
+    assert_eq!(wait_reason(&decide(&v)), WaitReason::NodeStopping, "its node still runs");
     v.nodes[4].running = false;
     assert_eq!(decide(&v), Step::Forget { node: node(4) });
 
@@ -137,7 +138,7 @@ fn on_khepri_each_node_leaves_while_a_majority_stands_down_to_one() {
     assert_eq!(decide(&v), Step::Leave { ordinal: 1, node: node(1) });
     // Not drained and not running: a node that failed, which is waited for.
     v.nodes[1].being_drained = Some(false);
-    assert_eq!(wait_reason(&decide(&v)), "ClusterNotWhole");
+    assert_eq!(wait_reason(&decide(&v)), WaitReason::ClusterNotWhole);
 
     // Left: the cluster no longer lists it, so its pod goes; nothing is left to forget, but the
     // scale-down is done only once the pod is gone.
@@ -145,7 +146,7 @@ fn on_khepri_each_node_leaves_while_a_majority_stands_down_to_one() {
     assert!(matches!(decide(&v), Step::Remove { ordinal: 1, .. }), "{:?}", decide(&v));
     v.current = 1;
     v.pods.insert(1, PodState { ready: false, terminating: true });
-    assert_eq!(wait_reason(&decide(&v)), "NodeStopping");
+    assert_eq!(wait_reason(&decide(&v)), WaitReason::NodeStopping);
     v.pods.remove(&1);
     assert_eq!(decide(&v), Step::Steady);
 
@@ -197,25 +198,25 @@ fn a_node_listed_past_the_stateful_set_is_forgotten_even_at_the_desired_size() {
 fn a_cluster_that_is_not_whole_is_not_shrunk() {
     let mut v = view(5, 3);
     v.nodes[1].running = false;
-    assert_eq!(wait_reason(&decide(&v)), "ClusterNotWhole");
+    assert_eq!(wait_reason(&decide(&v)), WaitReason::ClusterNotWhole);
 
     let mut v = view(5, 3);
     v.nodes[2].partitions = vec![node(0)];
     let step = decide(&v);
-    assert_eq!(wait_reason(&step), "ClusterNotWhole");
+    assert_eq!(wait_reason(&step), WaitReason::ClusterNotWhole);
     assert!(matches!(&step, Step::Wait { message, .. } if message.contains("partition")), "{step:?}");
 
     let mut v = view(5, 3);
     v.pods.insert(0, PodState { ready: false, terminating: false });
-    assert_eq!(wait_reason(&decide(&v)), "ClusterNotWhole");
+    assert_eq!(wait_reason(&decide(&v)), WaitReason::ClusterNotWhole);
 
     let mut v = view(5, 3);
     v.pods.insert(2, PodState { ready: true, terminating: true });
-    assert_eq!(wait_reason(&decide(&v)), "ClusterNotWhole");
+    assert_eq!(wait_reason(&decide(&v)), WaitReason::ClusterNotWhole);
 
     let mut v = view(5, 3);
     v.nodes.remove(3);
-    assert_eq!(wait_reason(&decide(&v)), "ClusterNotWhole", "pod 3 has not joined");
+    assert_eq!(wait_reason(&decide(&v)), WaitReason::ClusterNotWhole, "pod 3 has not joined");
 }
 
 #[test]
@@ -225,7 +226,7 @@ fn a_quorum_queue_that_would_lose_its_majority_waits() {
     // Of the members that stay (0, 1, 2), only one is online.
     q.online = vec![node(0), node(4)];
     v.queues = vec![q];
-    assert_eq!(wait_reason(&decide(&v)), "QuorumAtRisk");
+    assert_eq!(wait_reason(&decide(&v)), WaitReason::QuorumAtRisk);
 }
 
 #[test]
@@ -262,7 +263,7 @@ fn a_quorum_queue_whose_only_member_leaves_and_a_stream_replica_are_refused() {
     v.queues = vec![quorum("single", &[2])];
     assert!(refusal(&decide(&v)).contains("only member of quorum queues single"));
 
-    v.queues = vec![QueueInfo { queue_type: Some("stream".into()), ..quorum("events", &[0, 1, 2]) }];
+    v.queues = vec![QueueInfo { queue_type: Some(QueueType::Stream), ..quorum("events", &[0, 1, 2]) }];
     assert!(refusal(&decide(&v)).contains("streams events"));
 }
 
@@ -274,7 +275,7 @@ fn a_mirrored_master_waits_for_a_synchronised_mirror_that_stays_then_gives_up() 
     q.synchronised_slave_nodes = vec![];
     v.queues = vec![q.clone()];
     let step = decide(&v);
-    assert_eq!(wait_reason(&step), "WaitingForMirrorSync");
+    assert_eq!(wait_reason(&step), WaitReason::WaitingForMirrorSync);
     assert!(matches!(&step, Step::Wait { sync, .. } if sync == &vec![("/".to_string(), "celery".to_string())]));
 
     v.mirror_sync_waited = Some(MIRROR_SYNC_LIMIT + Duration::from_secs(1));

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use kube::Api;
-use warren::api::RabbitMigration;
+use warren::api::{MigrationPhase, RabbitMigration};
 
 use crate::amqp;
 use crate::observability::Prometheus;
@@ -43,9 +43,9 @@ async fn a_migration_job_in_the_cluster_moves_every_message() {
     let done = wait_for("the migration Job to succeed", POD_TIMEOUT, || async {
         let m = api.get("old-to-new").await.map_err(|e| e.to_string())?;
         let status = m.status.clone().unwrap_or_default();
-        match status.phase.as_deref() {
-            Some("Succeeded") => Ok(m),
-            Some("Failed") => panic!("the migration failed: {status:?}"),
+        match status.phase {
+            Some(MigrationPhase::Succeeded) => Ok(m),
+            Some(MigrationPhase::Failed) => panic!("the migration failed: {status:?}"),
             _ => Err(format!("{status:?}")),
         }
     })

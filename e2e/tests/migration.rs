@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use k8s_openapi::api::batch::v1::Job;
 use kube::{Api, ResourceExt};
-use warren::api::RabbitMigration;
+use warren::api::{MigrationPhase, RabbitMigration};
 
 use crate::support::operator::Operator;
 use crate::support::{TestNamespace, admin_client, ensure_crds, kubectl, manifest, ok, wait_for, writes_by};
@@ -39,7 +39,7 @@ async fn a_migration_becomes_an_owned_job_and_reports_its_phase() {
                 && c.reason == "CredentialsNotPermitted"
                 && c.message.contains("spec.source.credentialsSecret: Secret old-rabbitmq-credentials has no label")
         });
-        if refused && status.phase.as_deref() == Some("Failed") { Ok(()) } else { Err(format!("{status:?}")) }
+        if refused && status.phase == Some(MigrationPhase::Failed) { Ok(()) } else { Err(format!("{status:?}")) }
     })
     .await;
     let events = ok(
@@ -69,7 +69,7 @@ async fn a_migration_becomes_an_owned_job_and_reports_its_phase() {
     wait_for("phase Running", Duration::from_secs(60), || async {
         let m = migrations.get("from-legacy").await.map_err(|e| e.to_string())?;
         let status = m.status.clone().unwrap_or_default();
-        if status.phase.as_deref() == Some("Running") && status.job_name.as_deref() == Some("from-legacy-migrate") {
+        if status.phase == Some(MigrationPhase::Running) && status.job_name.as_deref() == Some("from-legacy-migrate") {
             Ok(())
         } else {
             Err(format!("{status:?}"))

@@ -109,13 +109,43 @@ fn default_management_port() -> u16 {
     15672
 }
 
+/// Where a migration is, from its Job's status.
+#[derive(
+    Serialize,
+    Deserialize,
+    Clone,
+    Copy,
+    Debug,
+    PartialEq,
+    Eq,
+    schemars::JsonSchema,
+    strum::IntoStaticStr,
+    strum::Display,
+)]
+pub enum MigrationPhase {
+    Pending,
+    Running,
+    Succeeded,
+    Failed,
+}
+
+impl MigrationPhase {
+    pub fn as_str(self) -> &'static str {
+        self.into()
+    }
+
+    pub fn finished(self) -> bool {
+        matches!(self, MigrationPhase::Succeeded | MigrationPhase::Failed)
+    }
+}
+
 /// What the operator observed of the migration Job.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct RabbitMigrationStatus {
     /// Pending, Running, Succeeded or Failed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub phase: Option<String>,
+    pub phase: Option<MigrationPhase>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub job_name: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]

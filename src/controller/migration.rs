@@ -15,34 +15,23 @@ use super::Context;
 pub use super::build::job::{
     ClustersTls, DEFAULT_IMAGE, MIGRATION_CREDENTIALS_LABEL, job_name, meant_for_migrations, migration_job,
 };
-use crate::api::{RabbitCluster, RabbitMigration, RabbitMigrationStatus};
+use crate::api::{MigrationPhase, RabbitCluster, RabbitMigration, RabbitMigrationStatus};
 use crate::error::{Error, Result, SpecReason};
 use crate::migrate::report::Summary;
 
-crate::error::named_enum! {
-    /// Where a migration is, from its Job's status.
-    Phase { Pending, Running, Succeeded, Failed }
-}
-
-impl Phase {
-    pub fn finished(self) -> bool {
-        matches!(self, Phase::Succeeded | Phase::Failed)
-    }
-}
-
 /// The phase of a Job.
-pub fn phase(job: &Job) -> Phase {
+pub fn phase(job: &Job) -> MigrationPhase {
     let status = job.status.clone().unwrap_or_default();
     let failed = status.conditions.iter().flatten().any(|c| c.type_ == "Failed" && c.status == "True");
     let complete = status.conditions.iter().flatten().any(|c| c.type_ == "Complete" && c.status == "True");
     if complete || status.succeeded.unwrap_or(0) > 0 {
-        Phase::Succeeded
+        MigrationPhase::Succeeded
     } else if failed {
-        Phase::Failed
+        MigrationPhase::Failed
     } else if status.active.unwrap_or(0) > 0 {
-        Phase::Running
+        MigrationPhase::Running
     } else {
-        Phase::Pending
+        MigrationPhase::Pending
     }
 }
 
@@ -84,7 +73,7 @@ async fn reconcile_migration(migration: Arc<RabbitMigration>, ctx: Arc<Context>)
                     )
                     .await;
                     let complete = Some((false, error.reason().to_string(), error.to_string()));
-                    write_status(&ctx, &migration, Phase::Failed, None, complete, None).await?;
+                    write_status(&ctx, &migration, MigrationPhase::Failed, None, complete, None).await?;
                     return Ok(Action::await_change());
                 }
             };
@@ -104,14 +93,14 @@ async fn reconcile_migration(migration: Arc<RabbitMigration>, ctx: Arc<Context>)
         }
     };
     let phase = phase(&job);
-    let before = migration.status.as_ref().and_then(|s| s.phase.clone());
+    let before = migration.status.as_ref().and_then(|s| s.phase);
     // The Job just finished: its own report (per-queue counts, what stopped it) is read once and
     // the Complete condition set; later passes keep what was written then.
-    let finishing = phase.finished() && before.as_deref() != Some(phase.as_str());
+    let finishing = phase.finished() && before != Some(phase);
     let summary = if finishing { last_summary(&ctx, &namespace, &name).await } else { None };
     let complete = if finishing { completion(&name, phase, summary.as_ref()) } else { None };
     if let Some((_, reason, message)) = &complete {
-        let type_ = if phase == Phase::Failed { EventType::Warning } else { EventType::Normal };
+        let type_ = if phase == MigrationPhase::Failed { EventType::Warning } else { EventType::Normal };
         let note = format!("Job {name}: {message}");
         ctx.publish(&migration.object_ref(&()), type_, reason.as_str(), "Migrate", note).await;
     }
@@ -173,11 +162,11 @@ async fn clusters_tls(ctx: &Context, migration: &RabbitMigration) -> Result<Clus
 /// last pod left, when there is one.
 pub fn completion(
     job: &str,
-    phase: Phase,
+    phase: MigrationPhase,
     summary: Option<&std::result::Result<Summary, String>>,
 ) -> Option<(bool, String, String)> {
     match (phase, summary) {
-        (Phase::Succeeded, Some(Ok(s))) => Some((
+        (MigrationPhase::Succeeded, Some(Ok(s))) => Some((
             true,
             "Succeeded".to_string(),
             format!(
@@ -186,11 +175,13 @@ pub fn completion(
                 s.queues.len() as u64 + s.omitted_queues
             ),
         )),
-        (Phase::Succeeded, _) => Some((true, "Succeeded".to_string(), "every queue moved and verified".to_string())),
-        (Phase::Failed, Some(Ok(Summary { error: Some(e), .. }))) => {
+        (MigrationPhase::Succeeded, _) => {
+            Some((true, "Succeeded".to_string(), "every queue moved and verified".to_string()))
+        }
+        (MigrationPhase::Failed, Some(Ok(Summary { error: Some(e), .. }))) => {
             Some((false, reason_of(&e.reason), format!("{}: {}", e.phase, e.message)))
         }
-        (Phase::Failed, Some(Ok(s))) => Some((
+        (MigrationPhase::Failed, Some(Ok(s))) => Some((
             false,
             "Incomplete".to_string(),
             format!(
@@ -199,8 +190,10 @@ pub fn completion(
                 s.queues.iter().filter(|q| q.left > 0 || q.refused > 0 || q.error.is_some()).count()
             ),
         )),
-        (Phase::Failed, Some(Err(text))) => Some((false, "JobFailed".to_string(), format!("Job {job} failed: {text}"))),
-        (Phase::Failed, None) => {
+        (MigrationPhase::Failed, Some(Err(text))) => {
+            Some((false, "JobFailed".to_string(), format!("Job {job} failed: {text}")))
+        }
+        (MigrationPhase::Failed, None) => {
             Some((false, "JobFailed".to_string(), format!("Job {job} failed; see its pods' logs")))
         }
         _ => None,
@@ -243,7 +236,7 @@ async fn last_summary(ctx: &Context, namespace: &str, job: &str) -> Option<std::
 async fn write_status(
     ctx: &Context,
     migration: &RabbitMigration,
-    phase: Phase,
+    phase: MigrationPhase,
     job_name: Option<String>,
     complete: Option<(bool, String, String)>,
     summary: Option<Summary>,
@@ -278,7 +271,7 @@ async fn write_status(
         ),
     };
     let next = RabbitMigrationStatus {
-        phase: Some(phase.as_str().to_string()),
+        phase: Some(phase),
         job_name: job_name.or(previous.job_name.clone()),
         observed_generation: migration.meta().generation,
         conditions,

@@ -17,7 +17,7 @@ use super::validate::ValidatedCluster;
 use super::{Context, object_key};
 use crate::api::RabbitCluster;
 use crate::error::{Error, Result};
-use crate::rabbitmq::scale_down::{self, ClusterView, NodeCommands, PodState, Step};
+use crate::rabbitmq::scale_down::{self, ClusterView, NodeCommands, PodState, Step, WaitReason};
 
 /// How long one node command may run (a drain or a shrink of thousands of queues takes a while).
 const COMMAND_LIMIT: Duration = Duration::from_secs(600);
@@ -166,7 +166,10 @@ pub async fn pass(
         let commands = PodExec::new(ctx, validated);
         scale_down::observe(&broker, &commands, &mut view).await?;
         let step = scale_down::decide(&view);
-        ctx.track_mirror_sync(&object_key(cluster), matches!(&step, Step::Wait { reason: "WaitingForMirrorSync", .. }));
+        ctx.track_mirror_sync(
+            &object_key(cluster),
+            matches!(&step, Step::Wait { reason: WaitReason::WaitingForMirrorSync, .. }),
+        );
         if let Step::Forget { node } | Step::Leave { node, .. } = &step
             && let Some(ordinal) = scale_down::ordinal_of(node, &validated.stateful_set_name())
         {

@@ -144,8 +144,8 @@ pub fn verdicts(observed: &Observed) -> Vec<Verdict> {
                 verdict(NO_PARTITIONS, Some(false), "PartitionDetected", broker.partitions.join(PARTITION_SEPARATOR))
             },
             {
-                let (reason, message) = &broker.high_availability;
-                verdict(HIGH_AVAILABILITY, Some(reason != "Disabled"), reason, message.clone())
+                let ha = &broker.high_availability;
+                verdict(HIGH_AVAILABILITY, Some(ha.is_available()), ha.reason(), ha.message())
             },
         ),
         Err(why) => (

@@ -16,7 +16,8 @@ use serde_json::{Map, Value};
 use super::amqp::{self, Failure};
 use super::model::Queue;
 use super::preflight::Plan;
-use super::{MigrateError, Options};
+use super::{MigrateError, MigratePhase, MigrateReason, Options};
+use crate::error::BrokerReason;
 use crate::rabbitmq::queue_type::QueueType;
 
 /// A declaration an app makes that the target refuses, with RabbitMQ's words and what to change.
@@ -92,8 +93,13 @@ pub async fn check(options: &Options, plan: &Plan) -> Result<Vec<RefusedDeclarat
     vhosts.sort_unstable();
     vhosts.dedup();
     for vhost in vhosts {
-        let unreachable =
-            |e: Failure| MigrateError::new("definitions", "BrokerUnreachable", format!("target: {}", e.message));
+        let unreachable = |e: Failure| {
+            MigrateError::new(
+                MigratePhase::Definitions,
+                MigrateReason::Broker(BrokerReason::BrokerUnreachable),
+                format!("target: {}", e.message),
+            )
+        };
         let connection = amqp::connect(&options.target.amqp_for(vhost), options.target.ca.as_deref(), "target")
             .await
             .map_err(unreachable)?;

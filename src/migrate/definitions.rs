@@ -4,7 +4,8 @@ use serde_json::{Value, json};
 
 use super::model::{Definitions, Exchange, Policy, Queue, Vhost};
 use super::preflight::Plan;
-use super::{MigrateError, Options};
+use super::{MigrateError, MigratePhase, MigrateReason, Options};
+use crate::error::BrokerReason;
 use crate::rabbitmq::management::ManagementClient;
 use crate::rabbitmq::queue_type::QueueType;
 use crate::rabbitmq::version::RabbitVersion;
@@ -262,8 +263,8 @@ fn convert_policy(policy: &Policy, target: RabbitVersion, notes: &mut Vec<String
     Some(policy)
 }
 
-fn fail(reason: &'static str, message: impl Into<String>) -> MigrateError {
-    MigrateError::new("definitions", reason, message)
+fn fail(reason: MigrateReason, message: impl Into<String>) -> MigrateError {
+    MigrateError::new(MigratePhase::Definitions, reason, message)
 }
 
 /// Leaves the target's own vhosts, policies and runtime parameters as they are: an import of a
@@ -329,9 +330,11 @@ fn keep_targets_own(
 
 /// The target's definitions.
 async fn target_definitions(target: &ManagementClient) -> Result<Definitions, MigrateError> {
-    let current = target.get("/api/definitions").await.map_err(|e| fail(e.reason(), format!("target: {e}")))?;
-    serde_json::from_value(current.unwrap_or_else(|| json!({})))
-        .map_err(|e| fail("BrokerBadResponse", format!("target: GET /api/definitions: {e}")))
+    let current =
+        target.get("/api/definitions").await.map_err(|e| fail(MigrateReason::of(&e), format!("target: {e}")))?;
+    serde_json::from_value(current.unwrap_or_else(|| json!({}))).map_err(|e| {
+        fail(MigrateReason::Broker(BrokerReason::BrokerBadResponse), format!("target: GET /api/definitions: {e}"))
+    })
 }
 
 /// Imports the converted definitions (users that already exist on the target are left as they
@@ -353,13 +356,16 @@ pub async fn import(target: &ManagementClient, plan: &Plan) -> Result<Definition
     definitions.topic_permissions.retain(|p| imported_users.contains(&p.user));
     let mut conflicts = Vec::new();
     keep_targets_own(&current, &mut definitions, &mut notes, &mut conflicts);
-    target.post("/api/definitions", &json!(definitions)).await.map_err(|e| fail(e.reason(), format!("import: {e}")))?;
+    target
+        .post("/api/definitions", &json!(definitions))
+        .await
+        .map_err(|e| fail(MigrateReason::of(&e), format!("import: {e}")))?;
 
     let present = target_definitions(target).await?.identities();
     let missing: Vec<String> = definitions.identities().into_iter().filter(|i| !present.contains(i)).collect();
     if !missing.is_empty() {
         return Err(fail(
-            "DefinitionsNotImported",
+            MigrateReason::DefinitionsNotImported,
             format!("missing on the target after import: {}", missing.join("; ")),
         ));
     }

@@ -21,6 +21,7 @@ use std::time::Duration;
 use regex::Regex;
 use url::Url;
 
+use crate::error::BrokerReason;
 use crate::rabbitmq::management::ManagementClient;
 pub use report::Report;
 
@@ -99,8 +100,13 @@ impl Endpoint {
     pub fn management(&self) -> Result<ManagementClient, MigrateError> {
         let user = Self::decoded(self.amqp.username());
         let password = Self::decoded(self.amqp.password().unwrap_or_default());
-        ManagementClient::with_ca(self.api.as_str(), &user, &password, self.ca.as_deref())
-            .map_err(|e| MigrateError::new("preflight", "BrokerClientError", e.to_string()))
+        ManagementClient::with_ca(self.api.as_str(), &user, &password, self.ca.as_deref()).map_err(|e| {
+            MigrateError::new(
+                MigratePhase::Preflight,
+                MigrateReason::Broker(BrokerReason::BrokerClientError),
+                e.to_string(),
+            )
+        })
     }
 
     /// The AMQP URI of one vhost.
@@ -169,22 +175,77 @@ impl Options {
     }
 }
 
+/// The phase a migration stopped in (lower case, as the report and the Job's summary name it).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, strum::IntoStaticStr, strum::Display)]
+#[strum(serialize_all = "lowercase")]
+pub enum MigratePhase {
+    /// The command line or the resource: URIs, CA files.
+    Input,
+    /// Versions, vhosts, queues and their holders, before anything changes.
+    Preflight,
+    /// Export, conversion, the declarations tried and the import on the target.
+    Definitions,
+}
+
+/// Why a migration stopped: a RabbitMigration's condition reason and the report's `reason`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, strum::IntoStaticStr)]
+pub enum MigrateReason {
+    InvalidInput,
+    /// A TLS peer's certificate did not verify against the CA given.
+    TlsNotVerified,
+    /// `--queues` matched no queue.
+    QueuesMissing,
+    /// A vhost asked for is missing on the source, or on the target whose user may not create it.
+    VhostMissing,
+    /// Consumers hold messages unacknowledged (Celery ETA tasks).
+    MessagesHeldByConsumers,
+    /// A queue exists on the target with other arguments.
+    QueueMismatch,
+    /// The target did not take the definitions as imported.
+    DefinitionsNotImported,
+    /// A management API or AMQP failure, by its reason.
+    Broker(BrokerReason),
+}
+
+impl MigrateReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MigrateReason::Broker(reason) => reason.as_str(),
+            other => other.into(),
+        }
+    }
+
+    /// The reason of a management client's error (which is always a broker error).
+    pub fn of(error: &crate::error::Error) -> Self {
+        match error {
+            crate::error::Error::Broker { reason, .. } => MigrateReason::Broker(*reason),
+            _ => MigrateReason::Broker(BrokerReason::BrokerBadResponse),
+        }
+    }
+}
+
+impl std::fmt::Display for MigrateReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// Why a migration stopped: the phase, a reason for conditions and metrics, and what to do.
 #[derive(Debug, thiserror::Error)]
 #[error("{phase}: {message}")]
 pub struct MigrateError {
-    pub phase: &'static str,
-    pub reason: &'static str,
+    pub phase: MigratePhase,
+    pub reason: MigrateReason,
     pub message: String,
 }
 
 impl MigrateError {
-    pub fn new(phase: &'static str, reason: &'static str, message: impl Into<String>) -> Self {
+    pub fn new(phase: MigratePhase, reason: MigrateReason, message: impl Into<String>) -> Self {
         Self { phase, reason, message: message.into() }
     }
 
     fn input(message: impl Into<String>) -> Self {
-        Self::new("input", "InvalidInput", message)
+        Self::new(MigratePhase::Input, MigrateReason::InvalidInput, message)
     }
 }
 

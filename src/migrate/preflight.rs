@@ -9,7 +9,8 @@ use serde_json::Value;
 use super::amqp::{self, Failure};
 use super::definitions;
 use super::model::{Definitions, Exchange, Queue};
-use super::{MigrateError, Options};
+use super::{MigrateError, MigratePhase, MigrateReason, Options};
+use crate::error::BrokerReason;
 use crate::rabbitmq::management::{ManagementClient, encode};
 use crate::rabbitmq::queue_type::QueueType;
 use crate::rabbitmq::version::RabbitVersion;
@@ -61,8 +62,8 @@ pub struct Plan {
     pub queues: Vec<QueuePlan>,
 }
 
-fn fail(reason: &'static str, message: impl Into<String>) -> MigrateError {
-    MigrateError::new("preflight", reason, message)
+fn fail(reason: MigrateReason, message: impl Into<String>) -> MigrateError {
+    MigrateError::new(MigratePhase::Preflight, reason, message)
 }
 
 async fn version(api: &ManagementClient, side: &str) -> Result<(String, RabbitVersion), MigrateError> {
@@ -71,7 +72,7 @@ async fn version(api: &ManagementClient, side: &str) -> Result<(String, RabbitVe
         if text.contains("certificate") {
             // The first call to either side: a TLS peer that was not verified is named as such.
             fail(
-                "TlsNotVerified",
+                MigrateReason::TlsNotVerified,
                 format!(
                     "{side}: {text}: its certificate was not verified; pass --{side}-ca with the CA that signed it \
                      (a RabbitMigration takes it from the cluster's TLS Secret), and address the host by a name \
@@ -79,22 +80,23 @@ async fn version(api: &ManagementClient, side: &str) -> Result<(String, RabbitVe
                 ),
             )
         } else {
-            fail(e.reason(), format!("{side}: {text}"))
+            fail(MigrateReason::of(&e), format!("{side}: {text}"))
         }
     })?;
-    let version =
-        RabbitVersion::parse(&text).ok_or_else(|| fail("BrokerBadResponse", format!("{side}: version {text:?}")))?;
+    let version = RabbitVersion::parse(&text).ok_or_else(|| {
+        fail(MigrateReason::Broker(BrokerReason::BrokerBadResponse), format!("{side}: version {text:?}"))
+    })?;
     Ok((text, version))
 }
 
 /// A management API answer, read as the type that says what of it is used.
 async fn get<T: DeserializeOwned>(api: &ManagementClient, side: &str, path: &str) -> Result<T, MigrateError> {
-    let value = api
-        .get(path)
-        .await
-        .map_err(|e| fail(e.reason(), format!("{side}: {e}")))?
-        .ok_or_else(|| fail("BrokerBadResponse", format!("{side}: GET {path}: not found")))?;
-    serde_json::from_value(value).map_err(|e| fail("BrokerBadResponse", format!("{side}: GET {path}: {e}")))
+    let value =
+        api.get(path).await.map_err(|e| fail(MigrateReason::of(&e), format!("{side}: {e}")))?.ok_or_else(|| {
+            fail(MigrateReason::Broker(BrokerReason::BrokerBadResponse), format!("{side}: GET {path}: not found"))
+        })?;
+    serde_json::from_value(value)
+        .map_err(|e| fail(MigrateReason::Broker(BrokerReason::BrokerBadResponse), format!("{side}: GET {path}: {e}")))
 }
 
 /// An object of a management API list that is known by its name (a vhost).
@@ -201,8 +203,12 @@ fn held_by_consumers(queues: &[QueueStats], options: &Options) -> Vec<Held> {
 async fn still_held(options: &Options, held: Vec<Held>) -> Result<Vec<Held>, MigrateError> {
     let mut confirmed = Vec::new();
     for mut queue in held {
-        let unreachable =
-            |e: Failure| fail("BrokerUnreachable", format!("source AMQP (vhost {}): {}", queue.vhost, e.message));
+        let unreachable = |e: Failure| {
+            fail(
+                MigrateReason::Broker(BrokerReason::BrokerUnreachable),
+                format!("source AMQP (vhost {}): {}", queue.vhost, e.message),
+            )
+        };
         let connection = amqp::connect(&options.source.amqp_for(&queue.vhost), options.source.ca.as_deref(), "source")
             .await
             .map_err(unreachable)?;
@@ -254,7 +260,7 @@ pub async fn run(
     if let Some(pattern) = options.queues.as_ref().filter(|_| definitions.queues.is_empty()) {
         // A pattern with a typo would otherwise "succeed" having moved nothing.
         return Err(fail(
-            "QueuesMissing",
+            MigrateReason::QueuesMissing,
             format!("no queue of the source matches --queues {:?}{}", pattern.as_str(), vhosts_said(options)),
         ));
     }
@@ -274,7 +280,7 @@ async fn check_vhosts_asked_for(source: &ManagementClient, options: &Options) ->
         return Ok(());
     }
     Err(fail(
-        "VhostMissing",
+        MigrateReason::VhostMissing,
         format!("the source has no vhost {} (it has: {})", unknown.join(", "), source_vhosts.join(", ")),
     ))
 }
@@ -307,7 +313,7 @@ async fn wait_until_released(source: &ManagementClient, options: &Options) -> Re
         .map(|h| format!("{}/{}: {} unacknowledged, held by {} consumer(s)", h.vhost, h.name, h.messages, h.consumers))
         .collect();
     Err(fail(
-        "MessagesHeldByConsumers",
+        MigrateReason::MessagesHeldByConsumers,
         format!(
             "consumers hold messages unacknowledged (for example Celery eta/countdown tasks): {}; stop those \
              consumers, or pass --wait-for-consumers DURATION, or --force to leave them behind",
@@ -332,7 +338,7 @@ async fn check_target_may_create_vhosts(
         return Ok(());
     }
     Err(fail(
-        "VhostMissing",
+        MigrateReason::VhostMissing,
         format!(
             "the target has no vhost {}, and its user {} may not create one (that takes the administrator \
              tag): create the vhost on the target and give the user permissions there, or migrate as an \
@@ -348,14 +354,15 @@ async fn check_target_queues(target: &ManagementClient, definitions: &Definition
     for queue in &definitions.queues {
         let (vhost, name) = queue.key();
         let path = format!("/api/queues/{}/{}", encode(vhost), encode(name));
-        let existing = target.get(&path).await.map_err(|e| fail(e.reason(), format!("target: {e}")))?;
+        let existing = target.get(&path).await.map_err(|e| fail(MigrateReason::of(&e), format!("target: {e}")))?;
         let Some(existing) = existing else { continue };
-        let existing: Queue = serde_json::from_value(existing)
-            .map_err(|e| fail("BrokerBadResponse", format!("target: GET {path}: {e}")))?;
+        let existing: Queue = serde_json::from_value(existing).map_err(|e| {
+            fail(MigrateReason::Broker(BrokerReason::BrokerBadResponse), format!("target: GET {path}: {e}"))
+        })?;
         let (have, want) = (Value::Object(existing.effective_arguments()), Value::Object(queue.effective_arguments()));
         if have != want || existing.durable != queue.durable {
             return Err(fail(
-                "QueueMismatch",
+                MigrateReason::QueueMismatch,
                 format!(
                     "queue {name} in vhost {vhost} exists on the target with other properties (durable {}, \
                      arguments {have}) than the migration needs (durable {}, arguments {want}); delete or rename it",

@@ -3,6 +3,7 @@
 
 use super::ha::{self, HaPlan, is_mirroring_definition};
 use super::management::ManagementClient;
+use super::queue_type::QueueType;
 use super::version::RabbitVersion;
 use crate::api::HighAvailabilitySpec;
 use crate::error::{BrokerReason, Error, Result};
@@ -21,8 +22,8 @@ pub struct BrokerObservation {
     pub drained: Vec<String>,
     /// `node: partitioned from [peers]`, one entry per node that reports a partition.
     pub partitions: Vec<String>,
-    /// How HA is provided, for the HighAvailability condition (reason, message).
-    pub high_availability: (String, String),
+    /// How HA is provided, for the HighAvailability condition.
+    pub high_availability: HaOutcome,
     /// Stable feature flags still disabled after this pass (sorted): those the operator leaves to the
     /// user (`khepri_db`), or any a node refused. A next minor version may require them.
     pub disabled_feature_flags: Vec<String>,
@@ -31,6 +32,52 @@ pub struct BrokerObservation {
     pub mirrored_classic_queues: Vec<String>,
     /// Changes made in this pass, for Events.
     pub actions: Vec<String>,
+}
+
+/// How the broker provides HA after a pass: the HighAvailability condition's reason and message.
+#[derive(Clone, Debug, Default, PartialEq, strum::IntoStaticStr)]
+pub enum HaOutcome {
+    /// 3.x: a mirroring policy in every vhost.
+    ClassicMirroring { policy: String, ha_mode: String, vhosts: usize },
+    /// 4.x: quorum the default queue type of every vhost; `raft_metadata` when the metadata store is
+    /// Khepri too (4.3), where `cluster_partition_handling` has no effect.
+    QuorumQueues { vhosts: usize, raft_metadata: bool },
+    /// `highAvailability.mode: None`.
+    #[default]
+    Disabled,
+}
+
+impl HaOutcome {
+    /// The condition's reason.
+    pub fn reason(&self) -> &'static str {
+        self.into()
+    }
+
+    /// Whether the cluster is highly available (the condition's status).
+    pub fn is_available(&self) -> bool {
+        !matches!(self, HaOutcome::Disabled)
+    }
+
+    /// The condition's message.
+    pub fn message(&self) -> String {
+        match self {
+            HaOutcome::ClassicMirroring { policy, ha_mode, vhosts } => {
+                format!("policy {policy} ({ha_mode}) with ha-sync-mode automatic in {vhosts} vhost(s)")
+            }
+            HaOutcome::QuorumQueues { vhosts, raft_metadata } => {
+                let mut message = format!("quorum is the default queue type of {vhosts} vhost(s)");
+                if *raft_metadata {
+                    // 4.3 keeps metadata only in Khepri: what pause_minority gave, Raft majorities give.
+                    message.push_str(
+                        "; metadata and queues are Raft groups (Khepri): a partitioned minority accepts no writes, \
+                         so cluster_partition_handling has no effect",
+                    );
+                }
+                message
+            }
+            HaOutcome::Disabled => "highAvailability.mode is None".to_string(),
+        }
+    }
 }
 
 /// Mirrored classic queues named in status before the rest become a count.
@@ -136,39 +183,27 @@ pub async fn converge(
                     actions.push(format!("applied policy {} in vhost {}", policy.name, vhost.name));
                 }
             }
-            (
-                "ClassicMirroring".to_string(),
-                format!(
-                    "policy {} ({}) with ha-sync-mode automatic in {} vhost(s)",
-                    policy.name,
-                    policy.definition.get("ha-mode").and_then(|v| v.as_str()).unwrap_or("all"),
-                    vhosts.len()
-                ),
-            )
+            HaOutcome::ClassicMirroring {
+                policy: policy.name.clone(),
+                ha_mode: policy.definition.get("ha-mode").and_then(|v| v.as_str()).unwrap_or("all").to_string(),
+                vhosts: vhosts.len(),
+            }
         }
         HaPlan::QuorumDefault { vhost_key, stale_policy } => {
             for vhost in &vhosts {
-                if vhost.effective_default_queue_type() != Some("quorum") {
-                    broker.set_default_queue_type(vhost, vhost_key, "quorum").await?;
+                if vhost.effective_default_queue_type() != Some(QueueType::Quorum) {
+                    broker.set_default_queue_type(vhost, vhost_key, &QueueType::Quorum).await?;
                     actions.push(format!("set default queue type quorum on vhost {}", vhost.name));
                 }
                 remove_mirroring_policy(broker, &vhost.name, stale_policy, &mut actions).await?;
             }
-            let mut message = format!("quorum is the default queue type of {} vhost(s)", vhosts.len());
-            if !version.honours_partition_handling() {
-                // 4.3 keeps metadata only in Khepri: what pause_minority gave, Raft majorities give.
-                message.push_str(
-                    "; metadata and queues are Raft groups (Khepri): a partitioned minority accepts no writes, \
-                     so cluster_partition_handling has no effect",
-                );
-            }
-            ("QuorumQueues".to_string(), message)
+            HaOutcome::QuorumQueues { vhosts: vhosts.len(), raft_metadata: !version.honours_partition_handling() }
         }
         HaPlan::Disabled { stale_policy } => {
             for vhost in &vhosts {
                 remove_mirroring_policy(broker, &vhost.name, stale_policy, &mut actions).await?;
             }
-            ("Disabled".to_string(), "highAvailability.mode is None".to_string())
+            HaOutcome::Disabled
         }
     };
     Ok(BrokerObservation {

@@ -10,6 +10,7 @@ use reqwest::StatusCode;
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
 
+use super::queue_type::QueueType;
 use crate::error::{BrokerReason, Error, Result};
 
 /// A management API endpoint with the credentials to use it.
@@ -49,7 +50,7 @@ pub struct QueueInfo {
     pub vhost: String,
     /// `classic`, `quorum` or `stream` (absent on old versions: classic).
     #[serde(default, rename = "type")]
-    pub queue_type: Option<String>,
+    pub queue_type: Option<QueueType>,
     /// Classic: the node holding the queue (its master when mirrored); quorum: the leader.
     #[serde(default)]
     pub node: Option<String>,
@@ -95,10 +96,11 @@ pub struct VhostMetadata {
 
 impl VhostInfo {
     /// The default queue type, wherever this version reports it.
-    pub fn effective_default_queue_type(&self) -> Option<&str> {
+    pub fn effective_default_queue_type(&self) -> Option<QueueType> {
         self.default_queue_type
             .as_deref()
             .or_else(|| self.metadata.as_ref().and_then(|m| m.default_queue_type.as_deref()))
+            .map(QueueType::parse)
     }
 }
 
@@ -345,7 +347,7 @@ impl ManagementClient {
     }
 
     /// Sets a vhost's default queue type, keeping its description and tags (a PUT replaces them).
-    pub async fn set_default_queue_type(&self, vhost: &VhostInfo, key: &str, queue_type: &str) -> Result<()> {
+    pub async fn set_default_queue_type(&self, vhost: &VhostInfo, key: &str, queue_type: &QueueType) -> Result<()> {
         let mut body = Map::new();
         if let Some(description) = &vhost.description {
             body.insert("description".into(), json!(description));

@@ -16,6 +16,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use super::management::{ManagementClient, NodeInfo, QueueInfo};
+use super::queue_type::QueueType;
 use crate::error::Result;
 
 /// How long a 3.x scale-down waits for a leaving master's mirrors to synchronise before it gives up
@@ -57,6 +58,19 @@ pub struct ClusterView {
     pub partition_handling_now: Option<String>,
 }
 
+/// Why a scale-down waits (the `Scaling` condition's reason).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, strum::IntoStaticStr, strum::Display)]
+pub enum WaitReason {
+    /// A pod (or the node of a pod already gone) still stops.
+    NodeStopping,
+    /// Not every pod is ready, not every node runs, or a partition is reported.
+    ClusterNotWhole,
+    /// 3.x: a mirrored queue led by the leaving node has no synchronised mirror on a node that stays.
+    WaitingForMirrorSync,
+    /// A quorum queue would lose its majority without the leaving node.
+    QuorumAtRisk,
+}
+
 /// The next step of a scale-down.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Step {
@@ -67,7 +81,7 @@ pub enum Step {
     /// The pod of `node` is gone but the cluster still lists it.
     Forget { node: String },
     /// Not safe yet; look again soon. `sync` are 3.x queues to ask for a mirror synchronisation.
-    Wait { reason: &'static str, message: String, sync: Vec<(String, String)> },
+    Wait { reason: WaitReason, message: String, sync: Vec<(String, String)> },
     /// Unsafe until the user acts: the message says what and why.
     Refuse { message: String },
     /// Move quorum members (when `shrink`), then clients and queue leaders (maintenance mode), off
@@ -97,7 +111,7 @@ impl Step {
             Step::Forget { node } => {
                 ("ForgettingNode", format!("{node}: pod gone, forgetting it (forget_cluster_node)"))
             }
-            Step::Wait { reason, message, .. } => (reason, message.clone()),
+            Step::Wait { reason, message, .. } => (reason.into(), message.clone()),
             Step::Refuse { message } => ("ScaleDownRefused", message.clone()),
             Step::HandOver { node, shrink, .. } => (
                 "HandingOver",
@@ -144,7 +158,7 @@ fn names(list: &[String]) -> String {
     text
 }
 
-fn wait(reason: &'static str, message: String) -> Step {
+fn wait(reason: WaitReason, message: String) -> Step {
     Step::Wait { reason, message, sync: Vec::new() }
 }
 
@@ -155,14 +169,17 @@ pub fn decide(view: &ClusterView) -> Step {
     if let Some(stale) = view.nodes.iter().find(|n| ordinal(n).is_some_and(|o| o >= view.current)) {
         let o = ordinal(stale).unwrap_or_default();
         if stale.running || view.pods.contains_key(&o) {
-            return wait("NodeStopping", format!("{}: waiting for its pod to stop before forgetting it", stale.name));
+            return wait(
+                WaitReason::NodeStopping,
+                format!("{}: waiting for its pod to stop before forgetting it", stale.name),
+            );
         }
         return Step::Forget { node: stale.name.clone() };
     }
     // A pod the StatefulSet dropped that still stops (a node that left on Khepri is no longer
     // listed): the scale-down is done only once it is gone, with its claim.
     if let Some((o, _)) = view.pods.range(view.current..).next() {
-        return wait("NodeStopping", format!("pod {}-{o}: waiting for it to stop", view.stateful_set));
+        return wait(WaitReason::NodeStopping, format!("pod {}-{o}: waiting for it to stop", view.stateful_set));
     }
     let leaving = (view.desired < view.current).then_some(view.current - 1);
     // 2. A node left in maintenance by a called-off hand-over (not one whose pod is stopping: its
@@ -194,7 +211,7 @@ pub fn decide(view: &ClusterView) -> Step {
 
     // 3. Only a whole cluster is shrunk.
     if let Some(why) = not_whole(view, leaving) {
-        return wait("ClusterNotWhole", format!("{prefix} waits: {why}"));
+        return wait(WaitReason::ClusterNotWhole, format!("{prefix} waits: {why}"));
     }
     let drained = view.nodes.iter().any(|n| n.name == leaving_node && n.being_drained == Some(true));
     let staying: Vec<&str> = view
@@ -221,14 +238,14 @@ pub fn decide(view: &ClusterView) -> Step {
             };
         }
         return Step::Wait {
-            reason: "WaitingForMirrorSync",
+            reason: WaitReason::WaitingForMirrorSync,
             message: format!("{prefix} waits for a synchronised mirror on a node that stays: {}", names(&queues)),
             sync: safety.unsynchronised,
         };
     }
     if !safety.without_majority.is_empty() {
         return wait(
-            "QuorumAtRisk",
+            WaitReason::QuorumAtRisk,
             format!(
                 "{prefix} waits: without it these quorum queues would lose their majority: {}",
                 names(&safety.without_majority)
@@ -294,8 +311,8 @@ fn queue_safety(queues: &[QueueInfo], leaving: &str, staying: &[&str]) -> QueueS
     let (mut unreplicated, mut only_member, mut streams) = (Vec::new(), Vec::new(), Vec::new());
     let label = |q: &QueueInfo| if q.vhost == "/" { q.name.clone() } else { format!("{} (vhost {})", q.name, q.vhost) };
     for q in queues {
-        match q.queue_type.as_deref().unwrap_or("classic") {
-            "quorum" => {
+        match q.queue_type.as_ref().unwrap_or(&QueueType::Classic) {
+            QueueType::Quorum => {
                 if !q.members.iter().any(|m| m == leaving) {
                     continue;
                 }
@@ -308,7 +325,7 @@ fn queue_safety(queues: &[QueueInfo], leaving: &str, staying: &[&str]) -> QueueS
                     safety.without_majority.push(label(q));
                 }
             }
-            "stream" => {
+            QueueType::Stream => {
                 if q.members.iter().any(|m| m == leaving) {
                     streams.push(label(q));
                 }

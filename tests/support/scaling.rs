@@ -5,7 +5,7 @@
 use std::time::{Duration, Instant};
 
 use warren::rabbitmq::management::ManagementClient;
-use warren::rabbitmq::scale_down::{self, ClusterView, PodState, Step};
+use warren::rabbitmq::scale_down::{self, ClusterView, PodState, Step, WaitReason};
 
 use super::rabbit_nodes::NodeCluster;
 
@@ -28,7 +28,10 @@ pub async fn pass(nodes: &mut NodeCluster, broker: &ManagementClient, desired: i
     }
     let step = match scale_down::observe(broker, &*nodes, &mut view).await {
         Ok(()) => scale_down::decide(&view),
-        Err(error) => return Step::Wait { reason: "BrokerUnreachable", message: error.to_string(), sync: Vec::new() },
+        // The harness looks again, as the operator retries a pass whose observation failed.
+        Err(error) => {
+            return Step::Wait { reason: WaitReason::ClusterNotWhole, message: error.to_string(), sync: Vec::new() };
+        }
     };
     match &step {
         Step::Steady | Step::Refuse { .. } => {}
