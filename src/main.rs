@@ -27,41 +27,7 @@ enum LogFormat {
 #[derive(Subcommand)]
 enum Command {
     /// Runs the controller.
-    Run {
-        /// Watch only this namespace (all namespaces when omitted).
-        #[arg(long, env = "WARREN_NAMESPACE")]
-        namespace: Option<String>,
-        /// Address of /healthz, /readyz and /metrics.
-        #[arg(long, env = "WARREN_LISTEN", default_value = "0.0.0.0:8080")]
-        listen: SocketAddr,
-        /// The Kubernetes cluster's DNS domain.
-        #[arg(long, env = "WARREN_CLUSTER_DOMAIN", default_value = "cluster.local")]
-        cluster_domain: String,
-        /// Image of migration Jobs whose RabbitMigration names none.
-        #[arg(long, env = "WARREN_IMAGE", default_value = warren::controller::migration::DEFAULT_IMAGE)]
-        migration_image: String,
-        /// Let a RabbitMigration run its Job with another image (`spec.image`); off, a Job runs
-        /// the operator's own image only (the Job holds both clusters' credentials).
-        #[arg(long, env = "WARREN_ALLOW_MIGRATION_IMAGE")]
-        allow_migration_image: bool,
-        /// Management API URL of a cluster; `{service}`, `{namespace}` and `{domain}` are filled in.
-        #[arg(long, env = "WARREN_MANAGEMENT_URL", default_value = "http://{service}.{namespace}.svc.{domain}:15672")]
-        management_url_template: String,
-        /// The same for a cluster with `spec.tls`: HTTPS, the certificate verified against the
-        /// `ca.crt` of its Secret.
-        #[arg(long, env = "WARREN_MANAGEMENT_TLS_URL", default_value = warren::controller::DEFAULT_MANAGEMENT_TLS_URL)]
-        management_tls_url_template: String,
-        /// Namespace of the Lease the operator's replicas elect a leader with; without it this
-        /// process reconciles at once (run one replica only).
-        #[arg(long, env = "WARREN_LEASE_NAMESPACE")]
-        lease_namespace: Option<String>,
-        /// Name of that Lease.
-        #[arg(long, env = "WARREN_LEASE_NAME", default_value = "warren")]
-        lease_name: String,
-        /// This replica's name in the Lease (the pod's name).
-        #[arg(long, env = "POD_NAME")]
-        identity: Option<String>,
-    },
+    Run(Box<RunArgs>),
     /// Drains an old RabbitMQ cluster into a new one: definitions, then every message.
     Migrate(Box<MigrateArgs>),
     /// A RabbitCluster on one screen: nodes and their versions, alarms, partitions, queues and
@@ -81,6 +47,56 @@ enum Command {
         #[arg(long, default_value = "cluster.local")]
         cluster_domain: String,
     },
+}
+
+/// `warren run`: the operator.
+#[derive(clap::Args)]
+struct RunArgs {
+    /// Watch only this namespace (all namespaces when omitted).
+    #[arg(long, env = "WARREN_NAMESPACE")]
+    namespace: Option<String>,
+    /// Address of /healthz, /readyz and /metrics.
+    #[arg(long, env = "WARREN_LISTEN", default_value = "0.0.0.0:8080")]
+    listen: SocketAddr,
+    /// The Kubernetes cluster's DNS domain.
+    #[arg(long, env = "WARREN_CLUSTER_DOMAIN", default_value = "cluster.local")]
+    cluster_domain: String,
+    /// Image of migration Jobs whose RabbitMigration names none.
+    #[arg(long, env = "WARREN_IMAGE", default_value = warren::controller::migration::DEFAULT_IMAGE)]
+    migration_image: String,
+    /// Let a RabbitMigration run its Job with another image (`spec.image`); off, a Job runs
+    /// the operator's own image only (the Job holds both clusters' credentials).
+    #[arg(long, env = "WARREN_ALLOW_MIGRATION_IMAGE")]
+    allow_migration_image: bool,
+    /// Management API URL of a cluster; `{service}`, `{namespace}` and `{domain}` are filled in.
+    #[arg(long, env = "WARREN_MANAGEMENT_URL", default_value = "http://{service}.{namespace}.svc.{domain}:15672")]
+    management_url_template: String,
+    /// The same for a cluster with `spec.tls`: HTTPS, the certificate verified against the
+    /// `ca.crt` of its Secret.
+    #[arg(long, env = "WARREN_MANAGEMENT_TLS_URL", default_value = warren::controller::DEFAULT_MANAGEMENT_TLS_URL)]
+    management_tls_url_template: String,
+    /// Namespace of the Lease the operator's replicas elect a leader with; without it this
+    /// process reconciles at once (run one replica only).
+    #[arg(long, env = "WARREN_LEASE_NAMESPACE")]
+    lease_namespace: Option<String>,
+    /// Name of that Lease.
+    #[arg(long, env = "WARREN_LEASE_NAME", default_value = "warren")]
+    lease_name: String,
+    /// This replica's name in the Lease (the pod's name).
+    #[arg(long, env = "POD_NAME")]
+    identity: Option<String>,
+}
+
+impl RunArgs {
+    fn config(&self) -> warren::controller::Config {
+        warren::controller::Config {
+            settings: Settings { cluster_domain: self.cluster_domain.clone() },
+            management_url_template: self.management_url_template.clone(),
+            management_tls_url_template: self.management_tls_url_template.clone(),
+            migration_image: self.migration_image.clone(),
+            allow_migration_image: self.allow_migration_image,
+        }
+    }
 }
 
 /// A RabbitCluster, as `kubectl warren` commands name it.
@@ -402,18 +418,7 @@ async fn main() -> std::process::ExitCode {
                 }
             }
         }
-        Command::Run {
-            namespace,
-            listen,
-            cluster_domain,
-            migration_image,
-            allow_migration_image,
-            management_url_template,
-            management_tls_url_template,
-            lease_namespace,
-            lease_name,
-            identity,
-        } => {
+        Command::Run(args) => {
             let client = match kube::Client::try_default().await {
                 Ok(client) => client,
                 Err(error) => {
@@ -423,12 +428,9 @@ async fn main() -> std::process::ExitCode {
             };
             let metrics = Metrics::default();
             let readiness = Readiness::default();
-            let server = tokio::spawn(server::serve(listen, metrics.clone(), readiness.clone()));
-            let mut ctx = Context::new(client.clone(), Settings { cluster_domain }, management_url_template, metrics);
-            ctx.migration_image = migration_image;
-            ctx.allow_migration_image = allow_migration_image;
-            ctx.management_tls_url_template = management_tls_url_template;
-            let ctx = Arc::new(ctx);
+            let server = tokio::spawn(server::serve(args.listen, metrics.clone(), readiness.clone()));
+            let ctx = Arc::new(Context::new(client.clone(), args.config(), metrics));
+            let RunArgs { namespace, listen, lease_namespace, lease_name, identity, .. } = *args;
             tracing::info!(namespace = namespace.as_deref().unwrap_or("<all>"), %listen, "warren controller starting");
             let work = controller::run(ctx, namespace, readiness.clone());
             let election = lease_namespace.filter(|ns| !ns.is_empty()).map(|namespace| Election {

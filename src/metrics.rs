@@ -19,7 +19,6 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
 use crate::api::{MigrationPhase, RabbitCluster, RabbitMigration};
-use crate::controller::status;
 use crate::error::Error;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -175,7 +174,7 @@ impl Collector for ObjectGauges {
             let status = cluster.status.clone().unwrap_or_default();
             ready.samples.push((key.clone(), i64::from(status.ready_replicas)));
             members.samples.push((key.clone(), status.members.len() as i64));
-            if let Some(count) = status::partitioned_nodes(&status.conditions) {
+            if let Some(count) = status.partitioned_nodes {
                 partitions.samples.push((key.clone(), count as i64));
             }
             for condition in &status.conditions {
@@ -245,6 +244,7 @@ mod tests {
             "apps",
             "orders",
             serde_json::json!({"readyReplicas": 2, "replicas": 3, "members": ["rabbit@orders-0", "rabbit@orders-1"],
+                "partitionedNodes": 2,
                 "conditions": [
                     condition("Ready", "False", "NotReady", "2/3 pods ready"),
                     condition("NoPartitions", "False", "PartitionDetected",

@@ -14,7 +14,7 @@ use support::rabbit_nodes::NodeCluster;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use warren::api::RabbitCluster;
 use warren::controller::validate::{Settings, validate};
-use warren::controller::{Context, error_policy};
+use warren::controller::{Config, Context, error_policy};
 use warren::error::Error;
 use warren::rabbitmq::broker;
 use warren::rabbitmq::management::ManagementClient;
@@ -117,7 +117,7 @@ async fn broker_errors_are_reported_and_retried_with_backoff() {
 
     // Every one is retriable, and successive failures of one cluster back off: 5 s, 10 s, 20 s, ...
     let kube = kube::Client::try_from(kube::Config::new("https://127.0.0.1:1".parse().expect("url"))).expect("client");
-    let ctx = Arc::new(Context::new(kube, Settings::default(), String::new(), Metrics::default()));
+    let ctx = Arc::new(Context::new(kube, Config::new(""), Metrics::default()));
     let cluster = Arc::new(fixture("classic-mirrored-3x.yaml"));
     let mut delays = Vec::new();
     for error in &errors {

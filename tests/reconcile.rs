@@ -19,7 +19,7 @@ use warren::api::{PAUSE_ANNOTATION, RabbitCluster, RabbitClusterStatus, TlsSpec}
 use warren::controller::apply::{APPLIED_GENERATION_ANNOTATION, APPLIED_HASH_ANNOTATION, hash_of};
 use warren::controller::build::{self, Credentials};
 use warren::controller::validate::{Settings, validate};
-use warren::controller::{Context, error_policy, reconcile, status};
+use warren::controller::{Config, Context, conditions, error_policy, reconcile};
 use warren::rabbitmq::broker::{BrokerObservation, HaOutcome};
 use warren::server::Metrics;
 
@@ -29,7 +29,7 @@ const PDB: &str = "/apis/policy/v1/namespaces/default/poddisruptionbudgets/demo"
 const CLUSTER: &str = "/apis/warren.dev/v1alpha1/namespaces/default/rabbitclusters/demo";
 
 fn context(client: Client, management_url: &str) -> Arc<Context> {
-    Arc::new(Context::new(client, Settings::default(), management_url.to_string(), Metrics::default()))
+    Arc::new(Context::new(client, Config::new(management_url), Metrics::default()))
 }
 
 fn condition<'a>(status_patch: &'a Value, type_: &str) -> &'a Value {
@@ -338,14 +338,14 @@ async fn steady_cluster() -> SteadyCluster {
         high_availability: HaOutcome::QuorumQueues { vhosts: 1, raft_metadata: false },
         ..Default::default()
     };
-    let mut verdicts = status::verdicts(&status::Observed {
+    let mut verdicts = conditions::verdicts(&conditions::Observed {
         desired_replicas: 3,
         stateful_set: Some(&sts),
         broker: Ok(&observation),
         error: None,
     });
     assert!(verdicts.iter().all(|v| v.status == Some(true)), "{verdicts:#?}");
-    verdicts.push(status::steady_scaling(3));
+    verdicts.push(conditions::steady_scaling(3));
     let earlier = Time(jiff::Timestamp::from_second(1_700_000_000).unwrap());
     cluster.status = Some(RabbitClusterStatus {
         observed_generation: Some(1),
@@ -354,10 +354,11 @@ async fn steady_cluster() -> SteadyCluster {
         ready_replicas: 3,
         selector: Some("app.kubernetes.io/instance=demo,app.kubernetes.io/name=rabbitmq".into()),
         members: nodes.clone(),
+        partitioned_nodes: Some(0),
         disabled_feature_flags: vec![],
         mirrored_classic_queues: vec![],
         warnings: vec![],
-        conditions: status::merge_conditions(&[], &verdicts, Some(1), &earlier),
+        conditions: conditions::merge_conditions(&[], &verdicts, Some(1), &earlier),
     });
     let live = vec![
         sts_live,

@@ -362,6 +362,11 @@ pub struct RabbitClusterStatus {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub members: Vec<String>,
 
+    /// How many nodes report a network partition (the NoPartitions condition names them); absent
+    /// until the broker was checked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub partitioned_nodes: Option<i32>,
+
     /// Stable feature flags the broker still reports disabled once every pod was ready: those
     /// enabled only on request (`khepri_db`, see the `warren.dev/enable-feature-flags` annotation).
     /// A next minor version that requires one is refused until it is enabled.

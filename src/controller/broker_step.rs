@@ -11,7 +11,7 @@ use kube::runtime::reflector::ObjectRef;
 
 use super::dereference::Dereferenced;
 use super::validate::ValidatedCluster;
-use super::{Context, recover, scale, status};
+use super::{Context, conditions, recover, scale};
 use crate::api::{FEATURE_FLAGS_ANNOTATION, RabbitCluster};
 use crate::error::{BrokerReason, Error};
 use crate::rabbitmq::broker::{self, BrokerObservation};
@@ -39,7 +39,7 @@ pub async fn observe(
 ) -> Observation {
     let key = ObjectRef::new(&validated.stateful_set_name()).within(&validated.namespace);
     let stateful_set = ctx.stores.stateful_sets.get(&key);
-    let (_, all_ready) = status::replicas_ready(stateful_set.as_deref(), validated.replicas);
+    let (_, all_ready) = conditions::replicas_ready(stateful_set.as_deref(), validated.replicas);
     // Stopped on purpose (spec.replicas 0): no broker to ask.
     let (broker, error) = if all_ready && validated.replicas > 0 {
         let expected: Vec<String> = (0..validated.replicas).map(|i| validated.node_name(i)).collect();

@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::Pod;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::{ListParams, PostParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
@@ -15,6 +15,7 @@ use super::Context;
 pub use super::build::job::{
     ClustersTls, DEFAULT_IMAGE, MIGRATION_CREDENTIALS_LABEL, job_name, meant_for_migrations, migration_job,
 };
+use super::conditions::{self, Verdict};
 use crate::api::{MigrationPhase, RabbitCluster, RabbitMigration, RabbitMigrationStatus};
 use crate::error::{Error, Result, SpecReason};
 use crate::migrate::report::Summary;
@@ -242,21 +243,12 @@ async fn write_status(
     summary: Option<Summary>,
 ) -> Result<()> {
     let previous = migration.status.clone().unwrap_or_default();
-    let mut conditions = previous.conditions.clone();
-    if let Some((ok, reason, message)) = complete {
-        let status = if ok { "True" } else { "False" };
-        if !conditions.iter().any(|c| c.type_ == "Complete" && c.status == status && c.reason == reason) {
-            conditions.retain(|c| c.type_ != "Complete");
-            conditions.push(Condition {
-                type_: "Complete".into(),
-                status: status.into(),
-                reason,
-                message,
-                observed_generation: migration.meta().generation,
-                last_transition_time: Time(jiff::Timestamp::now()),
-            });
-        }
-    }
+    let verdicts: Vec<Verdict> = complete
+        .map(|(ok, reason, message)| conditions::verdict(conditions::COMPLETE, Some(ok), &reason, message))
+        .into_iter()
+        .collect();
+    let conditions =
+        conditions::merge_conditions(&previous.conditions, &verdicts, migration.meta().generation, &conditions::now());
     let (moved, queues, omitted_queues, ha_lost, refused_declarations) = match summary {
         Some(s) => {
             let omitted = (s.omitted_queues > 0).then_some(s.omitted_queues);

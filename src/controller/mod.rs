@@ -4,6 +4,7 @@
 pub mod apply;
 pub mod broker_step;
 pub mod build;
+pub mod conditions;
 pub mod dereference;
 pub mod migration;
 pub mod recover;
@@ -46,7 +47,34 @@ pub(crate) const RESYNC: Duration = Duration::from_secs(60);
 const RETRY_MIN: Duration = Duration::from_secs(5);
 const RETRY_MAX: Duration = Duration::from_secs(300);
 
-/// Everything reconcile needs.
+/// How the operator runs: what `warren run`'s flags set.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub settings: Settings,
+    /// Management API base URL, with `{service}`, `{namespace}` and `{domain}` filled in per cluster.
+    pub management_url_template: String,
+    /// The same for a cluster with TLS (HTTPS).
+    pub management_tls_url_template: String,
+    /// Image of migration Jobs whose RabbitMigration names none.
+    pub migration_image: String,
+    /// Whether a RabbitMigration may name another image for its Job (`spec.image`).
+    pub allow_migration_image: bool,
+}
+
+impl Config {
+    /// The defaults, with clusters' management APIs reached through `management_url_template`.
+    pub fn new(management_url_template: impl Into<String>) -> Self {
+        Self {
+            settings: Settings::default(),
+            management_url_template: management_url_template.into(),
+            management_tls_url_template: DEFAULT_MANAGEMENT_TLS_URL.to_string(),
+            migration_image: migration::DEFAULT_IMAGE.to_string(),
+            allow_migration_image: false,
+        }
+    }
+}
+
+/// Everything reconcile needs, complete once built.
 pub struct Context {
     pub client: Client,
     pub recorder: Recorder,
@@ -74,18 +102,25 @@ pub struct Context {
 pub const DEFAULT_MANAGEMENT_TLS_URL: &str = "https://{service}.{namespace}.svc.{domain}:15671";
 
 impl Context {
-    pub fn new(client: Client, settings: Settings, management_url_template: String, metrics: Metrics) -> Self {
+    pub fn new(client: Client, config: Config, metrics: Metrics) -> Self {
         let reporter = Reporter { controller: "warren".into(), instance: std::env::var("POD_NAME").ok() };
         let (stores, writers) = stores::stores();
+        let Config {
+            settings,
+            management_url_template,
+            management_tls_url_template,
+            migration_image,
+            allow_migration_image,
+        } = config;
         Self {
             recorder: Recorder::new(client.clone(), reporter),
             client,
             settings,
             management_url_template,
-            management_tls_url_template: DEFAULT_MANAGEMENT_TLS_URL.to_string(),
+            management_tls_url_template,
             metrics,
-            migration_image: migration::DEFAULT_IMAGE.to_string(),
-            allow_migration_image: false,
+            migration_image,
+            allow_migration_image,
             failures: Mutex::default(),
             mirror_sync_since: Mutex::default(),
             stores,
@@ -340,7 +375,20 @@ async fn reconcile_cluster(cluster: &RabbitCluster, ctx: &Context) -> Result<Act
         ctx.event(cluster, EventType::Warning, "CredentialsRecovered", "Dereference", note.clone()).await;
     }
     let observed = broker_step::observe(cluster, ctx, &validated, &world, scaling).await;
-    status::write(cluster, ctx, &validated, observed).await
+    status::write(cluster, ctx, &validated, &observed).await?;
+    after_pass(observed)
+}
+
+/// What follows a full pass once its status is written: its error (which the error policy backs
+/// off), or when to look again.
+fn after_pass(observed: broker_step::Observation) -> Result<Action> {
+    match observed.error {
+        Some(error) => Err(error),
+        None if observed.scaling.as_ref().is_some_and(|s| s.in_progress) => Ok(Action::requeue(scale::SCALING_RESYNC)),
+        None if observed.all_ready => Ok(Action::requeue(RESYNC)),
+        // Pod readiness changes arrive through the owned StatefulSet's watch; this is a safety net.
+        None => Ok(Action::requeue(Duration::from_secs(30))),
+    }
 }
 
 /// What the cluster runs. Its version: what the broker reported when every pod was last ready and

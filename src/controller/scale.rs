@@ -11,8 +11,8 @@ use kube::{Api, ResourceExt};
 use tokio::io::AsyncReadExt;
 
 use super::build;
+use super::conditions::{self, Verdict};
 use super::dereference::Dereferenced;
-use super::status::{self, Verdict};
 use super::validate::ValidatedCluster;
 use super::{Context, object_key};
 use crate::api::RabbitCluster;
@@ -137,7 +137,7 @@ pub fn in_progress(cluster: &RabbitCluster) -> bool {
     cluster
         .status
         .as_ref()
-        .is_some_and(|s| s.conditions.iter().any(|c| c.type_ == status::SCALING && c.status == "True"))
+        .is_some_and(|s| s.conditions.iter().any(|c| c.type_ == conditions::SCALING && c.status == "True"))
 }
 
 /// Observes, decides the next step and carries it out. `current` is the StatefulSet's replicas.
@@ -186,7 +186,7 @@ pub async fn pass(
         Ok(outcome) => outcome,
         Err(error) => {
             let verdict = Verdict {
-                type_: status::SCALING,
+                type_: conditions::SCALING,
                 status: Some(true),
                 reason: error.reason().to_string(),
                 message: format!("scaling from {current} to {desired} replicas paused: {error}"),
@@ -218,7 +218,7 @@ pub async fn pass(
     };
     ScalePass {
         replicas,
-        verdict: Verdict { type_: status::SCALING, status: scaling, reason: reason.to_string(), message },
+        verdict: Verdict { type_: conditions::SCALING, status: scaling, reason: reason.to_string(), message },
         in_progress: scaling == Some(true),
         done,
         removed,

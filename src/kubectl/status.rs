@@ -14,7 +14,7 @@ use super::management::Management;
 use super::{PluginError, fit, get_cluster};
 use crate::api::PAUSE_ANNOTATION;
 use crate::controller::build::{INSTANCE_LABEL, NAME_LABEL};
-use crate::controller::status::SCALING;
+use crate::controller::conditions::SCALING;
 
 /// Queues listed by name, the largest first.
 const LISTED_QUEUES: usize = 10;
