@@ -33,7 +33,16 @@ pub struct Metrics {
     reconciles: Counter,
     failures: Family<ErrorLabels, Counter>,
     duration: Histogram,
+    migration_reconciles: Counter,
+    migration_failures: Family<ErrorLabels, Counter>,
     objects: ObjectGauges,
+}
+
+/// Which controller a reconcile belongs to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ControllerKind {
+    RabbitCluster,
+    RabbitMigration,
 }
 
 impl Default for Metrics {
@@ -42,21 +51,43 @@ impl Default for Metrics {
         let reconciles = Counter::default();
         let failures = Family::<ErrorLabels, Counter>::default();
         let duration = Histogram::new(exponential_buckets(0.01, 2.0, 12));
+        let migration_reconciles = Counter::default();
+        let migration_failures = Family::<ErrorLabels, Counter>::default();
         let objects = ObjectGauges::default();
         registry.register("reconciles", "RabbitCluster reconciles", reconciles.clone());
         registry.register("reconcile_failures", "Failed reconciles by error", failures.clone());
         registry.register("reconcile_duration_seconds", "Duration of one reconcile", duration.clone());
+        registry.register("rabbitmigration_reconciles", "RabbitMigration reconciles", migration_reconciles.clone());
+        registry.register(
+            "rabbitmigration_reconcile_failures",
+            "Failed RabbitMigration reconciles by error",
+            migration_failures.clone(),
+        );
         registry.register_collector(Box::new(objects.clone()));
-        Self { registry: Arc::new(registry), reconciles, failures, duration, objects }
+        Self {
+            registry: Arc::new(registry),
+            reconciles,
+            failures,
+            duration,
+            migration_reconciles,
+            migration_failures,
+            objects,
+        }
     }
 }
 
 impl Metrics {
-    pub fn observe_reconcile(&self, elapsed: Duration, error: Option<&Error>) {
-        self.reconciles.inc();
-        self.duration.observe(elapsed.as_secs_f64());
+    pub fn observe_reconcile(&self, controller: ControllerKind, elapsed: Duration, error: Option<&Error>) {
+        let (reconciles, failures) = match controller {
+            ControllerKind::RabbitCluster => {
+                self.duration.observe(elapsed.as_secs_f64());
+                (&self.reconciles, &self.failures)
+            }
+            ControllerKind::RabbitMigration => (&self.migration_reconciles, &self.migration_failures),
+        };
+        reconciles.inc();
         if let Some(error) = error {
-            self.failures.get_or_create(&ErrorLabels { error: error.metric_label() }).inc();
+            failures.get_or_create(&ErrorLabels { error: error.metric_label() }).inc();
         }
     }
 

@@ -13,7 +13,7 @@ fn node(i: i32) -> String {
 }
 
 fn running(i: i32) -> NodeInfo {
-    NodeInfo { name: node(i), running: true, partitions: Vec::new(), being_drained: Some(false) }
+    NodeInfo { name: node(i), running: true, partitions: Vec::new(), being_drained: Some(false), ..NodeInfo::default() }
 }
 
 const READY: PodState = PodState { ready: true, terminating: false };

@@ -36,6 +36,7 @@ use self::stores::{Stores, Writers, metadata_only, reflect, slim_metadata};
 use self::validate::{Settings, ValidatedCluster};
 use crate::api::{PAUSE_ANNOTATION, RabbitCluster, RabbitMigration};
 use crate::error::{Error, Result};
+use crate::metrics::ControllerKind;
 use crate::rabbitmq::management::ManagementClient;
 use crate::rabbitmq::version::RabbitVersion;
 use crate::server::{Metrics, Phase, Readiness};
@@ -296,7 +297,7 @@ pub async fn run(ctx: Arc<Context>, namespace: Option<String>, readiness: Readin
             tracing::debug!(%error, "reconcile loop");
         }
     });
-    let migrations = migrations.run(migration::reconcile, migration_error_policy, ctx).for_each(|result| async move {
+    let migrations = migrations.run(reconcile_migration, migration_error_policy, ctx).for_each(|result| async move {
         if let Err(error) = result {
             tracing::debug!(%error, "migration reconcile loop");
         }
@@ -313,38 +314,66 @@ fn cluster_of(secret: Secret) -> Option<ObjectRef<RabbitCluster>> {
     Some(ObjectRef::new(labels.get(build::INSTANCE_LABEL)?).within(&secret.namespace()?))
 }
 
-fn migration_error_policy(migration: Arc<RabbitMigration>, error: &Error, ctx: Arc<Context>) -> Action {
-    let key = format!("migration/{}/{}", migration.namespace().unwrap_or_default(), migration.name_any());
-    let delay = ctx.backoff(&key);
-    tracing::warn!(migration = %key, reason = error.reason(), retry_in = ?delay, "{error}");
-    Action::requeue(delay)
+/// The back-off key of a RabbitMigration (apart from a RabbitCluster of the same name).
+fn migration_key(migration: &RabbitMigration) -> String {
+    format!("migration/{}/{}", migration.namespace().unwrap_or_default(), migration.name_any())
 }
 
-/// One reconcile of one RabbitCluster. Errors have already been reported in status and Events
-/// when they come back from here; `error_policy` only schedules the retry.
-pub async fn reconcile(cluster: Arc<RabbitCluster>, ctx: Arc<Context>) -> Result<Action> {
-    let started = std::time::Instant::now();
-    let span = tracing::info_span!("reconcile", cluster = %object_key(&cluster));
-    let outcome = reconcile_cluster(&cluster, &ctx).instrument(span).await;
-    ctx.metrics.observe_reconcile(started.elapsed(), outcome.as_ref().err());
+/// Both controllers' way with a reconcile's outcome: metered; a success resets the object's
+/// back-off; an error only a spec change can fix waits for that change (the watch brings it); any
+/// other error goes to the error policy. Errors are in status and Events already.
+fn settle(
+    ctx: &Context,
+    controller: ControllerKind,
+    key: &str,
+    started: Instant,
+    outcome: Result<Action>,
+) -> Result<Action> {
+    ctx.metrics.observe_reconcile(controller, started.elapsed(), outcome.as_ref().err());
     match outcome {
         Ok(action) => {
-            ctx.succeeded(&object_key(&cluster));
+            ctx.succeeded(key);
             Ok(action)
         }
         Err(error) if !error.is_retriable() => {
-            // Only a spec change can help: the watch brings that.
-            tracing::info!(cluster = %object_key(&cluster), reason = error.reason(), "{error}");
+            tracing::info!(object = %key, reason = error.reason(), "{error}");
             Ok(Action::await_change())
         }
         Err(error) => Err(error),
     }
 }
 
-pub fn error_policy(cluster: Arc<RabbitCluster>, error: &Error, ctx: Arc<Context>) -> Action {
-    let delay = ctx.backoff(&object_key(&cluster));
-    tracing::warn!(cluster = %object_key(&cluster), reason = error.reason(), retry_in = ?delay, "{error}");
+/// Both controllers' error policy: a retry after 5 s, doubling per consecutive failure of the
+/// same object up to 5 min, back to 5 s after its next success.
+fn retry(ctx: &Context, key: &str, error: &Error) -> Action {
+    let delay = ctx.backoff(key);
+    tracing::warn!(object = %key, reason = error.reason(), retry_in = ?delay, "{error}");
     Action::requeue(delay)
+}
+
+/// One reconcile of one RabbitMigration.
+async fn reconcile_migration(migration: Arc<RabbitMigration>, ctx: Arc<Context>) -> Result<Action> {
+    let started = Instant::now();
+    let key = migration_key(&migration);
+    let outcome = migration::reconcile(migration, ctx.clone()).await;
+    settle(&ctx, ControllerKind::RabbitMigration, &key, started, outcome)
+}
+
+fn migration_error_policy(migration: Arc<RabbitMigration>, error: &Error, ctx: Arc<Context>) -> Action {
+    retry(&ctx, &migration_key(&migration), error)
+}
+
+/// One reconcile of one RabbitCluster. Errors have already been reported in status and Events
+/// when they come back from here; `error_policy` only schedules the retry.
+pub async fn reconcile(cluster: Arc<RabbitCluster>, ctx: Arc<Context>) -> Result<Action> {
+    let started = Instant::now();
+    let span = tracing::info_span!("reconcile", cluster = %object_key(&cluster));
+    let outcome = reconcile_cluster(&cluster, &ctx).instrument(span).await;
+    settle(&ctx, ControllerKind::RabbitCluster, &object_key(&cluster), started, outcome)
+}
+
+pub fn error_policy(cluster: Arc<RabbitCluster>, error: &Error, ctx: Arc<Context>) -> Action {
+    retry(&ctx, &object_key(&cluster), error)
 }
 
 async fn reconcile_cluster(cluster: &RabbitCluster, ctx: &Context) -> Result<Action> {

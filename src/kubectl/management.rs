@@ -47,6 +47,15 @@ impl Management {
         }
         serde_json::from_slice(&body).map_err(|e| fail(format!("GET /api/{path}: {e}")))
     }
+
+    /// `GET /api/<path>` read as the management API's own model (`rabbitmq::management`), as the
+    /// operator reads it. Through a JSON value first: a key sent twice (RabbitMQ 4.0 can repeat a
+    /// quorum queue's `members`) keeps its last value.
+    pub async fn get_as<T: serde::de::DeserializeOwned>(&self, path: &str) -> Result<T, PluginError> {
+        let value = self.get(path).await?;
+        serde_json::from_value(value)
+            .map_err(|e| PluginError(format!("management API of pod {}: GET /api/{path}: {e}", self.pod)))
+    }
 }
 
 /// The status code and body of one HTTP answer: the body is Content-Length bytes, or all that

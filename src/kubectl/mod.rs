@@ -13,6 +13,9 @@ use serde::Serialize;
 
 use crate::api::{PAUSE_ANNOTATION, RabbitCluster};
 use crate::controller::build::default_user_secret_name;
+use crate::controller::build::secrets::{
+    FAILOVER_SEPARATOR, FAILOVER_URIS_KEY, MANAGEMENT_URI_KEY, PASSWORD_KEY, URI_KEY, USERNAME_KEY,
+};
 
 /// Output for people (at most 100 columns) or for scripts.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -73,11 +76,15 @@ pub async fn default_user(client: &Client, namespace: &str, name: &str) -> Resul
             .ok_or_else(|| PluginError(format!("secret {namespace}/{secret_name} has no {key}")))
     };
     Ok(Connection {
-        username: field("username")?,
-        password: field("password")?,
-        uri: field("uri")?,
-        failover_uris: field("failover-uris")?.split(';').filter(|u| !u.is_empty()).map(str::to_string).collect(),
-        management_uri: field("management-uri")?,
+        username: field(USERNAME_KEY)?,
+        password: field(PASSWORD_KEY)?,
+        uri: field(URI_KEY)?,
+        failover_uris: field(FAILOVER_URIS_KEY)?
+            .split(FAILOVER_SEPARATOR)
+            .filter(|u| !u.is_empty())
+            .map(str::to_string)
+            .collect(),
+        management_uri: field(MANAGEMENT_URI_KEY)?,
     })
 }
 

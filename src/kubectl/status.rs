@@ -8,13 +8,14 @@ use k8s_openapi::api::core::v1::{Event, Pod};
 use kube::api::ListParams;
 use kube::{Api, Client, ResourceExt};
 use serde::Serialize;
-use serde_json::Value;
 
 use super::management::Management;
 use super::{PluginError, fit, get_cluster};
 use crate::api::PAUSE_ANNOTATION;
+use crate::controller::build::statefulset::RABBITMQ_CONTAINER;
 use crate::controller::build::{INSTANCE_LABEL, NAME_LABEL};
 use crate::controller::conditions::SCALING;
+use crate::rabbitmq::management::{NodeInfo, Overview, Page, QueueInfo};
 
 /// Queues listed by name, the largest first.
 const LISTED_QUEUES: usize = 10;
@@ -95,10 +96,6 @@ fn pod_of(node: &str) -> &str {
     host.split('.').next().unwrap_or(host)
 }
 
-fn number(value: &Value) -> u64 {
-    value.as_u64().unwrap_or(0)
-}
-
 pub async fn status(client: &Client, namespace: &str, name: &str) -> Result<Status, PluginError> {
     let cluster = get_cluster(client, namespace, name).await?;
     let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
@@ -117,7 +114,7 @@ pub async fn status(client: &Client, namespace: &str, name: &str) -> Result<Stat
                 .and_then(|s| s.conditions.as_ref())
                 .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
             let containers = pod_status.and_then(|s| s.container_statuses.as_ref());
-            let rabbitmq = containers.and_then(|c| c.iter().find(|c| c.name == "rabbitmq"));
+            let rabbitmq = containers.and_then(|c| c.iter().find(|c| c.name == RABBITMQ_CONTAINER));
             NodeLine {
                 pod: pod.name_any(),
                 ready,
@@ -173,10 +170,9 @@ async fn broker(
         username: connection.username,
         password: connection.password,
     };
-    let listed = management.get("nodes").await?;
-    for node in listed.as_array().into_iter().flatten() {
-        let node_name = node["name"].as_str().unwrap_or_default();
-        let pod = pod_of(node_name).to_string();
+    let listed: Vec<NodeInfo> = management.get_as("nodes").await?;
+    for node in &listed {
+        let pod = pod_of(&node.name).to_string();
         let index = match nodes.iter().position(|n| n.pod == pod) {
             Some(index) => index,
             // A member the cluster still lists whose pod is gone (a scale-down not yet forgotten).
@@ -186,55 +182,43 @@ async fn broker(
             }
         };
         let line = &mut nodes[index];
-        line.node = Some(node_name.to_string());
-        line.running = Some(node["running"] == true);
-        line.version = node["applications"]
-            .as_array()
-            .and_then(|apps| apps.iter().find(|a| a["name"] == "rabbit"))
-            .and_then(|a| a["version"].as_str())
-            .map(str::to_string);
-        for (key, alarm) in [("mem_alarm", "memory"), ("disk_free_alarm", "disk")] {
-            if node[key] == true {
+        line.node = Some(node.name.clone());
+        line.running = Some(node.running);
+        line.version = node.rabbit_version().map(str::to_string);
+        for (on, alarm) in [(node.mem_alarm, "memory"), (node.disk_free_alarm, "disk")] {
+            if on {
                 line.alarms.push(alarm.to_string());
             }
         }
-        line.partitioned_from = node["partitions"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(|p| p.as_str())
-            .map(str::to_string)
-            .collect();
+        line.partitioned_from = node.partitions.clone();
     }
-    let overview = management.get("overview").await?;
-    let version = overview["rabbitmq_version"].as_str().map(str::to_string);
+    let overview: Overview = management.get_as("overview").await?;
     // Nodes whose own version the API did not give run the one the cluster reports.
     for line in nodes.iter_mut().filter(|n| n.running == Some(true) && n.version.is_none()) {
-        line.version = version.clone();
+        line.version = overview.rabbitmq_version.clone();
     }
-    let page = management
-        .get(&format!(
+    let page: Page<QueueInfo> = management
+        .get_as(&format!(
             "queues?page=1&page_size={LISTED_QUEUES}&sort=messages&sort_reverse=true\
              &columns=vhost,name,type,messages_ready,messages_unacknowledged,consumers"
         ))
         .await?;
-    let totals = &overview["queue_totals"];
+    let totals = &overview.queue_totals;
     Ok(Queues {
-        count: number(&overview["object_totals"]["queues"]),
-        messages: number(&totals["messages"]),
-        ready: number(&totals["messages_ready"]),
-        unacknowledged: number(&totals["messages_unacknowledged"]),
-        largest: page["items"]
-            .as_array()
+        count: overview.object_totals.queues,
+        messages: totals.messages,
+        ready: totals.messages_ready,
+        unacknowledged: totals.messages_unacknowledged,
+        largest: page
+            .items
             .into_iter()
-            .flatten()
             .map(|q| QueueLine {
-                vhost: q["vhost"].as_str().unwrap_or_default().to_string(),
-                name: q["name"].as_str().unwrap_or_default().to_string(),
-                r#type: q["type"].as_str().unwrap_or_default().to_string(),
-                ready: number(&q["messages_ready"]),
-                unacknowledged: number(&q["messages_unacknowledged"]),
-                consumers: number(&q["consumers"]),
+                r#type: q.kind().to_string(),
+                vhost: q.vhost,
+                name: q.name,
+                ready: q.messages_ready,
+                unacknowledged: q.messages_unacknowledged,
+                consumers: q.consumers,
             })
             .collect(),
     })

@@ -11,7 +11,7 @@ use super::definitions;
 use super::model::{Definitions, Exchange, Queue};
 use super::{MigrateError, MigratePhase, MigrateReason, Options};
 use crate::error::BrokerReason;
-use crate::rabbitmq::management::{ManagementClient, encode};
+use crate::rabbitmq::management::{ManagementClient, QueueInfo, encode};
 use crate::rabbitmq::queue_type::QueueType;
 use crate::rabbitmq::version::RabbitVersion;
 
@@ -105,41 +105,6 @@ struct Named {
     name: String,
 }
 
-/// A queue of `GET /api/queues`, with the statistics preflight reads.
-#[derive(Clone, Deserialize)]
-struct QueueStats {
-    name: String,
-    #[serde(default = "default_vhost")]
-    vhost: String,
-    #[serde(default)]
-    messages_ready: u64,
-    #[serde(default)]
-    messages_unacknowledged: u64,
-    #[serde(default)]
-    message_bytes_ready: u64,
-    #[serde(default)]
-    consumers: u64,
-    #[serde(default)]
-    exclusive: bool,
-    #[serde(default)]
-    auto_delete: bool,
-    #[serde(rename = "type", default)]
-    queue_type: QueueType,
-    /// The policy in effect (3.x and 4.x report it; absent on some versions).
-    #[serde(default)]
-    effective_policy_definition: Option<Value>,
-}
-
-impl QueueStats {
-    fn mirrored(&self) -> bool {
-        self.effective_policy_definition.as_ref().is_some_and(|d| d.get("ha-mode").is_some())
-    }
-}
-
-fn default_vhost() -> String {
-    "/".into()
-}
-
 /// `GET /api/whoami`: tags are a list from 3.9, a comma-separated string before.
 #[derive(Deserialize)]
 struct WhoAmI {
@@ -184,7 +149,7 @@ struct Held {
 }
 
 /// Queues whose statistics show messages held unacknowledged.
-fn held_by_consumers(queues: &[QueueStats], options: &Options) -> Vec<Held> {
+fn held_by_consumers(queues: &[QueueInfo], options: &Options) -> Vec<Held> {
     queues
         .iter()
         .filter(|q| selected(options, q) && q.messages_unacknowledged > 0)
@@ -231,7 +196,7 @@ async fn still_held(options: &Options, held: Vec<Held>) -> Result<Vec<Held>, Mig
     Ok(confirmed)
 }
 
-fn selected(options: &Options, queue: &QueueStats) -> bool {
+fn selected(options: &Options, queue: &QueueInfo) -> bool {
     (options.vhosts.is_empty() || options.vhosts.contains(&queue.vhost))
         && options.queues.as_ref().is_none_or(|re| re.is_match(&queue.name))
         && !queue.exclusive
@@ -289,8 +254,8 @@ async fn check_vhosts_asked_for(source: &ManagementClient, options: &Options) ->
 /// `--wait-for-consumers`). Celery keeps eta/countdown tasks unacknowledged until they are due:
 /// those messages cannot be moved while a worker holds them, and would be redelivered on the old
 /// cluster later.
-async fn wait_until_released(source: &ManagementClient, options: &Options) -> Result<Vec<QueueStats>, MigrateError> {
-    let mut source_queues: Vec<QueueStats> = get(source, "source", "/api/queues").await?;
+async fn wait_until_released(source: &ManagementClient, options: &Options) -> Result<Vec<QueueInfo>, MigrateError> {
+    let mut source_queues: Vec<QueueInfo> = get(source, "source", "/api/queues").await?;
     if options.force {
         return Ok(source_queues);
     }
@@ -376,7 +341,7 @@ async fn check_target_queues(target: &ManagementClient, definitions: &Definition
 
 /// The queues to move: those the converted definitions kept (selected vhosts and names), each with
 /// its type on either side.
-fn queues_to_move(source_queues: &[QueueStats], definitions: &Definitions, target: RabbitVersion) -> Vec<QueuePlan> {
+fn queues_to_move(source_queues: &[QueueInfo], definitions: &Definitions, target: RabbitVersion) -> Vec<QueuePlan> {
     source_queues
         .iter()
         .filter_map(|q| {
@@ -391,7 +356,7 @@ fn queues_to_move(source_queues: &[QueueStats], definitions: &Definitions, targe
                 name: q.name.clone(),
                 messages: q.messages_ready,
                 bytes: q.message_bytes_ready,
-                queue_type: q.queue_type.clone(),
+                queue_type: q.kind(),
                 source_mirrored: q.mirrored(),
                 target_type,
                 replicated,

@@ -30,23 +30,85 @@ impl std::fmt::Debug for ManagementClient {
 }
 
 /// One node of `GET /api/nodes`.
-#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
 pub struct NodeInfo {
     pub name: String,
     #[serde(default)]
     pub running: bool,
     #[serde(default)]
     pub partitions: Vec<String>,
+    /// The memory alarm (publishers blocked cluster-wide).
+    #[serde(default)]
+    pub mem_alarm: bool,
+    /// The free disk space alarm (publishers blocked cluster-wide).
+    #[serde(default)]
+    pub disk_free_alarm: bool,
+    /// The node's applications; `rabbit`'s version is the node's RabbitMQ version.
+    #[serde(default)]
+    pub applications: Vec<Application>,
     /// In maintenance mode (`rabbitmq-upgrade drain`): clients and queue leaders moved off.
     /// Reported from 4.0; `None` where the version does not say.
     #[serde(default)]
     pub being_drained: Option<bool>,
 }
 
-/// One queue of `GET /api/queues`, with what decides whether a node can leave.
+impl NodeInfo {
+    /// The RabbitMQ version the node runs, when the API lists its applications.
+    pub fn rabbit_version(&self) -> Option<&str> {
+        self.applications.iter().find(|a| a.name == "rabbit").map(|a| a.version.as_str())
+    }
+}
+
+/// An Erlang application of a node.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+pub struct Application {
+    pub name: String,
+    #[serde(default)]
+    pub version: String,
+}
+
+/// `GET /api/overview`: the cluster's version and totals.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+pub struct Overview {
+    #[serde(default)]
+    pub rabbitmq_version: Option<String>,
+    #[serde(default)]
+    pub object_totals: ObjectTotals,
+    #[serde(default)]
+    pub queue_totals: QueueTotals,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+pub struct ObjectTotals {
+    #[serde(default)]
+    pub queues: u64,
+}
+
+/// Messages of every queue (absent, so zero, while the statistics are not in yet).
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+pub struct QueueTotals {
+    #[serde(default)]
+    pub messages: u64,
+    #[serde(default)]
+    pub messages_ready: u64,
+    #[serde(default)]
+    pub messages_unacknowledged: u64,
+}
+
+/// A page of a paginated list (`?page=1&page_size=N`).
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+pub struct Page<T> {
+    #[serde(default = "Vec::new")]
+    pub items: Vec<T>,
+}
+
+/// One queue of `GET /api/queues`: what decides whether a node can leave, and the statistics a
+/// migration's preflight and `kubectl warren status` read (each caller asks for its columns; what
+/// is not asked for keeps its default).
 #[derive(Clone, Debug, Default, Deserialize, PartialEq)]
 pub struct QueueInfo {
     pub name: String,
+    #[serde(default = "default_vhost")]
     pub vhost: String,
     /// `classic`, `quorum` or `stream` (absent on old versions: classic).
     #[serde(default, rename = "type")]
@@ -72,6 +134,35 @@ pub struct QueueInfo {
     pub durable: bool,
     #[serde(default)]
     pub exclusive: bool,
+    #[serde(default)]
+    pub auto_delete: bool,
+    #[serde(default)]
+    pub messages_ready: u64,
+    #[serde(default)]
+    pub messages_unacknowledged: u64,
+    #[serde(default)]
+    pub message_bytes_ready: u64,
+    #[serde(default)]
+    pub consumers: u64,
+    /// The policy in effect (3.x and 4.x report it; absent on some versions).
+    #[serde(default)]
+    pub effective_policy_definition: Option<Value>,
+}
+
+fn default_vhost() -> String {
+    "/".into()
+}
+
+impl QueueInfo {
+    /// Its type (a queue whose version reports none is classic).
+    pub fn kind(&self) -> QueueType {
+        self.queue_type.clone().unwrap_or_default()
+    }
+
+    /// Whether a classic mirroring policy (`ha-mode`) applies to it.
+    pub fn mirrored(&self) -> bool {
+        self.effective_policy_definition.as_ref().is_some_and(|d| d.get("ha-mode").is_some())
+    }
 }
 
 /// One vhost of `GET /api/vhosts`.
@@ -124,11 +215,6 @@ pub struct FeatureFlagInfo {
     /// `stable`, `experimental` or `required`.
     #[serde(default)]
     pub stability: String,
-}
-
-#[derive(Deserialize)]
-struct Overview {
-    rabbitmq_version: String,
 }
 
 /// Everything but RFC 3986's unreserved characters: safe for a path segment and for URI userinfo.
@@ -264,7 +350,11 @@ impl ManagementClient {
 
     /// The RabbitMQ version the cluster reports.
     pub async fn rabbitmq_version(&self) -> Result<String> {
-        Ok(self.get_required::<Overview>("/api/overview").await?.rabbitmq_version)
+        self.get_required::<Overview>("/api/overview").await?.rabbitmq_version.ok_or_else(|| Error::Broker {
+            reason: BrokerReason::BrokerBadResponse,
+            what: "GET /api/overview".into(),
+            message: "no rabbitmq_version in the answer".into(),
+        })
     }
 
     pub async fn nodes(&self) -> Result<Vec<NodeInfo>> {

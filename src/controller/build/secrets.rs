@@ -17,6 +17,12 @@ pub const COOKIE_KEY: &str = "cookie";
 pub const USERNAME_KEY: &str = "username";
 pub const PASSWORD_KEY: &str = "password";
 pub const DEFAULT_USER_CONF_KEY: &str = "default_user.conf";
+/// The default-user Secret's connection keys (for apps, and for `kubectl warren secrets`).
+pub const URI_KEY: &str = "uri";
+pub const FAILOVER_URIS_KEY: &str = "failover-uris";
+pub const MANAGEMENT_URI_KEY: &str = "management-uri";
+/// What separates the URIs of `failover-uris` (the list Celery/kombu take as `broker_url`).
+pub const FAILOVER_SEPARATOR: &str = ";";
 
 /// The secrets of one cluster. Generated once; afterwards always read back from the Secrets, because
 /// a changed cookie splits the cluster and a changed password locks clients out.
@@ -104,9 +110,9 @@ pub fn default_user_secret(cluster: &ValidatedCluster, credentials: &Credentials
             (PASSWORD_KEY.to_string(), credentials.password.clone()),
             ("host".to_string(), host.clone()),
             ("port".to_string(), amqp_scheme_port(cluster).1.to_string()),
-            ("uri".to_string(), amqp_uri(cluster, &user, &password, &host)),
-            ("failover-uris".to_string(), failover.join(";")),
-            ("management-uri".to_string(), management_uri),
+            (URI_KEY.to_string(), amqp_uri(cluster, &user, &password, &host)),
+            (FAILOVER_URIS_KEY.to_string(), failover.join(FAILOVER_SEPARATOR)),
+            (MANAGEMENT_URI_KEY.to_string(), management_uri),
             (DEFAULT_USER_CONF_KEY.to_string(), default_user_conf(credentials)),
         ]),
     )
