@@ -1,294 +1,23 @@
-//! Tier 2: real RabbitMQ nodes (Debian's rabbitmq-server) run the way the StatefulSet runs pods.
-//!
-//! Three generations, each from a rootfs that e2e/rootfs.sh builds once per machine (the same bits
-//! the node's images hold): 3.10 (bookworm: classic mirroring), 4.0 (trixie: quorum queues, Mnesia)
-//! and 4.3 (sid: quorum queues, Khepri). The RabbitCluster's image tag chooses the generation; the
-//! pod's commands run under chroot in it, in the node's own network, UTS and mount namespaces.
-//!
-//! Each node is a process tree in its own network namespace (a veth pair onto one bridge: the
-//! network shape of pods on a cluster network), with its own address, hostname and /etc/hosts
-//! (the headless Service's DNS), started through the operator's own bootstrap script with the
-//! environment, ConfigMap files, conf.d and Erlang cookie that the builders produce for pod i. A
-//! per-node directory plays the PersistentVolume.
-//!
-//! Everything a cluster creates is removed when it is dropped (also on a failed assertion): the
-//! processes in its namespaces (by pid, as `ip netns pids` lists them), the namespaces, the bridge,
-//! /etc/netns entries and its directories. Clusters run one at a time: two cores do not start six
-//! Erlang VMs in parallel without timeouts.
+//! A RabbitCluster's pods, laid out from the operator's builders as the StatefulSet lays them out:
+//! created, started, scaled up and down, and removed with everything they made.
 
 use std::collections::BTreeMap;
 use std::fmt::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::EnvVar;
-use tokio::sync::{Mutex, MutexGuard};
+use tokio::sync::MutexGuard;
 use warren::api::RabbitCluster;
 use warren::controller::build::{self, Credentials};
 use warren::controller::validate::{Settings, ValidatedCluster, validate};
 
-use super::generations::{Rootfs, rootfs};
-use super::rabbit_broker::node_list;
-pub use super::wait::wait_for;
-
-const RABBITMQ_BIN: &str = "/usr/lib/rabbitmq/bin";
-/// Enters the pod: its hostname, /proc, the test's temporary directory (where the node directories
-/// live) at the same path, the namespace's /etc/hosts, then chroot into the generation's rootfs.
-/// Mounts made here live in the mount namespace `ip netns exec` creates: nothing to unmount.
-const ENTER_POD: &str = r#"hostname "$0" && root=$1 && tmp=$2 && shift 2 &&
-mount -t proc proc "$root/proc" && mount --bind "$tmp" "$root$tmp" && mount --bind /etc/hosts "$root/etc/hosts" &&
-exec chroot "$root" "$@""#;
-const NAMESPACE: &str = "harness";
-/// Where the pod mounts each volume, and the node directory that plays it.
-const MOUNTS: [(&str, &str); 6] = [
-    ("/var/lib/rabbitmq", "data"),
-    ("/etc/warren/config", "config"),
-    ("/etc/warren/cookie", "cookie"),
-    ("/etc/rabbitmq/conf.d", "conf.d"),
-    ("/tmp", "tmp"),
-    ("/var/log/rabbitmq", "log"),
-];
-
-static ONE_AT_A_TIME: Mutex<()> = Mutex::const_new(());
-
-fn run(program: &str, args: &[&str]) -> Output {
-    Command::new(program).args(args).output().unwrap_or_else(|e| panic!("{program} {args:?}: {e}"))
-}
-
-/// Runs a setup command that must succeed.
-fn must(program: &str, args: &[&str]) {
-    let out = run(program, args);
-    assert!(out.status.success(), "{program} {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr));
-}
-
-/// One node: pod `<sts>-<index>`.
-pub struct Node {
-    pub index: usize,
-    /// `rabbit@demo-0.demo-nodes.harness.svc.cluster.local`
-    pub name: String,
-    pub ip: String,
-    netns: String,
-    host_link: String,
-    dir: PathBuf,
-    /// The pod's name: its hostname.
-    pod: String,
-    root: PathBuf,
-    env: Vec<(String, String)>,
-    process: std::sync::Mutex<Option<Child>>,
-    /// Its plain listeners are closed (`spec.tls.disableNonTLSListeners`): AMQPS and HTTPS only.
-    tls_only: bool,
-}
-
-impl Node {
-    pub fn amqp_url(&self, credentials: &Credentials) -> String {
-        let (scheme, port) = if self.tls_only { ("amqps", 5671) } else { ("amqp", 5672) };
-        format!("{scheme}://{}:{}@{}:{port}/%2f", credentials.username, credentials.password, self.ip)
-    }
-
-    pub fn management_url(&self) -> String {
-        if self.tls_only { format!("https://{}:15671", self.ip) } else { format!("http://{}:15672", self.ip) }
-    }
-
-    /// The node's data directory (its PersistentVolume).
-    pub fn data_dir(&self) -> PathBuf {
-        self.dir.join("data")
-    }
-
-    fn console_log(&self) -> PathBuf {
-        self.dir.join("console.log")
-    }
-
-    /// The last lines the node printed, for failure messages.
-    pub fn console_tail(&self) -> String {
-        let text = std::fs::read_to_string(self.console_log()).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        lines[lines.len().saturating_sub(25)..].join("\n")
-    }
-
-    /// A command of the pod's image with the pod's environment (as `kubectl exec`).
-    fn exec(&self, program: &str, args: &[&str]) -> Command {
-        let tmp = std::env::temp_dir();
-        let mut command = Command::new("ip");
-        command
-            .args(["netns", "exec", &self.netns, "unshare", "--uts", "--", "/bin/sh", "-c", ENTER_POD, &self.pod])
-            .arg(&self.root)
-            .arg(&tmp)
-            .arg(program)
-            .args(args)
-            .env_clear()
-            .envs(self.env.iter().cloned());
-        command
-    }
-
-    /// Runs a command of `exec` to completion without blocking the runtime: publishers and
-    /// consumers of the same test keep running while rabbitmqctl or a hook takes its time.
-    async fn output(&self, command: Command, what: &str) -> Output {
-        tokio::process::Command::from(command).output().await.unwrap_or_else(|e| panic!("{what}: {e}"))
-    }
-
-    /// A client's shell command (the host's tools: curl, bash) inside the node's network namespace:
-    /// it reaches what a client in the pod would, with `vars` as its only environment.
-    pub async fn sh(&self, script: &str, vars: &[(&str, &str)]) -> Output {
-        let mut command = Command::new("ip");
-        command
-            .args(["netns", "exec", &self.netns, "/bin/bash", "-c", script])
-            .env_clear()
-            .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
-            .envs(vars.iter().copied());
-        self.output(command, "bash in the node's namespace").await
-    }
-
-    /// Whether a client inside the pod's network reaches the node's AMQP listener.
-    pub async fn serves_amqp(&self) -> bool {
-        let port = if self.tls_only { 5671 } else { 5672 };
-        self.sh(&format!("exec 3<>/dev/tcp/127.0.0.1/{port}"), &[]).await.status.success()
-    }
-
-    /// `rabbitmqctl <args>` against this node, run inside its namespace.
-    pub async fn rabbitmqctl(&self, args: &[&str]) -> Output {
-        let mut full = vec!["-n", &self.name];
-        full.extend_from_slice(args);
-        let mut command = self.exec(&format!("{RABBITMQ_BIN}/rabbitmqctl"), &full);
-        command.env("HOME", self.dir.join("ctl-home"));
-        self.output(command, "rabbitmqctl").await
-    }
-
-    /// What `rabbitmqctl cluster_status` reports, as JSON (Err with its output when it fails).
-    pub async fn cluster_status(&self) -> Result<serde_json::Value, String> {
-        let out = self.rabbitmqctl(&["-q", "cluster_status", "--formatter", "json"]).await;
-        if !out.status.success() {
-            return Err(format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)));
-        }
-        serde_json::from_slice(&out.stdout).map_err(|e| format!("{e}: {}", String::from_utf8_lossy(&out.stdout)))
-    }
-
-    /// Whether the RabbitMQ application runs on this node (a paused node answers "not running").
-    pub async fn app_running(&self) -> bool {
-        self.rabbitmqctl(&["-q", "eval", "rabbit:is_running()."]).await.stdout.starts_with(b"true")
-    }
-
-    /// The pod's readiness probe (ready.sh from the ConfigMap).
-    pub async fn ready(&self) -> bool {
-        let script = self.dir.join("config/ready.sh");
-        self.output(self.exec("/bin/bash", &[&script.to_string_lossy()]), "ready.sh").await.status.success()
-    }
-
-    pub fn is_started(&self) -> bool {
-        self.process.lock().unwrap().is_some()
-    }
-
-    /// The exit status of the pod's main process, if it has exited.
-    pub fn exited(&self) -> Option<std::process::ExitStatus> {
-        self.process.lock().unwrap().as_mut().and_then(|c| c.try_wait().ok().flatten())
-    }
-
-    fn start(&mut self) {
-        assert!(!self.is_started(), "node {} is running already", self.index);
-        for dir in ["data", "tmp", "log", "ctl-home"] {
-            std::fs::create_dir_all(self.dir.join(dir)).expect("node dirs");
-        }
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.console_log()).expect("console log");
-        let bootstrap = self.dir.join("config/bootstrap.sh");
-        let child = self
-            .exec("/bin/bash", &[&bootstrap.to_string_lossy()])
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().expect("log"))
-            .stderr(log)
-            .spawn()
-            .expect("start bootstrap.sh");
-        *self.process.lock().unwrap() = Some(child);
-    }
-
-    /// Every process in the node's network namespace (the pod's processes, epmd included).
-    fn pids(&self) -> Vec<i32> {
-        let out = run("ip", &["netns", "pids", &self.netns]);
-        String::from_utf8_lossy(&out.stdout).split_whitespace().filter_map(|p| p.parse().ok()).collect()
-    }
-
-    fn signal_all(&self, signal: &str) {
-        for pid in self.pids() {
-            let _ = run("kill", &[signal, &pid.to_string()]);
-        }
-    }
-
-    /// SIGKILL of every process of the pod, as when its node dies.
-    pub fn kill(&mut self) {
-        self.signal_all("-KILL");
-        if let Some(mut child) = self.process.lock().unwrap().take() {
-            let _ = child.wait();
-        }
-        for _ in 0..50 {
-            if self.pids().is_empty() {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-
-    /// What the kubelet does on a graceful pod deletion: the preStop hook, then SIGTERM to the
-    /// container's main process, then SIGKILL after the grace period.
-    pub async fn stop_gracefully(&mut self, grace: Duration) {
-        let hook_output = self.pre_stop().await;
-        self.terminate(grace, &hook_output).await;
-    }
-
-    /// The preStop hook; returns what it printed on stderr.
-    pub async fn pre_stop(&self) -> String {
-        let script = self.dir.join("config/pre-stop.sh");
-        let hook = self.output(self.exec("/bin/bash", &[&script.to_string_lossy()]), "pre-stop.sh").await;
-        String::from_utf8_lossy(&hook.stderr).into_owned()
-    }
-
-    /// SIGTERM to the container's main process; fails unless it exits within `grace`.
-    pub async fn terminate(&mut self, grace: Duration, hook_output: &str) {
-        let pid = self.process.lock().unwrap().as_ref().map(|c| c.id());
-        if let Some(pid) = pid {
-            let _ = run("kill", &["-TERM", &pid.to_string()]);
-        }
-        let deadline = tokio::time::Instant::now() + grace;
-        while self.exited().is_none() && tokio::time::Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-        let exited = self.exited().is_some();
-        assert!(exited, "node {} did not stop within {grace:?} of SIGTERM; preStop said: {hook_output}", self.index);
-        // epmd (and anything else left) goes with the pod.
-        self.kill();
-    }
-
-    /// Runs `client` on a thread of its own inside the node's network namespace, as a client in the
-    /// pod would: it reaches the node at 127.0.0.1 even while the node's link is cut. Sockets are
-    /// made by the thread that polls them (a current-thread runtime), so they live in that namespace.
-    pub async fn in_network<T, F>(&self, client: impl FnOnce() -> F + Send + 'static) -> T
-    where
-        T: Send + 'static,
-        F: std::future::Future<Output = T>,
-    {
-        use std::os::fd::AsRawFd;
-        let path = PathBuf::from("/run/netns").join(&self.netns);
-        let (sender, receiver) = tokio::sync::oneshot::channel();
-        std::thread::spawn(move || {
-            let namespace = std::fs::File::open(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-            // SAFETY: setns on a valid descriptor changes only this thread's network namespace.
-            let entered = unsafe { libc::setns(namespace.as_raw_fd(), libc::CLONE_NEWNET) };
-            assert_eq!(entered, 0, "setns {}: {}", path.display(), std::io::Error::last_os_error());
-            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
-            let _ = sender.send(runtime.block_on(client()));
-        });
-        receiver.await.expect("the client thread in the node's network panicked")
-    }
-
-    /// An AMQP URL for a client in the node's own network (see `in_network`).
-    pub fn local_amqp_url(&self, credentials: &Credentials) -> String {
-        let (scheme, port) = if self.tls_only { ("amqps", 5671) } else { ("amqp", 5672) };
-        format!("{scheme}://{}:{}@127.0.0.1:{port}/%2f", credentials.username, credentials.password)
-    }
-
-    /// Cuts the node's link to the pod network, or heals it.
-    pub fn set_link(&self, up: bool) {
-        must("ip", &["link", "set", &self.host_link, if up { "up" } else { "down" }]);
-    }
-}
+use super::super::generations::{Rootfs, rootfs};
+use super::super::rabbit_broker::node_list;
+use super::network::{self, free_subnet, sweep_abandoned};
+use super::node::Node;
+use super::wait_for;
+use super::{BOOT, MOUNTS, NAMESPACE, ONE_AT_A_TIME, RABBITMQ_BIN, must};
 
 /// A RabbitCluster's nodes.
 pub struct NodeCluster {
@@ -436,9 +165,7 @@ impl NodeCluster {
             this.issue_certificates();
         }
         if owns_bridge {
-            must("ip", &["link", "add", &bridge, "type", "bridge"]);
-            must("ip", &["addr", "add", &format!("10.231.{subnet}.254/24"), "dev", &bridge]);
-            must("ip", &["link", "set", &bridge, "up"]);
+            network::add_bridge(&bridge, subnet);
         }
         for i in 0..this.cluster.replicas as usize {
             this.add_node(i);
@@ -453,13 +180,13 @@ impl NodeCluster {
     fn issue_certificates(&mut self) {
         let (subnet, first_host) = self.network;
         let (ca_dir, tls_dir) = (self.dir.join("ca"), self.dir.join("tls"));
-        super::tls::ca(&ca_dir, &format!("{} CA", self.cluster.name));
+        super::super::tls::ca(&ca_dir, &format!("{} CA", self.cluster.name));
         let slots = self.cluster.replicas as usize + 2;
         let mut dns: Vec<String> = (0..slots as i32).map(|i| self.cluster.pod_host(i)).collect();
         dns.push("localhost".into());
         let mut ips: Vec<String> = (0..slots).map(|i| format!("10.231.{subnet}.{}", i + first_host as usize)).collect();
         ips.push("127.0.0.1".into());
-        super::tls::server(&tls_dir, &ca_dir, &dns, &ips);
+        super::super::tls::server(&tls_dir, &ca_dir, &dns, &ips);
         let dir = tls_dir.to_string_lossy();
         let conf = self.template.config.get_mut("10-operator.conf").expect("the operator's configuration");
         *conf = conf.replace("/etc/warren/tls-ca/", &format!("{dir}/")).replace("/etc/warren/tls/", &format!("{dir}/"));
@@ -486,7 +213,7 @@ impl NodeCluster {
         let (subnet, first_host) = self.network;
         let netns = format!("wr{}-{i}", self.id);
         let host_link = format!("wrv{}{i}", self.id);
-        must("ip", &["netns", "add", &netns]);
+        network::add_namespace(&netns);
         let node_dir = self.dir.join(format!("node-{i}"));
         let ip = format!("10.231.{subnet}.{}", i + first_host as usize);
         let name = self.cluster.node_name(i as i32);
@@ -504,11 +231,7 @@ impl NodeCluster {
             process: Default::default(),
             tls_only: warren::api::TlsSpec::tls_only(self.cluster.tls.as_ref()),
         });
-        must("ip", &["link", "add", &host_link, "type", "veth", "peer", "name", "eth0", "netns", &netns]);
-        must("ip", &["link", "set", &host_link, "master", &self.bridge, "up"]);
-        must("ip", &["-n", &netns, "addr", "add", &format!("{ip}/24"), "dev", "eth0"]);
-        must("ip", &["-n", &netns, "link", "set", "eth0", "up"]);
-        must("ip", &["-n", &netns, "link", "set", "lo", "up"]);
+        network::plug(&netns, &host_link, &self.bridge, &ip);
 
         // The volumes: ConfigMap, conf.d (projected), cookie Secret; data starts empty.
         let template = &self.template;
@@ -541,9 +264,7 @@ impl NodeCluster {
             let _ = writeln!(hosts, "10.231.{subnet}.{} {host} {}", node.index + first_host as usize, node.pod);
         }
         for node in &self.nodes {
-            let etc = PathBuf::from("/etc/netns").join(&node.netns);
-            std::fs::create_dir_all(&etc).expect("/etc/netns");
-            std::fs::write(etc.join("hosts"), &hosts).expect("hosts");
+            network::write_hosts(&node.netns, &hosts);
         }
     }
 
@@ -588,8 +309,7 @@ impl NodeCluster {
         }
         self.nodes[replicas].stop_gracefully(grace).await;
         let node = self.nodes.pop().expect("the last node");
-        let _ = run("ip", &["netns", "del", &node.netns]);
-        let _ = std::fs::remove_dir_all(PathBuf::from("/etc/netns").join(&node.netns));
+        network::remove_namespace(&node.netns);
         let _ = std::fs::remove_dir_all(&node.dir);
         self.write_hosts();
     }
@@ -663,40 +383,14 @@ impl Drop for NodeCluster {
         }
         for node in &mut self.nodes {
             node.kill();
-            let _ = run("ip", &["netns", "del", &node.netns]);
-            let _ = std::fs::remove_dir_all(PathBuf::from("/etc/netns").join(&node.netns));
+            network::remove_namespace(&node.netns);
         }
         if self.owns_bridge {
-            let _ = run("ip", &["link", "del", &self.bridge]);
+            network::remove_bridge(&self.bridge);
         }
         if std::env::var_os("WARREN_KEEP_NODE_DIRS").is_none() {
             let _ = std::fs::remove_dir_all(&self.dir);
         }
-    }
-}
-
-/// Removes what clusters of test processes that no longer exist left behind (a test binary killed
-/// by a signal runs no Drop): the processes in their namespaces, the namespaces, bridge and dirs.
-fn sweep_abandoned() {
-    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else { return };
-    for entry in entries.flatten() {
-        let name = entry.file_name().to_string_lossy().into_owned();
-        let Some(id) = name.strip_prefix("warren-nodes-") else { continue };
-        let owner = std::fs::read_to_string(entry.path().join("owner.pid")).unwrap_or_default();
-        if owner.is_empty() || Path::new(&format!("/proc/{}", owner.trim())).exists() {
-            continue;
-        }
-        let namespaces = String::from_utf8_lossy(&run("ip", &["netns", "list"]).stdout).into_owned();
-        for netns in namespaces.split_whitespace().filter(|n| n.starts_with(&format!("wr{id}-"))) {
-            let pids = String::from_utf8_lossy(&run("ip", &["netns", "pids", netns]).stdout).into_owned();
-            for pid in pids.split_whitespace() {
-                let _ = run("kill", &["-KILL", pid]);
-            }
-            let _ = run("ip", &["netns", "del", netns]);
-            let _ = std::fs::remove_dir_all(PathBuf::from("/etc/netns").join(netns));
-        }
-        let _ = run("ip", &["link", "del", &format!("wrb{id}")]);
-        let _ = std::fs::remove_dir_all(entry.path());
     }
 }
 
@@ -738,21 +432,6 @@ fn pod_environment(env: &[EnvVar], index: usize, sts: &str, node_dir: &Path) -> 
     ]);
     resolved
 }
-
-/// A /24 in 10.231.0.0/16 that no interface of this machine uses.
-fn free_subnet() -> u8 {
-    let addresses = String::from_utf8_lossy(&run("ip", &["-o", "-4", "addr", "show"]).stdout).into_owned();
-    for _ in 0..100 {
-        let candidate = 1 + rand::random::<u8>() % 250;
-        if !addresses.contains(&format!("10.231.{candidate}.")) {
-            return candidate;
-        }
-    }
-    panic!("no free 10.231.x.0/24 subnet");
-}
-
-/// Time for nodes to boot and (re)join; generous for two cores.
-pub const BOOT: Duration = Duration::from_secs(240);
 
 impl NodeCluster {
     /// All nodes started in parallel, formed into one cluster, and the operator's broker reconcile
