@@ -126,18 +126,35 @@ async fn a_rabbit_cluster_runs_heals_grows_and_keeps_its_data_on_a_real_node() {
     let client = admin_client().await;
     let namespace = TestNamespace::create(&client, "node-ha").await;
     let ns = namespace.name.clone();
+    let (mut endpoint, claims) = forms_one_cluster_with_high_availability(&client, &ns).await;
+    // What the team watches it with, on this formed cluster: Prometheus and `kubectl warren`.
+    let names = ["ha-0", "ha-1", "ha-2"];
+    observability::prometheus_sees_the_cluster(&ns, NAME, &names, KEPT, KEPT_COUNT as u64).await;
+    observability::kubectl_warren_on(&client, &ns, NAME, &names, KEPT, KEPT_COUNT as u64).await;
+    a_deleted_pod_comes_back_on_its_volume(&client, &ns, &endpoint, &claims).await;
+    every_pod_deleted_at_once_reforms_the_cluster(&client, &ns, &endpoint, &claims).await;
+    // What people do to a running cluster (issue: day-2 safety), on this formed cluster.
+    day_two::survives_what_people_do(&client, &ns, NAME, &mut endpoint, KEPT, KEPT_COUNT as u64).await;
+    scales_up_and_a_scale_down_called_off_half_way(&client, &ns, &endpoint).await;
+    scales_down_while_the_leading_operator_is_killed(&client, &ns, &endpoint).await;
+    scales_back_up_and_every_message_is_there_once(&client, &ns, &endpoint).await;
+    deleted_and_applied_again_keeps_claims_credentials_and_messages(&client, &ns, &endpoint, &claims).await;
+}
 
-    // 1. Three pods running RabbitMQ, one cluster, HA applied (quorum by default on 4.x), conditions true.
-    apply(&ns, &manifest(NAME, 3));
-    let cluster = wait_ready(&client, &ns, NAME, 3).await;
+/// Three pods running RabbitMQ, one cluster, HA applied (quorum by default on 4.x), conditions
+/// true; a message through the client Service; then 500 kept for the phases that follow. Returns
+/// the endpoint and the claims (each bound to its volume).
+async fn forms_one_cluster_with_high_availability(client: &Client, ns: &str) -> (Endpoint, BTreeMap<String, String>) {
+    apply(ns, &manifest(NAME, 3));
+    let cluster = wait_ready(client, ns, NAME, 3).await;
     for type_ in ["AllReplicasReady", "ClusterFormed", "HighAvailability", "NoPartitions", "ReconcileSuccess"] {
         let c = condition(&cluster, type_).unwrap_or_else(|| panic!("no {type_}"));
         assert_eq!(c.status, "True", "{type_}: {}", c.message);
     }
-    let first_pods = pods(&client, &ns, NAME).await;
+    let first_pods = pods(client, ns, NAME).await;
     assert_eq!(first_pods.iter().map(|p| p.0.as_str()).collect::<Vec<_>>(), ["ha-0", "ha-1", "ha-2"]);
     assert!(first_pods.iter().all(|p| p.2), "all ready: {first_pods:?}");
-    let mut endpoint = Endpoint::of(&client, &ns, NAME).await;
+    let endpoint = Endpoint::of(client, ns, NAME).await;
     let nodes = endpoint.get("nodes").await.expect("GET /api/nodes");
     let running: Vec<_> = nodes
         .as_array()
@@ -162,86 +179,101 @@ async fn a_rabbit_cluster_runs_heals_grows_and_keeps_its_data_on_a_real_node() {
     endpoint.wait_copies(KEPT, 3).await;
     let (confirmed, error) = amqp::publish(&endpoint.amqp(), KEPT, 0..KEPT_COUNT, 100).await;
     assert_eq!((confirmed.len(), error), (KEPT_COUNT as usize, None));
-    let claims = volumes(&client, &ns).await;
+    let claims = volumes(client, ns).await;
     assert_eq!(claims.len(), 3, "{claims:?}");
     assert!(claims.values().all(|v| !v.is_empty()), "every claim bound: {claims:?}");
 
-    // What the team watches it with, on this formed cluster: Prometheus and `kubectl warren`.
-    let names = ["ha-0", "ha-1", "ha-2"];
-    observability::prometheus_sees_the_cluster(&ns, NAME, &names, KEPT, KEPT_COUNT as u64).await;
-    observability::kubectl_warren_on(&client, &ns, NAME, &names, KEPT, KEPT_COUNT as u64).await;
+    (endpoint, claims)
+}
 
-    // 2. Delete one pod: it comes back on its volume and rejoins; the messages are kept.
+/// One pod deleted: it comes back on its volume and rejoins; the messages are kept.
+async fn a_deleted_pod_comes_back_on_its_volume(
+    client: &Client,
+    ns: &str,
+    endpoint: &Endpoint,
+    claims: &BTreeMap<String, String>,
+) {
+    let first_pods = pods(client, ns, NAME).await;
     let ha1 = first_pods.iter().find(|p| p.0 == "ha-1").map(|p| p.1.clone()).expect("ha-1");
-    delete(&["pod", "ha-1", "-n", &ns, "--wait=false"]);
-    wait_replaced(&client, &ns, std::slice::from_ref(&ha1), 3).await;
-    wait_ready(&client, &ns, NAME, 3).await;
-    assert_eq!(volumes(&client, &ns).await, claims, "the same volumes");
+    delete(&["pod", "ha-1", "-n", ns, "--wait=false"]);
+    wait_replaced(client, ns, std::slice::from_ref(&ha1), 3).await;
+    wait_ready(client, ns, NAME, 3).await;
+    assert_eq!(volumes(client, ns).await, *claims, "the same volumes");
     endpoint.wait_depth(KEPT, KEPT_COUNT as u64).await;
+}
 
-    // 3. Delete every pod at once: the cluster re-forms by itself.
-    let before: Vec<String> = pods(&client, &ns, NAME).await.into_iter().map(|p| p.1).collect();
-    delete(&["pod", "-n", &ns, "-l", "app.kubernetes.io/instance=ha", "--wait=false"]);
-    wait_replaced(&client, &ns, &before, 3).await;
-    wait_ready(&client, &ns, NAME, 3).await;
-    assert_eq!(volumes(&client, &ns).await, claims, "the same volumes");
+/// Every pod deleted at once: the cluster re-forms by itself.
+async fn every_pod_deleted_at_once_reforms_the_cluster(
+    client: &Client,
+    ns: &str,
+    endpoint: &Endpoint,
+    claims: &BTreeMap<String, String>,
+) {
+    let before: Vec<String> = pods(client, ns, NAME).await.into_iter().map(|p| p.1).collect();
+    delete(&["pod", "-n", ns, "-l", "app.kubernetes.io/instance=ha", "--wait=false"]);
+    wait_replaced(client, ns, &before, 3).await;
+    wait_ready(client, ns, NAME, 3).await;
+    assert_eq!(volumes(client, ns).await, *claims, "the same volumes");
     endpoint.wait_depth(KEPT, KEPT_COUNT as u64).await;
+}
 
-    // What people do to a running cluster (issue: day-2 safety), on this formed cluster.
-    day_two::survives_what_people_do(&client, &ns, NAME, &mut endpoint, KEPT, KEPT_COUNT as u64).await;
-
-    // 4. Scale 3 to 5: two more pods join.
-    let api: Api<warren::api::RabbitCluster> = Api::namespaced(client.clone(), &ns);
-    patch(&ns, NAME, r#"{"spec":{"replicas":5}}"#);
-    wait_ready(&client, &ns, NAME, 5).await;
-    assert_eq!(pods(&client, &ns, NAME).await.len(), 5);
+/// Scale 3 to 5: two more pods join, and the queue gains a copy on each. Then a scale-down
+/// called off half-way: 5 to 3, and back to 5 as soon as ha-4 is in maintenance mode (or already
+/// gone); the cluster comes back to five nodes, none left in maintenance mode.
+async fn scales_up_and_a_scale_down_called_off_half_way(client: &Client, ns: &str, endpoint: &Endpoint) {
+    let api: Api<warren::api::RabbitCluster> = Api::namespaced(client.clone(), ns);
+    patch(ns, NAME, r#"{"spec":{"replicas":5}}"#);
+    wait_ready(client, ns, NAME, 5).await;
+    assert_eq!(pods(client, ns, NAME).await.len(), 5);
     // The queue declared on three nodes gains a copy on each new one.
     endpoint.wait_copies(KEPT, 5).await;
     endpoint.wait_depth(KEPT, KEPT_COUNT as u64).await;
 
     // Scale-down called off half-way: 5 to 3, then back to 5 as soon as ha-4 is in maintenance mode
     // (or already gone). The cluster comes back to five nodes, none left in maintenance mode.
-    patch(&ns, NAME, r#"{"spec":{"replicas":3}}"#);
+    patch(ns, NAME, r#"{"spec":{"replicas":3}}"#);
     wait_for("ha-4 handed over", POD_TIMEOUT, || async {
         let nodes = endpoint.get("nodes").await?;
         let drained = nodes.as_array().into_iter().flatten().any(|n| n["being_drained"] == true);
-        if drained || listed_nodes(&endpoint).await.len() < 5 { Ok(()) } else { Err(nodes.to_string()) }
+        if drained || listed_nodes(endpoint).await.len() < 5 { Ok(()) } else { Err(nodes.to_string()) }
     })
     .await;
-    patch(&ns, NAME, r#"{"spec":{"replicas":5}}"#);
-    wait_ready(&client, &ns, NAME, 5).await;
+    patch(ns, NAME, r#"{"spec":{"replicas":5}}"#);
+    wait_ready(client, ns, NAME, 5).await;
     wait_for("five nodes, none in maintenance mode, Scaling=Steady", POD_TIMEOUT, || async {
         let nodes = endpoint.get("nodes").await?;
         let drained = nodes.as_array().into_iter().flatten().any(|n| n["being_drained"] == true);
         let cluster = api.get(NAME).await.map_err(|e| e.to_string())?;
         let steady = condition(&cluster, "Scaling").is_some_and(|c| c.reason == "Steady");
-        let listed = listed_nodes(&endpoint).await;
+        let listed = listed_nodes(endpoint).await;
         if !drained && steady && listed.len() == 5 { Ok(()) } else { Err(format!("{listed:?} {nodes}")) }
     })
     .await;
     endpoint.wait_copies(KEPT, 5).await;
     endpoint.wait_depth(KEPT, KEPT_COUNT as u64).await;
+}
 
-    // 5. Scale 5 to 3: ha-4 then ha-3 are handed over, removed and forgotten. The operator is
-    //    killed once the StatefulSet has dropped ha-4, before it can be forgotten: the next
-    //    operator finishes the job.
+/// Scale 5 to 3: ha-4 then ha-3 are handed over, removed and forgotten. The operator is killed
+/// once the StatefulSet has dropped ha-4, before it can be forgotten: the next operator finishes.
+async fn scales_down_while_the_leading_operator_is_killed(client: &Client, ns: &str, endpoint: &Endpoint) {
+    let api: Api<warren::api::RabbitCluster> = Api::namespaced(client.clone(), ns);
     let started = std::time::Instant::now();
-    patch(&ns, NAME, r#"{"spec":{"replicas":3}}"#);
-    let sts: Api<StatefulSet> = Api::namespaced(client.clone(), &ns);
+    patch(ns, NAME, r#"{"spec":{"replicas":3}}"#);
+    let sts: Api<StatefulSet> = Api::namespaced(client.clone(), ns);
     wait_for("the StatefulSet drops ha-4", POD_TIMEOUT, || async {
         let replicas = sts.get(NAME).await.map_err(|e| e.to_string())?.spec.and_then(|s| s.replicas);
         if replicas <= Some(4) { Ok(()) } else { Err(format!("replicas {replicas:?}")) }
     })
     .await;
-    let listed_at_kill = listed_nodes(&endpoint).await;
-    let leader = kill_operator(&client).await;
+    let listed_at_kill = listed_nodes(endpoint).await;
+    let leader = kill_operator(client).await;
     eprintln!(
         "operator {leader} (the leader) killed {:.1} s into the scale-down; the cluster then listed {listed_at_kill:?}",
         started.elapsed().as_secs_f64()
     );
-    wait_ready(&client, &ns, NAME, 3).await;
+    wait_ready(client, ns, NAME, 3).await;
     wait_for("the cluster lists exactly ha-0..2", POD_TIMEOUT, || async {
-        let listed = listed_nodes(&endpoint).await;
+        let listed = listed_nodes(endpoint).await;
         if listed == ["ha-0", "ha-1", "ha-2"] { Ok(()) } else { Err(format!("{listed:?}")) }
     })
     .await;
@@ -254,23 +286,26 @@ async fn a_rabbit_cluster_runs_heals_grows_and_keeps_its_data_on_a_real_node() {
     })
     .await;
     eprintln!("scale 5 -> 3 on the node: {:.1} s", started.elapsed().as_secs_f64());
-    assert_eq!(pods(&client, &ns, NAME).await.len(), 3);
+    assert_eq!(pods(client, ns, NAME).await.len(), 3);
     assert_eq!(sts.get(NAME).await.expect("StatefulSet").spec.and_then(|s| s.replicas), Some(3));
     endpoint.wait_copies(KEPT, 3).await;
     endpoint.wait_depth(KEPT, KEPT_COUNT as u64).await;
-    let removed = events(&ns, "NodeRemoved");
+    let removed = events(ns, "NodeRemoved");
     for pod in ["ha-3", "ha-4"] {
         assert!(removed.iter().any(|note| note.contains(&format!("rabbit@{pod}."))), "NodeRemoved {pod}: {removed:?}");
     }
     // The removed nodes' claims went with their pods: a later scale-up cannot bring their data back.
-    let left = volumes(&client, &ns).await;
+    let left = volumes(client, ns).await;
     assert_eq!(left.keys().map(String::as_str).collect::<Vec<_>>(), ["data-ha-0", "data-ha-1", "data-ha-2"]);
+}
 
-    // Back to 5: two fresh nodes join the cluster, which lists exactly the five pods.
-    patch(&ns, NAME, r#"{"spec":{"replicas":5}}"#);
-    wait_ready(&client, &ns, NAME, 5).await;
+/// Back to 5: two fresh nodes join the cluster, which lists exactly the five pods, and every
+/// message is still there, each exactly once.
+async fn scales_back_up_and_every_message_is_there_once(client: &Client, ns: &str, endpoint: &Endpoint) {
+    patch(ns, NAME, r#"{"spec":{"replicas":5}}"#);
+    wait_ready(client, ns, NAME, 5).await;
     wait_for("the cluster lists exactly ha-0..4", POD_TIMEOUT, || async {
-        let listed = listed_nodes(&endpoint).await;
+        let listed = listed_nodes(endpoint).await;
         if listed == ["ha-0", "ha-1", "ha-2", "ha-3", "ha-4"] { Ok(()) } else { Err(format!("{listed:?}")) }
     })
     .await;
@@ -278,37 +313,44 @@ async fn a_rabbit_cluster_runs_heals_grows_and_keeps_its_data_on_a_real_node() {
     // Every message is still there, each exactly once.
     let got = amqp::drain(&endpoint.amqp(), KEPT, KEPT_COUNT as usize, Duration::from_secs(10)).await.expect("drain");
     assert_eq!(got, (0..KEPT_COUNT).map(|id| (id, 1)).collect::<BTreeMap<_, _>>());
+}
 
-    // 6. Delete the RabbitCluster: pods and Services go, the claims and the credentials stay.
+/// The RabbitCluster deleted: pods and Services go, the claims and the credentials stay. Then
+/// applied again (a GitOps prune and re-sync): the kept credential Secrets are adopted, the five
+/// nodes come back on their claims as one cluster, and the messages are there.
+async fn deleted_and_applied_again_keeps_claims_credentials_and_messages(
+    client: &Client,
+    ns: &str,
+    endpoint: &Endpoint,
+    claims: &BTreeMap<String, String>,
+) {
     let (confirmed, error) = amqp::publish(&endpoint.amqp(), KEPT, REAPPLIED.clone(), 100).await;
     assert_eq!((confirmed.len(), error), (REAPPLIED.len(), None));
     // What the queue holds before the deletion, as the broker counts it now: the 100, and any of
     // the 500 whose acks the broker had not applied when the consumer closed (at least once).
     let held_before = amqp::live_depth(&endpoint.amqp(), KEPT).await;
     eprintln!("before the deletion: {held_before} messages in {KEPT} (100 published after the drain)");
-    delete(&["rabbitcluster", NAME, "-n", &ns]);
-    let pod_api: Api<Pod> = Api::namespaced(client.clone(), &ns);
-    let service_api: Api<Service> = Api::namespaced(client.clone(), &ns);
+    delete(&["rabbitcluster", NAME, "-n", ns]);
+    let pod_api: Api<Pod> = Api::namespaced(client.clone(), ns);
+    let service_api: Api<Service> = Api::namespaced(client.clone(), ns);
     wait_for("pods and Services gone", POD_TIMEOUT, || async {
         let pods = pod_api.list(&ListParams::default()).await.map_err(|e| e.to_string())?.items.len();
         let services = service_api.list(&ListParams::default()).await.map_err(|e| e.to_string())?.items.len();
         if pods == 0 && services == 0 { Ok(()) } else { Err(format!("{pods} pods, {services} Services")) }
     })
     .await;
-    let left = volumes(&client, &ns).await;
+    let left = volumes(client, ns).await;
     assert_eq!(left.len(), 5, "every claim kept: {left:?}");
-    for (claim, volume) in &claims {
+    for (claim, volume) in claims {
         assert_eq!(left.get(claim), Some(volume), "{claim} still bound to its volume");
     }
 
-    // 7. Applied again (a GitOps prune and re-sync): the kept credential Secrets are adopted, the
-    //    five nodes come back on their claims as one cluster, and the messages are there.
-    let secrets: Api<k8s_openapi::api::core::v1::Secret> = Api::namespaced(client.clone(), &ns);
+    let secrets: Api<k8s_openapi::api::core::v1::Secret> = Api::namespaced(client.clone(), ns);
     assert!(secrets.get_opt("ha-erlang-cookie").await.expect("get").is_some(), "the cookie Secret was deleted");
     assert!(secrets.get_opt("ha-default-user").await.expect("get").is_some(), "the default user Secret was deleted");
-    apply(&ns, &manifest(NAME, 5));
-    wait_ready(&client, &ns, NAME, 5).await;
-    let endpoint = Endpoint::of(&client, &ns, NAME).await;
+    apply(ns, &manifest(NAME, 5));
+    wait_ready(client, ns, NAME, 5).await;
+    let endpoint = Endpoint::of(client, ns, NAME).await;
     // Everything the queue held before the deletion, and nothing else: the 100 each once, and as
     // many of the 500 as were back before the deletion (a full stop and start neither loses a
     // message nor brings an acknowledged one back).
@@ -324,7 +366,7 @@ async fn a_rabbit_cluster_runs_heals_grows_and_keeps_its_data_on_a_real_node() {
     );
     assert_eq!((kept.len() + earlier.len()) as u64, held_before, "what the queue held before the deletion");
     assert!(earlier.values().all(|n| *n == 1), "a message of the 500 twice: {earlier:?}");
-    assert_eq!(volumes(&client, &ns).await, left, "the same claims");
+    assert_eq!(volumes(client, ns).await, left, "the same claims");
 }
 
 /// Messages kept through the RabbitCluster's deletion and re-creation (ids apart from the 500).
