@@ -14,29 +14,9 @@ HELM := $(CACHE_DIR)/bin/helm-$(HELM_VERSION)/helm
 
 ## test: every tier: pure builders and mocked API server, real RabbitMQ nodes of three generations
 ## (tests/rabbitmq_*.rs, tests/migrate.rs), the real control plane, then a real node running
-## RabbitMQ pods. What tiers 3 and 4 need from Go modules builds in the background (niced) while
-## the rootfs of each RabbitMQ generation is made and tiers 1 and 2 compile and run: on a fresh
-## machine that overlap is most of the cold time saved. Tier 3 (a control plane on loopback, no
-## node, no network namespace) runs as soon as its parts are built, beside tier 2; tier 4 (the node)
-## runs alone after both.
+## RabbitMQ pods; the slow builds overlapped with the tests (e2e/test.sh says how).
 test: deps
-	$(CARGO) fmt --all -- --check
-	@mkdir -p $(CACHE_DIR)/logs
-	@logs=$(CACHE_DIR)/logs; rm -f $$logs/tier3.rc $$logs/tier3.log; \
-	{ nice -n 19 e2e/build.sh etcd helm kubernetes monitoring-crds; plane=$$?; \
-	  if [ $$plane = 0 ]; then \
-	    { $(MAKE) --no-print-directory tier3 > $$logs/tier3.log 2>&1; echo $$? > $$logs/tier3.rc; } & fi; \
-	  nice -n 19 e2e/build.sh node coredns prometheus; built=$$?; wait; \
-	  [ $$plane = 0 ] && exit $$built; exit $$plane; } > $$logs/go-build.log 2>&1 & go=$$!; \
-	e2e/rootfs.sh > $$logs/rootfs.log 2>&1 & rootfs=$$!; \
-	$(CARGO) test --locked --all-targets --no-run; tests=$$?; \
-	wait $$rootfs; made=$$?; cat $$logs/rootfs.log; \
-	if [ $$tests = 0 ] && [ $$made = 0 ]; then $(CARGO) test --locked --all-targets; tests=$$?; fi; \
-	wait $$go; built=$$?; grep -v '^go: ' $$logs/go-build.log || true; \
-	echo "--- tier 3 (ran beside tier 2) ---"; cat $$logs/tier3.log 2>/dev/null || true; \
-	tier3=$$(cat $$logs/tier3.rc 2>/dev/null || echo 1); \
-	[ $$tests = 0 ] && [ $$made = 0 ] && [ $$built = 0 ] && [ $$tier3 = 0 ]
-	$(MAKE) --no-print-directory tier4
+	CARGO="$(CARGO)" MAKE="$(MAKE)" e2e/test.sh
 
 ## unit: tiers 1 and 2 only.
 unit: deps rootfs
@@ -73,21 +53,9 @@ bench: deps rootfs control-plane
 	$(CARGO) bench --locked --features benchmarks --bench migrate_vs_shovel
 	e2e/with-control-plane.sh $(CARGO) bench --locked --features e2e --bench controller_scale
 
-## deps: what the tests need from Debian besides Rust and Go: tools for the control plane, the
-## node's runtime (containerd, runc, CNI plugins, iptables, conntrack), debootstrap for the RabbitMQ
-## rootfs (RabbitMQ itself runs from those, not from the host).
+## deps: what the tests need from Debian besides Rust and Go (e2e/deps.sh installs what is missing).
 deps:
-	@missing=""; for c in openssl:openssl curl:curl ss:iproute2 ip:iproute2 unshare:util-linux \
-	  containerd:containerd runc:runc \
-	  /usr/lib/cni/bridge:containernetworking-plugins iptables:iptables conntrack:conntrack \
-	  debootstrap:debootstrap strip:binutils /etc/ssl/certs/ca-certificates.crt:ca-certificates; do \
-	  { command -v $${c%%:*} || test -e $${c%%:*}; } > /dev/null || missing="$$missing $${c##*:}"; done; \
-	if [ -n "$$missing" ]; then \
-	  guard=""; if [ ! -e /usr/sbin/policy-rc.d ]; then \
-	    printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d && guard=1; fi; \
-	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing; status=$$?; \
-	  [ -z "$$guard" ] || rm -f /usr/sbin/policy-rc.d; exit $$status; fi
-	@command -v kubectl > /dev/null || { echo "kubectl is required"; exit 1; }
+	@e2e/deps.sh
 
 control-plane:
 	e2e/build.sh

@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# `make test`: every tier, the slow builds overlapped with the tests. What tiers 3 and 4 need from
+# Go modules builds in the background (niced) while the rootfs of each RabbitMQ generation is made
+# and tiers 1 and 2 compile and run: on a fresh machine that overlap is most of the cold time
+# saved. Tier 3 (a control plane on loopback, no node, no network namespace) runs as soon as its
+# parts are built, beside tier 2; tier 4 (the node) runs alone after both.
+#
+# Run by the Makefile, which exports WARREN_CACHE, CARGO_TARGET_DIR and GOCACHE; CARGO and MAKE
+# name the tools it uses.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+: "${WARREN_CACHE:?run through make test}"
+CARGO=${CARGO:-cargo}
+MAKE=${MAKE:-make}
+logs=$WARREN_CACHE/logs
+
+formatting() {
+  "$CARGO" fmt --all -- --check
+}
+
+# Tier 3's parts, then tier 3 itself (in the background, its status in tier3.rc) as soon as they
+# are built, then the node's parts for tier 4. Fails when a build does.
+go_parts_and_tier3() {
+  local plane built
+  nice -n 19 e2e/build.sh etcd helm kubernetes monitoring-crds
+  plane=$?
+  if [ "$plane" = 0 ]; then
+    { "$MAKE" --no-print-directory tier3 > "$logs/tier3.log" 2>&1; echo $? > "$logs/tier3.rc"; } &
+  fi
+  nice -n 19 e2e/build.sh node coredns prometheus
+  built=$?
+  wait
+  [ "$plane" = 0 ] && return "$built"
+  return "$plane"
+}
+
+# Tiers 1 and 2: compiled while the rootfs are made, run once both are there.
+tiers_1_and_2() {
+  local compiled made
+  e2e/rootfs.sh > "$logs/rootfs.log" 2>&1 &
+  local rootfs=$!
+  "$CARGO" test --locked --all-targets --no-run
+  compiled=$?
+  wait "$rootfs"
+  made=$?
+  cat "$logs/rootfs.log"
+  [ "$compiled" = 0 ] && [ "$made" = 0 ] || return 1
+  "$CARGO" test --locked --all-targets
+}
+
+tier4() {
+  "$MAKE" --no-print-directory tier4
+}
+
+formatting || exit 1
+mkdir -p "$logs"
+rm -f "$logs/tier3.rc" "$logs/tier3.log"
+go_parts_and_tier3 > "$logs/go-build.log" 2>&1 &
+go=$!
+tiers_1_and_2
+tests=$?
+wait "$go"
+built=$?
+grep -v '^go: ' "$logs/go-build.log" || true
+echo "--- tier 3 (ran beside tier 2) ---"
+cat "$logs/tier3.log" 2>/dev/null || true
+tier3=$(cat "$logs/tier3.rc" 2>/dev/null || echo 1)
+[ "$tests" = 0 ] && [ "$built" = 0 ] && [ "$tier3" = 0 ] || exit 1
+tier4
