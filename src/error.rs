@@ -50,8 +50,10 @@ impl BrokerReason {
     }
 }
 
-/// Everything that can stop a reconcile.
-#[derive(Debug, thiserror::Error)]
+/// Everything that can stop a reconcile. Its snake-case name is the `error` label of the failure
+/// metrics.
+#[derive(Debug, thiserror::Error, strum::IntoStaticStr)]
+#[strum(serialize_all = "snake_case")]
 pub enum Error {
     /// The spec asks for something only reconcile can see is wrong; nothing is changed.
     #[error("{message}")]
@@ -84,6 +86,7 @@ pub enum Error {
 
     /// A Kubernetes API call failed.
     #[error("{action}: {source}")]
+    #[strum(serialize = "kube_api")]
     Kube {
         action: String,
         #[source]
@@ -97,6 +100,7 @@ pub enum Error {
 
     /// The RabbitMQ management API refused, failed or could not be reached.
     #[error("RabbitMQ management API ({what}): {message}")]
+    #[strum(serialize = "broker_api")]
     Broker { reason: BrokerReason, what: String, message: String },
 }
 
@@ -123,17 +127,7 @@ impl Error {
 
     /// A short static label for metrics.
     pub fn metric_label(&self) -> &'static str {
-        match self {
-            Error::InvalidSpec { .. } => "invalid_spec",
-            Error::SecretMissing { .. } => "secret_missing",
-            Error::ScaleDownRefused { .. } => "scale_down_refused",
-            Error::NodeCommand { .. } => "node_command",
-            Error::UpgradeRefused { .. } => "upgrade_refused",
-            Error::ApplyConflict { .. } => "apply_conflict",
-            Error::Kube { .. } => "kube_api",
-            Error::Serialization { .. } => "serialization",
-            Error::Broker { .. } => "broker_api",
-        }
+        self.into()
     }
 
     /// Whether retrying without a spec change can help. Errors in the spec wait for the user; a
@@ -144,3 +138,39 @@ impl Error {
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn metric_labels_are_the_variants_in_snake_case() {
+        let text = |s: &str| s.to_string();
+        let labels: Vec<&str> = [
+            Error::InvalidSpec { reason: SpecReason::InvalidName, message: text("m") },
+            Error::SecretMissing { name: text("s"), message: text("m") },
+            Error::ScaleDownRefused { current: 3, desired: 1, why: text("w") },
+            Error::NodeCommand { pod: text("p"), command: text("c"), message: text("m") },
+            Error::UpgradeRefused { from: text("a"), to: text("b"), why: text("w") },
+            Error::ApplyConflict { object: text("o"), message: text("m") },
+            Error::Serialization { what: text("w"), message: text("m") },
+            Error::Broker { reason: BrokerReason::BrokerTimeout, what: text("w"), message: text("m") },
+        ]
+        .iter()
+        .map(Error::metric_label)
+        .collect();
+        assert_eq!(
+            labels,
+            [
+                "invalid_spec",
+                "secret_missing",
+                "scale_down_refused",
+                "node_command",
+                "upgrade_refused",
+                "apply_conflict",
+                "serialization",
+                "broker_api"
+            ]
+        );
+    }
+}
