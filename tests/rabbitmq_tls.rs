@@ -94,4 +94,85 @@ async fn a_tls_only_cluster_serves_verified_clients_and_takes_a_migration_from_a
     assert_eq!(ids.len(), MESSAGES as usize, "every message once");
     assert_eq!(ids.into_iter().collect::<BTreeSet<u32>>(), (0..MESSAGES).collect(), "every message once");
     assert_eq!(amqp::live_depth(&source_url, "orders").await, 0, "the source drained");
+
+    certificate_renewed_under_a_confirming_publisher(&new).await;
+}
+
+/// The serial of the certificate node `index` presents to a new TLS client now.
+fn presented_serial(nodes: &NodeCluster, index: usize) -> Option<String> {
+    let (tls_dir, _) = nodes.tls.as_ref().expect("TLS");
+    let script = format!(
+        "openssl s_client -connect {}:5671 -CAfile {} -verify_return_error </dev/null 2>/dev/null \
+         | openssl x509 -noout -serial",
+        nodes.nodes[index].ip,
+        tls_dir.join("ca.crt").display()
+    );
+    let out = std::process::Command::new("bash").args(["-c", &script]).output().expect("openssl s_client");
+    let serial = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    serial.starts_with("serial=").then_some(serial)
+}
+
+/// cert-manager renews the certificate (a new key, the same CA): the kubelet swaps the Secret's
+/// files in every pod, and RabbitMQ, which reads them again once its PEM cache is refreshed,
+/// presents the new one to new clients with no restart, while a publisher that reconnects for
+/// every batch of 100 (a new handshake every half second or so) loses no confirmed message.
+async fn certificate_renewed_under_a_confirming_publisher(nodes: &NodeCluster) {
+    const QUEUE: &str = "renewal";
+    let body = serde_json::json!({"durable": true, "arguments": {}});
+    nodes.api_put(0, "/api/queues/%2F/renewal", body).await.expect("declare renewal");
+    let old_serial = presented_serial(nodes, 0).expect("a verified handshake before the renewal");
+    let urls: Vec<String> = nodes.nodes.iter().map(|n| n.amqp_url(&nodes.credentials)).collect();
+    let ca = nodes.ca().map(str::to_string);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let publisher = {
+        let (urls, ca, stop) = (urls.clone(), ca.clone(), stop.clone());
+        tokio::spawn(async move {
+            let (mut confirmed, mut failures, mut next) = (Vec::new(), Vec::new(), 0u32);
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let url = &urls[next as usize % urls.len()];
+                let (acked, error) = amqp::publish_trusting(url, ca.as_deref(), QUEUE, next..next + 100, 50).await;
+                next += acked.len() as u32;
+                confirmed.extend(acked);
+                if let Some(error) = error {
+                    failures.push(error);
+                }
+                // A new connection, so a new handshake, every half second or so.
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            (confirmed, failures)
+        })
+    };
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let renewed = std::time::Instant::now();
+    let new_serial = nodes.rotate_certificate();
+    assert_ne!(new_serial, old_serial, "the renewal made a new certificate");
+    // Every node presents the new certificate to new clients, with no restart.
+    let mut presented = Vec::new();
+    for index in 0..nodes.nodes.len() {
+        support::wait::wait_for(
+            &format!("node {index} presents the renewed certificate"),
+            Duration::from_secs(300),
+            || {
+                let now = presented_serial(nodes, index);
+                let renewed = now.as_deref() == Some(new_serial.as_str());
+                async move { if renewed { Ok(()) } else { Err(format!("{now:?}")) } }
+            },
+        )
+        .await;
+        presented.push((renewed.elapsed().as_secs_f64() * 10.0).round() / 10.0);
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (confirmed, failures) = publisher.await.expect("the publisher");
+    eprintln!(
+        "[4.3] certificate renewed: every node presented the new one after {:.1} s ({presented:?}); \
+         {} confirmed while it happened, {} failed batches {failures:?}",
+        renewed.elapsed().as_secs_f64(),
+        confirmed.len(),
+        failures.len()
+    );
+    assert!(confirmed.len() >= 100, "the publisher made progress: {}", confirmed.len());
+    let ids = ids_over_tls(nodes, QUEUE).await;
+    let found: BTreeSet<u32> = ids.iter().copied().collect();
+    let lost: Vec<&u32> = confirmed.iter().filter(|id| !found.contains(id)).collect();
+    assert!(lost.is_empty(), "confirmed messages lost across the renewal: {} of {}", lost.len(), confirmed.len());
 }

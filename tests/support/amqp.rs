@@ -27,6 +27,14 @@ pub async fn live_depth(url: &str, queue: &str) -> u64 {
 }
 
 pub async fn connect(url: &str) -> Result<Connection, String> {
+    connect_trusting(url, None).await
+}
+
+/// A connection that verifies the broker's certificate against `ca` (amqps).
+pub async fn connect_trusting(url: &str, ca: Option<&str>) -> Result<Connection, String> {
+    if ca.is_some() {
+        return warren::migrate::amqp::connect(url, ca, "broker").await.map_err(|e| e.message);
+    }
     match tokio::time::timeout(Duration::from_secs(10), Connection::connect(url, ConnectionProperties::default())).await
     {
         Ok(Ok(connection)) => Ok(connection),
@@ -65,8 +73,19 @@ pub async fn publish(
     ids: impl IntoIterator<Item = u32>,
     window: usize,
 ) -> (Vec<u32>, Option<String>) {
+    publish_trusting(url, None, queue, ids, window).await
+}
+
+/// `publish`, verifying the broker's certificate against `ca` (amqps).
+pub async fn publish_trusting(
+    url: &str,
+    ca: Option<&str>,
+    queue: &str,
+    ids: impl IntoIterator<Item = u32>,
+    window: usize,
+) -> (Vec<u32>, Option<String>) {
     let mut confirmed = Vec::new();
-    let connection = match connect(url).await {
+    let connection = match connect_trusting(url, ca).await {
         Ok(c) => c,
         Err(e) => return (confirmed, Some(e)),
     };

@@ -178,20 +178,47 @@ impl NodeCluster {
     /// addresses, and loopback), laid out as the pods mount the cert-manager Secret: the
     /// configuration's certificate paths point at them.
     fn issue_certificates(&mut self) {
-        let (subnet, first_host) = self.network;
-        let (ca_dir, tls_dir) = (self.dir.join("ca"), self.dir.join("tls"));
-        super::super::tls::ca(&ca_dir, &format!("{} CA", self.cluster.name));
-        let slots = self.cluster.replicas as usize + 2;
-        let mut dns: Vec<String> = (0..slots as i32).map(|i| self.cluster.pod_host(i)).collect();
-        dns.push("localhost".into());
-        let mut ips: Vec<String> = (0..slots).map(|i| format!("10.231.{subnet}.{}", i + first_host as usize)).collect();
-        ips.push("127.0.0.1".into());
-        super::super::tls::server(&tls_dir, &ca_dir, &dns, &ips);
+        let tls_dir = self.dir.join("tls");
+        super::super::tls::ca(&self.dir.join("ca"), &format!("{} CA", self.cluster.name));
+        self.install_certificate(&tls_dir, "..v1");
         let dir = tls_dir.to_string_lossy();
         let conf = self.template.config.get_mut("10-operator.conf").expect("the operator's configuration");
         *conf = conf.replace("/etc/warren/tls-ca/", &format!("{dir}/")).replace("/etc/warren/tls/", &format!("{dir}/"));
         let ca = std::fs::read_to_string(tls_dir.join("ca.crt")).expect("ca.crt");
         self.tls = Some((tls_dir, ca));
+    }
+
+    /// A new server certificate (a new key, the same CA and names) into `tls_dir`, as the kubelet
+    /// updates a Secret volume: the files in a directory of their own, then `..data` switched to it
+    /// in one rename; each key is a symlink through `..data`, so a reader never sees a new
+    /// certificate beside an old key.
+    fn install_certificate(&self, tls_dir: &Path, version: &str) {
+        let (subnet, first_host) = self.network;
+        let slots = self.cluster.replicas as usize + 2;
+        let mut dns: Vec<String> = (0..slots as i32).map(|i| self.cluster.pod_host(i)).collect();
+        dns.push("localhost".into());
+        let mut ips: Vec<String> = (0..slots).map(|i| format!("10.231.{subnet}.{}", i + first_host as usize)).collect();
+        ips.push("127.0.0.1".into());
+        super::super::tls::server(&tls_dir.join(version), &self.dir.join("ca"), &dns, &ips);
+        let staged = tls_dir.join("..data_tmp");
+        let _ = std::fs::remove_file(&staged);
+        std::os::unix::fs::symlink(version, &staged).expect("..data_tmp");
+        std::fs::rename(&staged, tls_dir.join("..data")).expect("..data switched");
+        for key in ["tls.crt", "tls.key", "ca.crt"] {
+            let link = tls_dir.join(key);
+            if std::fs::symlink_metadata(&link).is_err() {
+                std::os::unix::fs::symlink(format!("..data/{key}"), &link).expect("key symlink");
+            }
+        }
+    }
+
+    /// What cert-manager's renewal does to a running cluster: a new certificate and key (same CA)
+    /// in the Secret, which the kubelet swaps into every pod's volume at once. Returns the new
+    /// certificate's serial.
+    pub fn rotate_certificate(&self) -> String {
+        let (tls_dir, _) = self.tls.as_ref().expect("a cluster with spec.tls");
+        self.install_certificate(tls_dir, "..v2");
+        certificate_serial(&tls_dir.join("tls.crt"))
     }
 
     /// An HTTP client that trusts this cluster's CA (with TLS).
@@ -461,4 +488,15 @@ impl warren::rabbitmq::scale_down::NodeCommands for NodeCluster {
             })
         }
     }
+}
+
+/// The serial of a PEM certificate (`openssl x509 -serial`).
+pub fn certificate_serial(pem: &Path) -> String {
+    let out = std::process::Command::new("openssl")
+        .args(["x509", "-noout", "-serial", "-in"])
+        .arg(pem)
+        .output()
+        .expect("openssl x509");
+    assert!(out.status.success(), "openssl x509: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
