@@ -64,6 +64,7 @@ async fn a_tls_only_cluster_serves_verified_clients_and_takes_a_migration_from_a
         panic!("a client that does not trust the CA connected");
     };
     assert!(untrusted.message.to_lowercase().contains("certificate"), "{}", untrusted.message);
+    kubectl_warren_reads_the_management_api_over_verified_https(&new).await;
 
     // A plain 3.10 source with messages.
     let source_url = old.nodes[0].amqp_url(&old.credentials);
@@ -96,6 +97,38 @@ async fn a_tls_only_cluster_serves_verified_clients_and_takes_a_migration_from_a
     assert_eq!(amqp::live_depth(&source_url, "orders").await, 0, "the source drained");
 
     certificate_renewed_under_a_confirming_publisher(&new).await;
+}
+
+/// `kubectl warren status`'s management client on a TLS cluster: HTTPS on 15671 through the pod's
+/// port-forward (a byte stream; here a TCP connection to the pod), verified against the cluster's
+/// CA for the client Service's name, as the default-user Secret's `management-uri` gives it. A
+/// certificate from another CA, or one that does not hold the name, is refused.
+async fn kubectl_warren_reads_the_management_api_over_verified_https(nodes: &NodeCluster) {
+    use warren::kubectl::management::{Tls, get_over};
+    let stream = || async { tokio::net::TcpStream::connect((nodes.nodes[0].ip.as_str(), 15671)).await.expect("15671") };
+    let (user, password) = (&nodes.credentials.username, &nodes.credentials.password);
+    let tls = Tls { ca_pem: nodes.ca().expect("CA").to_string(), server_name: nodes.cluster.client_service_host() };
+    let overview = get_over(stream().await, Some(&tls), "overview", user, password).await.expect("verified HTTPS");
+    assert_eq!(overview["rabbitmq_version"], "4.3.6", "{overview}");
+    let listed: Vec<warren::rabbitmq::management::NodeInfo> = serde_json::from_value(
+        get_over(stream().await, Some(&tls), "nodes", user, password).await.expect("GET /api/nodes"),
+    )
+    .expect("the operator's model of /api/nodes");
+    assert_eq!(listed.iter().filter(|n| n.running).count(), 3, "{listed:?}");
+    // The node that answers lists its own applications (the others' come empty: the plugin shows
+    // them the version of the overview).
+    assert_eq!(listed[0].rabbit_version(), Some("4.3.6"), "{:?}", listed[0]);
+
+    let other = std::env::temp_dir().join(format!("warren-plugin-ca-{}", std::process::id()));
+    let other_ca = std::fs::read_to_string(support::tls::ca(&other, "another CA")).expect("other CA");
+    let _ = std::fs::remove_dir_all(&other);
+    let wrong_ca = Tls { ca_pem: other_ca, ..tls.clone() };
+    let refused = get_over(stream().await, Some(&wrong_ca), "overview", user, password).await.expect_err("another CA");
+    assert!(refused.to_lowercase().contains("certificate"), "{refused}");
+    let wrong_name = Tls { server_name: "elsewhere.example.com".into(), ..tls };
+    let refused = get_over(stream().await, Some(&wrong_name), "overview", user, password).await.expect_err("a name");
+    assert!(refused.to_lowercase().contains("certificate"), "{refused}");
+    eprintln!("[4.3] kubectl warren's HTTPS client: verified, another CA and another name refused ({refused})");
 }
 
 /// The serial of the certificate node `index` presents to a new TLS client now.

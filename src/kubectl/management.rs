@@ -3,13 +3,17 @@
 //! reach the cluster's Services. (The API server's service proxy cannot carry the management API's
 //! basic auth: it strips the Authorization header once it has authenticated the caller.)
 
+use std::sync::Arc;
+
 use k8s_openapi::api::core::v1::Pod;
 use kube::Api;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, ServerName};
 use serde_json::Value;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use super::PluginError;
-use crate::controller::build::services::MANAGEMENT_PORT;
+use crate::controller::build::services::{MANAGEMENT_PORT, MANAGEMENT_TLS_PORT};
 
 /// A pod's management API and the default user's credentials.
 pub struct Management {
@@ -17,6 +21,45 @@ pub struct Management {
     pub pod: String,
     pub username: String,
     pub password: String,
+    /// A cluster with `spec.tls`: HTTPS on 15671, verified.
+    pub tls: Option<Tls>,
+}
+
+/// How a TLS cluster's management API is verified: against the CA of its Secret (`ca.crt`), for
+/// the name its certificate must hold (the client Service's host, as the default-user Secret's
+/// `management-uri` gives it), as the operator verifies it.
+#[derive(Clone, Debug)]
+pub struct Tls {
+    pub ca_pem: String,
+    pub server_name: String,
+}
+
+impl Tls {
+    /// The TLS client side over `stream`, the peer verified.
+    pub async fn connect<S: AsyncRead + AsyncWrite + Unpin>(
+        &self,
+        stream: S,
+    ) -> Result<tokio_rustls::client::TlsStream<S>, String> {
+        let mut roots = rustls::RootCertStore::empty();
+        for certificate in CertificateDer::pem_slice_iter(self.ca_pem.as_bytes()) {
+            let certificate = certificate.map_err(|e| format!("ca.crt: {e}"))?;
+            roots.add(certificate).map_err(|e| format!("ca.crt: {e}"))?;
+        }
+        if roots.is_empty() {
+            return Err("ca.crt holds no certificate".into());
+        }
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| e.to_string())?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let name = ServerName::try_from(self.server_name.clone()).map_err(|e| format!("{}: {e}", self.server_name))?;
+        tokio_rustls::TlsConnector::from(Arc::new(config))
+            .connect(name, stream)
+            .await
+            .map_err(|e| format!("TLS with {}: {e}", self.server_name))
+    }
 }
 
 /// Largest answer read (a page of queues is far below it).
@@ -25,27 +68,13 @@ const MAX_ANSWER: usize = 16 << 20;
 impl Management {
     /// `GET /api/<path>` on the pod, as JSON.
     pub async fn get(&self, path: &str) -> Result<Value, PluginError> {
-        let port = MANAGEMENT_PORT as u16;
+        let port = if self.tls.is_some() { MANAGEMENT_TLS_PORT } else { MANAGEMENT_PORT } as u16;
         let fail = |what: String| PluginError(format!("management API of pod {}: {what}", self.pod));
         let mut forwarder = self.pods.portforward(&self.pod, &[port]).await.map_err(|e| fail(e.to_string()))?;
-        let mut stream = forwarder.take_stream(port).ok_or_else(|| fail("no port-forward stream".into()))?;
-        let credentials = base64::Engine::encode(
-            &base64::engine::general_purpose::STANDARD,
-            format!("{}:{}", self.username, self.password),
-        );
-        // HTTP/1.0 and one request per stream: the answer has a Content-Length and nothing follows.
-        let request = format!(
-            "GET /api/{path} HTTP/1.0\r\nHost: localhost\r\nAuthorization: Basic {credentials}\r\n\
-             Accept: application/json\r\n\r\n"
-        );
-        stream.write_all(request.as_bytes()).await.map_err(|e| fail(e.to_string()))?;
-        let answer = read_answer(&mut stream).await.map_err(|e| fail(format!("GET /api/{path}: {e}")));
+        let stream = forwarder.take_stream(port).ok_or_else(|| fail("no port-forward stream".into()))?;
+        let answer = get_over(stream, self.tls.as_ref(), path, &self.username, &self.password).await;
         forwarder.abort();
-        let (status, body) = answer?;
-        if !(200..300).contains(&status) {
-            return Err(fail(format!("GET /api/{path}: HTTP {status}: {}", String::from_utf8_lossy(&body))));
-        }
-        serde_json::from_slice(&body).map_err(|e| fail(format!("GET /api/{path}: {e}")))
+        answer.map_err(fail)
     }
 
     /// `GET /api/<path>` read as the management API's own model (`rabbitmq::management`), as the
@@ -56,6 +85,44 @@ impl Management {
         serde_json::from_value(value)
             .map_err(|e| PluginError(format!("management API of pod {}: GET /api/{path}: {e}", self.pod)))
     }
+}
+
+/// `GET /api/<path>` over `stream` (a port-forward's, or any connection to the management port),
+/// through TLS when `tls` says so, as JSON.
+pub async fn get_over<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: S,
+    tls: Option<&Tls>,
+    path: &str,
+    username: &str,
+    password: &str,
+) -> Result<Value, String> {
+    let (status, body) = match tls {
+        Some(tls) => exchange(tls.connect(stream).await?, path, username, password).await?,
+        None => exchange(stream, path, username, password).await?,
+    };
+    if !(200..300).contains(&status) {
+        return Err(format!("GET /api/{path}: HTTP {status}: {}", String::from_utf8_lossy(&body)));
+    }
+    serde_json::from_slice(&body).map_err(|e| format!("GET /api/{path}: {e}"))
+}
+
+/// One request and its answer. HTTP/1.0 and one request per stream: the answer has a
+/// Content-Length and nothing follows.
+async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(
+    mut stream: S,
+    path: &str,
+    username: &str,
+    password: &str,
+) -> Result<(u16, Vec<u8>), String> {
+    let credentials =
+        base64::Engine::encode(&base64::engine::general_purpose::STANDARD, format!("{username}:{password}"));
+    let request = format!(
+        "GET /api/{path} HTTP/1.0\r\nHost: localhost\r\nAuthorization: Basic {credentials}\r\n\
+         Accept: application/json\r\n\r\n"
+    );
+    stream.write_all(request.as_bytes()).await.map_err(|e| e.to_string())?;
+    stream.flush().await.map_err(|e| e.to_string())?;
+    read_answer(&mut stream).await.map_err(|e| format!("GET /api/{path}: {e}"))
 }
 
 /// The status code and body of one HTTP answer: the body is Content-Length bytes, or all that

@@ -4,17 +4,18 @@
 //! of a ready pod, through a port-forward. A broker that cannot be asked leaves its part empty
 //! and says why; the rest is still shown.
 
-use k8s_openapi::api::core::v1::{Event, Pod};
+use k8s_openapi::api::core::v1::{Event, Pod, Secret};
 use kube::api::ListParams;
 use kube::{Api, Client, ResourceExt};
 use serde::Serialize;
 
-use super::management::Management;
+use super::management::{Management, Tls};
 use super::{PluginError, fit, get_cluster};
-use crate::api::PAUSE_ANNOTATION;
+use crate::api::{PAUSE_ANNOTATION, TlsSpec};
 use crate::controller::build::statefulset::RABBITMQ_CONTAINER;
 use crate::controller::build::{INSTANCE_LABEL, NAME_LABEL};
 use crate::controller::conditions::SCALING;
+use crate::controller::stores::CA_KEY;
 use crate::rabbitmq::management::{NodeInfo, Overview, Page, QueueInfo};
 
 /// Queues listed by name, the largest first.
@@ -123,7 +124,8 @@ pub async fn status(client: &Client, namespace: &str, name: &str) -> Result<Stat
             }
         })
         .collect();
-    let (queues, broker_error) = match broker(client, namespace, name, &mut nodes).await {
+    let tls = cluster.spec.tls.as_ref();
+    let (queues, broker_error) = match broker(client, namespace, name, tls, &mut nodes).await {
         Ok(queues) => (Some(queues), None),
         Err(error) => (None, Some(error.0)),
     };
@@ -157,6 +159,7 @@ async fn broker(
     client: &Client,
     namespace: &str,
     name: &str,
+    tls: Option<&TlsSpec>,
     nodes: &mut Vec<NodeLine>,
 ) -> Result<Queues, PluginError> {
     let Some(pod) = nodes.iter().find(|n| n.ready).or(nodes.first()).map(|n| n.pod.clone()) else {
@@ -164,11 +167,16 @@ async fn broker(
     };
     // The cluster was read already: only its Secret is.
     let connection = super::default_user(client, namespace, name).await?;
+    let tls = match tls {
+        Some(spec) => Some(management_tls(client, namespace, spec, &connection.management_uri).await?),
+        None => None,
+    };
     let management = Management {
         pods: Api::namespaced(client.clone(), namespace),
         pod,
         username: connection.username,
         password: connection.password,
+        tls,
     };
     let listed: Vec<NodeInfo> = management.get_as("nodes").await?;
     for node in &listed {
@@ -222,6 +230,33 @@ async fn broker(
             })
             .collect(),
     })
+}
+
+/// How to verify a TLS cluster's management API: the `ca.crt` of its Secret, for the host of the
+/// default-user Secret's `management-uri` (the client Service, which its certificate names).
+async fn management_tls(
+    client: &Client,
+    namespace: &str,
+    spec: &TlsSpec,
+    management_uri: &str,
+) -> Result<Tls, PluginError> {
+    let secret_name = spec.ca_secret_name.as_deref().unwrap_or(&spec.secret_name);
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), namespace);
+    let secret = secrets
+        .get(secret_name)
+        .await
+        .map_err(|e| PluginError(format!("secret {namespace}/{secret_name} (the cluster's CA): {e}")))?;
+    let ca_pem = secret
+        .data
+        .as_ref()
+        .and_then(|d| d.get(CA_KEY))
+        .map(|v| String::from_utf8_lossy(&v.0).into_owned())
+        .ok_or_else(|| PluginError(format!("secret {namespace}/{secret_name} has no {CA_KEY}")))?;
+    let server_name = url::Url::parse(management_uri)
+        .ok()
+        .and_then(|u| u.host_str().map(str::to_string))
+        .ok_or_else(|| PluginError(format!("management-uri {management_uri:?} names no host")))?;
+    Ok(Tls { ca_pem, server_name })
 }
 
 /// The last Events about the RabbitCluster, oldest first.

@@ -196,7 +196,7 @@ impl NodeCluster {
         let (subnet, first_host) = self.network;
         let slots = self.cluster.replicas as usize + 2;
         let mut dns: Vec<String> = (0..slots as i32).map(|i| self.cluster.pod_host(i)).collect();
-        dns.push("localhost".into());
+        dns.extend([self.cluster.client_service_host(), "localhost".into()]);
         let mut ips: Vec<String> = (0..slots).map(|i| format!("10.231.{subnet}.{}", i + first_host as usize)).collect();
         ips.push("127.0.0.1".into());
         super::super::tls::server(&tls_dir.join(version), &self.dir.join("ca"), &dns, &ips);
