@@ -67,32 +67,42 @@ pub struct Application {
     pub version: String,
 }
 
-/// `GET /api/overview`: the cluster's version and totals.
+/// `GET /api/overview`: the cluster's version and totals. The totals are statistics: while there
+/// are none, RabbitMQ sends an empty list (`"queue_totals": []`, an empty Erlang property list) or
+/// nulls, read as zero.
 #[derive(Clone, Debug, Default, Deserialize, PartialEq)]
 pub struct Overview {
     #[serde(default)]
     pub rabbitmq_version: Option<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "or_default")]
     pub object_totals: ObjectTotals,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "or_default")]
     pub queue_totals: QueueTotals,
 }
 
 #[derive(Clone, Debug, Default, Deserialize, PartialEq)]
 pub struct ObjectTotals {
-    #[serde(default)]
+    #[serde(default, deserialize_with = "or_default")]
     pub queues: u64,
 }
 
 /// Messages of every queue (absent, so zero, while the statistics are not in yet).
 #[derive(Clone, Debug, Default, Deserialize, PartialEq)]
 pub struct QueueTotals {
-    #[serde(default)]
+    #[serde(default, deserialize_with = "or_default")]
     pub messages: u64,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "or_default")]
     pub messages_ready: u64,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "or_default")]
     pub messages_unacknowledged: u64,
+}
+
+/// A statistic as RabbitMQ may send it before it has one (null, an empty list): its default.
+fn or_default<'de, D: serde::Deserializer<'de>, T: serde::de::DeserializeOwned + Default>(
+    deserializer: D,
+) -> std::result::Result<T, D::Error> {
+    let value = Value::deserialize(deserializer)?;
+    Ok(serde_json::from_value(value).unwrap_or_default())
 }
 
 /// A page of a paginated list (`?page=1&page_size=N`).
@@ -136,13 +146,13 @@ pub struct QueueInfo {
     pub exclusive: bool,
     #[serde(default)]
     pub auto_delete: bool,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "or_default")]
     pub messages_ready: u64,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "or_default")]
     pub messages_unacknowledged: u64,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "or_default")]
     pub message_bytes_ready: u64,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "or_default")]
     pub consumers: u64,
     /// The policy in effect (3.x and 4.x report it; absent on some versions).
     #[serde(default)]
@@ -450,5 +460,31 @@ impl ManagementClient {
         body.insert(key.into(), json!(queue_type));
         let path = format!("/api/vhosts/{}", encode(&vhost.name));
         self.send(reqwest::Method::PUT, &path, Some(Value::Object(body))).await.map(|_| ())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn statistics_not_in_yet_read_as_zero() {
+        let fresh: Overview = serde_json::from_value(json!({
+            "rabbitmq_version": "4.3.6", "object_totals": {"queues": 0}, "queue_totals": []
+        }))
+        .expect("an overview without statistics");
+        assert_eq!((fresh.rabbitmq_version.as_deref(), fresh.queue_totals), (Some("4.3.6"), QueueTotals::default()));
+        let busy: Overview = serde_json::from_value(json!({
+            "object_totals": {"queues": 2},
+            "queue_totals": {"messages": 500, "messages_ready": 480, "messages_unacknowledged": 20,
+                             "messages_details": {"rate": 0.0}}
+        }))
+        .expect("an overview");
+        assert_eq!((busy.object_totals.queues, busy.queue_totals.messages_ready), (2, 480));
+        let queue: QueueInfo = serde_json::from_value(json!({
+            "name": "celery", "vhost": "/", "type": "quorum", "messages_ready": null, "consumers": 3
+        }))
+        .expect("a queue");
+        assert_eq!((queue.kind(), queue.messages_ready, queue.consumers), (QueueType::Quorum, 0, 3));
     }
 }
