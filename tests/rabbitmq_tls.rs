@@ -131,8 +131,9 @@ async fn kubectl_warren_reads_the_management_api_over_verified_https(nodes: &Nod
     eprintln!("[4.3] kubectl warren's HTTPS client: verified, another CA and another name refused ({refused})");
 }
 
-/// The serial of the certificate node `index` presents to a new TLS client now.
-fn presented_serial(nodes: &NodeCluster, index: usize) -> Option<String> {
+/// The serial of the certificate node `index` presents to a new TLS client now (awaited: the
+/// publisher shares this runtime).
+async fn presented_serial(nodes: &NodeCluster, index: usize) -> Option<String> {
     let (tls_dir, _) = nodes.tls.as_ref().expect("TLS");
     let script = format!(
         "openssl s_client -connect {}:5671 -CAfile {} -verify_return_error </dev/null 2>/dev/null \
@@ -140,7 +141,7 @@ fn presented_serial(nodes: &NodeCluster, index: usize) -> Option<String> {
         nodes.nodes[index].ip,
         tls_dir.join("ca.crt").display()
     );
-    let out = std::process::Command::new("bash").args(["-c", &script]).output().expect("openssl s_client");
+    let out = tokio::process::Command::new("bash").args(["-c", &script]).output().await.expect("openssl s_client");
     let serial = String::from_utf8_lossy(&out.stdout).trim().to_string();
     serial.starts_with("serial=").then_some(serial)
 }
@@ -153,7 +154,7 @@ async fn certificate_renewed_under_a_confirming_publisher(nodes: &NodeCluster) {
     const QUEUE: &str = "renewal";
     let body = serde_json::json!({"durable": true, "arguments": {}});
     nodes.api_put(0, "/api/queues/%2F/renewal", body).await.expect("declare renewal");
-    let old_serial = presented_serial(nodes, 0).expect("a verified handshake before the renewal");
+    let old_serial = presented_serial(nodes, 0).await.expect("a verified handshake before the renewal");
     let urls: Vec<String> = nodes.nodes.iter().map(|n| n.amqp_url(&nodes.credentials)).collect();
     let ca = nodes.ca().map(str::to_string);
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -185,10 +186,9 @@ async fn certificate_renewed_under_a_confirming_publisher(nodes: &NodeCluster) {
         support::wait::wait_for(
             &format!("node {index} presents the renewed certificate"),
             Duration::from_secs(300),
-            || {
-                let now = presented_serial(nodes, index);
-                let renewed = now.as_deref() == Some(new_serial.as_str());
-                async move { if renewed { Ok(()) } else { Err(format!("{now:?}")) } }
+            || async {
+                let now = presented_serial(nodes, index).await;
+                if now.as_deref() == Some(new_serial.as_str()) { Ok(()) } else { Err(format!("{now:?}")) }
             },
         )
         .await;

@@ -53,9 +53,9 @@ async fn reconcile_migration(migration: Arc<RabbitMigration>, ctx: Arc<Context>)
                 Ok(()) => match clusters_tls(&ctx, &migration).await {
                     Ok(tls) => migration_job(
                         &migration,
-                        &ctx.migration_image,
-                        ctx.allow_migration_image,
-                        &ctx.settings.cluster_domain,
+                        &ctx.config.migration_image,
+                        ctx.config.allow_migration_image,
+                        &ctx.config.settings.cluster_domain,
                         &tls,
                     ),
                     Err(error) => Err(error),

@@ -79,16 +79,9 @@ impl Config {
 pub struct Context {
     pub client: Client,
     pub recorder: Recorder,
-    pub settings: Settings,
-    /// Management API base URL, with `{service}` and `{namespace}` filled in per cluster.
-    pub management_url_template: String,
-    /// The same for a cluster with TLS (HTTPS).
-    pub management_tls_url_template: String,
+    /// How the operator runs (`warren run`'s flags).
+    pub config: Config,
     pub metrics: Metrics,
-    /// Image of migration Jobs whose RabbitMigration names none.
-    pub migration_image: String,
-    /// Whether a RabbitMigration may name another image for its Job (`spec.image`).
-    pub allow_migration_image: bool,
     /// Consecutive failures per cluster, for exponential back-off.
     failures: Mutex<HashMap<String, u32>>,
     /// Since when a scale-down has waited for mirrors to synchronise, per cluster.
@@ -106,22 +99,11 @@ impl Context {
     pub fn new(client: Client, config: Config, metrics: Metrics) -> Self {
         let reporter = Reporter { controller: "warren".into(), instance: std::env::var("POD_NAME").ok() };
         let (stores, writers) = stores::stores();
-        let Config {
-            settings,
-            management_url_template,
-            management_tls_url_template,
-            migration_image,
-            allow_migration_image,
-        } = config;
         Self {
             recorder: Recorder::new(client.clone(), reporter),
             client,
-            settings,
-            management_url_template,
-            management_tls_url_template,
+            config,
             metrics,
-            migration_image,
-            allow_migration_image,
             failures: Mutex::default(),
             mirror_sync_since: Mutex::default(),
             stores,
@@ -135,8 +117,11 @@ impl Context {
     }
 
     fn management_url(&self, cluster: &ValidatedCluster) -> String {
-        let template =
-            if cluster.tls.is_some() { &self.management_tls_url_template } else { &self.management_url_template };
+        let template = if cluster.tls.is_some() {
+            &self.config.management_tls_url_template
+        } else {
+            &self.config.management_url_template
+        };
         template
             .replace("{service}", &cluster.client_service_name())
             .replace("{namespace}", &cluster.namespace)
@@ -384,7 +369,7 @@ async fn reconcile_cluster(cluster: &RabbitCluster, ctx: &Context) -> Result<Act
         return Ok(Action::await_change());
     }
     let prepared = async {
-        let validated = validate::validate(cluster, &ctx.settings)?;
+        let validated = validate::validate(cluster, &ctx.config.settings)?;
         let world = dereference::dereference(ctx, &validated).await?;
         validate::check_in_place_upgrade(&running_broker(cluster, &world), &validated)?;
         let (validated, scaling) = scale_before_apply(ctx, cluster, validated, &world).await;
