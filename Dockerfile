@@ -5,6 +5,8 @@ RUN apt-get update && apt-get install -y --no-install-recommends musl-tools && r
 WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
 COPY src src
+# A member of the workspace: cargo reads its manifest even though the image does not build it.
+COPY testkit testkit
 RUN target="$(uname -m)-unknown-linux-musl" \
     && rustup target add "$target" \
     && cargo build --release --locked --bin warren --target "$target" \

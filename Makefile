@@ -81,7 +81,7 @@ fmt:
 	$(CARGO) fmt --all
 
 lint:
-	$(CARGO) clippy --locked --all-targets --features e2e,benchmarks -- -D warnings
+	$(CARGO) clippy --locked --workspace --all-targets --features e2e,benchmarks -- -D warnings
 
 ## up: a local cluster (control plane and a real node), the chart installed with the warren image
 ## built here, and examples/basic.yaml running as three RabbitMQ pods. `make down` stops it.

@@ -11,18 +11,15 @@
 //! per second side by side, then the migrator's peak memory on 16 MiB messages under a 256 MiB
 //! cgroup and on a million small ones.
 
-#[path = "../tests/support/mod.rs"]
-mod support;
-
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Connection, ConnectionProperties};
-use support::generations::manifest;
-use support::memory::{MemoryGroup, Scratch, measure, migrate_command, publish_large};
-use support::rabbit_nodes::NodeCluster;
+use testkit::generations::manifest;
+use testkit::memory::{MemoryGroup, Scratch, measure, migrate_command, publish_large};
+use testkit::rabbit_nodes::NodeCluster;
 use warren::migrate::{Endpoint, Options, migrate};
 
 const MESSAGES: u32 = 100_000;

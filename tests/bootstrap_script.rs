@@ -3,8 +3,6 @@
 //! Mnesia does so at random when every node of a cluster boots at once), keep aborting, or crash
 //! after it booted. The real nodes run the same script in tier 2.
 
-mod support;
-
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -40,7 +38,7 @@ impl Pod {
             std::fs::create_dir_all(dir.join(sub)).expect("pod dirs");
         }
         let validated = warren::controller::validate::validate(
-            &support::fixture("basic.yaml"),
+            &testkit::fixture("basic.yaml"),
             &warren::controller::validate::Settings::default(),
         )
         .expect("valid fixture");

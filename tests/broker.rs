@@ -1,9 +1,7 @@
 //! Tier 1: the broker reconcile against a scripted management API: what it sends, per version.
 
-mod support;
-
 use serde_json::json;
-use support::management_fake::ManagementFake;
+use testkit::management_fake::ManagementFake;
 use warren::api::{HighAvailabilityMode, HighAvailabilitySpec};
 use warren::rabbitmq::broker::converge;
 use warren::rabbitmq::management::ManagementClient;

@@ -1,12 +1,10 @@
 //! Tier 1: from a RabbitCluster fixture to every child object, with no API at all.
 
-mod support;
-
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::Secret;
 use serde_json::{Value, json};
-use support::fixture;
+use testkit::fixture;
 use warren::controller::build::{self, CONFIG_HASH_ANNOTATION, Credentials, Resources};
 use warren::controller::validate::{Settings, ValidatedCluster, parse_quantity_bytes, validate};
 

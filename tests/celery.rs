@@ -5,15 +5,13 @@
 //! 5.3, which many apps still run, and the newest). Each app runs in a vhost of its own on both
 //! clusters, its worker holding ETA tasks when the first run is tried.
 
-mod support;
-
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use support::generations::manifest;
-use support::rabbit_nodes::{NodeCluster, wait_for};
+use testkit::generations::manifest;
+use testkit::rabbit_nodes::{NodeCluster, wait_for};
 use warren::migrate::{Endpoint, MigrateReason, Options, migrate};
 
 /// Tasks each app sends with an ETA before the move, and tasks it sends to run now.

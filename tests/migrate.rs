@@ -4,8 +4,6 @@
 //! that cannot be done in place: 3.10 with mirrored classic queues into 4.3 with quorum queues,
 //! and 4.0 into 4.3 (two minors apart).
 
-mod support;
-
 use std::collections::BTreeMap;
 use std::time::Duration;
 
@@ -14,9 +12,9 @@ use lapin::options::{
 };
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Connection, ConnectionProperties};
-use support::amqp;
-use support::generations::manifest;
-use support::rabbit_nodes::{NodeCluster, wait_for};
+use testkit::amqp;
+use testkit::generations::manifest;
+use testkit::rabbit_nodes::{NodeCluster, wait_for};
 use warren::error::BrokerReason;
 use warren::migrate::{Endpoint, MigratePhase, MigrateReason, Options, migrate};
 

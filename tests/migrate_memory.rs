@@ -3,13 +3,11 @@
 //! limits a Job's container, with no OOM kill and every byte intact; and one queue of a million
 //! small messages moved with a flat resident set.
 
-mod support;
-
 use std::time::Duration;
 
-use support::generations::manifest;
-use support::memory::{MemoryGroup, Scratch, assert_large_arrived, measure, migrate_command, publish_large};
-use support::rabbit_nodes::NodeCluster;
+use testkit::generations::manifest;
+use testkit::memory::{MemoryGroup, Scratch, assert_large_arrived, measure, migrate_command, publish_large};
+use testkit::rabbit_nodes::NodeCluster;
 
 const MIB: usize = 1024 * 1024;
 
@@ -28,7 +26,7 @@ async fn declare(nodes: &NodeCluster, queue: &str) {
 
 /// Ready messages of `queue`, as the broker counts them now.
 async fn live_depth(nodes: &NodeCluster, queue: &str) -> u64 {
-    support::amqp::live_depth(&url(nodes), queue).await
+    testkit::amqp::live_depth(&url(nodes), queue).await
 }
 
 fn report_of(path: &std::path::Path) -> serde_json::Value {
@@ -101,7 +99,7 @@ async fn a_million_small_messages_move_with_a_flat_resident_set() {
     // Four publishers at once (the count matters here, not the order).
     let url = url(&old);
     let quarters =
-        (0..4).map(|i| support::amqp::publish(&url, "events", i * MESSAGES / 4..(i + 1) * MESSAGES / 4, 5_000));
+        (0..4).map(|i| testkit::amqp::publish(&url, "events", i * MESSAGES / 4..(i + 1) * MESSAGES / 4, 5_000));
     for (confirmed, error) in futures::future::join_all(quarters).await {
         assert_eq!((confirmed.len(), error), (MESSAGES as usize / 4, None), "filling the source");
     }

@@ -2,15 +2,13 @@
 //! a management API that answers 503 or never answers: the broker reconcile returns a clear,
 //! retriable error (never a panic), and the controller's error policy backs off instead of looping.
 
-mod support;
-
 use std::sync::Arc;
 use std::time::Duration;
 
 use kube::runtime::controller::Action;
-use support::fixture;
-use support::generations::THREE_NODES;
-use support::rabbit_nodes::NodeCluster;
+use testkit::fixture;
+use testkit::generations::THREE_NODES;
+use testkit::rabbit_nodes::NodeCluster;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use warren::api::RabbitCluster;
 use warren::controller::validate::{Settings, validate};

@@ -3,10 +3,8 @@
 //! after an upgrade) have stable flags disabled; the operator's broker step enables every one of
 //! them, as `rabbitmqctl enable_feature_flag all` would, so that the next minor version can boot.
 
-mod support;
-
-use support::generations::manifest;
-use support::rabbit_nodes::{BOOT, NodeCluster};
+use testkit::generations::manifest;
+use testkit::rabbit_nodes::{BOOT, NodeCluster};
 
 /// The stable flags a node reports disabled, sorted.
 async fn disabled_stable(nodes: &NodeCluster) -> Vec<String> {

@@ -6,18 +6,16 @@
 //! restart through preStop under load, a scale-up, and a scale-down (refused, then done under load). Every check reads what RabbitMQ reports:
 //! cluster_status, the management API, messages consumed.
 
-mod support;
-
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use support::amqp::{self, assert_exactly_once};
-use support::generations::manifest;
-use support::rabbit_broker::node_list;
-use support::rabbit_nodes::{BOOT, NodeCluster, wait_for};
-use support::scaling::{scale_down, scale_down_called_off};
+use testkit::amqp::{self, assert_exactly_once};
+use testkit::generations::manifest;
+use testkit::rabbit_broker::node_list;
+use testkit::rabbit_nodes::{BOOT, NodeCluster, wait_for};
+use testkit::scaling::{scale_down, scale_down_called_off};
 use tokio::sync::Mutex;
 use warren::api::{HighAvailabilityMode, HighAvailabilitySpec};
 

@@ -3,12 +3,10 @@
 //! writes; what `pause_minority` (the default) does instead is in rabbitmq_lifecycle.rs, for every
 //! generation (4.3, with Khepri, has no such setting: Raft majorities decide).
 
-mod support;
-
 use std::time::Duration;
 
-use support::amqp;
-use support::rabbit_nodes::{NodeCluster, wait_for};
+use testkit::amqp;
+use testkit::rabbit_nodes::{NodeCluster, wait_for};
 
 /// Partitions are detected after net_ticktime (60 s by default); 10 s keeps the test short. Set
 /// through the spec's advancedConfig, as a user would.

@@ -5,16 +5,14 @@
 //! plain 3.10 into it: refused before anything moves with the wrong CA, every message moved with
 //! the right one.
 
-mod support;
-
 use std::collections::BTreeSet;
 use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
 
 use lapin::options::BasicGetOptions;
-use support::amqp;
-use support::generations::manifest;
-use support::rabbit_nodes::NodeCluster;
+use testkit::amqp;
+use testkit::generations::manifest;
+use testkit::rabbit_nodes::NodeCluster;
 use warren::migrate::{Endpoint, MigrateReason, Options, migrate};
 
 const MESSAGES: u32 = 500;
@@ -75,7 +73,7 @@ async fn a_tls_only_cluster_serves_verified_clients_and_takes_a_migration_from_a
 
     // With another CA: refused before anything moves, naming the flag.
     let other = std::env::temp_dir().join(format!("warren-other-ca-{}", std::process::id()));
-    let other_ca = support::tls::ca(&other, "another CA");
+    let other_ca = testkit::tls::ca(&other, "another CA");
     let mut target = endpoint(&new).with_ca_file(Some(&other_ca)).expect("CA file");
     let _ = std::fs::remove_dir_all(&other);
     let error = migrate(&Options::new(endpoint(&old), target.clone())).await.expect_err("the wrong CA");
@@ -120,7 +118,7 @@ async fn kubectl_warren_reads_the_management_api_over_verified_https(nodes: &Nod
     assert_eq!(listed[0].rabbit_version(), Some("4.3.6"), "{:?}", listed[0]);
 
     let other = std::env::temp_dir().join(format!("warren-plugin-ca-{}", std::process::id()));
-    let other_ca = std::fs::read_to_string(support::tls::ca(&other, "another CA")).expect("other CA");
+    let other_ca = std::fs::read_to_string(testkit::tls::ca(&other, "another CA")).expect("other CA");
     let _ = std::fs::remove_dir_all(&other);
     let wrong_ca = Tls { ca_pem: other_ca, ..tls.clone() };
     let refused = get_over(stream().await, Some(&wrong_ca), "overview", user, password).await.expect_err("another CA");
@@ -183,7 +181,7 @@ async fn certificate_renewed_under_a_confirming_publisher(nodes: &NodeCluster) {
     // Every node presents the new certificate to new clients, with no restart.
     let mut presented = Vec::new();
     for index in 0..nodes.nodes.len() {
-        support::wait::wait_for(
+        testkit::wait::wait_for(
             &format!("node {index} presents the renewed certificate"),
             Duration::from_secs(300),
             || async {

@@ -1,8 +1,6 @@
 //! Tier 1: reconcile decisions against a scripted API server, one scenario per test, asserting the
 //! method, path and body of each call.
 
-mod support;
-
 use std::sync::Arc;
 
 use http::Method;
@@ -12,9 +10,9 @@ use kube::runtime::reflector::store::Writer;
 use kube::runtime::watcher;
 use kube::{Client, Resource};
 use serde_json::{Value, json};
-use support::fixture;
-use support::kube_mock::{Call, scripted_client};
-use support::management_fake::ManagementFake;
+use testkit::fixture;
+use testkit::kube_mock::{Call, scripted_client};
+use testkit::management_fake::ManagementFake;
 use warren::api::{PAUSE_ANNOTATION, RabbitCluster, RabbitClusterStatus, TlsSpec};
 use warren::controller::apply::{APPLIED_GENERATION_ANNOTATION, APPLIED_HASH_ANNOTATION, hash_of};
 use warren::controller::build::{self, Credentials};

@@ -3,17 +3,14 @@
 //! children applied, the operator's resident memory (empty, with 200 and with 1,000, per cluster)
 //! and CPU time while applying and while idle, and what it wrote.
 
-#[path = "../tests/support/mod.rs"]
-mod support;
-
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::StatefulSet;
 use kube::Api;
 use kube::api::{ListParams, PostParams};
-use support::operator::Operator;
-use support::{TestNamespace, admin_client, ensure_crds, writes_by};
+use testkit::control_plane::operator::Operator;
+use testkit::control_plane::{TestNamespace, admin_client, ensure_crds, writes_by};
 use warren::api::RabbitCluster;
 
 const FIRST: usize = 200;

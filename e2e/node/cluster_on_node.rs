@@ -12,12 +12,12 @@ use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod, Service};
 use kube::api::ListParams;
 use kube::{Api, Client};
 
-use crate::amqp;
 use crate::day_two;
 use crate::observability;
 use crate::rig::{Endpoint, POD_TIMEOUT, default_is_quorum, delete, ensure_operator, manifest, pods, wait_ready};
-use crate::support::cluster::{apply, condition, patch};
-use crate::support::{TestNamespace, admin_client, kubectl, wait_for};
+use testkit::amqp;
+use testkit::control_plane::cluster::{apply, condition, patch};
+use testkit::control_plane::{TestNamespace, admin_client, kubectl, wait_for};
 
 const NAME: &str = "ha";
 const KEPT: &str = "e2e-kept";

@@ -13,8 +13,8 @@ use warren::api::RabbitCluster;
 
 use crate::cluster_on_node::{events, volumes, wait_replaced};
 use crate::rig::{Endpoint, POD_TIMEOUT, delete, pods, wait_ready};
-use crate::support::cluster::{condition, patch};
-use crate::support::{kubectl, ok, wait_for};
+use testkit::control_plane::cluster::{condition, patch};
+use testkit::control_plane::{kubectl, ok, wait_for};
 
 /// One key of a Secret, compared without printing (these are credentials).
 async fn secret_value(secrets: &Api<Secret>, name: &str, key: &str) -> Option<Vec<u8>> {

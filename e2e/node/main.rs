@@ -2,12 +2,6 @@
 //! local volumes; images built here), the operator installed by the chart and running in the
 //! cluster. Run through `e2e/with-control-plane.sh --node`, one test at a time: `make test` does.
 
-#[path = "../../tests/support/amqp.rs"]
-#[allow(dead_code)]
-mod amqp;
-#[path = "../tests/support/mod.rs"]
-mod support;
-
 mod cluster_on_node;
 mod day_two;
 mod migration_job;

@@ -8,11 +8,11 @@ use std::time::Duration;
 use kube::Api;
 use warren::api::{MigrationPhase, RabbitMigration};
 
-use crate::amqp;
 use crate::observability::Prometheus;
 use crate::rig::{Endpoint, POD_TIMEOUT, ensure_operator, generation_image, manifest, manifest_on, wait_ready};
-use crate::support::cluster::apply;
-use crate::support::{TestNamespace, admin_client, kubectl_stdin, ok, wait_for};
+use testkit::amqp;
+use testkit::control_plane::cluster::apply;
+use testkit::control_plane::{TestNamespace, admin_client, kubectl_stdin, ok, wait_for};
 
 const QUEUES: [&str; 3] = ["celery", "emails", "reports"];
 const PER_QUEUE: u32 = 1000;

@@ -13,7 +13,7 @@ use percent_encoding::{NON_ALPHANUMERIC, utf8_percent_encode};
 use serde_json::Value;
 
 use crate::rig::POD_TIMEOUT;
-use crate::support::{e2e_dir, ok, wait_for};
+use testkit::control_plane::{e2e_dir, ok, wait_for};
 
 /// One series of a PromQL answer: its labels and value.
 pub type Sample = (BTreeMap<String, String>, f64);
@@ -249,7 +249,9 @@ pub async fn kubectl_warren_on(
 
     // `kubectl warren migrate` is `warren migrate`: the same flags.
     let plugin_help = ok("kubectl warren migrate --help", kubectl_warren(&["migrate", "--help"]));
-    let help =
-        ok("warren migrate --help", crate::support::run(env!("CARGO_BIN_EXE_warren"), &["migrate", "--help"], None));
+    let help = ok(
+        "warren migrate --help",
+        testkit::control_plane::run(env!("CARGO_BIN_EXE_warren"), &["migrate", "--help"], None),
+    );
     assert_eq!(plugin_help.replace("kubectl warren", "warren"), help);
 }

@@ -12,8 +12,8 @@ use tokio::sync::Mutex;
 use warren::api::RabbitCluster;
 use warren::rabbitmq::version::RabbitVersion;
 
-use crate::support::cluster::{condition, summary};
-use crate::support::{ensure_crds, helm, kubectl, ok, wait_for};
+use testkit::control_plane::cluster::{condition, summary};
+use testkit::control_plane::{ensure_crds, helm, kubectl, ok, wait_for};
 
 /// Formation, restarts and rejoins of real pods on two cores: generous, never asserted on.
 pub const POD_TIMEOUT: Duration = Duration::from_secs(300);

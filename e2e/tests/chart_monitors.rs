@@ -5,7 +5,7 @@
 
 use serde_json::Value;
 
-use crate::support::{crd_established, helm, kubectl, kubectl_stdin, ok};
+use testkit::control_plane::{crd_established, helm, kubectl, kubectl_stdin, ok};
 
 fn template(sets: &[&str]) -> std::process::Output {
     let mut args = vec!["template", "warren", "charts/warren", "-n", "monitoring-e2e"];

@@ -6,9 +6,9 @@ use std::time::{Duration, Instant};
 use k8s_openapi::api::coordination::v1::Lease;
 use kube::{Api, Client};
 
-use crate::support::cluster::{self, additional_config, config_map, manifest, wait_condition};
-use crate::support::operator::{Operator, RELEASE};
-use crate::support::{TestNamespace, admin_client, describe, ensure_crds, requests_by, wait_for};
+use testkit::control_plane::cluster::{self, additional_config, config_map, manifest, wait_condition};
+use testkit::control_plane::operator::{Operator, RELEASE};
+use testkit::control_plane::{TestNamespace, admin_client, describe, ensure_crds, requests_by, wait_for};
 
 const NAME: &str = "demo";
 
@@ -30,7 +30,7 @@ async fn a_standby_takes_over_when_the_leader_is_killed() {
     cluster::apply(&ns.name, &manifest(NAME, 3, "consumer_timeout = 3600000\n"));
     wait_condition(&client, &ns.name, NAME, "ReconcileSuccess", "True", Some("Reconciled")).await;
     // The standby has done nothing but look at the Lease: no read, no write of anything else.
-    let by_standby = |requests: Vec<crate::support::Write>| -> Vec<crate::support::Write> {
+    let by_standby = |requests: Vec<testkit::control_plane::Write>| -> Vec<testkit::control_plane::Write> {
         requests.into_iter().filter(|r| r.credential.as_deref() == Some(standby.credential.as_str())).collect()
     };
     let standby_requests = by_standby(requests_by(&standby.user));

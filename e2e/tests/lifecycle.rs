@@ -9,9 +9,9 @@ use k8s_openapi::api::events::v1::Event;
 use kube::api::ListParams;
 use kube::{Api, ResourceExt};
 
-use crate::support::cluster::{self, additional_config, config_map, manifest, wait_condition};
-use crate::support::operator::Operator;
-use crate::support::{TestNamespace, admin_client, describe, ensure_crds, kubectl, ok, wait_for, writes_by};
+use testkit::control_plane::cluster::{self, additional_config, config_map, manifest, wait_condition};
+use testkit::control_plane::operator::Operator;
+use testkit::control_plane::{TestNamespace, admin_client, describe, ensure_crds, kubectl, ok, wait_for, writes_by};
 
 const NAME: &str = "demo";
 

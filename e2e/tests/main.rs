@@ -8,4 +8,3 @@ mod lifecycle;
 mod migration;
 mod schema;
 mod steady_state;
-mod support;

@@ -8,8 +8,8 @@ use k8s_openapi::api::batch::v1::Job;
 use kube::{Api, ResourceExt};
 use warren::api::{MigrationPhase, RabbitMigration};
 
-use crate::support::operator::Operator;
-use crate::support::{TestNamespace, admin_client, ensure_crds, kubectl, manifest, ok, wait_for, writes_by};
+use testkit::control_plane::operator::Operator;
+use testkit::control_plane::{TestNamespace, admin_client, ensure_crds, kubectl, manifest, ok, wait_for, writes_by};
 
 #[tokio::test]
 async fn a_migration_becomes_an_owned_job_and_reports_its_phase() {
@@ -18,7 +18,8 @@ async fn a_migration_becomes_an_owned_job_and_reports_its_phase() {
     let ns = TestNamespace::create(&client, "e2e-migration").await;
     let operator = Operator::install(&client, &ns.name).await;
     let example = manifest(std::path::Path::new("examples/migration.yaml"));
-    let apply = || ok("kubectl apply", crate::support::kubectl_stdin(&["apply", "-n", &ns.name, "-f", "-"], &example));
+    let apply =
+        || ok("kubectl apply", testkit::control_plane::kubectl_stdin(&["apply", "-n", &ns.name, "-f", "-"], &example));
     let migrations: Api<RabbitMigration> = Api::namespaced(client.clone(), &ns.name);
     let jobs: Api<Job> = Api::namespaced(client.clone(), &ns.name);
 

@@ -3,7 +3,7 @@
 
 use std::path::Path;
 
-use crate::support::{REPO, ensure_crds, kubectl, manifest, ok};
+use testkit::control_plane::{REPO, ensure_crds, kubectl, manifest, ok};
 
 fn yaml_files(dir: &str) -> Vec<std::path::PathBuf> {
     let mut files: Vec<_> = std::fs::read_dir(Path::new(REPO).join(dir))

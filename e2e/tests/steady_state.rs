@@ -7,9 +7,9 @@ use k8s_openapi::api::events::v1::Event;
 use kube::api::ListParams;
 use kube::{Api, Client};
 
-use crate::support::cluster::{self, additional_config, config_map, manifest, wait_condition};
-use crate::support::operator::Operator;
-use crate::support::{
+use testkit::control_plane::cluster::{self, additional_config, config_map, manifest, wait_condition};
+use testkit::control_plane::operator::Operator;
+use testkit::control_plane::{
     TestNamespace, Write, admin_client, describe, ensure_crds, is_read, kubectl, kubectl_stdin, ok, requests_by,
     wait_for, writes_by,
 };

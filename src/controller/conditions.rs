@@ -6,7 +6,7 @@ use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 
 use crate::error::Error;
-use crate::rabbitmq::broker::BrokerObservation;
+use crate::rabbitmq::broker::{BrokerObservation, HaOutcome};
 
 pub const READY: &str = "Ready";
 pub const ALL_REPLICAS_READY: &str = "AllReplicasReady";
@@ -129,7 +129,9 @@ pub fn verdicts(observed: &Observed) -> Vec<Verdict> {
             reconcile,
         ];
     }
-    let ha_ok = ha.status == Some(true) || ha.reason == "Disabled";
+    // `highAvailability.mode: None` is what the user asked for: no HA is then not a reason to be unready.
+    let ha_disabled = matches!(&observed.broker, Ok(broker) if matches!(broker.high_availability, HaOutcome::Disabled));
+    let ha_ok = ha.status == Some(true) || ha_disabled;
     let blockers: Vec<&Verdict> = [&reconcile, &replicas, &formed, &partitions]
         .into_iter()
         .filter(|v| v.status != Some(true))

@@ -96,7 +96,7 @@ impl Operator {
         std::fs::create_dir_all(dir.join("logs")).expect("logs dir");
         let log = dir.join(format!("logs/operator-{namespace}-{pod_name}.log"));
         let log_file = std::fs::File::create(&log).expect("operator log");
-        let mut command = Command::new(env!("CARGO_BIN_EXE_warren"));
+        let mut command = Command::new(crate::warren_binary());
         command.args(launch.container.args.clone().unwrap_or_default()).env_clear();
         for var in launch.container.env.clone().unwrap_or_default() {
             let field = var.value_from.as_ref().and_then(|f| f.field_ref.as_ref()).map(|f| f.field_path.as_str());

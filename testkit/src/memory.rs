@@ -169,7 +169,8 @@ pub fn migrate_command(
     report: &Path,
     flags: &[&str],
 ) -> Child {
-    let binary = env!("CARGO_BIN_EXE_warren");
+    let binary = crate::warren_binary();
+    let binary = binary.to_str().expect("the warren binary's path is UTF-8");
     let report = report.to_string_lossy();
     let args: Vec<&str> = ["migrate", "--report", report.as_ref()].into_iter().chain(flags.iter().copied()).collect();
     let mut command = match group {

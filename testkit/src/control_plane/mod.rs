@@ -4,14 +4,9 @@
 //! The control plane itself is started and stopped around the test binary by
 //! e2e/with-control-plane.sh, which exports KUBECONFIG, WARREN_E2E_DIR and WARREN_HELM.
 
-#![allow(dead_code)] // each test file uses its own part of this module
-
 pub mod cluster;
 pub mod operator;
-#[path = "../../../tests/support/wait.rs"]
-mod wait;
-
-pub use wait::wait_for;
+pub use crate::wait::wait_for;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -22,7 +17,7 @@ use kube::{Api, Client};
 use serde_json::{Value, json};
 use tokio::sync::Mutex;
 
-pub const REPO: &str = env!("CARGO_MANIFEST_DIR");
+pub use crate::REPO;
 
 fn env_path(name: &str) -> PathBuf {
     PathBuf::from(std::env::var(name).unwrap_or_else(|_| {
