@@ -29,7 +29,7 @@ export KUBECONFIG=$dir/admin.kubeconfig
 step "helm install charts/warren (image $WARREN_IMAGE)"
 "$helm" install warren "$repo/charts/warren" -n warren-system --create-namespace \
   --set image.repository="${WARREN_IMAGE%:*}" --set image.tag="${WARREN_IMAGE##*:}" --set logFormat=text \
-  --wait --timeout 120s > /dev/null
+  --set 'watchNamespaces={default}' --wait --timeout 120s > /dev/null
 
 # examples/basic.yaml as is, but on the RabbitMQ image built here and with requests that fit three
 # pods on this machine's two cores (the example's defaults ask for one core each).

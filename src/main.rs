@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
-use warren::controller::{self, Context, validate::Settings};
+use warren::controller::{self, Context, namespaces::WatchScope, validate::Settings};
 use warren::leader::{self, Election};
 use warren::server::{self, Metrics, Phase, Readiness};
 
@@ -52,9 +52,10 @@ enum Command {
 /// `warren run`: the operator.
 #[derive(clap::Args)]
 struct RunArgs {
-    /// Watch only this namespace (all namespaces when omitted).
-    #[arg(long, env = "WARREN_NAMESPACE")]
-    namespace: Option<String>,
+    /// Run RabbitClusters and RabbitMigrations in these namespaces only (comma-separated or the
+    /// flag repeated; the operator needs a Role in each). Omitted: every namespace (a ClusterRole).
+    #[arg(long, env = "WARREN_NAMESPACE", value_delimiter = ',')]
+    namespace: Vec<String>,
     /// Address of /healthz, /readyz and /metrics.
     #[arg(long, env = "WARREN_LISTEN", default_value = "0.0.0.0:8080")]
     listen: SocketAddr,
@@ -431,8 +432,9 @@ async fn main() -> std::process::ExitCode {
             let server = tokio::spawn(server::serve(args.listen, metrics.clone(), readiness.clone()));
             let ctx = Arc::new(Context::new(client.clone(), args.config(), metrics));
             let RunArgs { namespace, listen, lease_namespace, lease_name, identity, .. } = *args;
-            tracing::info!(namespace = namespace.as_deref().unwrap_or("<all>"), %listen, "warren controller starting");
-            let work = controller::run(ctx, namespace, readiness.clone());
+            let scope = WatchScope::from_names(namespace);
+            tracing::info!(namespaces = %scope.describe(), %listen, "warren controller starting");
+            let work = controller::run(ctx, scope, readiness.clone());
             let election = lease_namespace.filter(|ns| !ns.is_empty()).map(|namespace| Election {
                 namespace,
                 lease: lease_name,

@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 helm install warren charts/warren -n warren-system --create-namespace --wait \
-  --set image.repository=warren --set image.tag=e2e --set image.pullPolicy=Never
+  --set 'watchNamespaces={default}' --set image.repository=warren --set image.tag=e2e --set image.pullPolicy=Never
 kubectl apply -f examples/basic.yaml
 kubectl wait rabbitcluster/demo --for=condition=Ready --timeout=15m
 

@@ -51,6 +51,9 @@ pub async fn ensure_operator() {
             &format!("image.tag={tag}"),
             "--set",
             "logFormat=text",
+            // The node tests make a namespace each.
+            "--set",
+            "clusterWide=true",
             "--wait",
             "--timeout",
             "180s",

@@ -6,5 +6,6 @@ mod chart_monitors;
 mod leader_election;
 mod lifecycle;
 mod migration;
+mod namespaces;
 mod schema;
 mod steady_state;

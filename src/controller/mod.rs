@@ -7,6 +7,7 @@ pub mod build;
 pub mod conditions;
 pub mod dereference;
 pub mod migration;
+pub mod namespaces;
 pub mod recover;
 pub mod scale;
 pub mod status;
@@ -19,19 +20,17 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use k8s_openapi::api::apps::v1::StatefulSet;
-use k8s_openapi::api::batch::v1::Job;
-use k8s_openapi::api::core::v1::{ConfigMap, ObjectReference, Secret, Service, ServiceAccount};
-use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use k8s_openapi::api::core::v1::{ObjectReference, Secret};
 use kube::runtime::controller::{self, Action, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::{reflector, watcher};
-use kube::{Api, Client, Resource, ResourceExt};
+use kube::{Client, Resource, ResourceExt};
 use tracing::Instrument;
 
 use self::apply::Applied;
 use self::dereference::Dereferenced;
+use self::namespaces::WatchScope;
 use self::stores::{Stores, Writers, metadata_only, reflect, slim_metadata};
 use self::validate::{Settings, ValidatedCluster};
 use crate::api::{PAUSE_ANNOTATION, RabbitCluster, RabbitMigration};
@@ -214,57 +213,31 @@ const CONCURRENT_RECONCILES: u16 = 16;
 
 /// Runs both controllers until the process is asked to stop; `readiness` turns Ready once every
 /// store has listed.
-pub async fn run(ctx: Arc<Context>, namespace: Option<String>, readiness: Readiness) {
-    fn scoped<K>(client: &Client, namespace: Option<&str>) -> Api<K>
-    where
-        K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>,
-    {
-        match namespace {
-            Some(ns) => Api::namespaced(client.clone(), ns),
-            None => Api::all(client.clone()),
-        }
-    }
+pub async fn run(ctx: Arc<Context>, scope: WatchScope, readiness: Readiness) {
     let Some(writers) = ctx.take_writers() else {
         tracing::error!("the controllers already run in this process");
         return;
     };
-    let (client, ns) = (ctx.client.clone(), namespace.as_deref());
+    let (client, scope) = (&ctx.client.clone(), &scope);
     let children = watcher::Config::default().labels(&format!("{}=warren", build::MANAGED_BY_LABEL));
     let all = watcher::Config::default;
     let (cluster_store, cluster_writer) = reflector::store();
     let (migration_store, migration_writer) = reflector::store();
-    let clusters = scoped::<RabbitCluster>(&client, ns);
     let bounded = || controller::Config::default().concurrency(CONCURRENT_RECONCILES);
-    let clusters = Controller::for_stream(reflect(clusters, all(), cluster_writer, slim_metadata), cluster_store)
+    let clusters = Controller::for_stream(reflect(client, scope, all(), cluster_writer, slim_metadata), cluster_store)
         .with_config(bounded())
-        .owns_stream(reflect(
-            scoped::<StatefulSet>(&client, ns),
-            children.clone(),
-            writers.stateful_sets,
-            stores::slim_stateful_set,
-        ))
-        .owns_stream(reflect(scoped::<Service>(&client, ns), children.clone(), writers.services, metadata_only))
-        .owns_stream(reflect(scoped::<ConfigMap>(&client, ns), children.clone(), writers.config_maps, metadata_only))
+        .owns_stream(reflect(client, scope, children.clone(), writers.stateful_sets, stores::slim_stateful_set))
+        .owns_stream(reflect(client, scope, children.clone(), writers.services, metadata_only))
+        .owns_stream(reflect(client, scope, children.clone(), writers.config_maps, metadata_only))
         // Every Secret, not only the children: a cluster's TLS Secret is the user's. The credential
         // Secrets have no owner (they outlive the cluster): their labels name it.
-        .watches_stream(reflect(scoped::<Secret>(&client, ns), all(), writers.secrets, stores::slim_secret), cluster_of)
-        .owns_stream(reflect(
-            scoped::<ServiceAccount>(&client, ns),
-            children.clone(),
-            writers.service_accounts,
-            metadata_only,
-        ))
-        .owns_stream(reflect(
-            scoped::<PodDisruptionBudget>(&client, ns),
-            children.clone(),
-            writers.budgets,
-            metadata_only,
-        ))
+        .watches_stream(reflect(client, scope, all(), writers.secrets, stores::slim_secret), cluster_of)
+        .owns_stream(reflect(client, scope, children.clone(), writers.service_accounts, metadata_only))
+        .owns_stream(reflect(client, scope, children.clone(), writers.budgets, metadata_only))
         .shutdown_on_signal();
-    let migrations = scoped::<RabbitMigration>(&client, ns);
     let migrations =
-        Controller::for_stream(reflect(migrations, all(), migration_writer, slim_metadata), migration_store)
-            .owns_stream(reflect(scoped::<Job>(&client, ns), children, writers.jobs, stores::slim_job))
+        Controller::for_stream(reflect(client, scope, all(), migration_writer, slim_metadata), migration_store)
+            .owns_stream(reflect(client, scope, children, writers.jobs, stores::slim_job))
             .shutdown_on_signal();
     let (cluster_store, migration_store, stores) = (clusters.store(), migrations.store(), ctx.stores.clone());
     ctx.metrics.watch_stores(cluster_store.clone(), migration_store.clone());

@@ -26,6 +26,7 @@ use serde::de::DeserializeOwned;
 
 use super::build::MANAGED_BY_LABEL;
 use super::build::statefulset::RABBITMQ_CONTAINER;
+use super::namespaces::{self, WatchScope};
 use crate::error::{Error, Result};
 
 /// Readers of every watched kind.
@@ -101,19 +102,28 @@ where
     Ok(fetched.map(Arc::new))
 }
 
-/// A watch that fills `writer` with each object as `slim` leaves it: only what a reconcile reads.
-/// What an operator holds per cluster is its stores: whole objects (pod templates, rendered
-/// configuration, managed fields) would cost it hundreds of KiB per cluster for nothing.
+/// A watch of `scope` that fills `writer` with each object as `slim` leaves it: only what a
+/// reconcile reads. What an operator holds per cluster is its stores: whole objects (pod
+/// templates, rendered configuration, managed fields) would cost it hundreds of KiB per cluster
+/// for nothing.
 pub fn reflect<K>(
-    api: Api<K>,
+    client: &Client,
+    scope: &WatchScope,
     config: watcher::Config,
     writer: Writer<K>,
     slim: fn(&mut K),
 ) -> impl Stream<Item = std::result::Result<K, watcher::Error>> + Send + 'static
 where
-    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+    K: Resource<DynamicType = (), Scope = NamespaceResourceScope>
+        + Clone
+        + DeserializeOwned
+        + Debug
+        + Send
+        + Sync
+        + 'static,
 {
-    watcher(api, config).default_backoff().modify(slim).reflect(writer).touched_objects()
+    let reader = writer.as_reader();
+    namespaces::watch(client, scope, config, slim, reader).reflect(writer).touched_objects()
 }
 
 /// What every kind keeps of its metadata: not the managed fields, nor kubectl's copy of the last

@@ -75,3 +75,9 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
   resources: [events]
   verbs: [create, patch]
 {{- end -}}
+
+
+{{/* The namespaces the operator runs in when it is not cluster-wide: watchNamespaces, or the release's. */}}
+{{- define "warren.watchNamespaces" -}}
+{{- if .Values.watchNamespaces }}{{ join "," (uniq .Values.watchNamespaces) }}{{ else }}{{ .Release.Namespace }}{{ end -}}
+{{- end -}}

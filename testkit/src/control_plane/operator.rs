@@ -37,21 +37,19 @@ struct Launch {
 }
 
 impl Operator {
-    /// Installs the chart in `namespace`, watching that namespace only, and starts one replica of
-    /// the operator; waits until it is ready (leading, its stores synced).
+    /// Installs the chart in `namespace` with its defaults (it runs that namespace only) and starts
+    /// one replica of the operator; waits until it is ready (leading, its stores synced).
     pub async fn install(client: &Client, namespace: &str) -> Self {
-        ok(
-            "helm install",
-            helm(&[
-                "install",
-                RELEASE,
-                "charts/warren",
-                "-n",
-                namespace,
-                "--set",
-                &format!("watchNamespace={namespace}"),
-            ]),
-        );
+        Self::install_with(client, namespace, &[]).await
+    }
+
+    /// The same with chart values set (`--set` of each).
+    pub async fn install_with(client: &Client, namespace: &str, values: &[&str]) -> Self {
+        let mut args = vec!["install", RELEASE, "charts/warren", "-n", namespace];
+        for value in values {
+            args.extend(["--set", value]);
+        }
+        ok("helm install", helm(&args));
         let deployments: Api<Deployment> = Api::namespaced(client.clone(), namespace);
         let deployment = deployments.get(RELEASE).await.expect("the chart's Deployment");
         let pod = deployment.spec.and_then(|s| s.template.spec).expect("pod template");
