@@ -118,9 +118,15 @@ struct Merged<K: Resource<DynamicType = ()> + 'static> {
     namespaces: Vec<String>,
     reader: Store<K>,
     /// Until every namespace has listed: which have, and what they hold.
-    first_list: Option<(Vec<bool>, HashMap<ObjectRef<K>, K>)>,
+    first_list: Option<FirstList<K>>,
     /// Per namespace, the names a re-list in progress has sent.
     relisting: Vec<Option<HashSet<String>>>,
+}
+
+/// The namespaces' first lists, gathered into one.
+struct FirstList<K: Resource<DynamicType = ()> + 'static> {
+    listed: Vec<bool>,
+    objects: HashMap<ObjectRef<K>, K>,
 }
 
 impl<K: Resource<DynamicType = ()> + Clone + 'static> Merged<K> {
@@ -135,7 +141,7 @@ impl<K: Resource<DynamicType = ()> + Clone + 'static> Merged<K> {
     }
 
     fn step(&mut self, index: usize, event: Event<K>) -> Vec<Event<K>> {
-        if let Some((listed, objects)) = self.first_list.as_mut() {
+        if let Some(FirstList { listed, objects }) = self.first_list.as_mut() {
             let namespace = &self.namespaces[index];
             match event {
                 Event::Init => objects.retain(|key, _| key.namespace.as_deref() != Some(namespace)),
@@ -150,7 +156,7 @@ impl<K: Resource<DynamicType = ()> + Clone + 'static> Merged<K> {
             if !listed.iter().all(|done| *done) {
                 return Vec::new();
             }
-            let Some((_, objects)) = self.first_list.take() else { return Vec::new() };
+            let Some(FirstList { objects, .. }) = self.first_list.take() else { return Vec::new() };
             let mut out = vec![Event::Init];
             out.extend(objects.into_values().map(Event::InitApply));
             out.push(Event::InitDone);
