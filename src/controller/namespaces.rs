@@ -135,7 +135,7 @@ impl<K: Resource<DynamicType = ()> + Clone + 'static> Merged<K> {
         Self {
             namespaces,
             reader,
-            first_list: Some((vec![false; count], HashMap::new())),
+            first_list: Some(FirstList { listed: vec![false; count], objects: HashMap::new() }),
             relisting: vec![None; count],
         }
     }
