@@ -16,6 +16,7 @@ use testkit::management_fake::ManagementFake;
 use warren::api::{PAUSE_ANNOTATION, RabbitCluster, RabbitClusterStatus, TlsSpec};
 use warren::controller::apply::{APPLIED_GENERATION_ANNOTATION, APPLIED_HASH_ANNOTATION, hash_of};
 use warren::controller::build::{self, Credentials};
+use warren::controller::stores::WATCH_LABEL;
 use warren::controller::validate::{Settings, validate};
 use warren::controller::{Config, Context, conditions, error_policy, reconcile};
 use warren::rabbitmq::broker::{BrokerObservation, HaOutcome};
@@ -71,6 +72,9 @@ fn fill_stores(ctx: &Context, live: Vec<Value>) {
     for object in live {
         match object["kind"].as_str() {
             Some("StatefulSet") => put(&mut writers.stateful_sets, object),
+            Some("Secret") if object["metadata"]["labels"][WATCH_LABEL] == "true" => {
+                put(&mut writers.watched_secrets, object)
+            }
             Some("Secret") => put(&mut writers.secrets, object),
             Some("ServiceAccount") => put(&mut writers.service_accounts, object),
             Some("ConfigMap") => put(&mut writers.config_maps, object),
@@ -245,6 +249,31 @@ async fn a_missing_tls_secret_is_reported_and_retried() {
     let (result, _) = run(cluster, script, "http://127.0.0.1:1").await;
     let error = result.expect_err("retried with back-off");
     assert_eq!(error.reason(), "SecretMissing");
+}
+
+#[tokio::test]
+async fn a_tls_secret_labelled_for_the_operator_is_read_from_its_store_not_the_api_server() {
+    let mut cluster = fixture("basic.yaml");
+    cluster.spec.tls =
+        Some(TlsSpec { secret_name: "demo-tls".into(), ca_secret_name: None, disable_non_tls_listeners: false });
+    // The user's certificate, labelled warren.dev/watch=true, but without its CA.
+    let live = vec![json!({
+        "apiVersion": "v1", "kind": "Secret",
+        "metadata": {"name": "demo-tls", "namespace": "default", "labels": {WATCH_LABEL: "true"}},
+        "data": {"tls.crt": "Y2VydA==", "tls.key": "a2V5"}
+    })];
+    let mut script = vec![Call::get_missing(STS)];
+    script.extend(missing_except_stateful_set());
+    // No GET of secrets/demo-tls: the store holds it.
+    script.extend([
+        Call::event("default", "SecretMissing"),
+        Call::status_patch(CLUSTER).check(|body| {
+            let success = condition(body, "ReconcileSuccess");
+            assert!(success["message"].as_str().unwrap().contains("Secret demo-tls: has no key \"ca.crt\""), "{success}");
+        }),
+    ]);
+    let (result, _) = run_with(cluster, live, script, "http://127.0.0.1:1").await;
+    assert_eq!(result.expect_err("retried with back-off").reason(), "SecretMissing");
 }
 
 #[tokio::test]

@@ -150,8 +150,9 @@ async fn credentials(
 }
 
 /// The Secrets spec.tls names exist and hold their keys (the store keeps only whether a key of a
-/// Secret the operator does not own is empty, and the CA certificate: see `stores::slim_secret`);
-/// the CA certificate.
+/// Secret the operator does not own is empty, and the CA certificate: see `stores::slim_secret`;
+/// a Secret without `stores::WATCH_LABEL` is not in the store, and read with a GET); the CA
+/// certificate.
 async fn check_tls_secrets(ctx: &Context, cluster: &ValidatedCluster) -> Result<Option<String>> {
     let Some(tls) = &cluster.tls else { return Ok(None) };
     let ca_secret = tls.ca_secret_name.as_deref().unwrap_or(&tls.secret_name);
@@ -161,18 +162,19 @@ async fn check_tls_secrets(ctx: &Context, cluster: &ValidatedCluster) -> Result<
         None => required.push((ca_secret, vec!["ca.crt"])),
     }
     for (name, keys) in required {
-        let secret = cached(&ctx.client, &ctx.stores.secrets, &cluster.namespace, name).await?.ok_or_else(|| {
-            Error::SecretMissing {
-                name: name.to_string(),
-                message: "named by spec.tls does not exist in the cluster's namespace".into(),
-            }
-        })?;
+        let secret =
+            cached(&ctx.client, &ctx.stores.watched_secrets, &cluster.namespace, name).await?.ok_or_else(|| {
+                Error::SecretMissing {
+                    name: name.to_string(),
+                    message: "named by spec.tls does not exist in the cluster's namespace".into(),
+                }
+            })?;
         let empty = |key: &&str| secret.data.as_ref().and_then(|d| d.get(*key)).is_none_or(|v| v.0.is_empty());
         if let Some(key) = keys.into_iter().find(empty) {
             return Err(Error::SecretMissing { name: name.to_string(), message: format!("has no key {key:?}") });
         }
     }
-    let secret = cached(&ctx.client, &ctx.stores.secrets, &cluster.namespace, ca_secret).await?;
+    let secret = cached(&ctx.client, &ctx.stores.watched_secrets, &cluster.namespace, ca_secret).await?;
     let ca =
         secret.as_ref().and_then(|s| s.data.as_ref()?.get(CA_KEY)).map(|v| String::from_utf8_lossy(&v.0).into_owned());
     Ok(ca)

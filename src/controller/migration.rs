@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use k8s_openapi::api::batch::v1::Job;
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::core::v1::{Pod, Secret};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::{ListParams, PostParams};
 use kube::runtime::controller::Action;
@@ -127,7 +127,11 @@ async fn credentials_permitted(ctx: &Context, migration: &RabbitMigration) -> Re
     let namespace = migration.namespace().unwrap_or_default();
     for (field, endpoint) in [("spec.source", &migration.spec.source), ("spec.target", &migration.spec.target)] {
         let (Some(_), Some(name)) = (&endpoint.host, &endpoint.credentials_secret) else { continue };
-        let secret = super::stores::cached(&ctx.client, &ctx.stores.secrets, &namespace, name).await?;
+        // Its metadata only: the operator needs the label, never the credentials themselves (and
+        // watches no Secret of the users' but those labelled for it: one GET, when this changes).
+        let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &namespace);
+        let secret =
+            secrets.get_metadata_opt(name).await.map_err(|e| Error::kube(format!("get Secret {name} metadata"), e))?;
         let labelled = secret.as_ref().is_some_and(|s| meant_for_migrations(s.labels()));
         if !labelled {
             let state = if secret.is_some() { "has no label" } else { "does not exist, and needs the label" };

@@ -222,6 +222,8 @@ pub async fn run(ctx: Arc<Context>, scope: WatchScope, readiness: Readiness) {
     let children = watcher::Config::default().labels(&format!("{}=warren", build::MANAGED_BY_LABEL));
     let all = watcher::Config::default;
     let (cluster_store, cluster_writer) = reflector::store();
+    let watched = watcher::Config::default().labels(&format!("{}=true", stores::WATCH_LABEL));
+    let naming = cluster_store.clone();
     let (migration_store, migration_writer) = reflector::store();
     let bounded = || controller::Config::default().concurrency(CONCURRENT_RECONCILES);
     let clusters = Controller::for_stream(reflect(client, scope, all(), cluster_writer, slim_metadata), cluster_store)
@@ -229,9 +231,12 @@ pub async fn run(ctx: Arc<Context>, scope: WatchScope, readiness: Readiness) {
         .owns_stream(reflect(client, scope, children.clone(), writers.stateful_sets, stores::slim_stateful_set))
         .owns_stream(reflect(client, scope, children.clone(), writers.services, metadata_only))
         .owns_stream(reflect(client, scope, children.clone(), writers.config_maps, metadata_only))
-        // Every Secret, not only the children: a cluster's TLS Secret is the user's. The credential
-        // Secrets have no owner (they outlive the cluster): their labels name it.
-        .watches_stream(reflect(client, scope, all(), writers.secrets, stores::slim_secret), cluster_of)
+        // The credential Secrets have no owner (they outlive the cluster): their labels name it.
+        .watches_stream(reflect(client, scope, children.clone(), writers.secrets, stores::slim_secret), cluster_of)
+        // The users' TLS Secrets they labelled for the operator (no other Secret is watched).
+        .watches_stream(reflect(client, scope, watched, writers.watched_secrets, stores::slim_secret), move |secret| {
+            clusters_naming(&naming, &secret)
+        })
         .owns_stream(reflect(client, scope, children.clone(), writers.service_accounts, metadata_only))
         .owns_stream(reflect(client, scope, children.clone(), writers.budgets, metadata_only))
         .shutdown_on_signal();
@@ -270,6 +275,24 @@ fn cluster_of(secret: Secret) -> Option<ObjectRef<RabbitCluster>> {
         return None;
     }
     Some(ObjectRef::new(labels.get(build::INSTANCE_LABEL)?).within(&secret.namespace()?))
+}
+
+/// The RabbitClusters whose spec.tls names a Secret (its certificate or its CA).
+fn clusters_naming(clusters: &reflector::Store<RabbitCluster>, secret: &Secret) -> Vec<ObjectRef<RabbitCluster>> {
+    let (name, namespace) = (secret.name_any(), secret.namespace());
+    clusters
+        .state()
+        .iter()
+        .filter(|cluster| cluster.namespace() == namespace)
+        .filter(|cluster| {
+            cluster
+                .spec
+                .tls
+                .as_ref()
+                .is_some_and(|tls| tls.secret_name == name || tls.ca_secret_name.as_ref() == Some(&name))
+        })
+        .map(|cluster| ObjectRef::from_obj(cluster.as_ref()))
+        .collect()
 }
 
 /// The back-off key of a RabbitMigration (apart from a RabbitCluster of the same name).

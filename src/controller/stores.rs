@@ -35,7 +35,10 @@ pub struct Stores {
     pub stateful_sets: Store<StatefulSet>,
     pub services: Store<Service>,
     pub config_maps: Store<ConfigMap>,
+    /// The operator's own Secrets (Erlang cookie, default user).
     pub secrets: Store<Secret>,
+    /// The users' Secrets labelled for the operator to watch (`WATCH_LABEL`): TLS certificates.
+    pub watched_secrets: Store<Secret>,
     pub service_accounts: Store<ServiceAccount>,
     pub budgets: Store<PodDisruptionBudget>,
     pub jobs: Store<Job>,
@@ -47,6 +50,7 @@ pub struct Writers {
     pub services: Writer<Service>,
     pub config_maps: Writer<ConfigMap>,
     pub secrets: Writer<Secret>,
+    pub watched_secrets: Writer<Secret>,
     pub service_accounts: Writer<ServiceAccount>,
     pub budgets: Writer<PodDisruptionBudget>,
     pub jobs: Writer<Job>,
@@ -58,16 +62,18 @@ pub fn stores() -> (Stores, Writers) {
     let (services, services_w) = reflector::store();
     let (config_maps, config_maps_w) = reflector::store();
     let (secrets, secrets_w) = reflector::store();
+    let (watched_secrets, watched_secrets_w) = reflector::store();
     let (service_accounts, service_accounts_w) = reflector::store();
     let (budgets, budgets_w) = reflector::store();
     let (jobs, jobs_w) = reflector::store();
     (
-        Stores { stateful_sets, services, config_maps, secrets, service_accounts, budgets, jobs },
+        Stores { stateful_sets, services, config_maps, secrets, watched_secrets, service_accounts, budgets, jobs },
         Writers {
             stateful_sets: stateful_sets_w,
             services: services_w,
             config_maps: config_maps_w,
             secrets: secrets_w,
+            watched_secrets: watched_secrets_w,
             service_accounts: service_accounts_w,
             budgets: budgets_w,
             jobs: jobs_w,
@@ -82,6 +88,7 @@ impl Stores {
         self.services.wait_until_ready().await?;
         self.config_maps.wait_until_ready().await?;
         self.secrets.wait_until_ready().await?;
+        self.watched_secrets.wait_until_ready().await?;
         self.service_accounts.wait_until_ready().await?;
         self.budgets.wait_until_ready().await?;
         self.jobs.wait_until_ready().await
@@ -199,10 +206,15 @@ pub fn slim_job(job: &mut Job) {
 /// The key of a cert-manager Secret that holds the CA certificate.
 pub const CA_KEY: &str = "ca.crt";
 
-/// Secrets are watched in full (a cluster's TLS Secret is the user's, without the operator's
-/// label), but only the operator's own keep their values: of any other Secret the store keeps which
-/// keys are there and whether they are empty, all the TLS check asks, and a CA certificate (public
-/// by nature), which the operator verifies a TLS cluster's management API against.
+/// The label (value `true`) by which a user tells the operator to watch a Secret of theirs that a
+/// RabbitCluster names (its TLS certificate and CA): the operator then sees it renewed, created or
+/// deleted as it happens. It watches no other Secret than its own; an unlabelled TLS Secret is
+/// read with a GET at each reconcile instead.
+pub const WATCH_LABEL: &str = "warren.dev/watch";
+
+/// Of a Secret that is not the operator's own, the store keeps which keys are there and whether
+/// they are empty, all the TLS check asks, and a CA certificate (public by nature), which the
+/// operator verifies a TLS cluster's management API against: never a private key.
 pub fn slim_secret(secret: &mut Secret) {
     slim_metadata(secret);
     if secret.labels().get(MANAGED_BY_LABEL).is_some_and(|v| v == "warren") {
