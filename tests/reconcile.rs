@@ -269,7 +269,10 @@ async fn a_tls_secret_labelled_for_the_operator_is_read_from_its_store_not_the_a
         Call::event("default", "SecretMissing"),
         Call::status_patch(CLUSTER).check(|body| {
             let success = condition(body, "ReconcileSuccess");
-            assert!(success["message"].as_str().unwrap().contains("Secret demo-tls: has no key \"ca.crt\""), "{success}");
+            assert!(
+                success["message"].as_str().unwrap().contains("Secret demo-tls: has no key \"ca.crt\""),
+                "{success}"
+            );
         }),
     ]);
     let (result, _) = run_with(cluster, live, script, "http://127.0.0.1:1").await;

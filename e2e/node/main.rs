@@ -7,3 +7,4 @@ mod day_two;
 mod migration_job;
 mod observability;
 mod rig;
+mod tls_on_node;

@@ -18,7 +18,7 @@ use testkit::control_plane::{ensure_crds, helm, kubectl, ok, wait_for};
 /// Formation, restarts and rejoins of real pods on two cores: generous, never asserted on.
 pub const POD_TIMEOUT: Duration = Duration::from_secs(300);
 
-fn image(variable: &str) -> String {
+pub fn image(variable: &str) -> String {
     std::env::var(variable).unwrap_or_else(|_| {
         panic!("{variable} is not set: run these tests through e2e/with-control-plane.sh --node (make test does)")
     })
