@@ -46,6 +46,9 @@ enum Command {
         file: std::path::PathBuf,
         #[arg(long, default_value = "cluster.local")]
         cluster_domain: String,
+        /// The operator's namespace, which the NetworkPolicy lets reach the management API.
+        #[arg(long, default_value = "warren-system")]
+        operator_namespace: String,
     },
 }
 
@@ -56,6 +59,10 @@ struct RunArgs {
     /// flag repeated; the operator needs a Role in each). Omitted: every namespace (a ClusterRole).
     #[arg(long, env = "WARREN_NAMESPACE", value_delimiter = ',')]
     namespace: Vec<String>,
+    /// The namespace this operator runs in (its pod's): each cluster's NetworkPolicy lets it reach
+    /// the management API. Omitted (run outside the cluster): the management API is not fenced.
+    #[arg(long, env = "WARREN_OPERATOR_NAMESPACE")]
+    operator_namespace: Option<String>,
     /// Address of /healthz, /readyz and /metrics.
     #[arg(long, env = "WARREN_LISTEN", default_value = "0.0.0.0:8080")]
     listen: SocketAddr,
@@ -91,7 +98,10 @@ struct RunArgs {
 impl RunArgs {
     fn config(&self) -> warren::controller::Config {
         warren::controller::Config {
-            settings: Settings { cluster_domain: self.cluster_domain.clone() },
+            settings: Settings {
+                cluster_domain: self.cluster_domain.clone(),
+                operator_namespace: self.operator_namespace.clone().filter(|ns| !ns.is_empty()),
+            },
             management_url_template: self.management_url_template.clone(),
             management_tls_url_template: self.management_tls_url_template.clone(),
             migration_image: self.migration_image.clone(),
@@ -402,11 +412,11 @@ async fn main() -> std::process::ExitCode {
             print!("{}", warren::crds_yaml());
             std::process::ExitCode::SUCCESS
         }
-        Command::Render { file, cluster_domain } => {
+        Command::Render { file, cluster_domain, operator_namespace } => {
             let outcome =
                 std::fs::read_to_string(&file).map_err(|e| format!("{}: {e}", file.display())).and_then(|manifest| {
-                    warren::render::render(&manifest, &Settings { cluster_domain })
-                        .map_err(|e| format!("{}: {e}", file.display()))
+                    let settings = Settings { cluster_domain, operator_namespace: Some(operator_namespace) };
+                    warren::render::render(&manifest, &settings).map_err(|e| format!("{}: {e}", file.display()))
                 });
             match outcome {
                 Ok(yaml) => {

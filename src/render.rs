@@ -39,9 +39,10 @@ pub fn render(manifest: &str, settings: &Settings) -> Result<String> {
         config_map,
         service_account,
         pod_disruption_budget,
+        network_policy,
         stateful_set,
     } = build::build(&validated, &placeholder_credentials());
-    let documents = [
+    let mut documents = vec![
         to_yaml(&service_account)?,
         to_yaml(&erlang_cookie_secret)?,
         to_yaml(&default_user_secret)?,
@@ -51,6 +52,9 @@ pub fn render(manifest: &str, settings: &Settings) -> Result<String> {
         to_yaml(&pod_disruption_budget)?,
         to_yaml(&stateful_set)?,
     ];
+    if let Some(network_policy) = network_policy {
+        documents.push(to_yaml(&network_policy)?);
+    }
     Ok(documents.iter().map(|d| format!("---\n{d}")).collect())
 }
 

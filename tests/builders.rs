@@ -372,7 +372,17 @@ fn render_prints_every_object_without_real_secrets() {
     let kinds: Vec<&str> = yaml.lines().filter_map(|l| l.strip_prefix("kind: ")).collect();
     assert_eq!(
         kinds,
-        ["ServiceAccount", "Secret", "Secret", "ConfigMap", "Service", "Service", "PodDisruptionBudget", "StatefulSet"]
+        [
+            "ServiceAccount",
+            "Secret",
+            "Secret",
+            "ConfigMap",
+            "Service",
+            "Service",
+            "PodDisruptionBudget",
+            "StatefulSet",
+            "NetworkPolicy"
+        ]
     );
     let bad = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/bad-storage.yaml")).unwrap();
     let error = warren::render::render(&bad, &Settings::default()).expect_err("bad storage");
@@ -462,4 +472,68 @@ fn three_thirteen_to_four_is_refused_while_queues_are_mirrored() {
     }
     let none = RunningBroker { mirrored_classic_queues: vec![], ..mirrored };
     assert!(check_in_place_upgrade(&none, &validated).is_ok());
+}
+
+/// Which peers a NetworkPolicy rule lets reach `port`: None when no rule opens it, Some([]) when
+/// one opens it to anyone.
+fn reach(policy: &Value, port: i64) -> Option<Vec<Value>> {
+    let rules = policy["spec"]["ingress"].as_array().expect("ingress rules");
+    let opens = |rule: &&Value| {
+        rule["ports"].as_array().into_iter().flatten().any(|p| {
+            let first = p["port"].as_i64().unwrap();
+            let last = p["endPort"].as_i64().unwrap_or(first);
+            (first..=last).contains(&port)
+        })
+    };
+    let matching: Vec<&Value> = rules.iter().filter(opens).collect();
+    assert!(matching.len() <= 1, "port {port} in several rules: {policy}");
+    matching.first().map(|rule| rule["from"].as_array().cloned().unwrap_or_default())
+}
+
+#[test]
+fn the_network_policy_fences_the_erlang_ports_and_the_management_api_and_opens_the_rest() {
+    let settings = Settings { operator_namespace: Some("warren-system".into()), ..Settings::default() };
+    let validated = validate(&fixture("basic.yaml"), &settings).expect("valid fixture");
+    let policy = json_of(&build::build(&validated, &credentials()).network_policy.expect("on by default"));
+    assert_eq!(policy["spec"]["policyTypes"], json!(["Ingress"]));
+    assert_eq!(
+        policy["spec"]["podSelector"]["matchLabels"],
+        json!({"app.kubernetes.io/name": "rabbitmq", "app.kubernetes.io/instance": "demo"})
+    );
+    // epmd and the distribution port: the cluster's own pods, nobody else.
+    for port in [4369, 25672] {
+        let from = reach(&policy, port).expect("a rule");
+        assert_eq!(from.len(), 1, "{from:?}");
+        assert_eq!(from[0]["podSelector"]["matchLabels"]["app.kubernetes.io/instance"], "demo");
+        assert!(from[0]["namespaceSelector"].is_null(), "same namespace only: {from:?}");
+    }
+    // The management API: the operator's namespace and Warren's migration Jobs.
+    for port in [15672, 15671] {
+        let from = reach(&policy, port).expect("a rule");
+        assert_eq!(from[0]["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"], "warren-system");
+        assert_eq!(from[1]["podSelector"]["matchLabels"]["app.kubernetes.io/name"], "warren-migrate");
+        assert_eq!(from.len(), 2);
+    }
+    // Clients, the Prometheus scrape and plugins' ports (MQTT, streams): anyone.
+    for port in [5672, 5671, 15692, 1883, 5552] {
+        assert_eq!(reach(&policy, port), Some(vec![]), "port {port}");
+    }
+
+    // metricsFrom fences the Prometheus port; managementFrom adds a peer; off: no policy.
+    let mut cluster = fixture("basic.yaml");
+    let monitoring: k8s_openapi::api::networking::v1::NetworkPolicyPeer = serde_json::from_value(
+        json!({"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}),
+    )
+    .unwrap();
+    cluster.spec.network_policy.metrics_from = vec![monitoring.clone()];
+    cluster.spec.network_policy.management_from = vec![monitoring];
+    let validated = validate(&cluster, &settings).expect("valid");
+    let policy = json_of(&build::build(&validated, &credentials()).network_policy.expect("on"));
+    let from = reach(&policy, 15692).expect("a rule");
+    assert_eq!(from.len(), 1);
+    assert_eq!(from[0]["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"], "monitoring");
+    assert_eq!(reach(&policy, 15672).expect("a rule").len(), 3);
+    cluster.spec.network_policy.enabled = false;
+    let validated = validate(&cluster, &settings).expect("valid");
+    assert!(build::build(&validated, &credentials()).network_policy.is_none());
 }

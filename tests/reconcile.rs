@@ -25,6 +25,7 @@ use warren::server::Metrics;
 const NS: &str = "/api/v1/namespaces/default";
 const STS: &str = "/apis/apps/v1/namespaces/default/statefulsets/demo";
 const PDB: &str = "/apis/policy/v1/namespaces/default/poddisruptionbudgets/demo";
+const NETWORK_POLICY: &str = "/apis/networking.k8s.io/v1/namespaces/default/networkpolicies/demo";
 const CLUSTER: &str = "/apis/warren.dev/v1alpha1/namespaces/default/rabbitclusters/demo";
 
 fn context(client: Client, management_url: &str) -> Arc<Context> {
@@ -80,6 +81,7 @@ fn fill_stores(ctx: &Context, live: Vec<Value>) {
             Some("ConfigMap") => put(&mut writers.config_maps, object),
             Some("Service") => put(&mut writers.services, object),
             Some("PodDisruptionBudget") => put(&mut writers.budgets, object),
+            Some("NetworkPolicy") => put(&mut writers.network_policies, object),
             other => panic!("no store for {other:?}"),
         }
     }
@@ -122,6 +124,13 @@ async fn a_new_cluster_gets_every_child_then_status() {
         applied(format!("{NS}/services/demo-nodes")),
         applied(format!("{NS}/services/demo")),
         applied(PDB.into()),
+        applied(NETWORK_POLICY.into()).check(|body| {
+            owned_by_demo(body);
+            // The Erlang distribution ports: the cluster's own pods only.
+            let rules = body["spec"]["ingress"].as_array().unwrap();
+            let members = rules.iter().find(|r| r["ports"][0]["port"] == 4369).expect("a rule for epmd");
+            assert_eq!(members["from"][0]["podSelector"]["matchLabels"]["app.kubernetes.io/instance"], "demo");
+        }),
         Call::forced_apply(STS).check(|body| {
             owned_by_demo(body);
             assert_eq!(body["spec"]["replicas"], 3);
@@ -137,6 +146,7 @@ async fn a_new_cluster_gets_every_child_then_status() {
                 "Service demo-nodes",
                 "Service demo,",
                 "PodDisruptionBudget demo",
+                "NetworkPolicy demo",
                 "StatefulSet demo",
             ] {
                 assert!(note.contains(object), "{object} missing from {note}");
@@ -181,6 +191,7 @@ fn missing_except_stateful_set() -> Vec<Call> {
         Call::get_missing(format!("{NS}/services/demo-nodes")),
         Call::get_missing(format!("{NS}/services/demo")),
         Call::get_missing(PDB),
+        Call::get_missing(NETWORK_POLICY),
     ]
 }
 
@@ -399,6 +410,7 @@ async fn steady_cluster() -> SteadyCluster {
         live(&resources.headless_service),
         live(&resources.client_service),
         live(&resources.pod_disruption_budget),
+        live(resources.network_policy.as_ref().expect("a NetworkPolicy by default")),
     ];
     SteadyCluster { cluster, fake, nodes, live }
 }
@@ -413,6 +425,23 @@ async fn a_steady_cluster_costs_the_api_server_nothing() {
     assert!(calls.is_empty(), "{calls:#?}");
     assert!(fake.writes().is_empty(), "broker writes: {:?}", fake.writes());
     assert!(fake.requests().iter().any(|(call, _)| call == "GET /api/nodes"), "membership was checked");
+}
+
+/// spec.networkPolicy.enabled turned off: the user asked for no policy, so the operator deletes
+/// the one it made (and nothing else changes).
+#[tokio::test]
+async fn a_network_policy_turned_off_is_deleted() {
+    let SteadyCluster { mut cluster, fake, live, .. } = steady_cluster().await;
+    cluster.spec.network_policy.enabled = false;
+    let script = vec![
+        Call::new(Method::DELETE, NETWORK_POLICY).returns(json!({"apiVersion": "v1", "kind": "Status",
+            "metadata": {}, "status": "Success"})),
+        Call::event("default", "Deleted").check(|body| {
+            assert_eq!(body["note"], "deleted NetworkPolicy demo", "{body}");
+        }),
+    ];
+    let (result, _) = run_with(cluster, live, script, &fake.url).await;
+    assert!(result.is_ok(), "{result:?}");
 }
 
 #[tokio::test]

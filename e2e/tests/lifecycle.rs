@@ -6,6 +6,7 @@ use std::time::Duration;
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Secret};
 use k8s_openapi::api::events::v1::Event;
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use kube::api::ListParams;
 use kube::{Api, ResourceExt};
 
@@ -84,6 +85,34 @@ async fn children_are_owned_follow_the_spec_and_the_cookie_never_changes() {
     // The client URIs follow the new replica count.
     let failover = key(&user_after, "failover-uris").map(|v| String::from_utf8_lossy(&v).matches("amqp://").count());
     assert_eq!(failover, Some(5), "failover-uris must list the 5 nodes");
+
+    // The NetworkPolicy lets the operator's namespace (from the chart's downward API) reach the
+    // management API; turned off it is deleted, turned on it comes back.
+    let policies: Api<NetworkPolicy> = Api::namespaced(client.clone(), &ns.name);
+    let policy = serde_json::to_value(policies.get(NAME).await.expect("NetworkPolicy")).expect("JSON");
+    let management = policy["spec"]["ingress"]
+        .as_array()
+        .expect("rules")
+        .iter()
+        .find(|r| r["ports"][0]["port"] == 15672)
+        .expect("a management rule");
+    assert_eq!(management["from"][0]["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"], ns.name);
+    cluster::patch(&ns.name, NAME, r#"{"spec":{"networkPolicy":{"enabled":false}}}"#);
+    wait_for("the NetworkPolicy deleted", Duration::from_secs(60), || async {
+        match policies.get_opt(NAME).await {
+            Ok(None) => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+    cluster::patch(&ns.name, NAME, r#"{"spec":{"networkPolicy":{"enabled":true}}}"#);
+    wait_for("the NetworkPolicy back", Duration::from_secs(60), || async {
+        match policies.get_opt(NAME).await {
+            Ok(Some(_)) => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
 
     // What the operator wrote, as the API server saw it: status only through the subresource, and
     // the chart's RBAC allowed every request.

@@ -3,6 +3,7 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{Affinity, LocalObjectReference, ResourceRequirements, Toleration};
+use k8s_openapi::api::networking::v1::NetworkPolicyPeer;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::{CustomResource, KubeSchema};
 use serde::{Deserialize, Serialize};
@@ -124,6 +125,41 @@ pub struct RabbitClusterSpec {
     /// TLS for AMQPS (5671) and the management API over HTTPS (15671).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls: Option<TlsSpec>,
+
+    /// The NetworkPolicy the operator creates for the RabbitMQ pods (on by default).
+    #[serde(default)]
+    pub network_policy: NetworkPolicySpec,
+}
+
+/// Who may reach the RabbitMQ pods. Only the cluster's own pods reach the Erlang distribution
+/// ports (epmd 4369, 25672: whoever reaches them with the cookie runs code on the node); only the
+/// operator's namespace and Warren's migration Jobs reach the management API (15672, 15671),
+/// unless `managementFrom` adds peers; every other port (AMQP, AMQPS, the Prometheus port unless
+/// `metricsFrom` is set, plugins' own) from anywhere. Enforced only where the network plugin
+/// enforces NetworkPolicy.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct NetworkPolicySpec {
+    /// Create the NetworkPolicy. Off: none is made, and one the operator made is deleted.
+    #[serde(default = "enabled")]
+    pub enabled: bool,
+    /// More peers that may reach the management API (a Celery Flower, an admin tool).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub management_from: Vec<NetworkPolicyPeer>,
+    /// The only peers that may reach the Prometheus port (15692; 15691 with TLS), such as your
+    /// Prometheus's namespace. Empty: anyone.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub metrics_from: Vec<NetworkPolicyPeer>,
+}
+
+fn enabled() -> bool {
+    true
+}
+
+impl Default for NetworkPolicySpec {
+    fn default() -> Self {
+        Self { enabled: true, management_from: Vec::new(), metrics_from: Vec::new() }
+    }
 }
 
 fn default_replicas() -> i32 {

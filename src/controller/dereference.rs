@@ -6,7 +6,9 @@ use std::sync::Arc;
 
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service, ServiceAccount};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use kube::runtime::reflector::ObjectRef;
 
 use super::build::secrets::{COOKIE_KEY, PASSWORD_KEY, USERNAME_KEY};
 use super::build::{self, Credentials};
@@ -28,6 +30,7 @@ pub struct Children {
     pub headless_service: Option<Arc<Service>>,
     pub client_service: Option<Arc<Service>>,
     pub pod_disruption_budget: Option<Arc<PodDisruptionBudget>>,
+    pub network_policy: Option<Arc<NetworkPolicy>>,
 }
 
 /// What one pass works from.
@@ -58,6 +61,12 @@ pub async fn dereference(ctx: &Context, cluster: &ValidatedCluster) -> Result<De
         headless_service: cached(client, &stores.services, ns, &cluster.headless_service_name()).await?,
         client_service: cached(client, &stores.services, ns, &cluster.client_service_name()).await?,
         pod_disruption_budget: cached(client, &stores.budgets, ns, &cluster.name).await?,
+        // Turned off, one is looked for in the store only: no GET for an object that should not be.
+        network_policy: if cluster.network_policy.enabled {
+            cached(client, &stores.network_policies, ns, &cluster.network_policy_name()).await?
+        } else {
+            stores.network_policies.get(&ObjectRef::new(&cluster.network_policy_name()).within(ns))
+        },
     };
     let tls_ca = check_tls_secrets(ctx, cluster).await?;
     // A running StatefulSet says the cluster has data; otherwise its claims may (stopped, or the

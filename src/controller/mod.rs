@@ -239,6 +239,7 @@ pub async fn run(ctx: Arc<Context>, scope: WatchScope, readiness: Readiness) {
         })
         .owns_stream(reflect(client, scope, children.clone(), writers.service_accounts, metadata_only))
         .owns_stream(reflect(client, scope, children.clone(), writers.budgets, metadata_only))
+        .owns_stream(reflect(client, scope, children.clone(), writers.network_policies, metadata_only))
         .shutdown_on_signal();
     let migrations =
         Controller::for_stream(reflect(client, scope, all(), migration_writer, slim_metadata), migration_store)
@@ -460,6 +461,10 @@ async fn report_applied(cluster: &RabbitCluster, ctx: &Context, validated: &Vali
     }
     if !applied.updated.is_empty() {
         ctx.event(cluster, EventType::Normal, "Updated", "Apply", format!("updated {}", describe(&applied.updated)))
+            .await;
+    }
+    if !applied.deleted.is_empty() {
+        ctx.event(cluster, EventType::Normal, "Deleted", "Apply", format!("deleted {}", describe(&applied.deleted)))
             .await;
     }
     if !applied.expanded.is_empty() {

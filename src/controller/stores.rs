@@ -17,6 +17,7 @@ use k8s_openapi::api::core::v1::{
     ConfigMap, Container, PersistentVolumeClaim, PersistentVolumeClaimSpec, PodSpec, PodTemplateSpec, Secret, Service,
     ServiceAccount, VolumeResourceRequirements,
 };
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::runtime::reflector::{self, ObjectRef, Store, store::Writer};
@@ -41,6 +42,7 @@ pub struct Stores {
     pub watched_secrets: Store<Secret>,
     pub service_accounts: Store<ServiceAccount>,
     pub budgets: Store<PodDisruptionBudget>,
+    pub network_policies: Store<NetworkPolicy>,
     pub jobs: Store<Job>,
 }
 
@@ -53,6 +55,7 @@ pub struct Writers {
     pub watched_secrets: Writer<Secret>,
     pub service_accounts: Writer<ServiceAccount>,
     pub budgets: Writer<PodDisruptionBudget>,
+    pub network_policies: Writer<NetworkPolicy>,
     pub jobs: Writer<Job>,
 }
 
@@ -65,9 +68,20 @@ pub fn stores() -> (Stores, Writers) {
     let (watched_secrets, watched_secrets_w) = reflector::store();
     let (service_accounts, service_accounts_w) = reflector::store();
     let (budgets, budgets_w) = reflector::store();
+    let (network_policies, network_policies_w) = reflector::store();
     let (jobs, jobs_w) = reflector::store();
     (
-        Stores { stateful_sets, services, config_maps, secrets, watched_secrets, service_accounts, budgets, jobs },
+        Stores {
+            stateful_sets,
+            services,
+            config_maps,
+            secrets,
+            watched_secrets,
+            service_accounts,
+            budgets,
+            network_policies,
+            jobs,
+        },
         Writers {
             stateful_sets: stateful_sets_w,
             services: services_w,
@@ -76,6 +90,7 @@ pub fn stores() -> (Stores, Writers) {
             watched_secrets: watched_secrets_w,
             service_accounts: service_accounts_w,
             budgets: budgets_w,
+            network_policies: network_policies_w,
             jobs: jobs_w,
         },
     )
@@ -91,6 +106,7 @@ impl Stores {
         self.watched_secrets.wait_until_ready().await?;
         self.service_accounts.wait_until_ready().await?;
         self.budgets.wait_until_ready().await?;
+        self.network_policies.wait_until_ready().await?;
         self.jobs.wait_until_ready().await
     }
 }

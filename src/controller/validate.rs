@@ -13,8 +13,8 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, OwnerReferen
 use kube::{Resource, ResourceExt};
 
 use crate::api::{
-    FEATURE_FLAGS_ANNOTATION, HighAvailabilityMode, HighAvailabilitySpec, PartitionHandling, RabbitCluster,
-    RabbitClusterSpec, ServiceSpec, TlsSpec,
+    FEATURE_FLAGS_ANNOTATION, HighAvailabilityMode, HighAvailabilitySpec, NetworkPolicySpec, PartitionHandling,
+    RabbitCluster, RabbitClusterSpec, ServiceSpec, TlsSpec,
 };
 use crate::error::{Error, Result, SpecReason};
 use crate::rabbitmq::ha;
@@ -25,11 +25,14 @@ use crate::rabbitmq::version::RabbitVersion;
 pub struct Settings {
     /// The Kubernetes cluster's DNS domain, part of every RabbitMQ node name.
     pub cluster_domain: String,
+    /// The namespace the operator runs in (its pod's): the NetworkPolicy lets it reach the
+    /// management API. None (run outside the cluster): the management API is not fenced.
+    pub operator_namespace: Option<String>,
 }
 
 impl Default for Settings {
     fn default() -> Self {
-        Self { cluster_domain: "cluster.local".into() }
+        Self { cluster_domain: "cluster.local".into(), operator_namespace: None }
     }
 }
 
@@ -70,6 +73,8 @@ pub struct ValidatedCluster {
     pub partition_handling: PartitionHandling,
     pub high_availability: HighAvailabilitySpec,
     pub tls: Option<TlsSpec>,
+    pub network_policy: NetworkPolicySpec,
+    pub operator_namespace: Option<String>,
     pub cluster_domain: String,
     pub warnings: Vec<String>,
 }
@@ -151,6 +156,8 @@ pub fn validate(cluster: &RabbitCluster, settings: &Settings) -> Result<Validate
         partition_handling: spec.partition_handling,
         high_availability: spec.high_availability.clone(),
         tls: spec.tls.clone(),
+        network_policy: spec.network_policy.clone(),
+        operator_namespace: settings.operator_namespace.clone(),
         cluster_domain: settings.cluster_domain.clone(),
         warnings,
     })

@@ -41,6 +41,10 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 - apiGroups: [policy]
   resources: [poddisruptionbudgets]
   verbs: [get, list, watch, create, patch]
+# The RabbitMQ pods' NetworkPolicy: deleted when spec.networkPolicy.enabled is turned off.
+- apiGroups: [networking.k8s.io]
+  resources: [networkpolicies]
+  verbs: [get, list, watch, create, patch, delete]
 # Migrations: the Job runs with the Secrets as environment variables; the operator never reads them.
 - apiGroups: [warren.dev]
   resources: [rabbitmigrations]

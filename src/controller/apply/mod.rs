@@ -7,8 +7,9 @@ use std::fmt::Debug;
 
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service, ServiceAccount};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
-use kube::api::{Patch, PatchParams};
+use kube::api::{DeleteParams, Patch, PatchParams};
 use kube::{Api, Client, Resource, ResourceExt};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -33,6 +34,8 @@ pub const APPLIED_GENERATION_ANNOTATION: &str = "warren.dev/applied-generation";
 pub struct Applied {
     pub created: Vec<(String, String)>,
     pub updated: Vec<(String, String)>,
+    /// Children the spec no longer asks for (a NetworkPolicy turned off), deleted.
+    pub deleted: Vec<(String, String)>,
     pub reverted: Vec<drift::Reverted>,
     /// Claims grown to a larger `spec.persistence.storage` (`controller::storage`).
     pub expanded: Vec<String>,
@@ -124,6 +127,7 @@ pub async fn apply(
         config_map,
         service_account,
         pod_disruption_budget,
+        network_policy,
         stateful_set,
     } = resources;
     let ns = cluster.namespace.as_str();
@@ -147,6 +151,21 @@ pub async fn apply(
 
     let budgets: Api<PodDisruptionBudget> = Api::namespaced(client.clone(), ns);
     apply_child(&budgets, cluster, pod_disruption_budget, live.pod_disruption_budget.as_deref(), &mut applied).await?;
+
+    let network_policies: Api<NetworkPolicy> = Api::namespaced(client.clone(), ns);
+    match (network_policy, live.network_policy.as_deref()) {
+        (Some(policy), live) => apply_child(&network_policies, cluster, policy, live, &mut applied).await?,
+        // spec.networkPolicy.enabled turned off: the user asked for none, so the operator's own goes.
+        (None, Some(live)) if ensure_owned(live, cluster).is_ok() => {
+            let name = live.name_any();
+            match network_policies.delete(&name, &DeleteParams::default()).await {
+                Ok(_) => applied.deleted.push(("NetworkPolicy".into(), name)),
+                Err(kube::Error::Api(status)) if status.code == 404 => {}
+                Err(e) => return Err(Error::kube(format!("delete NetworkPolicy {name}"), e)),
+            }
+        }
+        (None, _) => {}
+    }
 
     let stateful_sets: Api<StatefulSet> = Api::namespaced(client.clone(), ns);
     drift::apply_stateful_set(&stateful_sets, cluster, stateful_set, live.stateful_set.as_deref(), &mut applied)

@@ -2,6 +2,7 @@
 
 mod config;
 pub mod job;
+pub mod network_policy;
 mod pdb;
 pub mod secrets;
 pub mod services;
@@ -11,6 +12,7 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service, ServiceAccount};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
@@ -38,6 +40,8 @@ pub struct Resources {
     pub config_map: ConfigMap,
     pub service_account: ServiceAccount,
     pub pod_disruption_budget: PodDisruptionBudget,
+    /// None when `spec.networkPolicy.enabled` is off (one the operator made is then deleted).
+    pub network_policy: Option<NetworkPolicy>,
     pub stateful_set: StatefulSet,
 }
 
@@ -57,6 +61,7 @@ pub fn build(cluster: &ValidatedCluster, credentials: &Credentials) -> Resources
             ..Default::default()
         },
         pod_disruption_budget: pdb::pod_disruption_budget(cluster),
+        network_policy: network_policy::network_policy(cluster),
         stateful_set: statefulset::stateful_set(cluster, &config_hash(&config_map)),
         config_map,
     }
@@ -108,6 +113,9 @@ pub fn default_user_secret_name(cluster: &str) -> String {
 /// Names of the children, derived from the RabbitCluster's name.
 impl ValidatedCluster {
     pub fn stateful_set_name(&self) -> String {
+        self.name.clone()
+    }
+    pub fn network_policy_name(&self) -> String {
         self.name.clone()
     }
     pub fn headless_service_name(&self) -> String {

@@ -4,6 +4,7 @@ use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service, ServiceAccount};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, OwnerReference};
 use kube::{Api, Client, Resource, ResourceExt};
@@ -82,6 +83,7 @@ pub fn child_names(name: &str) -> Vec<(&'static str, String)> {
         ("ConfigMap", format!("{name}-config")),
         ("ServiceAccount", format!("{name}-rabbitmq")),
         ("PodDisruptionBudget", name.to_string()),
+        ("NetworkPolicy", name.to_string()),
     ]
 }
 
@@ -114,6 +116,7 @@ pub async fn children(
             "ConfigMap" => owners::<ConfigMap>(client, namespace, &child).await?,
             "ServiceAccount" => owners::<ServiceAccount>(client, namespace, &child).await?,
             "PodDisruptionBudget" => owners::<PodDisruptionBudget>(client, namespace, &child).await?,
+            "NetworkPolicy" => owners::<NetworkPolicy>(client, namespace, &child).await?,
             other => unreachable!("child kind {other}"),
         };
         found.push((format!("{kind} {child}"), refs));
