@@ -315,6 +315,46 @@ fn tls_only_closes_the_plain_listeners_and_hands_out_amqps_uris() {
 }
 
 #[test]
+fn prometheus_over_tls_replaces_the_plain_endpoint() {
+    let mut cluster = fixture("tls.yaml");
+    cluster.spec.tls.as_mut().unwrap().prometheus = true;
+    let validated = validate(&cluster, &Settings::default()).expect("valid");
+    let r = build::build(&validated, &credentials());
+    let conf = &r.config_map.data.as_ref().unwrap()["10-operator.conf"];
+    assert!(conf.contains("prometheus.ssl.port = 15691\n"), "{conf}");
+    assert!(conf.contains("prometheus.ssl.certfile = /etc/warren/tls/tls.crt\n"), "{conf}");
+    assert!(conf.contains("prometheus.tcp.ip = 127.0.0.1\n"), "the plain endpoint open beyond the pod: {conf}");
+    let client = json_of(&r.client_service);
+    let named: Vec<(&str, i64)> = client["spec"]["ports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| (p["name"].as_str().unwrap(), p["port"].as_i64().unwrap()))
+        .collect();
+    assert!(named.contains(&("prometheus-tls", 15691)) && !named.iter().any(|(_, p)| *p == 15692), "{named:?}");
+    let template = &json_of(&r.stateful_set)["spec"]["template"];
+    let annotations = &template["metadata"]["annotations"];
+    assert_eq!(
+        (&annotations["prometheus.io/port"], &annotations["prometheus.io/scheme"]),
+        (&json!("15691"), &json!("https"))
+    );
+    let container_ports: Vec<i64> = template["spec"]["containers"][0]["ports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["containerPort"].as_i64().unwrap())
+        .collect();
+    assert!(container_ports.contains(&15691) && !container_ports.contains(&15692), "{container_ports:?}");
+    // Without it: plain, and no scheme annotation (a new one would roll every cluster's pods).
+    let (_, plain) = built("tls.yaml");
+    let annotations = &json_of(&plain.stateful_set)["spec"]["template"]["metadata"]["annotations"];
+    assert_eq!(
+        (&annotations["prometheus.io/port"], &annotations["prometheus.io/scheme"]),
+        (&json!("15692"), &Value::Null)
+    );
+}
+
+#[test]
 fn bad_specs_are_refused_with_a_reason_that_names_the_field() {
     let cases = [
         ("bad-mirrored-on-4x.yaml", "ClassicMirroringUnsupported", "ClassicMirrored"),

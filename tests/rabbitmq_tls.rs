@@ -1,5 +1,6 @@
 //! Tier 2: TLS only, live. Warren's default 4.3 with `spec.tls` (a cert-manager style Secret, here
-//! made with openssl) and `disableNonTLSListeners`, 3 nodes: the plain listeners are closed, the
+//! made with openssl), `disableNonTLSListeners` and `prometheus`, 3 nodes: the plain listeners
+//! are closed (Prometheus too: its metrics over HTTPS on 15691), the
 //! management API answers over HTTPS (the operator's broker reconcile ran through it), AMQPS
 //! serves a client that trusts the CA and refuses one that does not. Then `warren migrate` from a
 //! plain 3.10 into it: refused before anything moves with the wrong CA, every message moved with
@@ -44,13 +45,19 @@ async fn ids_over_tls(nodes: &NodeCluster, queue: &str) -> Vec<u32> {
 
 #[tokio::test]
 async fn a_tls_only_cluster_serves_verified_clients_and_takes_a_migration_from_a_plain_one() {
-    let tls = "  tls:\n    secretName: new-tls\n    disableNonTLSListeners: true\n";
+    let tls = "  tls:\n    secretName: new-tls\n    disableNonTLSListeners: true\n    prometheus: true\n";
     let (old, new) = NodeCluster::started_pair(&manifest("old", 1, "3.10", ""), &manifest("new", 3, "4.3", tls)).await;
 
     // The plain listeners are closed on every node; the TLS ones serve.
     for node in &new.nodes {
         assert!(closed(&node.ip, 5672) && closed(&node.ip, 15672), "{}: a plain listener is open", node.name);
         assert!(!closed(&node.ip, 5671) && !closed(&node.ip, 15671), "{}: no TLS listener", node.name);
+        // spec.tls.prometheus: the metrics over HTTPS on 15691, verified; the plain 15692 closed.
+        assert!(closed(&node.ip, 15692), "{}: the plain Prometheus endpoint is open", node.name);
+        let url = format!("https://{}:15691/metrics", node.ip);
+        let metrics = new.http().get(&url).send().await.and_then(|r| r.error_for_status()).expect("15691 over HTTPS");
+        let text = metrics.text().await.expect("metrics");
+        assert!(text.contains("rabbitmq_build_info"), "{}: {}", node.name, &text[..text.len().min(300)]);
     }
     let overview = new.api(0, "/api/overview").await.expect("the management API over HTTPS, verified");
     assert_eq!(overview["rabbitmq_version"], "4.3.6", "{overview}");

@@ -244,8 +244,12 @@ async fn a_paused_cluster_gets_only_its_condition() {
 #[tokio::test]
 async fn a_missing_tls_secret_is_reported_and_retried() {
     let mut cluster = fixture("basic.yaml");
-    cluster.spec.tls =
-        Some(TlsSpec { secret_name: "demo-tls".into(), ca_secret_name: None, disable_non_tls_listeners: false });
+    cluster.spec.tls = Some(TlsSpec {
+        secret_name: "demo-tls".into(),
+        ca_secret_name: None,
+        disable_non_tls_listeners: false,
+        prometheus: false,
+    });
     let mut script = vec![Call::get_missing(STS)];
     script.extend(missing_except_stateful_set());
     script.extend([
@@ -265,8 +269,12 @@ async fn a_missing_tls_secret_is_reported_and_retried() {
 #[tokio::test]
 async fn a_tls_secret_labelled_for_the_operator_is_read_from_its_store_not_the_api_server() {
     let mut cluster = fixture("basic.yaml");
-    cluster.spec.tls =
-        Some(TlsSpec { secret_name: "demo-tls".into(), ca_secret_name: None, disable_non_tls_listeners: false });
+    cluster.spec.tls = Some(TlsSpec {
+        secret_name: "demo-tls".into(),
+        ca_secret_name: None,
+        disable_non_tls_listeners: false,
+        prometheus: false,
+    });
     // The user's certificate, labelled warren.dev/watch=true, but without its CA.
     let live = vec![json!({
         "apiVersion": "v1", "kind": "Secret",

@@ -361,12 +361,22 @@ pub struct TlsSpec {
     /// then speak AMQPS 5671 and HTTPS 15671 only.
     #[serde(default, rename = "disableNonTLSListeners")]
     pub disable_non_tls_listeners: bool,
+
+    /// Serve the Prometheus endpoint over HTTPS on 15691 instead of plain HTTP on 15692 (scrape
+    /// it with `scheme: https` and the CA; the pods' `prometheus.io/scheme` says so).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub prometheus: bool,
 }
 
 impl TlsSpec {
     /// Whether the plain AMQP and HTTP listeners are closed.
     pub fn tls_only(tls: Option<&TlsSpec>) -> bool {
         tls.is_some_and(|t| t.disable_non_tls_listeners)
+    }
+
+    /// Whether the Prometheus endpoint is served over TLS (15691) rather than plain (15692).
+    pub fn prometheus_tls(tls: Option<&TlsSpec>) -> bool {
+        tls.is_some_and(|t| t.prometheus)
     }
 }
 

@@ -7,7 +7,9 @@ use k8s_openapi::api::core::v1::ConfigMap;
 use sha2::{Digest, Sha256};
 
 use super::child_meta;
-use super::services::{AMQP_PORT, AMQPS_PORT, MANAGEMENT_PORT, MANAGEMENT_TLS_PORT, PROMETHEUS_PORT};
+use super::services::{
+    AMQP_PORT, AMQPS_PORT, MANAGEMENT_PORT, MANAGEMENT_TLS_PORT, PROMETHEUS_PORT, PROMETHEUS_TLS_PORT,
+};
 use crate::api::TlsSpec;
 use crate::controller::validate::ValidatedCluster;
 
@@ -48,6 +50,11 @@ pub fn rabbitmq_conf(cluster: &ValidatedCluster) -> String {
         line(format!("management.tcp.port = {MANAGEMENT_PORT}"));
     }
     line(format!("prometheus.tcp.port = {PROMETHEUS_PORT}"));
+    if TlsSpec::prometheus_tls(cluster.tls.as_ref()) {
+        // The plugin keeps its plain listener whatever TLS one is configured (its default
+        // tcp_config is port 15692, not empty): bound to the loopback, no one outside reaches it.
+        line("prometheus.tcp.ip = 127.0.0.1".into());
+    }
     line("log.console = true".into());
     line("log.console.level = info".into());
     line("log.file = false".into());
@@ -66,6 +73,12 @@ pub fn rabbitmq_conf(cluster: &ValidatedCluster) -> String {
         line(format!("management.ssl.cacertfile = {TLS_CA_DIR}/ca.crt"));
         line(format!("management.ssl.certfile = {TLS_DIR}/tls.crt"));
         line(format!("management.ssl.keyfile = {TLS_DIR}/tls.key"));
+    }
+    if TlsSpec::prometheus_tls(cluster.tls.as_ref()) {
+        line(format!("prometheus.ssl.port = {PROMETHEUS_TLS_PORT}"));
+        line(format!("prometheus.ssl.cacertfile = {TLS_CA_DIR}/ca.crt"));
+        line(format!("prometheus.ssl.certfile = {TLS_DIR}/tls.crt"));
+        line(format!("prometheus.ssl.keyfile = {TLS_DIR}/tls.key"));
     }
     conf
 }

@@ -11,12 +11,12 @@ use k8s_openapi::api::networking::v1::{
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
-use super::services::{DISTRIBUTION_PORT, EPMD_PORT, MANAGEMENT_PORT, MANAGEMENT_TLS_PORT, PROMETHEUS_PORT};
+use super::services::{
+    DISTRIBUTION_PORT, EPMD_PORT, MANAGEMENT_PORT, MANAGEMENT_TLS_PORT, PROMETHEUS_PORT, PROMETHEUS_TLS_PORT,
+};
 use super::{INSTANCE_LABEL, MANAGED_BY_LABEL, NAME_LABEL, child_meta, selector_labels};
 use crate::controller::validate::ValidatedCluster;
 
-/// The Prometheus port over TLS (`prometheus.ssl.port`).
-pub const PROMETHEUS_TLS_PORT: i32 = 15691;
 /// The label every namespace carries with its own name (Kubernetes sets it).
 const NAMESPACE_NAME_LABEL: &str = "kubernetes.io/metadata.name";
 

@@ -13,6 +13,8 @@ pub const AMQPS_PORT: i32 = 5671;
 pub const MANAGEMENT_PORT: i32 = 15672;
 pub const MANAGEMENT_TLS_PORT: i32 = 15671;
 pub const PROMETHEUS_PORT: i32 = 15692;
+/// The Prometheus endpoint over TLS (`spec.tls.prometheus`).
+pub const PROMETHEUS_TLS_PORT: i32 = 15691;
 pub const EPMD_PORT: i32 = 4369;
 pub const DISTRIBUTION_PORT: i32 = 25672;
 
@@ -26,13 +28,22 @@ fn port(name: &str, number: i32) -> ServicePort {
     }
 }
 
+/// The Prometheus endpoint's port, by name: plain, or over TLS with `spec.tls.prometheus`.
+pub fn prometheus_port(cluster: &ValidatedCluster) -> (&'static str, i32) {
+    if TlsSpec::prometheus_tls(cluster.tls.as_ref()) {
+        ("prometheus-tls", PROMETHEUS_TLS_PORT)
+    } else {
+        ("prometheus", PROMETHEUS_PORT)
+    }
+}
+
 /// Client-facing ports of a cluster (AMQPS and HTTPS only with TLS).
 pub fn client_ports(cluster: &ValidatedCluster) -> Vec<(&'static str, i32)> {
     let mut ports = Vec::new();
     if !TlsSpec::tls_only(cluster.tls.as_ref()) {
         ports.extend([("amqp", AMQP_PORT), ("management", MANAGEMENT_PORT)]);
     }
-    ports.push(("prometheus", PROMETHEUS_PORT));
+    ports.push(prometheus_port(cluster));
     if cluster.tls.is_some() {
         ports.push(("amqps", AMQPS_PORT));
         ports.push(("management-tls", MANAGEMENT_TLS_PORT));

@@ -18,7 +18,7 @@ use super::config::{
     ADDITIONAL_CONF_KEY, ADVANCED_CONFIG_KEY, ENABLED_PLUGINS_KEY, OPERATOR_CONF_KEY, TLS_CA_DIR, TLS_DIR,
 };
 use super::secrets::{COOKIE_KEY, DEFAULT_USER_CONF_KEY};
-use super::services::{AMQPS_PORT, DISTRIBUTION_PORT, EPMD_PORT, PROMETHEUS_PORT, client_ports};
+use super::services::{AMQPS_PORT, DISTRIBUTION_PORT, EPMD_PORT, client_ports, prometheus_port};
 use super::{CONFIG_HASH_ANNOTATION, child_meta, labels, selector_labels};
 use crate::api::TlsSpec;
 use crate::controller::validate::ValidatedCluster;
@@ -29,13 +29,20 @@ use crate::controller::validate::ValidatedCluster;
 /// `/metrics` sums every queue of a node into one.
 pub const PROMETHEUS_PATH: &str = "/metrics/per-object";
 
-fn pod_annotations(config_hash: &str) -> BTreeMap<String, String> {
-    BTreeMap::from([
+fn pod_annotations(cluster: &ValidatedCluster, config_hash: &str) -> BTreeMap<String, String> {
+    let (_, port) = prometheus_port(cluster);
+    let mut annotations = BTreeMap::from([
         ("prometheus.io/scrape".to_string(), "true".to_string()),
-        ("prometheus.io/port".to_string(), PROMETHEUS_PORT.to_string()),
+        ("prometheus.io/port".to_string(), port.to_string()),
         ("prometheus.io/path".to_string(), PROMETHEUS_PATH.to_string()),
         (CONFIG_HASH_ANNOTATION.to_string(), config_hash.to_string()),
-    ])
+    ]);
+    // Only when it is https: a new annotation on every pod template would roll every cluster's
+    // pods when the operator is upgraded.
+    if TlsSpec::prometheus_tls(cluster.tls.as_ref()) {
+        annotations.insert("prometheus.io/scheme".to_string(), "https".to_string());
+    }
+    annotations
 }
 
 /// uid and gid of the `rabbitmq` user in the official image (and in the Debian-built one).
@@ -289,7 +296,7 @@ pub fn stateful_set(cluster: &ValidatedCluster, config_hash: &str) -> StatefulSe
             template: PodTemplateSpec {
                 metadata: Some(ObjectMeta {
                     labels: Some(pod_labels),
-                    annotations: Some(pod_annotations(config_hash)),
+                    annotations: Some(pod_annotations(cluster, config_hash)),
                     ..Default::default()
                 }),
                 spec: Some(pod_spec),
