@@ -36,8 +36,9 @@ e2e: tier3 tier4
 ## tier3: the chart linted, then the control plane's tests (no node).
 tier3: deps control-plane
 	$(HELM) lint --strict charts/warren
-	$(HELM) lint --strict charts/warren --set watchNamespace=apps --set metrics.serviceMonitor.enabled=true \
+	$(HELM) lint --strict charts/warren --set 'watchNamespaces={apps,jobs}' --set metrics.serviceMonitor.enabled=true \
 	  --set rabbitmqPodMonitor.enabled=true
+	$(HELM) lint --strict charts/warren --set clusterWide=true --set rabbitmqPodMonitor.enabled=true
 	e2e/with-control-plane.sh $(CARGO) test --locked --features e2e --test e2e
 
 ## tier4: a local cluster with a real node, and the node tests.

@@ -23,6 +23,8 @@ pub enum SpecReason {
     CredentialsNotPermitted,
     /// A RabbitMigration names a Job image while the operator runs only its own.
     ImageNotPermitted,
+    /// spec.tls.interNode changed while pods run: old and new nodes could not reach each other.
+    InterNodeTlsChange,
 }
 
 /// Why the management API failed; each name is the condition reason Kubernetes shows.

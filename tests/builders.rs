@@ -355,6 +355,45 @@ fn prometheus_over_tls_replaces_the_plain_endpoint() {
 }
 
 #[test]
+fn inter_node_tls_runs_the_distribution_and_the_cli_over_tls_and_is_not_changed_while_pods_run() {
+    let mut cluster = fixture("tls.yaml");
+    cluster.spec.tls.as_mut().unwrap().inter_node = true;
+    let validated = validate(&cluster, &Settings::default()).expect("valid");
+    let r = build::build(&validated, &credentials());
+    let options = &r.config_map.data.as_ref().unwrap()["inter-node-tls.config"];
+    for says in [
+        "{server, [",
+        "{client, [",
+        "{cacertfile, \"/etc/warren/tls-ca/ca.crt\"}",
+        "{keyfile, \"/etc/warren/tls/tls.key\"}",
+        "{verify, verify_peer}",
+        "{fail_if_no_peer_cert, true}",
+    ] {
+        assert!(options.contains(says), "{says} not in {options}");
+    }
+    assert!(options.trim_end().ends_with("]."), "an Erlang term file: {options}");
+    let sts = json_of(&r.stateful_set);
+    let env = env_of(&sts);
+    let args = "-proto_dist inet_tls -ssl_dist_optfile /etc/warren/config/inter-node-tls.config";
+    assert_eq!(env["RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS"], json!(args));
+    assert_eq!(env["RABBITMQ_CTL_ERL_ARGS"], json!(args), "the CLI tools must speak TLS to their node");
+    let container: k8s_openapi::api::core::v1::Container =
+        serde_json::from_value(sts["spec"]["template"]["spec"]["containers"][0].clone()).unwrap();
+    assert!(build::statefulset::runs_inter_node_tls(&container));
+
+    // Turned on or off while pods run: refused, naming the field and the way (stop first).
+    use warren::controller::validate::check_inter_node_change;
+    let error = check_inter_node_change(Some(false), Some(3), &validated).expect_err("plain to TLS while running");
+    assert_eq!(error.reason(), "InterNodeTlsChange");
+    assert!(error.to_string().contains("spec.tls.interNode") && error.to_string().contains("spec.replicas: 0"));
+    assert!(check_inter_node_change(Some(false), Some(0), &validated).is_ok(), "stopped: allowed");
+    assert!(check_inter_node_change(None, None, &validated).is_ok(), "a new cluster");
+    assert!(check_inter_node_change(Some(true), Some(3), &validated).is_ok(), "no change");
+    let (_, plain) = built("tls.yaml");
+    assert!(!plain.config_map.data.as_ref().unwrap().contains_key("inter-node-tls.config"));
+}
+
+#[test]
 fn bad_specs_are_refused_with_a_reason_that_names_the_field() {
     let cases = [
         ("bad-mirrored-on-4x.yaml", "ClassicMirroringUnsupported", "ClassicMirrored"),

@@ -1,6 +1,7 @@
 //! Tier 2: TLS only, live. Warren's default 4.3 with `spec.tls` (a cert-manager style Secret, here
-//! made with openssl), `disableNonTLSListeners` and `prometheus`, 3 nodes: the plain listeners
-//! are closed (Prometheus too: its metrics over HTTPS on 15691), the
+//! made with openssl), `disableNonTLSListeners`, `prometheus` and `interNode`, 3 nodes formed over
+//! TLS distribution: the plain listeners are closed (Prometheus too: its metrics over HTTPS on
+//! 15691), the
 //! management API answers over HTTPS (the operator's broker reconcile ran through it), AMQPS
 //! serves a client that trusts the CA and refuses one that does not. Then `warren migrate` from a
 //! plain 3.10 into it: refused before anything moves with the wrong CA, every message moved with
@@ -45,7 +46,7 @@ async fn ids_over_tls(nodes: &NodeCluster, queue: &str) -> Vec<u32> {
 
 #[tokio::test]
 async fn a_tls_only_cluster_serves_verified_clients_and_takes_a_migration_from_a_plain_one() {
-    let tls = "  tls:\n    secretName: new-tls\n    disableNonTLSListeners: true\n    prometheus: true\n";
+    let tls = "  tls:\n    secretName: new-tls\n    disableNonTLSListeners: true\n    prometheus: true\n    interNode: true\n";
     let (old, new) = NodeCluster::started_pair(&manifest("old", 1, "3.10", ""), &manifest("new", 3, "4.3", tls)).await;
 
     // The plain listeners are closed on every node; the TLS ones serve.
@@ -59,6 +60,7 @@ async fn a_tls_only_cluster_serves_verified_clients_and_takes_a_migration_from_a
         let text = metrics.text().await.expect("metrics");
         assert!(text.contains("rabbitmq_build_info"), "{}: {}", node.name, &text[..text.len().min(300)]);
     }
+    distribution_is_tls(&new).await;
     let overview = new.api(0, "/api/overview").await.expect("the management API over HTTPS, verified");
     assert_eq!(overview["rabbitmq_version"], "4.3.6", "{overview}");
     // AMQPS: a client that trusts the CA connects; one that does not is refused by its own check.
@@ -102,6 +104,47 @@ async fn a_tls_only_cluster_serves_verified_clients_and_takes_a_migration_from_a
     assert_eq!(amqp::live_depth(&source_url, "orders").await, 0, "the source drained");
 
     certificate_renewed_under_a_confirming_publisher(&new).await;
+}
+
+/// spec.tls.interNode: the nodes formed one cluster over TLS distribution: 25672 answers a TLS
+/// handshake that the CA verifies, with the cluster's certificate as the client's.
+async fn distribution_is_tls(nodes: &NodeCluster) {
+    let (tls_dir, _) = nodes.tls.as_ref().expect("TLS");
+    for node in &nodes.nodes {
+        let out = tokio::process::Command::new("openssl")
+            .args(["s_client", "-connect", &format!("{}:25672", node.ip), "-brief", "-verify_return_error"])
+            .args(["-CAfile", &tls_dir.join("ca.crt").to_string_lossy()])
+            .args(["-cert", &tls_dir.join("tls.crt").to_string_lossy()])
+            .args(["-key", &tls_dir.join("tls.key").to_string_lossy()])
+            .stdin(std::process::Stdio::null())
+            .output()
+            .await
+            .expect("openssl s_client");
+        let said = String::from_utf8_lossy(&out.stderr);
+        assert!(said.contains("Verification: OK"), "{}: 25672 is not TLS: {said}", node.name);
+    }
+}
+
+/// The other 4.x generation (4.0, Mnesia) with the same TLS: three nodes form over TLS
+/// distribution, the plain listeners are closed, and AMQPS takes and gives back confirmed
+/// messages for a client that trusts the CA.
+#[tokio::test]
+async fn a_4_0_cluster_forms_over_tls_distribution_and_serves_amqps_only() {
+    let tls = "  tls:\n    secretName: tls40-tls\n    disableNonTLSListeners: true\n    interNode: true\n";
+    let nodes = NodeCluster::started(&manifest("tls40", 3, "4.0", tls)).await;
+    distribution_is_tls(&nodes).await;
+    let listed = nodes.api(0, "/api/nodes").await.expect("the management API over HTTPS");
+    let running = listed.as_array().expect("nodes").iter().filter(|n| n["running"] == true).count();
+    assert_eq!(running, 3, "one cluster of three: {listed}");
+    for node in &nodes.nodes {
+        assert!(closed(&node.ip, 5672) && closed(&node.ip, 15672), "{}: a plain listener is open", node.name);
+    }
+    let url = nodes.nodes[2].amqp_url(&nodes.credentials);
+    nodes.api_put(0, "/api/queues/%2F/tls40", serde_json::json!({"durable": true})).await.expect("declare");
+    let (confirmed, error) = amqp::publish_trusting(&url, nodes.ca(), "tls40", 0..100, 20).await;
+    assert_eq!((confirmed.len(), error), (100, None));
+    let info = nodes.api(0, "/api/queues/%2F/tls40").await.expect("the queue");
+    assert_eq!((info["type"].as_str(), info["members"].as_array().map(Vec::len)), (Some("quorum"), Some(3)), "{info}");
 }
 
 /// `kubectl warren status`'s management client on a TLS cluster: HTTPS on 15671 through the pod's

@@ -249,6 +249,7 @@ async fn a_missing_tls_secret_is_reported_and_retried() {
         ca_secret_name: None,
         disable_non_tls_listeners: false,
         prometheus: false,
+        inter_node: false,
     });
     let mut script = vec![Call::get_missing(STS)];
     script.extend(missing_except_stateful_set());
@@ -274,6 +275,7 @@ async fn a_tls_secret_labelled_for_the_operator_is_read_from_its_store_not_the_a
         ca_secret_name: None,
         disable_non_tls_listeners: false,
         prometheus: false,
+        inter_node: false,
     });
     // The user's certificate, labelled warren.dev/watch=true, but without its CA.
     let live = vec![json!({

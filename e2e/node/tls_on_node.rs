@@ -1,7 +1,9 @@
 //! A TLS-only RabbitCluster in pods: the user's certificate (made with openssl, in the layout of a
 //! cert-manager Secret, labelled for the operator to watch) arrives after the cluster; the operator
 //! waits for it, then runs the cluster and reaches its management API over verified HTTPS only;
-//! clients get amqps:// URIs; the plain ports are closed; `kubectl warren status` works.
+//! clients get amqps:// URIs; the plain ports are closed (Prometheus's too: HTTPS on 15691); the
+//! node and the CLI tools in the pod (bootstrap, probes, the operator's exec) speak the Erlang
+//! distribution over TLS; `kubectl warren status` works.
 
 use std::process::Command;
 use std::time::Duration;
@@ -34,7 +36,7 @@ async fn a_tls_only_cluster_runs_in_pods_with_the_users_certificate() {
     let manifest = format!(
         "apiVersion: warren.dev/v1alpha1\nkind: RabbitCluster\nmetadata:\n  name: {NAME}\nspec:\n  replicas: 1\n  \
          image: {}\n  resources:\n    requests: {{cpu: 100m, memory: 256Mi}}\n    limits: {{memory: 1Gi}}\n  tls:\n    \
-         secretName: {NAME}-tls\n    disableNonTLSListeners: true\n",
+         secretName: {NAME}-tls\n    disableNonTLSListeners: true\n    interNode: true\n    prometheus: true\n",
         image("RABBITMQ_IMAGE")
     );
     ok("kubectl apply", testkit::control_plane::kubectl_stdin(&["apply", "-n", ns, "-f", "-"], &manifest));
@@ -108,9 +110,24 @@ async fn a_tls_only_cluster_runs_in_pods_with_the_users_certificate() {
     let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
     let pod = pods.get(&format!("{NAME}-0")).await.expect("pod");
     let pod_ip = pod.status.and_then(|s| s.pod_ip).expect("pod IP");
-    for port in [5672, 15672] {
+    for port in [5672, 15672, 15692] {
         let refused = tokio::net::TcpStream::connect((pod_ip.as_str(), port)).await;
         assert!(refused.is_err(), "port {port} of {pod_ip} accepts connections: the plain listener is open");
+    }
+    // The metrics over HTTPS, verified; the distribution port speaks TLS to the cluster's certificate.
+    let (pem, key) = (cert_dir.join("tls.crt"), cert_dir.join("tls.key"));
+    for (port, client_certificate) in [(15691, false), (25672, true)] {
+        let mut command = Command::new("openssl");
+        command
+            .args(["s_client", "-connect", &format!("{pod_ip}:{port}"), "-brief", "-verify_return_error"])
+            .args(["-CAfile", &ca_dir.join("ca.crt").to_string_lossy()])
+            .stdin(std::process::Stdio::null());
+        if client_certificate {
+            command.args(["-cert", &pem.to_string_lossy(), "-key", &key.to_string_lossy()]);
+        }
+        let out = command.output().expect("openssl");
+        let said = String::from_utf8_lossy(&out.stderr);
+        assert!(said.contains("Verification: OK"), "port {port} of {pod_ip} is not TLS: {said}");
     }
     // A client without the CA is refused by its own verification.
     let unverified = Command::new("openssl")

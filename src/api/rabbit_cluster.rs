@@ -366,12 +366,26 @@ pub struct TlsSpec {
     /// it with `scheme: https` and the CA; the pods' `prometheus.io/scheme` says so).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub prometheus: bool,
+
+    /// Encrypt the traffic between the nodes (Erlang distribution over TLS on 25672): each node
+    /// presents the certificate to its peers and to the CLI tools, and accepts only peers whose
+    /// certificate the CA signed, so the certificate must allow client authentication too
+    /// (cert-manager `usages: [server auth, client auth]`, or no extended key usage). Set it when
+    /// the cluster is created or while it is stopped (`replicas: 0`): nodes on either side of the
+    /// change cannot reach each other, so the operator refuses it while pods run.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub inter_node: bool,
 }
 
 impl TlsSpec {
     /// Whether the plain AMQP and HTTP listeners are closed.
     pub fn tls_only(tls: Option<&TlsSpec>) -> bool {
         tls.is_some_and(|t| t.disable_non_tls_listeners)
+    }
+
+    /// Whether the nodes speak Erlang distribution over TLS.
+    pub fn inter_node(tls: Option<&TlsSpec>) -> bool {
+        tls.is_some_and(|t| t.inter_node)
     }
 
     /// Whether the Prometheus endpoint is served over TLS (15691) rather than plain (15692).

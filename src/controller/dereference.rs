@@ -86,6 +86,16 @@ impl Children {
         self.stateful_set.as_ref().and_then(|s| s.spec.as_ref()).and_then(|s| s.replicas)
     }
 
+    /// Whether the StatefulSet's pods run the Erlang distribution over TLS (None: no StatefulSet).
+    pub fn runs_inter_node_tls(&self) -> Option<bool> {
+        self.stateful_set
+            .as_ref()
+            .and_then(|s| s.spec.as_ref())
+            .and_then(|s| s.template.spec.as_ref())
+            .and_then(|p| p.containers.iter().find(|c| c.name == build::statefulset::RABBITMQ_CONTAINER))
+            .map(build::statefulset::runs_inter_node_tls)
+    }
+
     /// The RabbitMQ version the StatefulSet's pods run, when its image says.
     pub fn running_version(&self) -> Option<RabbitVersion> {
         self.stateful_set

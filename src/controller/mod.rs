@@ -369,6 +369,8 @@ async fn reconcile_cluster(cluster: &RabbitCluster, ctx: &Context) -> Result<Act
         let validated = validate::validate(cluster, &ctx.config.settings)?;
         let world = dereference::dereference(ctx, &validated).await?;
         validate::check_in_place_upgrade(&running_broker(cluster, &world), &validated)?;
+        let children = &world.children;
+        validate::check_inter_node_change(children.runs_inter_node_tls(), children.current_replicas(), &validated)?;
         let (validated, scaling) = scale_before_apply(ctx, cluster, validated, &world).await;
         let (mut validated, resize) = storage::plan(validated, &world.children);
         let mut applied =

@@ -26,7 +26,7 @@ use kube::{Api, Client, Resource, ResourceExt};
 use serde::de::DeserializeOwned;
 
 use super::build::MANAGED_BY_LABEL;
-use super::build::statefulset::RABBITMQ_CONTAINER;
+use super::build::statefulset::{INTER_NODE_SERVER_ARGS, RABBITMQ_CONTAINER};
 use super::namespaces::{self, WatchScope};
 use crate::error::{Error, Result};
 
@@ -173,7 +173,7 @@ pub fn metadata_only<K: Resource + Default>(object: &mut K) {
 
 /// Of a StatefulSet, what reconcile reads: the replicas, the RabbitMQ container's image (the
 /// version the pods run), each claim template's name and size (immutable: `controller::storage`)
-/// and the status (without its conditions).
+/// whether it runs the Erlang distribution over TLS, and the status (without its conditions).
 pub fn slim_stateful_set(stateful_set: &mut StatefulSet) {
     slim_metadata(stateful_set);
     if let Some(spec) = stateful_set.spec.as_mut() {
@@ -197,7 +197,16 @@ pub fn slim_stateful_set(stateful_set: &mut StatefulSet) {
             .spec
             .as_mut()
             .and_then(|pod| pod.containers.drain(..).find(|c| c.name == RABBITMQ_CONTAINER))
-            .map(|c| Container { name: c.name, image: c.image, ..Default::default() });
+            .map(|c| Container {
+                name: c.name,
+                image: c.image,
+                // Whether the pods run the distribution over TLS (a change is refused while they run).
+                env: c
+                    .env
+                    .map(|env| env.into_iter().filter(|e| e.name == INTER_NODE_SERVER_ARGS).collect::<Vec<_>>())
+                    .filter(|env| !env.is_empty()),
+                ..Default::default()
+            });
         *spec = StatefulSetSpec {
             replicas: spec.replicas,
             volume_claim_templates: claim_templates,
@@ -279,7 +288,8 @@ mod tests {
                          "env": [{"name": "RABBITMQ_NODENAME", "value": "rabbit@x"},
                                  {"name": "RABBITMQ_USE_LONGNAME", "value": "true"},
                                  {"name": "RABBITMQ_MNESIA_BASE", "value": "/var/lib/rabbitmq/mnesia"},
-                                 {"name": "RABBITMQ_ENABLED_PLUGINS_FILE", "value": "/etc/warren/config/enabled_plugins"}],
+                                 {"name": "RABBITMQ_ENABLED_PLUGINS_FILE", "value": "/etc/warren/config/enabled_plugins"},
+                                 {"name": "RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS", "value": "-proto_dist inet_tls"}],
                          "readinessProbe": {"exec": {"command": ["/bin/bash", "/etc/warren/config/ready.sh"]}}},
                         {"name": "exporter", "image": "other"}
                     ]
@@ -296,7 +306,10 @@ mod tests {
         let pod = spec.template.spec.as_ref().expect("pod spec");
         assert_eq!(pod.containers.len(), 1);
         assert_eq!(pod.containers[0].image.as_deref(), Some("rabbitmq:4.3.6-management"));
-        assert!(pod.containers[0].env.is_none() && pod.init_containers.is_none());
+        // Of the environment, only whether the distribution runs over TLS.
+        let env = pod.containers[0].env.as_ref().expect("the distribution's arguments");
+        assert_eq!(env.iter().map(|e| e.name.as_str()).collect::<Vec<_>>(), ["RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS"]);
+        assert!(pod.init_containers.is_none());
         assert!(spec.service_name.is_none());
         // Of the claim template, its name and size (a size change cannot be applied to it).
         let template = &spec.volume_claim_templates.as_ref().expect("claim templates")[0];

@@ -372,6 +372,30 @@ pub struct RunningBroker {
     pub mirrored_classic_queues: Vec<String>,
 }
 
+/// Refuses turning the Erlang distribution's TLS on or off while pods run: the StatefulSet would
+/// roll one pod at a time, and a node on either side of the change cannot reach the others, so
+/// the roll-out would stall with the cluster split. Stopped (0 replicas), every pod starts anew.
+pub fn check_inter_node_change(
+    running: Option<bool>,
+    running_replicas: Option<i32>,
+    cluster: &ValidatedCluster,
+) -> Result<()> {
+    let wanted = TlsSpec::inter_node(cluster.tls.as_ref());
+    let (Some(runs), Some(replicas)) = (running, running_replicas) else { return Ok(()) };
+    if runs == wanted || replicas == 0 {
+        return Ok(());
+    }
+    let (from, to) = if runs { ("TLS", "plain") } else { ("plain", "TLS") };
+    Err(invalid(
+        SpecReason::InterNodeTlsChange,
+        format!(
+            "spec.tls.interNode: the {replicas} running nodes speak {from} Erlang distribution; rolling them to {to} \
+             one at a time would leave nodes that cannot reach each other. Stop the cluster first (spec.replicas: 0 \
+             keeps its data), change spec.tls.interNode, then scale back"
+        ),
+    ))
+}
+
 pub fn check_in_place_upgrade(running: &RunningBroker, cluster: &ValidatedCluster) -> Result<()> {
     let (Some(from), Some(to)) = (running.version, cluster.image_version) else { return Ok(()) };
     let disabled_flags = &running.disabled_feature_flags;

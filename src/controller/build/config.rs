@@ -96,19 +96,46 @@ pub fn config_map(cluster: &ValidatedCluster) -> ConfigMap {
     let _ = writeln!(additional, "{}", cluster.additional_config.trim_end());
     ConfigMap {
         metadata: child_meta(cluster, &cluster.config_map_name()),
-        data: Some(BTreeMap::from([
-            (OPERATOR_CONF_KEY.to_string(), rabbitmq_conf(cluster)),
-            (ADDITIONAL_CONF_KEY.to_string(), additional),
-            (ENABLED_PLUGINS_KEY.to_string(), enabled_plugins(cluster)),
-            (ADVANCED_CONFIG_KEY.to_string(), advanced_config(cluster)),
-            ("bootstrap.sh".to_string(), BOOTSTRAP_SCRIPT.to_string()),
-            ("pre-stop.sh".to_string(), PRE_STOP_SCRIPT.to_string()),
-            ("ready.sh".to_string(), READINESS_SCRIPT.to_string()),
-            (REPLICAS_KEY.to_string(), cluster.replicas.to_string()),
-            (FORMED_KEY.to_string(), cluster.formed.to_string()),
-        ])),
+        data: Some(
+            BTreeMap::from([
+                (OPERATOR_CONF_KEY.to_string(), rabbitmq_conf(cluster)),
+                (ADDITIONAL_CONF_KEY.to_string(), additional),
+                (ENABLED_PLUGINS_KEY.to_string(), enabled_plugins(cluster)),
+                (ADVANCED_CONFIG_KEY.to_string(), advanced_config(cluster)),
+                ("bootstrap.sh".to_string(), BOOTSTRAP_SCRIPT.to_string()),
+                ("pre-stop.sh".to_string(), PRE_STOP_SCRIPT.to_string()),
+                ("ready.sh".to_string(), READINESS_SCRIPT.to_string()),
+                (REPLICAS_KEY.to_string(), cluster.replicas.to_string()),
+                (FORMED_KEY.to_string(), cluster.formed.to_string()),
+            ])
+            .into_iter()
+            .chain(
+                TlsSpec::inter_node(cluster.tls.as_ref()).then(|| (INTER_NODE_TLS_KEY.to_string(), inter_node_tls())),
+            )
+            .collect(),
+        ),
         ..Default::default()
     }
+}
+
+/// The ConfigMap key of the Erlang distribution's TLS options (`-ssl_dist_optfile`).
+pub const INTER_NODE_TLS_KEY: &str = "inter-node-tls.config";
+
+/// TLS options of the Erlang distribution, for the node and for the CLI tools (which are
+/// distribution peers too): both sides verify the other against the CA, and a node refuses a peer
+/// without a certificate. Not the peer's host name: a certificate for the pods' names is often a
+/// wildcard, which the distribution's default host check does not match, and the options file
+/// cannot name a match function; whoever holds a certificate of the cluster's CA still needs the
+/// Erlang cookie. (RabbitMQ's guide, "Inter-node TLS".)
+fn inter_node_tls() -> String {
+    let files = format!(
+        "{{cacertfile, \"{TLS_CA_DIR}/ca.crt\"}},\n    {{certfile, \"{TLS_DIR}/tls.crt\"}},\n    \
+         {{keyfile, \"{TLS_DIR}/tls.key\"}},\n    {{secure_renegotiate, true}},\n    {{verify, verify_peer}}"
+    );
+    format!(
+        "[\n  {{server, [\n    {files},\n    {{fail_if_no_peer_cert, true}}\n  ]}},\n  {{client, [\n    {files},\n    \
+         {{server_name_indication, disable}}\n  ]}}\n].\n"
+    )
 }
 
 /// A hash of everything a node reads only at boot: put on the pod template so a change rolls the pods.

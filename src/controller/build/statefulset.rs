@@ -15,7 +15,8 @@ use k8s_openapi::api::core::v1::{
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 
 use super::config::{
-    ADDITIONAL_CONF_KEY, ADVANCED_CONFIG_KEY, ENABLED_PLUGINS_KEY, OPERATOR_CONF_KEY, TLS_CA_DIR, TLS_DIR,
+    ADDITIONAL_CONF_KEY, ADVANCED_CONFIG_KEY, ENABLED_PLUGINS_KEY, INTER_NODE_TLS_KEY, OPERATOR_CONF_KEY, TLS_CA_DIR,
+    TLS_DIR,
 };
 use super::secrets::{COOKIE_KEY, DEFAULT_USER_CONF_KEY};
 use super::services::{AMQPS_PORT, DISTRIBUTION_PORT, EPMD_PORT, client_ports, prometheus_port};
@@ -105,11 +106,33 @@ fn environment(cluster: &ValidatedCluster) -> Vec<EnvVar> {
         env("RABBITMQ_LOG_BASE", LOG_DIR),
         env("HOME", DATA_DIR),
     ];
+    if TlsSpec::inter_node(cluster.tls.as_ref()) {
+        // The node and every CLI tool in the pod (bootstrap, probes, preStop, the operator's
+        // exec) speak the distribution over TLS; a CLI tool without it could not reach its node.
+        let args = inter_node_erl_args();
+        environment.push(env(INTER_NODE_SERVER_ARGS, args.clone()));
+        environment.push(env("RABBITMQ_CTL_ERL_ARGS", args));
+    }
     if TlsSpec::tls_only(cluster.tls.as_ref()) {
         // The readiness probe's port: the TLS listener, the only one (ready.sh defaults to 5672).
         environment.push(env("WARREN_AMQP_PORT", AMQPS_PORT.to_string()));
     }
     environment
+}
+
+/// The environment variable whose value says whether the pods run the distribution over TLS (the
+/// operator's store keeps it: a change is refused while pods run).
+pub const INTER_NODE_SERVER_ARGS: &str = "RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS";
+
+fn inter_node_erl_args() -> String {
+    format!("-proto_dist inet_tls -ssl_dist_optfile {CONFIG_DIR}/{INTER_NODE_TLS_KEY}")
+}
+
+/// Whether a RabbitMQ container's environment runs the distribution over TLS.
+pub fn runs_inter_node_tls(container: &Container) -> bool {
+    container.env.iter().flatten().any(|e| {
+        e.name == INTER_NODE_SERVER_ARGS && e.value.as_deref().is_some_and(|v| v.contains("-proto_dist inet_tls"))
+    })
 }
 
 fn volumes(cluster: &ValidatedCluster) -> Vec<Volume> {

@@ -182,8 +182,13 @@ impl NodeCluster {
         super::super::tls::ca(&self.dir.join("ca"), &format!("{} CA", self.cluster.name));
         self.install_certificate(&tls_dir, "..v1");
         let dir = tls_dir.to_string_lossy();
-        let conf = self.template.config.get_mut("10-operator.conf").expect("the operator's configuration");
-        *conf = conf.replace("/etc/warren/tls-ca/", &format!("{dir}/")).replace("/etc/warren/tls/", &format!("{dir}/"));
+        for key in ["10-operator.conf", "inter-node-tls.config"] {
+            if let Some(conf) = self.template.config.get_mut(key) {
+                *conf = conf
+                    .replace("/etc/warren/tls-ca/", &format!("{dir}/"))
+                    .replace("/etc/warren/tls/", &format!("{dir}/"));
+            }
+        }
         let ca = std::fs::read_to_string(tls_dir.join("ca.crt")).expect("ca.crt");
         self.tls = Some((tls_dir, ca));
     }
@@ -443,11 +448,18 @@ fn pod_environment(env: &[EnvVar], index: usize, sts: &str, node_dir: &Path) -> 
         for (name, earlier) in &resolved {
             expanded = expanded.replace(&format!("$({name})"), earlier);
         }
-        if let Some((mount, local)) =
-            MOUNTS.iter().find(|(mount, _)| expanded == *mount || expanded.starts_with(&format!("{mount}/")))
-        {
-            expanded = expanded.replacen(mount, &node_dir.join(local).to_string_lossy(), 1);
-        }
+        // Each word that is a mounted path (`-ssl_dist_optfile /etc/warren/config/...` too), once:
+        // the node's directories are under /tmp, itself a mount.
+        let words: Vec<String> = expanded
+            .split(' ')
+            .map(|word| {
+                match MOUNTS.iter().find(|(mount, _)| word == *mount || word.starts_with(&format!("{mount}/"))) {
+                    Some((mount, local)) => word.replacen(mount, &node_dir.join(local).to_string_lossy(), 1),
+                    None => word.to_string(),
+                }
+            })
+            .collect();
+        expanded = words.join(" ");
         resolved.push((var.name.clone(), expanded));
     }
     resolved.extend([
