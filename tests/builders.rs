@@ -394,6 +394,40 @@ fn inter_node_tls_runs_the_distribution_and_the_cli_over_tls_and_is_not_changed_
 }
 
 #[test]
+fn spread_prefers_or_requires_a_node_per_pod_and_can_spread_over_zones() {
+    let spec_of = |r: &Resources| json_of(&r.stateful_set)["spec"]["template"]["spec"].clone();
+    // Default: preferred, one term on the hostname; no topology spread (existing pods do not roll).
+    let (_, r) = built("basic.yaml");
+    let pod = spec_of(&r);
+    let anti = &pod["affinity"]["podAntiAffinity"];
+    assert_eq!(
+        anti["preferredDuringSchedulingIgnoredDuringExecution"][0]["podAffinityTerm"]["topologyKey"],
+        "kubernetes.io/hostname"
+    );
+    assert!(anti["requiredDuringSchedulingIgnoredDuringExecution"].is_null());
+    assert!(pod["topologySpreadConstraints"].is_null());
+
+    let mut cluster = fixture("basic.yaml");
+    cluster.spec.spread.nodes = warren::api::NodeSpread::Required;
+    cluster.spec.spread.zones = true;
+    let r = build::build(&validate(&cluster, &Settings::default()).expect("valid"), &credentials());
+    let pod = spec_of(&r);
+    let required = &pod["affinity"]["podAntiAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"][0];
+    assert_eq!(required["topologyKey"], "kubernetes.io/hostname");
+    assert_eq!(required["labelSelector"]["matchLabels"]["app.kubernetes.io/instance"], "demo");
+    let zones = &pod["topologySpreadConstraints"][0];
+    assert_eq!(
+        (&zones["topologyKey"], &zones["maxSkew"], &zones["whenUnsatisfiable"]),
+        (&json!("topology.kubernetes.io/zone"), &json!(1), &json!("DoNotSchedule"))
+    );
+
+    // Required with an affinity of the user's, which replaces the default: refused, naming both.
+    cluster.spec.affinity = Some(Default::default());
+    let error = validate(&cluster, &Settings::default()).expect_err("both");
+    assert!(error.to_string().contains("spec.spread.nodes") && error.to_string().contains("spec.affinity"), "{error}");
+}
+
+#[test]
 fn bad_specs_are_refused_with_a_reason_that_names_the_field() {
     let cases = [
         ("bad-mirrored-on-4x.yaml", "ClassicMirroringUnsupported", "ClassicMirrored"),

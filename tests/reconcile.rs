@@ -394,6 +394,7 @@ async fn steady_cluster() -> SteadyCluster {
         stateful_set: Some(&sts),
         broker: Ok(&observation),
         error: None,
+        unschedulable: &[],
     });
     assert!(verdicts.iter().all(|v| v.status == Some(true)), "{verdicts:#?}");
     verdicts.push(conditions::steady_scaling(3));
@@ -567,15 +568,52 @@ async fn a_stateful_set_scaled_by_hand_is_set_back_and_the_change_named() {
             let note = body["note"].as_str().unwrap();
             assert!(note.contains("by kubectl (through /scale): spec.replicas 0 (set back to 3)"), "{note}");
         }),
-        // The StatefulSet's status is for generation 1: the pods are not looked at as ready yet.
+        // The StatefulSet's status is for generation 1: the pods are not looked at as ready yet,
+        // but listed for one the scheduler could not place (none here).
+        pods_listed(json!([])),
         Call::status_patch(CLUSTER).check(|body| {
             assert_eq!(condition(body, "ReconcileSuccess")["status"], "True");
             assert_eq!(condition(body, "AllReplicasReady")["status"], "False");
+            assert_eq!(condition(body, "AllReplicasReady")["reason"], "PodsNotReady");
         }),
     ];
     let (result, _) = run_with(cluster, live, script, &fake.url).await;
     assert!(result.is_ok(), "{result:?}");
     assert!(fake.writes().is_empty(), "nothing ran on the broker: {:?}", fake.writes());
+}
+
+/// The LIST of the cluster's pods (by its selector), answered with `items`.
+fn pods_listed(items: Value) -> Call {
+    Call::get(format!("{NS}/pods")).returns(json!({"apiVersion": "v1", "kind": "PodList", "metadata": {},
+        "items": items}))
+}
+
+/// A pod the scheduler cannot place (spec.spread.nodes Required on too few nodes): the
+/// AllReplicasReady condition and a Warning Event say which and why, in the scheduler's words.
+#[tokio::test]
+async fn a_pod_the_scheduler_cannot_place_is_named_with_why() {
+    let SteadyCluster { cluster, fake, mut live, .. } = steady_cluster().await;
+    live[0]["status"]["readyReplicas"] = json!(2);
+    let why = "0/2 nodes are available: 2 node(s) didn't match pod anti-affinity rules.";
+    let pending = json!({"metadata": {"name": "demo-2", "namespace": "default"},
+        "status": {"phase": "Pending", "conditions": [
+            {"type": "PodScheduled", "status": "False", "reason": "Unschedulable", "message": why}]}});
+    let running = json!({"metadata": {"name": "demo-0", "namespace": "default"}, "status": {"phase": "Running"}});
+    let script = vec![
+        pods_listed(json!([running, pending])),
+        Call::event("default", "PodUnschedulable").check(move |body| {
+            assert_eq!(body["type"], "Warning");
+            assert_eq!(body["note"], format!("demo-2 cannot be scheduled: {why}"), "{body}");
+        }),
+        Call::status_patch(CLUSTER).check(move |body| {
+            let replicas = condition(body, "AllReplicasReady");
+            assert_eq!((&replicas["status"], &replicas["reason"]), (&json!("False"), &json!("PodsUnschedulable")));
+            assert_eq!(replicas["message"], format!("2/3 pods ready; demo-2 cannot be scheduled: {why}"));
+        }),
+    ];
+    let (result, _) = run_with(cluster, live, script, &fake.url).await;
+    assert!(result.is_ok(), "{result:?}");
+    assert!(fake.requests().is_empty(), "the broker is asked only once every pod is ready");
 }
 
 /// A roll-out to a tag that does not exist (one pod in ImagePullBackOff) is undone: the template

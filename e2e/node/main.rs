@@ -7,4 +7,5 @@ mod day_two;
 mod migration_job;
 mod observability;
 mod rig;
+mod spread_on_node;
 mod tls_on_node;

@@ -91,10 +91,15 @@ pub struct RabbitClusterSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resources: Option<ResourceRequirements>,
 
-    /// Pod affinity. Default: prefer spreading the nodes over Kubernetes nodes, so that losing one
-    /// Kubernetes node takes one replica, not two.
+    /// Pod affinity. Default: from `spread` (prefer spreading the nodes over Kubernetes nodes, so
+    /// that losing one Kubernetes node takes one replica, not two).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub affinity: Option<Affinity>,
+
+    /// How the RabbitMQ pods spread over Kubernetes nodes and zones. A pod the spread leaves
+    /// without a place stays Pending, and the AllReplicasReady condition says why.
+    #[serde(default)]
+    pub spread: SpreadSpec,
 
     /// Pod tolerations.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -129,6 +134,29 @@ pub struct RabbitClusterSpec {
     /// The NetworkPolicy the operator creates for the RabbitMQ pods (on by default).
     #[serde(default)]
     pub network_policy: NetworkPolicySpec,
+}
+
+/// How the RabbitMQ pods spread over Kubernetes nodes and zones.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct SpreadSpec {
+    /// `Preferred` (default): each pod on a Kubernetes node of its own when one is free, else
+    /// beside another. `Required`: never two on one node (a node lost takes one member, never a
+    /// majority); a pod that finds no free node stays Pending. Set by `affinity` when given.
+    #[serde(default)]
+    pub nodes: NodeSpread,
+    /// Spread evenly over the zones (`topology.kubernetes.io/zone`): no zone holds more than one
+    /// pod more than another; a pod that would break it stays Pending.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub zones: bool,
+}
+
+/// Whether two RabbitMQ pods may share a Kubernetes node.
+#[derive(schemars::JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum NodeSpread {
+    #[default]
+    Preferred,
+    Required,
 }
 
 /// Who may reach the RabbitMQ pods. Only the cluster's own pods reach the Erlang distribution

@@ -4,14 +4,15 @@
 use std::sync::Arc;
 
 use k8s_openapi::api::apps::v1::StatefulSet;
-use k8s_openapi::api::core::v1::ObjectReference;
-use kube::ResourceExt;
+use k8s_openapi::api::core::v1::{ObjectReference, Pod};
+use kube::api::ListParams;
 use kube::runtime::events::EventType;
 use kube::runtime::reflector::ObjectRef;
+use kube::{Api, ResourceExt};
 
 use super::dereference::Dereferenced;
 use super::validate::ValidatedCluster;
-use super::{Context, conditions, recover, scale};
+use super::{Context, build, conditions, recover, scale};
 use crate::api::{FEATURE_FLAGS_ANNOTATION, RabbitCluster};
 use crate::error::{BrokerReason, Error};
 use crate::rabbitmq::broker::{self, BrokerObservation};
@@ -25,6 +26,8 @@ pub struct Observation {
     pub scaling: Option<scale::ScalePass>,
     pub error: Option<Error>,
     pub all_ready: bool,
+    /// Pods the scheduler could not place, each with its reason (`<pod>: <scheduler message>`).
+    pub unschedulable: Vec<String>,
 }
 
 /// Step 4: the broker (membership, HA, partitions) once every pod is ready, and the nodes a
@@ -93,7 +96,43 @@ pub async fn observe(
         None => "waiting for all pods to be ready".to_string(),
     };
     let error = scaling.as_mut().and_then(|s| s.error.take()).or(error);
-    Observation { stateful_set, broker, why_not_checked, scaling, error, all_ready }
+    // Not all ready: is a pod waiting for a place (the spread, the volume's node, resources)?
+    let unschedulable = if !all_ready && validated.replicas > 0 && stateful_set.is_some() {
+        unschedulable_pods(ctx, validated).await
+    } else {
+        Vec::new()
+    };
+    if !unschedulable.is_empty() {
+        ctx.event(cluster, EventType::Warning, "PodUnschedulable", "Observe", unschedulable.join("; ")).await;
+    }
+    Observation { stateful_set, broker, why_not_checked, scaling, error, all_ready, unschedulable }
+}
+
+/// The cluster's Pending pods the scheduler marked unschedulable, with its message (one LIST, only
+/// while not every pod is ready). A failed LIST leaves the condition without the reasons.
+async fn unschedulable_pods(ctx: &Context, validated: &ValidatedCluster) -> Vec<String> {
+    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &validated.namespace);
+    let selector = ListParams::default().labels(&build::selector_string(&validated.name));
+    let listed = match pods.list(&selector).await {
+        Ok(listed) => listed,
+        Err(error) => {
+            tracing::debug!(%error, "list the cluster's pods for their scheduling");
+            return Vec::new();
+        }
+    };
+    let mut waiting: Vec<String> = listed
+        .items
+        .iter()
+        .filter(|pod| pod.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Pending"))
+        .filter_map(|pod| {
+            let conditions = pod.status.as_ref()?.conditions.as_ref()?;
+            let scheduled = conditions.iter().find(|c| c.type_ == "PodScheduled" && c.status == "False")?;
+            let why = scheduled.message.as_deref().or(scheduled.reason.as_deref()).unwrap_or("not scheduled");
+            Some(format!("{} cannot be scheduled: {}", pod.name_any(), why.trim()))
+        })
+        .collect();
+    waiting.sort();
+    waiting
 }
 
 /// The feature flags the user asked to enable beyond the stable ones the operator enables by itself

@@ -43,6 +43,8 @@ pub struct Observed<'a> {
     pub stateful_set: Option<&'a StatefulSet>,
     pub broker: Result<&'a BrokerObservation, String>,
     pub error: Option<&'a Error>,
+    /// Pods the scheduler could not place, with why (empty when all are placed or unknown).
+    pub unschedulable: &'a [String],
 }
 
 /// Whether the StatefulSet runs the desired replicas, all updated and ready.
@@ -64,6 +66,13 @@ pub fn verdicts(observed: &Observed) -> Vec<Verdict> {
             Some(true),
             "AllPodsReady",
             format!("{ready}/{} pods ready", observed.desired_replicas),
+        )
+    } else if !observed.unschedulable.is_empty() {
+        verdict(
+            ALL_REPLICAS_READY,
+            Some(false),
+            "PodsUnschedulable",
+            format!("{ready}/{} pods ready; {}", observed.desired_replicas, observed.unschedulable.join("; ")),
         )
     } else {
         verdict(

@@ -62,12 +62,13 @@ pub async fn write(
     validated: &ValidatedCluster,
     observed: &Observation,
 ) -> Result<()> {
-    let Observation { stateful_set, broker, why_not_checked, scaling, error, .. } = observed;
+    let Observation { stateful_set, broker, why_not_checked, scaling, error, unschedulable, .. } = observed;
     let mut verdicts = verdicts(&Observed {
         desired_replicas: validated.replicas,
         stateful_set: stateful_set.as_deref(),
         broker: broker.as_ref().ok_or(why_not_checked.clone()),
         error: error.as_ref(),
+        unschedulable,
     });
     verdicts.push(match &scaling {
         Some(pass) => pass.verdict.clone(),

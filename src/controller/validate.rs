@@ -6,15 +6,15 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{
     Affinity, LocalObjectReference, PodAffinityTerm, PodAntiAffinity, ResourceRequirements, Toleration,
-    WeightedPodAffinityTerm,
+    TopologySpreadConstraint, WeightedPodAffinityTerm,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, OwnerReference};
 use kube::{Resource, ResourceExt};
 
 use crate::api::{
-    FEATURE_FLAGS_ANNOTATION, HighAvailabilityMode, HighAvailabilitySpec, NetworkPolicySpec, PartitionHandling,
-    RabbitCluster, RabbitClusterSpec, ServiceSpec, TlsSpec,
+    FEATURE_FLAGS_ANNOTATION, HighAvailabilityMode, HighAvailabilitySpec, NetworkPolicySpec, NodeSpread,
+    PartitionHandling, RabbitCluster, RabbitClusterSpec, ServiceSpec, TlsSpec,
 };
 use crate::error::{Error, Result, SpecReason};
 use crate::rabbitmq::ha;
@@ -64,6 +64,8 @@ pub struct ValidatedCluster {
     pub resources: ResourceRequirements,
     pub memory_watermark_bytes: Option<u64>,
     pub affinity: Affinity,
+    /// `spec.spread.zones`: an even spread over the zones.
+    pub topology_spread: Vec<TopologySpreadConstraint>,
     pub tolerations: Vec<Toleration>,
     pub node_selector: BTreeMap<String, String>,
     pub service: ServiceSpec,
@@ -132,7 +134,15 @@ pub fn validate(cluster: &RabbitCluster, settings: &Settings) -> Result<Validate
     }
 
     let warnings = warnings(spec, &image, image_version);
-    let affinity = spec.affinity.clone().unwrap_or_else(|| spread_over_nodes(&name));
+    if spec.affinity.is_some() && spec.spread.nodes == NodeSpread::Required {
+        return Err(invalid(
+            SpecReason::InvalidSpec,
+            "spec.spread.nodes: Required sets the pods' anti-affinity, and spec.affinity replaces it: remove \
+             spec.affinity, or put a required anti-affinity in it and leave spec.spread.nodes out",
+        ));
+    }
+    let affinity = spec.affinity.clone().unwrap_or_else(|| spread_over_nodes(&name, spec.spread.nodes));
+    let topology_spread = if spec.spread.zones { vec![spread_over_zones(&name)] } else { Vec::new() };
     Ok(ValidatedCluster {
         name,
         namespace,
@@ -147,6 +157,7 @@ pub fn validate(cluster: &RabbitCluster, settings: &Settings) -> Result<Validate
         resources,
         memory_watermark_bytes,
         affinity,
+        topology_spread,
         tolerations: spec.tolerations.clone(),
         node_selector: spec.node_selector.clone(),
         service: spec.service.clone(),
@@ -316,21 +327,41 @@ fn default_resources() -> ResourceRequirements {
     }
 }
 
-/// Prefer one replica per Kubernetes node: losing a node then takes one replica, not two.
-fn spread_over_nodes(name: &str) -> Affinity {
-    Affinity {
-        pod_anti_affinity: Some(PodAntiAffinity {
+/// One replica per Kubernetes node, preferred or required: losing a node then takes one replica,
+/// not two.
+fn spread_over_nodes(name: &str, spread: NodeSpread) -> Affinity {
+    let term = PodAffinityTerm {
+        label_selector: Some(LabelSelector {
+            match_labels: Some(super::build::selector_labels(name)),
+            ..Default::default()
+        }),
+        topology_key: "kubernetes.io/hostname".into(),
+        ..Default::default()
+    };
+    let anti_affinity = match spread {
+        NodeSpread::Preferred => PodAntiAffinity {
             preferred_during_scheduling_ignored_during_execution: Some(vec![WeightedPodAffinityTerm {
                 weight: 100,
-                pod_affinity_term: PodAffinityTerm {
-                    label_selector: Some(LabelSelector {
-                        match_labels: Some(super::build::selector_labels(name)),
-                        ..Default::default()
-                    }),
-                    topology_key: "kubernetes.io/hostname".into(),
-                    ..Default::default()
-                },
+                pod_affinity_term: term,
             }]),
+            ..Default::default()
+        },
+        NodeSpread::Required => PodAntiAffinity {
+            required_during_scheduling_ignored_during_execution: Some(vec![term]),
+            ..Default::default()
+        },
+    };
+    Affinity { pod_anti_affinity: Some(anti_affinity), ..Default::default() }
+}
+
+/// At most one pod more in any zone than in another; a pod that would break it is not scheduled.
+fn spread_over_zones(name: &str) -> TopologySpreadConstraint {
+    TopologySpreadConstraint {
+        max_skew: 1,
+        topology_key: "topology.kubernetes.io/zone".into(),
+        when_unsatisfiable: "DoNotSchedule".into(),
+        label_selector: Some(LabelSelector {
+            match_labels: Some(super::build::selector_labels(name)),
             ..Default::default()
         }),
         ..Default::default()

@@ -280,6 +280,8 @@ pub fn stateful_set(cluster: &ValidatedCluster, config_hash: &str) -> StatefulSe
         containers: vec![container(cluster)],
         volumes: Some(volumes(cluster)),
         affinity: Some(cluster.affinity.clone()),
+        // Only when asked: a new field on every pod template would roll every cluster's pods.
+        topology_spread_constraints: (!cluster.topology_spread.is_empty()).then(|| cluster.topology_spread.clone()),
         tolerations: (!cluster.tolerations.is_empty()).then(|| cluster.tolerations.clone()),
         node_selector: (!cluster.node_selector.is_empty()).then(|| cluster.node_selector.clone()),
         image_pull_secrets: (!cluster.image_pull_secrets.is_empty()).then(|| cluster.image_pull_secrets.clone()),
