@@ -241,16 +241,21 @@ async fn a_paused_cluster_gets_only_its_condition() {
     assert!(result.is_ok());
 }
 
-#[tokio::test]
-async fn a_missing_tls_secret_is_reported_and_retried() {
-    let mut cluster = fixture("basic.yaml");
-    cluster.spec.tls = Some(TlsSpec {
+/// TLS from the Secret demo-tls, plain listeners kept.
+fn demo_tls() -> TlsSpec {
+    TlsSpec {
         secret_name: "demo-tls".into(),
         ca_secret_name: None,
         disable_non_tls_listeners: false,
         prometheus: false,
         inter_node: false,
-    });
+    }
+}
+
+#[tokio::test]
+async fn a_missing_tls_secret_is_reported_and_retried() {
+    let mut cluster = fixture("basic.yaml");
+    cluster.spec.tls = Some(demo_tls());
     let mut script = vec![Call::get_missing(STS)];
     script.extend(missing_except_stateful_set());
     script.extend([
@@ -270,13 +275,7 @@ async fn a_missing_tls_secret_is_reported_and_retried() {
 #[tokio::test]
 async fn a_tls_secret_labelled_for_the_operator_is_read_from_its_store_not_the_api_server() {
     let mut cluster = fixture("basic.yaml");
-    cluster.spec.tls = Some(TlsSpec {
-        secret_name: "demo-tls".into(),
-        ca_secret_name: None,
-        disable_non_tls_listeners: false,
-        prometheus: false,
-        inter_node: false,
-    });
+    cluster.spec.tls = Some(demo_tls());
     // The user's certificate, labelled warren.dev/watch=true, but without its CA.
     let live = vec![json!({
         "apiVersion": "v1", "kind": "Secret",
