@@ -71,6 +71,7 @@ async fn a_tls_only_cluster_serves_verified_clients_and_takes_a_migration_from_a
         panic!("a client that does not trust the CA connected");
     };
     assert!(untrusted.message.to_lowercase().contains("certificate"), "{}", untrusted.message);
+    kombu_connects_with_the_ca_and_is_refused_without(&new).await;
     kubectl_warren_reads_the_management_api_over_verified_https(&new).await;
 
     // A plain 3.10 source with messages.
@@ -104,6 +105,31 @@ async fn a_tls_only_cluster_serves_verified_clients_and_takes_a_migration_from_a
     assert_eq!(amqp::live_depth(&source_url, "orders").await, 0, "the source drained");
 
     certificate_renewed_under_a_confirming_publisher(&new).await;
+}
+
+/// A Celery app's kombu (5.7 line, pinned in tests/fixtures/celery) over AMQPS, as
+/// `broker_use_ssl` configures it: with the cluster's CA it publishes and reads back; trusting only
+/// the system's CAs it is refused by its own certificate check.
+async fn kombu_connects_with_the_ca_and_is_refused_without(nodes: &NodeCluster) {
+    let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/celery");
+    let venv = tokio::process::Command::new(fixtures.join("venv.sh")).arg("5.7").output().await.expect("venv.sh");
+    assert!(venv.status.success(), "venv.sh: {}", String::from_utf8_lossy(&venv.stderr));
+    let python = std::path::PathBuf::from(String::from_utf8_lossy(&venv.stdout).trim()).join("bin/python");
+    let (tls_dir, _) = nodes.tls.as_ref().expect("TLS");
+    let url = nodes.nodes[1].amqp_url(&nodes.credentials);
+    let check = |ca: String| {
+        let (python, script, url) = (python.clone(), fixtures.join("tls_check.py"), url.clone());
+        async move { tokio::process::Command::new(python).arg(script).arg(url).arg(ca).output().await.expect("python") }
+    };
+    let trusted = check(tls_dir.join("ca.crt").to_string_lossy().into_owned()).await;
+    assert!(
+        trusted.status.success() && String::from_utf8_lossy(&trusted.stdout).trim() == "ok",
+        "kombu with the CA: {}",
+        String::from_utf8_lossy(&trusted.stderr)
+    );
+    let untrusted = check("-".into()).await;
+    let said = String::from_utf8_lossy(&untrusted.stderr);
+    assert!(!untrusted.status.success() && said.contains("CERTIFICATE_VERIFY_FAILED"), "kombu without the CA: {said}");
 }
 
 /// spec.tls.interNode: the nodes formed one cluster over TLS distribution: 25672 answers a TLS
