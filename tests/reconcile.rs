@@ -82,6 +82,7 @@ fn fill_stores(ctx: &Context, live: Vec<Value>) {
             Some("Service") => put(&mut writers.services, object),
             Some("PodDisruptionBudget") => put(&mut writers.budgets, object),
             Some("NetworkPolicy") => put(&mut writers.network_policies, object),
+            Some("Pod") => put(&mut writers.pods, object),
             other => panic!("no store for {other:?}"),
         }
     }
@@ -567,9 +568,7 @@ async fn a_stateful_set_scaled_by_hand_is_set_back_and_the_change_named() {
             let note = body["note"].as_str().unwrap();
             assert!(note.contains("by kubectl (through /scale): spec.replicas 0 (set back to 3)"), "{note}");
         }),
-        // The StatefulSet's status is for generation 1: the pods are not looked at as ready yet,
-        // but listed for one the scheduler could not place (none here).
-        pods_listed(json!([])),
+        // The StatefulSet's status is for generation 1: the pods are not looked at as ready yet.
         Call::status_patch(CLUSTER).check(|body| {
             assert_eq!(condition(body, "ReconcileSuccess")["status"], "True");
             assert_eq!(condition(body, "AllReplicasReady")["status"], "False");
@@ -581,12 +580,6 @@ async fn a_stateful_set_scaled_by_hand_is_set_back_and_the_change_named() {
     assert!(fake.writes().is_empty(), "nothing ran on the broker: {:?}", fake.writes());
 }
 
-/// The LIST of the cluster's pods (by its selector), answered with `items`.
-fn pods_listed(items: Value) -> Call {
-    Call::get(format!("{NS}/pods")).returns(json!({"apiVersion": "v1", "kind": "PodList", "metadata": {},
-        "items": items}))
-}
-
 /// A pod the scheduler cannot place (spec.spread.nodes Required on too few nodes): the
 /// AllReplicasReady condition and a Warning Event say which and why, in the scheduler's words.
 #[tokio::test]
@@ -594,12 +587,16 @@ async fn a_pod_the_scheduler_cannot_place_is_named_with_why() {
     let SteadyCluster { cluster, fake, mut live, .. } = steady_cluster().await;
     live[0]["status"]["readyReplicas"] = json!(2);
     let why = "0/2 nodes are available: 2 node(s) didn't match pod anti-affinity rules.";
-    let pending = json!({"metadata": {"name": "demo-2", "namespace": "default"},
+    let labels = json!({"app.kubernetes.io/name": "rabbitmq", "app.kubernetes.io/instance": "demo"});
+    let pending = json!({"apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "demo-2", "namespace": "default", "labels": labels},
         "status": {"phase": "Pending", "conditions": [
             {"type": "PodScheduled", "status": "False", "reason": "Unschedulable", "message": why}]}});
-    let running = json!({"metadata": {"name": "demo-0", "namespace": "default"}, "status": {"phase": "Running"}});
+    let running = json!({"apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "demo-0", "namespace": "default", "labels": labels}, "status": {"phase": "Running"}});
+    live.extend([running, pending]);
+    // From the pods' store: no read.
     let script = vec![
-        pods_listed(json!([running, pending])),
         Call::event("default", "PodUnschedulable").check(move |body| {
             assert_eq!(body["type"], "Warning");
             assert_eq!(body["note"], format!("demo-2 cannot be scheduled: {why}"), "{body}");

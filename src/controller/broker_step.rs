@@ -4,11 +4,10 @@
 use std::sync::Arc;
 
 use k8s_openapi::api::apps::v1::StatefulSet;
-use k8s_openapi::api::core::v1::{ObjectReference, Pod};
-use kube::api::ListParams;
+use k8s_openapi::api::core::v1::ObjectReference;
+use kube::ResourceExt;
 use kube::runtime::events::EventType;
 use kube::runtime::reflector::ObjectRef;
-use kube::{Api, ResourceExt};
 
 use super::dereference::Dereferenced;
 use super::validate::ValidatedCluster;
@@ -97,32 +96,24 @@ pub async fn observe(
     };
     let error = scaling.as_mut().and_then(|s| s.error.take()).or(error);
     // Not all ready: is a pod waiting for a place (the spread, the volume's node, resources)?
-    let unschedulable = if !all_ready && validated.replicas > 0 && stateful_set.is_some() {
-        unschedulable_pods(ctx, validated).await
-    } else {
-        Vec::new()
-    };
+    let unschedulable = if all_ready { Vec::new() } else { unschedulable_pods(ctx, validated) };
     if !unschedulable.is_empty() {
         ctx.event(cluster, EventType::Warning, "PodUnschedulable", "Observe", unschedulable.join("; ")).await;
     }
     Observation { stateful_set, broker, why_not_checked, scaling, error, all_ready, unschedulable }
 }
 
-/// The cluster's Pending pods the scheduler marked unschedulable, with its message (one LIST, only
-/// while not every pod is ready). A failed LIST leaves the condition without the reasons.
-async fn unschedulable_pods(ctx: &Context, validated: &ValidatedCluster) -> Vec<String> {
-    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &validated.namespace);
-    let selector = ListParams::default().labels(&build::selector_string(&validated.name));
-    let listed = match pods.list(&selector).await {
-        Ok(listed) => listed,
-        Err(error) => {
-            tracing::debug!(%error, "list the cluster's pods for their scheduling");
-            return Vec::new();
-        }
-    };
-    let mut waiting: Vec<String> = listed
-        .items
+/// The cluster's Pending pods the scheduler marked unschedulable, with its message, from the pods'
+/// store (no read).
+fn unschedulable_pods(ctx: &Context, validated: &ValidatedCluster) -> Vec<String> {
+    let mut waiting: Vec<String> = ctx
+        .stores
+        .pods
+        .state()
         .iter()
+        .filter(|pod| pod.namespace().as_deref() == Some(validated.namespace.as_str()))
+        .filter(|pod| pod.labels().get(build::INSTANCE_LABEL) == Some(&validated.name))
+        .filter(|pod| pod.labels().get(build::NAME_LABEL).is_some_and(|v| v == "rabbitmq"))
         .filter(|pod| pod.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Pending"))
         .filter_map(|pod| {
             let conditions = pod.status.as_ref()?.conditions.as_ref()?;

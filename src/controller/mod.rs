@@ -20,7 +20,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::{ObjectReference, Secret};
+use k8s_openapi::api::core::v1::{ObjectReference, Pod, Secret};
 use kube::runtime::controller::{self, Action, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::reflector::ObjectRef;
@@ -240,6 +240,8 @@ pub async fn run(ctx: Arc<Context>, scope: WatchScope, readiness: Readiness) {
         .owns_stream(reflect(client, scope, children.clone(), writers.service_accounts, metadata_only))
         .owns_stream(reflect(client, scope, children.clone(), writers.budgets, metadata_only))
         .owns_stream(reflect(client, scope, children.clone(), writers.network_policies, metadata_only))
+        // The pods: a pod the scheduler cannot place is named in status as it happens.
+        .watches_stream(reflect(client, scope, children.clone(), writers.pods, stores::slim_pod), cluster_of_pod)
         .shutdown_on_signal();
     let migrations =
         Controller::for_stream(reflect(client, scope, all(), migration_writer, slim_metadata), migration_store)
@@ -276,6 +278,15 @@ fn cluster_of(secret: Secret) -> Option<ObjectRef<RabbitCluster>> {
         return None;
     }
     Some(ObjectRef::new(labels.get(build::INSTANCE_LABEL)?).within(&secret.namespace()?))
+}
+
+/// The RabbitCluster a RabbitMQ pod belongs to, by its labels (a migration Job's pod: none).
+fn cluster_of_pod(pod: Pod) -> Option<ObjectRef<RabbitCluster>> {
+    let labels = pod.labels();
+    if labels.get(build::NAME_LABEL).is_none_or(|v| v != "rabbitmq") {
+        return None;
+    }
+    Some(ObjectRef::new(labels.get(build::INSTANCE_LABEL)?).within(&pod.namespace()?))
 }
 
 /// The RabbitClusters whose spec.tls names a Secret (its certificate or its CA).

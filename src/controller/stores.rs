@@ -14,8 +14,8 @@ use k8s_openapi::NamespaceResourceScope;
 use k8s_openapi::api::apps::v1::{StatefulSet, StatefulSetSpec};
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{
-    ConfigMap, Container, PersistentVolumeClaim, PersistentVolumeClaimSpec, PodSpec, PodTemplateSpec, Secret, Service,
-    ServiceAccount, VolumeResourceRequirements,
+    ConfigMap, Container, PersistentVolumeClaim, PersistentVolumeClaimSpec, Pod, PodSpec, PodStatus, PodTemplateSpec,
+    Secret, Service, ServiceAccount, VolumeResourceRequirements,
 };
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
@@ -44,6 +44,8 @@ pub struct Stores {
     pub budgets: Store<PodDisruptionBudget>,
     pub network_policies: Store<NetworkPolicy>,
     pub jobs: Store<Job>,
+    /// The RabbitMQ pods (and migration Jobs' pods): their phase and whether they were scheduled.
+    pub pods: Store<Pod>,
 }
 
 /// The writing halves, fed by the watches `controller::run` starts (or by a test).
@@ -57,6 +59,7 @@ pub struct Writers {
     pub budgets: Writer<PodDisruptionBudget>,
     pub network_policies: Writer<NetworkPolicy>,
     pub jobs: Writer<Job>,
+    pub pods: Writer<Pod>,
 }
 
 /// Empty stores and their writers.
@@ -70,6 +73,7 @@ pub fn stores() -> (Stores, Writers) {
     let (budgets, budgets_w) = reflector::store();
     let (network_policies, network_policies_w) = reflector::store();
     let (jobs, jobs_w) = reflector::store();
+    let (pods, pods_w) = reflector::store();
     (
         Stores {
             stateful_sets,
@@ -81,6 +85,7 @@ pub fn stores() -> (Stores, Writers) {
             budgets,
             network_policies,
             jobs,
+            pods,
         },
         Writers {
             stateful_sets: stateful_sets_w,
@@ -92,6 +97,7 @@ pub fn stores() -> (Stores, Writers) {
             budgets: budgets_w,
             network_policies: network_policies_w,
             jobs: jobs_w,
+            pods: pods_w,
         },
     )
 }
@@ -107,7 +113,8 @@ impl Stores {
         self.service_accounts.wait_until_ready().await?;
         self.budgets.wait_until_ready().await?;
         self.network_policies.wait_until_ready().await?;
-        self.jobs.wait_until_ready().await
+        self.jobs.wait_until_ready().await?;
+        self.pods.wait_until_ready().await
     }
 }
 
@@ -226,6 +233,18 @@ pub fn slim_stateful_set(stateful_set: &mut StatefulSet) {
 pub fn slim_job(job: &mut Job) {
     slim_metadata(job);
     job.spec = None;
+}
+
+/// Of a pod, its metadata, phase and PodScheduled condition: whether the scheduler could place it,
+/// and why not (`broker_step` names unschedulable pods from this store, without a read).
+pub fn slim_pod(pod: &mut Pod) {
+    slim_metadata(pod);
+    pod.spec = None;
+    if let Some(status) = pod.status.take() {
+        let scheduled =
+            status.conditions.map(|c| c.into_iter().filter(|c| c.type_ == "PodScheduled").collect::<Vec<_>>());
+        pod.status = Some(PodStatus { phase: status.phase, conditions: scheduled, ..Default::default() });
+    }
 }
 
 /// The key of a cert-manager Secret that holds the CA certificate.

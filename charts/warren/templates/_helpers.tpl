@@ -55,11 +55,12 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 - apiGroups: [batch]
   resources: [jobs]
   verbs: [get, list, watch, create]
-# Pods: a migration Job's termination message (the migrator's summary, read into status), and a
-# scale-down's view of the RabbitMQ pods (ready, stopping).
+# Pods: a migration Job's termination message (the migrator's summary, read into status), a
+# scale-down's view of the RabbitMQ pods (ready, stopping), and the watch that names a pod the
+# scheduler cannot place.
 - apiGroups: [""]
   resources: [pods]
-  verbs: [list]
+  verbs: [list, watch]
 # Scale-down runs rabbitmqctl-level commands in the RabbitMQ pods (quorum shrink, maintenance
 # mode, forget_cluster_node), as `kubectl exec` does: a WebSocket upgrade of a GET, which servers
 # before the WebSocket create check authorise as get; so do the recovery of a deleted Erlang
