@@ -180,6 +180,7 @@ async fn check_tls_secrets(ctx: &Context, cluster: &ValidatedCluster) -> Result<
         Some((_, keys)) => keys.push("ca.crt"),
         None => required.push((ca_secret, vec!["ca.crt"])),
     }
+    let mut ca = None;
     for (name, keys) in required {
         let secret =
             cached(&ctx.client, &ctx.stores.watched_secrets, &cluster.namespace, name).await?.ok_or_else(|| {
@@ -192,9 +193,10 @@ async fn check_tls_secrets(ctx: &Context, cluster: &ValidatedCluster) -> Result<
         if let Some(key) = keys.into_iter().find(empty) {
             return Err(Error::SecretMissing { name: name.to_string(), message: format!("has no key {key:?}") });
         }
+        // Read once: an unlabelled Secret is not in the store, and each look would be a GET.
+        if name == ca_secret {
+            ca = secret.data.as_ref().and_then(|d| d.get(CA_KEY)).map(|v| String::from_utf8_lossy(&v.0).into_owned());
+        }
     }
-    let secret = cached(&ctx.client, &ctx.stores.watched_secrets, &cluster.namespace, ca_secret).await?;
-    let ca =
-        secret.as_ref().and_then(|s| s.data.as_ref()?.get(CA_KEY)).map(|v| String::from_utf8_lossy(&v.0).into_owned());
     Ok(ca)
 }

@@ -20,7 +20,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::{ObjectReference, Pod, Secret};
+use k8s_openapi::api::core::v1::{ObjectReference, Secret};
 use kube::runtime::controller::{self, Action, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::reflector::ObjectRef;
@@ -241,7 +241,7 @@ pub async fn run(ctx: Arc<Context>, scope: WatchScope, readiness: Readiness) {
         .owns_stream(reflect(client, scope, children.clone(), writers.budgets, metadata_only))
         .owns_stream(reflect(client, scope, children.clone(), writers.network_policies, metadata_only))
         // The pods: a pod the scheduler cannot place is named in status as it happens.
-        .watches_stream(reflect(client, scope, children.clone(), writers.pods, stores::slim_pod), cluster_of_pod)
+        .watches_stream(reflect(client, scope, children.clone(), writers.pods, stores::slim_pod), cluster_of)
         .shutdown_on_signal();
     let migrations =
         Controller::for_stream(reflect(client, scope, all(), migration_writer, slim_metadata), migration_store)
@@ -271,22 +271,16 @@ pub async fn run(ctx: Arc<Context>, scope: WatchScope, readiness: Readiness) {
     futures::join!(clusters, migrations, synced);
 }
 
-/// The RabbitCluster a credential Secret belongs to, by the labels the operator gave it.
-fn cluster_of(secret: Secret) -> Option<ObjectRef<RabbitCluster>> {
-    let labels = secret.labels();
-    if labels.get(build::MANAGED_BY_LABEL).is_none_or(|v| v != "warren") {
+/// The RabbitCluster a child without an owner reference belongs to, by the labels the operator
+/// gave it: its credential Secrets (they outlive the cluster) and its pods (owned by the
+/// StatefulSet). A migration Job's pod is not a RabbitMQ pod: none.
+fn cluster_of<K: Resource>(object: K) -> Option<ObjectRef<RabbitCluster>> {
+    let labels = object.labels();
+    let label_is = |key: &str, value: &str| labels.get(key).is_some_and(|v| v == value);
+    if !(label_is(build::MANAGED_BY_LABEL, "warren") && label_is(build::NAME_LABEL, "rabbitmq")) {
         return None;
     }
-    Some(ObjectRef::new(labels.get(build::INSTANCE_LABEL)?).within(&secret.namespace()?))
-}
-
-/// The RabbitCluster a RabbitMQ pod belongs to, by its labels (a migration Job's pod: none).
-fn cluster_of_pod(pod: Pod) -> Option<ObjectRef<RabbitCluster>> {
-    let labels = pod.labels();
-    if labels.get(build::NAME_LABEL).is_none_or(|v| v != "rabbitmq") {
-        return None;
-    }
-    Some(ObjectRef::new(labels.get(build::INSTANCE_LABEL)?).within(&pod.namespace()?))
+    Some(ObjectRef::new(labels.get(build::INSTANCE_LABEL)?).within(&object.namespace()?))
 }
 
 /// The RabbitClusters whose spec.tls names a Secret (its certificate or its CA).
