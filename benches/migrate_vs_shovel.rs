@@ -136,7 +136,7 @@ async fn with_shovel(source: &NodeCluster, target: &NodeCluster, queues: &[Strin
 
 /// The jars of RabbitMQ PerfTest, fetched once per machine.
 fn perftest_classpath() -> String {
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/e2e/perftest.sh");
+    let script = format!("{}/e2e/perftest.sh", testkit::repo());
     let output = Command::new(script).stderr(Stdio::inherit()).output().expect("e2e/perftest.sh");
     assert!(output.status.success(), "e2e/perftest.sh: {}", output.status);
     format!("{}/*", String::from_utf8_lossy(&output.stdout).trim())

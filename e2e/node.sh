@@ -1,33 +1,53 @@
 #!/usr/bin/env bash
-# A real Kubernetes node on this machine, joined to the control plane of e2e/control-plane.sh:
-# containerd + runc + CNI bridge (Debian's packages), kubelet and kube-proxy (built from the pinned
-# k8s.io/kubernetes), kube-scheduler, CoreDNS (cluster DNS, no upstream), local PersistentVolumes,
-# the images of e2e/images.sh imported into containerd, and Prometheus scraping the pods that carry
-# the prometheus.io/* annotations (its URL in DIR/node/prometheus.url).
+# One real Kubernetes node of the local cluster, in its own network namespace, as a machine of its
+# own: containerd + runc + CNI bridge (Debian's packages), kubelet and kube-proxy (built from the
+# pinned k8s.io/kubernetes), the images of e2e/images.sh imported into its containerd, and local
+# PersistentVolumes pinned to it, as on node-local disks.
 #
-#   e2e/node.sh start DIR   DIR is a running control plane's directory; the node lives in DIR/node
-#   e2e/node.sh stop DIR    remove every pod's containers and network, stop by pid, unmount, remove
+#   e2e/node.sh start DIR N       node N (1, 2, ...) of the cluster in DIR (e2e/cluster.sh made DIR/cluster.env)
+#   e2e/node.sh stop DIR N        remove every pod's containers and network, stop by pid, unmount, remove
+#   e2e/node.sh power-off DIR N   a machine lost: its link cut, then its kubelet, kube-proxy, containerd,
+#                                 shims and every container killed at once (SIGKILL, no preStop)
+#   e2e/node.sh power-on DIR N    the machine back: link up, containerd, kube-proxy and kubelet started
+#                                 again on the same disks (its pods come back with their volumes)
 #
-# The network is given by the environment (e2e/cluster.sh sets it): WARREN_NODE_NAME names the node,
-# its bridge and its cgroup parent; WARREN_NODE_SUBNET is the pods' /24 (its .1 is the bridge, the
-# API server's address and the cluster DNS); WARREN_NODE_PORT is the kubelet's port.
+# Node N is named NAME-N, runs in the network namespace NAME-N, linked to the host's bridge NAME by a
+# veth pair (host end NAME-N) at NET.0.(10+N); its pods get NET.N.0/24 on its own bridge cni0. Every
+# node routes each other node's pod subnet to that node over the bridge, so cutting one link cuts
+# one machine off. Its processes enter only the network namespace (nsenter --net): they share the
+# host's mounts, as the kubelet and containerd must share theirs.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 # shellcheck source=e2e/versions.env
 source "$here/versions.env"
 cache=${WARREN_CACHE:-$HOME/.cache/warren}
 k8s_bin=$cache/bin/kubernetes-$KUBERNETES_VERSION
-coredns_bin=$cache/bin/coredns-$COREDNS_VERSION/coredns
-prometheus_bin=$cache/bin/prometheus-$PROMETHEUS_VERSION/prometheus
-name=${WARREN_NODE_NAME:-warren-e2e}
-subnet=${WARREN_NODE_SUBNET:-10.244.2}
-kubelet_port=${WARREN_NODE_PORT:-10250}
-gateway=$subnet.1
-volumes=${WARREN_NODE_VOLUMES:-24}
-
 component=node
 # shellcheck source=e2e/lib.sh
 source "$here/lib.sh"
+
+setup() { # DIR N: the node's names and addresses
+  dir=$(cd "$1" && pwd)
+  index=$2
+  [[ $index =~ ^[0-9]+$ ]] || die "node index must be a number: $index"
+  [[ -f $dir/cluster.env ]] || die "no cluster in $dir (e2e/cluster.sh makes it)"
+  # shellcheck source=/dev/null
+  source "$dir/cluster.env"
+  name=$CLUSTER_NAME-$index
+  component=$name
+  netns=$name
+  address=$CLUSTER_NET.0.$((10 + index))
+  gateway=$CLUSTER_NET.0.1
+  subnet=$CLUSTER_NET.$index
+  node=$dir/nodes/$index
+  state=$node
+  pki=$dir/pki
+  server=https://$gateway:$(sed 's/.*://' "$dir/server")
+  socket=$node/containerd.sock
+}
+
+# A command in the node's network namespace only (nsenter execs it: the recorded pid is its own).
+in_node() { nsenter --net="/run/netns/$netns" -- "$@"; }
 
 client_cert() { # stem subject: a client certificate for the node's part STEM, and its kubeconfig
   issue_cert "$pki" "$node/pki" "$1" "$2" "$client_auth"
@@ -36,35 +56,37 @@ client_cert() { # stem subject: a client certificate for the node's part STEM, a
 
 admin() { kubectl --kubeconfig "$dir/admin.kubeconfig" "$@"; }
 
-# host_client stem rules: a host process's own API user warren-e2e:STEM (its kubeconfig
-# $node/STEM.kubeconfig), allowed only the ClusterRole RULES (YAML list items).
-host_client() {
-  local user=warren-e2e:$1
-  client_cert "$1" "/CN=$user"
-  admin apply -f - > /dev/null <<YAML
-apiVersion: rbac.authorization.k8s.io/v1
-kind: ClusterRole
-metadata: {name: "$user"}
-rules:$2
----
-apiVersion: rbac.authorization.k8s.io/v1
-kind: ClusterRoleBinding
-metadata: {name: "$user"}
-roleRef: {apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: "$user"}
-subjects: [{apiGroup: rbac.authorization.k8s.io, kind: User, name: "$user"}]
-YAML
+# The machine's network: its namespace, its link to the host's bridge, its pods' bridge address
+# range, and a route to every other node's pods.
+make_network() {
+  ip netns add "$netns"
+  ip link add "$name" type veth peer name eth0 netns "$netns"
+  ip link set "$name" master "$CLUSTER_NAME" up
+  ip -n "$netns" link set lo up
+  ip -n "$netns" addr add "$address/24" dev eth0
+  ip -n "$netns" link set eth0 up
+  ip -n "$netns" route add default via "$gateway"
+  local other
+  for other in $(seq 1 "$CLUSTER_NODES"); do
+    [[ $other == "$index" ]] || ip -n "$netns" route add "$CLUSTER_NET.$other.0/24" via "$CLUSTER_NET.0.$((10 + other))"
+  done
+  ip route replace "$subnet.0/24" via "$address"
+  # Pods reach each other and the Services through this namespace's own routing and iptables.
+  in_node sysctl -qw net.ipv4.ip_forward=1
+  [[ -d /proc/sys/net/bridge ]] || modprobe br_netfilter
+  in_node sysctl -qw net.bridge.bridge-nf-call-iptables=1
 }
 
-start_containerd() {
+write_containerd_config() {
   mkdir -p "$node/containerd"/{root,state} "$node/cni/net.d" "$node/cni/ipam"
-  cat > "$node/cni/net.d/10-$name.conflist" <<CNI
+  cat > "$node/cni/net.d/10-pods.conflist" <<CNI
 {
   "cniVersion": "1.0.0",
-  "name": "$name",
+  "name": "pods",
   "plugins": [
-    {"type": "bridge", "bridge": "$name", "isGateway": true, "ipMasq": false, "hairpinMode": true,
+    {"type": "bridge", "bridge": "cni0", "isGateway": true, "ipMasq": false, "hairpinMode": true,
      "ipam": {"type": "host-local", "dataDir": "$node/cni/ipam",
-              "ranges": [[{"subnet": "$subnet.0/24", "gateway": "$gateway"}]], "routes": [{"dst": "0.0.0.0/0"}]}},
+              "ranges": [[{"subnet": "$subnet.0/24", "gateway": "$subnet.1"}]], "routes": [{"dst": "0.0.0.0/0"}]}},
     {"type": "loopback"}
   ]
 }
@@ -75,7 +97,7 @@ root = "$node/containerd/root"
 state = "$node/containerd/state"
 disabled_plugins = ["io.containerd.internal.v1.restart"]
 [grpc]
-  address = "$node/containerd.sock"
+  address = "$socket"
 [plugins."io.containerd.grpc.v1.cri"]
   sandbox_image = "$PAUSE_IMAGE"
   enable_selinux = false
@@ -93,24 +115,25 @@ disabled_plugins = ["io.containerd.internal.v1.restart"]
     bin_dir = "/usr/lib/cni"
     conf_dir = "$node/cni/net.d"
 TOML
-  start_process containerd containerd --config "$node/containerd/config.toml"
-  wait_for containerd 30 ctr --address "$node/containerd.sock" version
 }
 
-start_kubelet() {
+start_containerd() {
+  start_process containerd nsenter --net="/run/netns/$netns" -- containerd --config "$node/containerd/config.toml"
+  wait_for containerd 30 ctr --address "$socket" version
+}
+
+write_kubelet_config() {
   client_cert kubelet "/O=system:nodes/CN=system:node:$name"
   # Pods get the cluster DNS and search path; no host resolver is handed down (no upstream here).
   : > "$node/resolv.conf"
-  local healthz
-  healthz=$(free_port)
   cat > "$node/kubelet.yaml" <<YAML
 apiVersion: kubelet.config.k8s.io/v1beta1
 kind: KubeletConfiguration
-address: $gateway
-port: $kubelet_port
+address: $address
+port: 10250
 readOnlyPort: 0
 healthzBindAddress: 127.0.0.1
-healthzPort: $healthz
+healthzPort: 10248
 authentication:
   anonymous: {enabled: false}
   webhook: {enabled: true}
@@ -118,7 +141,7 @@ authentication:
 authorization: {mode: Webhook}
 cgroupDriver: cgroupfs
 cgroupRoot: /$name
-containerRuntimeEndpoint: unix://$node/containerd.sock
+containerRuntimeEndpoint: unix://$socket
 clusterDNS: [$gateway]
 clusterDomain: cluster.local
 resolvConf: $node/resolv.conf
@@ -128,16 +151,18 @@ evictionHard: {memory.available: 100Mi, nodefs.available: 1%, imagefs.available:
 serializeImagePulls: false
 maxPods: 40
 YAML
+}
+
+start_kubelet() {
   # The cgroup parent under every controller hierarchy (cgroup v1, cgroupfs driver).
   local c
   for c in /sys/fs/cgroup/*/; do [[ -d $c ]] && mkdir -p "$c$name"; done
-  start_process kubelet "$k8s_bin/kubelet" --config "$node/kubelet.yaml" --kubeconfig "$node/kubelet.kubeconfig" \
-    --root-dir "$node/kubelet" --cert-dir "$node/pki/kubelet-serving" --hostname-override "$name" \
-    --node-ip "$gateway" --v=1
-  wait_for "node $name" 90 admin wait "node/$name" --for=condition=Ready --timeout=2s
+  start_process kubelet nsenter --net="/run/netns/$netns" -- "$k8s_bin/kubelet" --config "$node/kubelet.yaml" \
+    --kubeconfig "$node/kubelet.kubeconfig" --root-dir "$node/kubelet" --cert-dir "$node/pki/kubelet-serving" \
+    --hostname-override "$name" --node-ip "$address" --v=1
 }
 
-start_proxy() {
+write_proxy_config() {
   client_cert kube-proxy /CN=system:kube-proxy
   cat > "$node/kube-proxy.yaml" <<YAML
 apiVersion: kubeproxy.config.k8s.io/v1alpha1
@@ -145,93 +170,21 @@ kind: KubeProxyConfiguration
 clientConnection: {kubeconfig: $node/kube-proxy.kubeconfig}
 hostnameOverride: $name
 mode: iptables
-clusterCIDR: $subnet.0/24
-bindAddress: $gateway
-healthzBindAddress: 127.0.0.1:$(free_port)
-metricsBindAddress: 127.0.0.1:$(free_port)
+clusterCIDR: $CLUSTER_NET.0.0/16
+bindAddress: $address
+healthzBindAddress: 127.0.0.1:10256
+metricsBindAddress: 127.0.0.1:10249
 conntrack: {maxPerCore: 0, tcpEstablishedTimeout: 0s, tcpCloseWaitTimeout: 0s}
 YAML
-  start_process kube-proxy "$k8s_bin/kube-proxy" --config "$node/kube-proxy.yaml" --v=1
 }
 
-start_scheduler() {
-  client_cert scheduler /CN=system:kube-scheduler
-  start_process kube-scheduler "$k8s_bin/kube-scheduler" --kubeconfig "$node/scheduler.kubeconfig" \
-    --authentication-kubeconfig "$node/scheduler.kubeconfig" --authorization-kubeconfig "$node/scheduler.kubeconfig" \
-    --leader-elect=false --bind-address 127.0.0.1 --secure-port "$(free_port)" --v=1
-}
-
-start_coredns() {
-  host_client coredns '
-- apiGroups: [""]
-  resources: [endpoints, services, pods, namespaces]
-  verbs: [list, watch]
-- apiGroups: [discovery.k8s.io]
-  resources: [endpointslices]
-  verbs: [list, watch]'
-  # Cluster names only: nothing is forwarded upstream (there is no upstream). No cache, so a
-  # restarted pod's new address is seen at once, as the headless Service publishes it.
-  cat > "$node/Corefile" <<CORE
-.:53 {
-    bind $gateway
-    errors
-    kubernetes cluster.local in-addr.arpa ip6.arpa {
-        kubeconfig $node/coredns.kubeconfig warren-e2e
-        pods insecure
-        ttl 0
-    }
-}
-CORE
-  start_process coredns "$coredns_bin" -conf "$node/Corefile"
-}
-
-# Prometheus on the host, as a user runs one without the Prometheus operator: Kubernetes service
-# discovery of pods through the API server (its own least-privilege user), the kubernetes-pods job
-# of Prometheus' example configuration (prometheus.io/scrape, /port, /path), scraped every 5 s.
-start_prometheus() {
-  host_client prometheus '
-- apiGroups: [""]
-  resources: [pods]
-  verbs: [list, watch]'
-  cat > "$node/prometheus.yml" <<PROM
-global: {scrape_interval: 5s, scrape_timeout: 5s, evaluation_interval: 5s}
-scrape_configs:
-- job_name: kubernetes-pods
-  kubernetes_sd_configs:
-  - {role: pod, kubeconfig_file: $node/prometheus.kubeconfig}
-  relabel_configs:
-  - {source_labels: [__meta_kubernetes_pod_annotation_prometheus_io_scrape], action: keep, regex: "true"}
-  - {source_labels: [__meta_kubernetes_pod_annotation_prometheus_io_path], target_label: __metrics_path__, regex: (.+)}
-  - source_labels: [__address__, __meta_kubernetes_pod_annotation_prometheus_io_port]
-    regex: '([^:]+)(?::\d+)?;(\d+)'
-    replacement: '\$1:\$2'
-    target_label: __address__
-  - {source_labels: [__meta_kubernetes_namespace], target_label: namespace}
-  - {source_labels: [__meta_kubernetes_pod_name], target_label: pod}
-PROM
-  local port
-  port=$(free_port)
-  mkdir -p "$node/prometheus-data"
-  start_process prometheus "$prometheus_bin" --config.file "$node/prometheus.yml" \
-    --storage.tsdb.path "$node/prometheus-data" --storage.tsdb.retention.time 1d \
-    --web.listen-address "127.0.0.1:$port"
-  echo "http://127.0.0.1:$port" > "$node/prometheus.url"
-  wait_for "Prometheus ready" 60 curl -fsS "http://127.0.0.1:$port/-/ready"
+start_proxy() {
+  start_process kube-proxy nsenter --net="/run/netns/$netns" -- "$k8s_bin/kube-proxy" --config "$node/kube-proxy.yaml" --v=1
 }
 
 make_volumes() {
-  admin apply -f - > /dev/null <<YAML
-apiVersion: storage.k8s.io/v1
-kind: StorageClass
-metadata:
-  name: local
-  annotations: {storageclass.kubernetes.io/is-default-class: "true"}
-provisioner: kubernetes.io/no-provisioner
-volumeBindingMode: WaitForFirstConsumer
-reclaimPolicy: Retain
-YAML
   local i
-  for i in $(seq -w 1 "$volumes"); do
+  for i in $(seq -w 1 "$CLUSTER_VOLUMES"); do
     mkdir -p "$node/volumes/pv-$i"
     cat <<YAML
 ---
@@ -253,38 +206,55 @@ YAML
 }
 
 start() {
-  [[ -f $dir/server && -f $dir/pki/ca.key ]] || die "no control plane in $dir"
-  [[ -x $k8s_bin/kubelet && -x $coredns_bin && -x $prometheus_bin ]] || "$here/build.sh" node coredns prometheus
-  ip -4 addr show dev "$name" 2>/dev/null | grep -q "inet $gateway/" ||
-    die "bridge $name with $gateway/24 is missing (e2e/cluster.sh creates it)"
-  node=$dir/node
-  state=$node
-  pki=$dir/pki
-  server=https://$gateway:$(sed 's/.*://' "$dir/server")
+  [[ -x $k8s_bin/kubelet ]] || "$here/build.sh" node
+  [[ ! -e /run/netns/$netns ]] || die "network namespace $netns exists: stop the cluster that made it first"
   mkdir -p "$node"/{pids,logs,pki}
-  echo "$name" > "$node/name"
-  # Service traffic between pods on the bridge goes through iptables (kube-proxy) only with this.
-  [[ -d /proc/sys/net/bridge ]] || modprobe br_netfilter
-  # Restored by stop.
-  sysctl -n net.ipv4.ip_forward net.bridge.bridge-nf-call-iptables | paste -sd' ' > "$node/sysctl.saved"
-  sysctl -qw net.ipv4.ip_forward=1 net.bridge.bridge-nf-call-iptables=1
+  make_network
+  write_containerd_config
   start_containerd
-  "$here/images.sh" import "$node/containerd.sock"
-  start_scheduler
-  start_coredns
+  "$here/images.sh" import "$socket"
+  write_proxy_config
+  start_proxy
+  write_kubelet_config
+  start_kubelet
+  wait_for "node $name" 90 admin wait "node/$name" --for=condition=Ready --timeout=2s
+  make_volumes
+  log "node $name ready in $SECONDS s at $address, pods $subnet.0/24"
+}
+
+# Every process the node runs: the ones started here (by their recorded pids), the shims containerd
+# recorded, and whatever runs in the node's cgroup tree (its containers).
+kill_machine() {
+  local what pid pidfile c
+  for what in kubelet kube-proxy containerd; do
+    [[ -f $node/pids/$what ]] && kill -KILL "$(cat "$node/pids/$what")" 2>/dev/null || true
+  done
+  for pidfile in $(find "$node/containerd/state" -name shim.pid 2>/dev/null); do
+    kill -KILL "$(cat "$pidfile")" 2>/dev/null || true
+  done
+  for c in /sys/fs/cgroup/*/"$name"; do
+    [[ -d $c ]] || continue
+    for pid in $(find "$c" -name cgroup.procs -exec cat {} + 2>/dev/null); do kill -KILL "$pid" 2>/dev/null || true; done
+  done
+  for what in kubelet kube-proxy containerd; do rm -f "$node/pids/$what"; done
+}
+
+power_off() {
+  ip link set "$name" down
+  kill_machine
+  log "node $name powered off: link down, its processes killed"
+}
+
+power_on() {
+  ip link set "$name" up
+  start_containerd
   start_proxy
   start_kubelet
-  make_volumes
-  start_prometheus
-  log "node $name ready in $SECONDS s (kubelet $KUBERNETES_VERSION, containerd $(containerd --version | awk '{print $3}'))"
+  log "node $name powered on"
 }
 
 stop() {
-  node=$dir/node
-  state=$node
-  [[ -d $node ]] || return 0
-  [[ -f $node/name ]] && name=$(cat "$node/name")
-  local socket=$node/containerd.sock
+  [[ -d $node ]] || { [[ ! -e /run/netns/$netns ]] || ip netns delete "$netns"; return 0; }
   stop_process kubelet
   stop_process kube-proxy
   # Every container, then every sandbox, through containerd: its shims exit with their tasks.
@@ -300,34 +270,14 @@ stop() {
       done
     done
   fi
-  # The pods' network namespaces (containerd names them cni-*, recorded in its metadata); their
-  # veth ends go with them.
+  stop_process containerd
+  # Shims and containers that outlived containerd (a powered-off node's, say).
+  kill_machine
+  # The pods' network namespaces (containerd names them cni-*, recorded in its metadata).
   local ns
   for ns in $(grep -rahos '/var/run/netns/cni-[0-9a-f-]*' "$node/containerd/root" 2>/dev/null | sort -u); do
     [[ -e $ns ]] || continue
     ip netns delete "$(basename "$ns")" 2>/dev/null || { umount "$ns" 2>/dev/null; rm -f "$ns"; }
-  done
-  stop_process containerd
-  # Shims whose tasks could not be deleted: by the pid containerd recorded for each.
-  local pidfile
-  for pidfile in $(find "$node/containerd/state" -name shim.pid 2>/dev/null); do
-    kill -KILL "$(cat "$pidfile")" 2>/dev/null || true
-  done
-  stop_process coredns
-  stop_process prometheus
-  stop_process kube-scheduler
-  # kube-proxy's rules, its own way; then the chains the kubelet made (iptables and ip6tables).
-  [[ ! -f $node/kube-proxy.yaml ]] || "$k8s_bin/kube-proxy" --cleanup --config "$node/kube-proxy.yaml" \
-    > "$node/logs/kube-proxy-cleanup.log" 2>&1 || true
-  local cmd table chain
-  for cmd in iptables ip6tables; do
-    for table in filter nat mangle; do
-      "$cmd" -t "$table" -D INPUT -j KUBE-FIREWALL 2>/dev/null || true
-      "$cmd" -t "$table" -D OUTPUT -j KUBE-FIREWALL 2>/dev/null || true
-      for chain in KUBE-FIREWALL KUBE-KUBELET-CANARY KUBE-IPTABLES-HINT; do
-        "$cmd" -t "$table" -F "$chain" 2>/dev/null && "$cmd" -t "$table" -X "$chain" 2>/dev/null || true
-      done
-    done
   done
   # Mounts under the node (overlay roots, shm, secret tmpfs), deepest first.
   local m
@@ -337,16 +287,19 @@ stop() {
   for c in /sys/fs/cgroup/*/"$name"; do
     [[ -d $c ]] && find "$c" -depth -type d -exec rmdir {} + 2>/dev/null || true
   done
-  if [[ -f $node/sysctl.saved ]]; then
-    local forward bridge_nf
-    read -r forward bridge_nf < "$node/sysctl.saved"
-    sysctl -qw "net.ipv4.ip_forward=$forward" "net.bridge.bridge-nf-call-iptables=$bridge_nf" || true
-  fi
+  # The namespace takes the node's veth pair, its iptables rules and its routes with it.
+  ip route del "$subnet.0/24" 2>/dev/null || true
+  [[ ! -e /run/netns/$netns ]] || ip netns delete "$netns"
   rm -rf "$node"
 }
 
-case ${1:-} in
-  start) dir=$(cd "${2:?usage: $0 start DIR}" && pwd); start ;;
-  stop) dir=${2:?usage: $0 stop DIR}; stop ;;
-  *) die "usage: $0 start|stop DIR" ;;
+command=${1:-}
+[[ $# == 3 ]] || die "usage: $0 start|stop|power-off|power-on DIR N"
+setup "$2" "$3"
+case $command in
+  start) start ;;
+  stop) stop ;;
+  power-off) power_off ;;
+  power-on) power_on ;;
+  *) die "usage: $0 start|stop|power-off|power-on DIR N" ;;
 esac

@@ -480,7 +480,7 @@ fn generated_credentials_are_random_and_never_printed() {
 
 #[test]
 fn render_prints_every_object_without_real_secrets() {
-    let manifest = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/examples/basic.yaml")).unwrap();
+    let manifest = std::fs::read_to_string(format!("{}/examples/basic.yaml", testkit::repo())).unwrap();
     let yaml = warren::render::render(&manifest, &Settings::default()).expect("render");
     let kinds: Vec<&str> = yaml.lines().filter_map(|l| l.strip_prefix("kind: ")).collect();
     assert_eq!(
@@ -497,7 +497,7 @@ fn render_prints_every_object_without_real_secrets() {
             "NetworkPolicy"
         ]
     );
-    let bad = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/bad-storage.yaml")).unwrap();
+    let bad = std::fs::read_to_string(format!("{}/tests/fixtures/bad-storage.yaml", testkit::repo())).unwrap();
     let error = warren::render::render(&bad, &Settings::default()).expect_err("bad storage");
     assert_eq!(error.reason(), "InvalidStorage");
 }
@@ -505,7 +505,7 @@ fn render_prints_every_object_without_real_secrets() {
 #[test]
 fn crds_directory_and_chart_crds_are_up_to_date() {
     for file in ["crds/warren.dev.yaml", "charts/warren/crds/warren.dev.yaml"] {
-        let committed = std::fs::read_to_string(format!("{}/{file}", env!("CARGO_MANIFEST_DIR"))).unwrap();
+        let committed = std::fs::read_to_string(format!("{}/{file}", testkit::repo())).unwrap();
         assert!(committed == warren::crds_yaml(), "{file} is stale: run `make crds`");
     }
 }

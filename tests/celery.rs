@@ -49,7 +49,7 @@ const APPS: [App; 3] = [
 ];
 
 fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/celery")
+    Path::new(testkit::repo()).join("tests/fixtures/celery")
 }
 
 /// The line's virtualenv, made once per machine.

@@ -7,7 +7,7 @@ use warren::api::RabbitMigration;
 use warren::controller::migration::{ClustersTls, migration_job, phase};
 
 fn example() -> RabbitMigration {
-    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/examples/migration.yaml")).unwrap();
+    let text = std::fs::read_to_string(format!("{}/examples/migration.yaml", testkit::repo())).unwrap();
     let mut migration: RabbitMigration = serde_yaml::from_str(&text).unwrap();
     migration.metadata.namespace = Some("shop".into());
     migration.metadata.uid = Some("6f1c1c1e-0000-4000-8000-00000000feed".into());

@@ -111,7 +111,7 @@ async fn a_tls_only_cluster_serves_verified_clients_and_takes_a_migration_from_a
 /// `broker_use_ssl` configures it: with the cluster's CA it publishes and reads back; trusting only
 /// the system's CAs it is refused by its own certificate check.
 async fn kombu_connects_with_the_ca_and_is_refused_without(nodes: &NodeCluster) {
-    let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/celery");
+    let fixtures = std::path::Path::new(testkit::repo()).join("tests/fixtures/celery");
     let venv = tokio::process::Command::new(fixtures.join("venv.sh")).arg("5.7").output().await.expect("venv.sh");
     assert!(venv.status.success(), "venv.sh: {}", String::from_utf8_lossy(&venv.stderr));
     let python = std::path::PathBuf::from(String::from_utf8_lossy(&venv.stdout).trim()).join("bin/python");

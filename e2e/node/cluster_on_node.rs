@@ -14,7 +14,7 @@ use kube::{Api, Client};
 
 use crate::day_two;
 use crate::observability;
-use crate::rig::{Endpoint, POD_TIMEOUT, default_is_quorum, delete, ensure_operator, manifest, pods, wait_ready};
+use crate::rig::{Endpoint, POD_TIMEOUT, default_is_quorum, delete, ensure_operator, manifest, pod_nodes, pods, wait_ready};
 use testkit::amqp;
 use testkit::control_plane::cluster::{apply, condition, patch};
 use testkit::control_plane::{TestNamespace, admin_client, kubectl, wait_for};
@@ -154,6 +154,10 @@ async fn forms_one_cluster_with_high_availability(client: &Client, ns: &str) -> 
     let first_pods = pods(client, ns, NAME).await;
     assert_eq!(first_pods.iter().map(|p| p.0.as_str()).collect::<Vec<_>>(), ["ha-0", "ha-1", "ha-2"]);
     assert!(first_pods.iter().all(|p| p.2), "all ready: {first_pods:?}");
+    // The default spread (preferred anti-affinity) puts the three pods on the three nodes.
+    let placed = pod_nodes(client, ns, NAME).await;
+    let nodes: std::collections::BTreeSet<_> = placed.iter().filter_map(|(_, node)| node.clone()).collect();
+    assert_eq!(nodes.len(), 3, "one pod per node: {placed:?}");
     let endpoint = Endpoint::of(client, ns, NAME).await;
     let nodes = endpoint.get("nodes").await.expect("GET /api/nodes");
     let running: Vec<_> = nodes

@@ -18,14 +18,14 @@ use testkit::control_plane::{e2e_dir, ok, wait_for};
 /// One series of a PromQL answer: its labels and value.
 pub type Sample = (BTreeMap<String, String>, f64);
 
-/// The Prometheus e2e/node.sh started for this cluster.
+/// The Prometheus e2e/host.sh started for this cluster.
 pub struct Prometheus {
     url: String,
 }
 
 impl Prometheus {
     pub fn of_node() -> Self {
-        let file = e2e_dir().join("node/prometheus.url");
+        let file = e2e_dir().join("host/prometheus.url");
         let url = std::fs::read_to_string(&file).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
         Self { url: url.trim().to_string() }
     }

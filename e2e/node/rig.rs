@@ -124,6 +124,22 @@ pub async fn pods(client: &Client, namespace: &str, name: &str) -> Vec<(String, 
     pods
 }
 
+/// The cluster's pods by name, each with the node it was scheduled to (None while Pending).
+pub async fn pod_nodes(client: &Client, namespace: &str, name: &str) -> Vec<(String, Option<String>)> {
+    let api: Api<Pod> = Api::namespaced(client.clone(), namespace);
+    let list = api
+        .list(&ListParams::default().labels(&format!("app.kubernetes.io/instance={name}")))
+        .await
+        .expect("list pods");
+    let mut pods: Vec<_> = list
+        .items
+        .into_iter()
+        .map(|p| (p.metadata.name.unwrap_or_default(), p.spec.and_then(|s| s.node_name)))
+        .collect();
+    pods.sort();
+    pods
+}
+
 /// How a client on the node reaches a cluster: its client Service's address and the default user.
 pub struct Endpoint {
     pub address: String,

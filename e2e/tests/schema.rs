@@ -3,10 +3,10 @@
 
 use std::path::Path;
 
-use testkit::control_plane::{REPO, ensure_crds, kubectl, manifest, ok};
+use testkit::control_plane::{repo, ensure_crds, kubectl, manifest, ok};
 
 fn yaml_files(dir: &str) -> Vec<std::path::PathBuf> {
-    let mut files: Vec<_> = std::fs::read_dir(Path::new(REPO).join(dir))
+    let mut files: Vec<_> = std::fs::read_dir(Path::new(repo()).join(dir))
         .unwrap_or_else(|e| panic!("{dir}: {e}"))
         .map(|entry| entry.expect("dir entry").path())
         .filter(|p| p.extension().is_some_and(|e| e == "yaml"))

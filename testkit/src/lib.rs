@@ -19,8 +19,20 @@ use std::path::PathBuf;
 
 use warren::api::RabbitCluster;
 
-/// The repository's root (this crate lives in `testkit/`).
-pub const REPO: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
+/// The repository's root, from the CARGO_MANIFEST_DIR cargo gives the running test or benchmark
+/// (the root package's directory). Not the compile-time one: cargo reuses a workspace member's build
+/// from another checkout of the same tree sharing the target directory (a CI clone), and a path
+/// baked in there would point into that checkout, or nowhere once it is removed.
+pub fn repo() -> &'static str {
+    static ROOT: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    ROOT.get_or_init(|| {
+        let dir = std::env::var("CARGO_MANIFEST_DIR").unwrap_or_else(|_| concat!(env!("CARGO_MANIFEST_DIR"), "/..").into());
+        match dir.strip_suffix("/testkit") {
+            Some(root) => root.to_string(),
+            None => dir,
+        }
+    })
+}
 
 /// The `warren` binary cargo built for the test or benchmark running now: what
 /// `CARGO_BIN_EXE_warren` names to an integration test, found the way cargo lays it out (the
@@ -37,7 +49,7 @@ pub fn warren_binary() -> PathBuf {
 
 /// Reads a RabbitCluster fixture from tests/fixtures and gives it what the API server would.
 pub fn fixture(name: &str) -> RabbitCluster {
-    let path = format!("{REPO}/tests/fixtures/{name}");
+    let path = format!("{}/tests/fixtures/{name}", repo());
     let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
     let mut cluster: RabbitCluster = serde_yaml::from_str(&text).unwrap_or_else(|e| panic!("{path}: {e}"));
     cluster.metadata.namespace.get_or_insert_with(|| "default".into());

@@ -17,7 +17,7 @@ use kube::{Api, Client};
 use serde_json::{Value, json};
 use tokio::sync::Mutex;
 
-pub use crate::REPO;
+pub use crate::repo;
 
 fn env_path(name: &str) -> PathBuf {
     PathBuf::from(std::env::var(name).unwrap_or_else(|_| {
@@ -38,7 +38,7 @@ pub async fn admin_client() -> Client {
 pub fn run(program: impl AsRef<std::ffi::OsStr>, args: &[&str], stdin: Option<&str>) -> Output {
     use std::io::Write;
     let mut command = Command::new(program.as_ref());
-    command.args(args).current_dir(REPO);
+    command.args(args).current_dir(repo());
     command.stdin(std::process::Stdio::piped());
     command.stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped());
     let mut child = command.spawn().unwrap_or_else(|e| panic!("{:?}: {e}", program.as_ref()));
@@ -195,5 +195,5 @@ pub fn describe(writes: &[Write]) -> String {
 }
 
 pub fn manifest(path: &Path) -> String {
-    std::fs::read_to_string(Path::new(REPO).join(path)).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+    std::fs::read_to_string(Path::new(repo()).join(path)).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
