@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# `make down`: stops what `make up` started (pods, node, control plane, bridge) and removes its state.
+# `make down`: stops what `make up` started (pods, nodes, control plane, bridge) and removes its state.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 dir=${WARREN_CACHE:-$HOME/.cache/warren}/up
 [[ -d $dir ]] || { echo "nothing is up"; exit 0; }
-WARREN_NODE_NAME=warren-up "$here/cluster.sh" stop "$dir"
+"$here/cluster.sh" stop "$dir"
 echo "stopped"

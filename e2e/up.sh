@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# `make up`: a local cluster in $WARREN_CACHE/up (control plane and one real node, e2e/cluster.sh),
-# the chart installed with the locally built warren image, and examples/basic.yaml running as three
-# RabbitMQ pods, watched by a Prometheus (e2e/node.sh starts it with the node); the warren binary
-# linked as kubectl-warren for `kubectl warren`. `make down` stops it all.
+# `make up`: a local cluster in $WARREN_CACHE/up (control plane and three real nodes, each in its own
+# network namespace, e2e/cluster.sh; WARREN_NODES=1 for one), the chart installed with the locally
+# built warren image, and examples/basic.yaml running as three RabbitMQ pods, one per node, watched by
+# a Prometheus (e2e/host.sh starts it); the warren binary linked as kubectl-warren for `kubectl
+# warren`. `make down` stops it all.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(dirname "$here")
@@ -11,7 +12,7 @@ source "$here/versions.env"
 cache=${WARREN_CACHE:-$HOME/.cache/warren}
 helm=$cache/bin/helm-$HELM_VERSION/helm
 dir=$cache/up
-export WARREN_NODE_NAME=warren-up WARREN_NODE_SUBNET=10.244.1 WARREN_NODE_PORT=10251
+export WARREN_CLUSTER_NAME=warren-up WARREN_CLUSTER_NET=10.245 WARREN_NODES=${WARREN_NODES:-3}
 component=up
 # shellcheck source=e2e/lib.sh
 source "$here/lib.sh"
@@ -22,7 +23,7 @@ step() { log "$@"; }
 "$here/rootfs.sh"
 export_rabbitmq_images
 version=${RABBITMQ_IMAGE##*:}; version=${version%-management}
-step "cluster: control plane and node"
+step "cluster: control plane and $WARREN_NODES nodes"
 "$here/cluster.sh" start "$dir" > /dev/null
 export KUBECONFIG=$dir/admin.kubeconfig
 
@@ -45,9 +46,10 @@ YAML
 } | kubectl apply -n default -f - > /dev/null
 step "waiting for RabbitCluster demo to be Ready"
 kubectl wait rabbitcluster/demo -n default --for=condition=Ready --timeout=300s > /dev/null
+kubectl get nodes
 kubectl get rabbitcluster,pods,pvc -n default -o wide
 ip=$(kubectl get service demo -n default -o jsonpath='{.spec.clusterIP}')
-prometheus=$(cat "$dir/node/prometheus.url")
+prometheus=$(cat "$dir/host/prometheus.url")
 # kubectl runs any kubectl-<name> on PATH as `kubectl <name>`: the warren binary under that name.
 plugins=$cache/kubectl-plugins
 mkdir -p "$plugins"
@@ -55,7 +57,8 @@ ln -sfn "${CARGO_TARGET_DIR:-$repo/target}/debug/warren" "$plugins/kubectl-warre
 PATH=$plugins:$PATH kubectl warren status demo -n default
 cat <<MSG
 
-Warren is up: Kubernetes $KUBERNETES_VERSION (control plane $(cat "$dir/server"), node $WARREN_NODE_NAME),
+Warren is up: Kubernetes $KUBERNETES_VERSION (control plane $(cat "$dir/server"), nodes warren-up-1..$WARREN_NODES,
+each in its own network namespace: e2e/node.sh power-off $dir N cuts node N off and kills it),
 the operator running in the cluster as two replicas, one leading (the Lease holder: kubectl get lease
 -n warren-system warren; logs: kubectl logs -n warren-system -l app.kubernetes.io/name=warren --prefix),
 and RabbitCluster

@@ -395,6 +395,8 @@ async fn steady_cluster() -> SteadyCluster {
         broker: Ok(&observation),
         error: None,
         unschedulable: &[],
+        membership: None,
+        placements: &Default::default(),
     });
     assert!(verdicts.iter().all(|v| v.status == Some(true)), "{verdicts:#?}");
     verdicts.push(conditions::steady_scaling(3));

@@ -1,7 +1,8 @@
 //! One RabbitCluster through a user's day on a real node: it forms, serves through its client
 //! Service, survives losing a pod and losing every pod, grows, shrinks (with the operator killed
 //! half-way) and grows again, and when deleted takes its pods and Services but leaves the data.
-//! Once formed and holding messages, it is also watched: Prometheus and `kubectl warren`.
+//! Once formed and holding messages, it is also watched: Prometheus and `kubectl warren`, and its
+//! three nodes are drained in turn under load (drain_on_node).
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -13,8 +14,12 @@ use kube::api::ListParams;
 use kube::{Api, Client};
 
 use crate::day_two;
+use crate::drain_on_node;
+use crate::machine_loss_on_node;
 use crate::observability;
-use crate::rig::{Endpoint, POD_TIMEOUT, default_is_quorum, delete, ensure_operator, manifest, pod_nodes, pods, wait_ready};
+use crate::rig::{
+    Endpoint, POD_TIMEOUT, default_is_quorum, delete, ensure_operator, manifest, pod_nodes, pods, wait_ready,
+};
 use testkit::amqp;
 use testkit::control_plane::cluster::{apply, condition, patch};
 use testkit::control_plane::{TestNamespace, admin_client, kubectl, wait_for};
@@ -133,6 +138,9 @@ async fn a_rabbit_cluster_runs_heals_grows_and_keeps_its_data_on_a_real_node() {
     observability::kubectl_warren_on(&client, &ns, NAME, &names, KEPT, KEPT_COUNT as u64).await;
     a_deleted_pod_comes_back_on_its_volume(&client, &ns, &endpoint, &claims).await;
     every_pod_deleted_at_once_reforms_the_cluster(&client, &ns, &endpoint, &claims).await;
+    drain_on_node::drains_every_node_in_turn_under_load(&client, &ns, NAME, &endpoint).await;
+    machine_loss_on_node::loses_the_leaders_machine_and_gets_it_back(&client, &ns, NAME, &endpoint).await;
+    endpoint.wait_depth(KEPT, KEPT_COUNT as u64).await;
     // What people do to a running cluster (issue: day-2 safety), on this formed cluster.
     day_two::survives_what_people_do(&client, &ns, NAME, &mut endpoint, KEPT, KEPT_COUNT as u64).await;
     scales_up_and_a_scale_down_called_off_half_way(&client, &ns, &endpoint).await;

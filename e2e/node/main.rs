@@ -4,6 +4,8 @@
 
 mod cluster_on_node;
 mod day_two;
+mod drain_on_node;
+mod machine_loss_on_node;
 mod migration_job;
 mod observability;
 mod rig;

@@ -183,9 +183,10 @@ pub async fn kubectl_warren_on(
         let line =
             screen.lines().find(|l| l.starts_with(&format!("{pod} "))).unwrap_or_else(|| panic!("{pod}: {screen}"));
         let cells: Vec<&str> = line.split_whitespace().collect();
-        // POD READY RESTARTS MEMBER VERSION ALARMS PARTITIONED
-        assert_eq!((cells[1], cells[3], cells[5], cells[6]), ("yes", "yes", "none", "-"), "{line}");
-        assert!(cells[4].starts_with(|c: char| c.is_ascii_digit()), "a version: {line}");
+        // POD NODE READY RESTARTS MEMBER VERSION ALARMS PARTITIONED
+        assert!(cells[1].starts_with("warren-e2e-"), "the node it runs on: {line}");
+        assert_eq!((cells[2], cells[4], cells[6], cells[7]), ("yes", "yes", "none", "-"), "{line}");
+        assert!(cells[5].starts_with(|c: char| c.is_ascii_digit()), "a version: {line}");
     }
     let queue_line = screen.lines().find(|l| l.split_whitespace().nth(1) == Some(queue)).expect("the queue's line");
     assert_eq!(queue_line.split_whitespace().nth(3), Some(messages.to_string().as_str()), "{queue_line}");

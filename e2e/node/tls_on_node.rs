@@ -151,5 +151,5 @@ async fn a_tls_only_cluster_runs_in_pods_with_the_users_certificate() {
     .await;
     eprintln!("kubectl warren status {NAME} -n {ns}:\n{screen}");
     let line = screen.lines().find(|l| l.starts_with(&format!("{NAME}-0 "))).expect("the pod's line");
-    assert_eq!(line.split_whitespace().nth(3), Some("yes"), "a running member: {line}");
+    assert_eq!(line.split_whitespace().nth(4), Some("yes"), "a running member: {line}");
 }

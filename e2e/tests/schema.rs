@@ -3,7 +3,7 @@
 
 use std::path::Path;
 
-use testkit::control_plane::{repo, ensure_crds, kubectl, manifest, ok};
+use testkit::control_plane::{ensure_crds, kubectl, manifest, ok, repo};
 
 fn yaml_files(dir: &str) -> Vec<std::path::PathBuf> {
     let mut files: Vec<_> = std::fs::read_dir(Path::new(repo()).join(dir))

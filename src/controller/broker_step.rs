@@ -1,6 +1,7 @@
 //! Step 4 of reconcile: the broker seen through its management API (membership, HA, partitions)
 //! once every pod is ready, and the scale-down steps that follow from what it lists.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use k8s_openapi::api::apps::v1::StatefulSet;
@@ -14,7 +15,7 @@ use super::validate::ValidatedCluster;
 use super::{Context, build, conditions, recover, scale};
 use crate::api::{FEATURE_FLAGS_ANNOTATION, RabbitCluster};
 use crate::error::{BrokerReason, Error};
-use crate::rabbitmq::broker::{self, BrokerObservation};
+use crate::rabbitmq::broker::{self, BrokerObservation, Membership};
 
 /// What step 4 saw: the StatefulSet as its store holds it now, the broker when every pod is ready,
 /// a scale-down pass, and the first error.
@@ -27,6 +28,11 @@ pub struct Observation {
     pub all_ready: bool,
     /// Pods the scheduler could not place, each with its reason (`<pod>: <scheduler message>`).
     pub unschedulable: Vec<String>,
+    /// While some pods are not ready but one serves: which members run (read-only).
+    pub membership: Option<Membership>,
+    /// Each RabbitMQ node's pod, where it is scheduled and whether it is ready (from the pods'
+    /// store), to say where a missing member is.
+    pub placements: BTreeMap<String, String>,
 }
 
 /// Step 4: the broker (membership, HA, partitions) once every pod is ready, and the nodes a
@@ -42,9 +48,9 @@ pub async fn observe(
     let key = ObjectRef::new(&validated.stateful_set_name()).within(&validated.namespace);
     let stateful_set = ctx.stores.stateful_sets.get(&key);
     let (_, all_ready) = conditions::replicas_ready(stateful_set.as_deref(), validated.replicas);
+    let expected: Vec<String> = (0..validated.replicas).map(|i| validated.node_name(i)).collect();
     // Stopped on purpose (spec.replicas 0): no broker to ask.
     let (broker, error) = if all_ready && validated.replicas > 0 {
-        let expected: Vec<String> = (0..validated.replicas).map(|i| validated.node_name(i)).collect();
         let requested = requested_feature_flags(cluster);
         let outcome = async {
             let credentials = &world.credentials;
@@ -100,7 +106,70 @@ pub async fn observe(
     if !unschedulable.is_empty() {
         ctx.event(cluster, EventType::Warning, "PodUnschedulable", "Observe", unschedulable.join("; ")).await;
     }
-    Observation { stateful_set, broker, why_not_checked, scaling, error, all_ready, unschedulable }
+    let placements = placements(ctx, validated);
+    // A pod not ready (its machine lost, evicted, restarting) while another serves: the members
+    // the cluster still lists say which one is gone, and the placements where it was.
+    let membership = if !all_ready && placements.values().any(|p| p.ready) {
+        match ctx.management_client(validated, world) {
+            Ok(client) => broker::membership(&client, &expected).await.ok(),
+            Err(_) => None,
+        }
+    } else {
+        None
+    };
+    let placements: BTreeMap<String, String> = placements.into_iter().map(|(node, p)| (node, p.describe())).collect();
+    if let Some(missing) = membership.as_ref().map(|m| conditions::describe_missing(&m.missing, &placements))
+        && !missing.is_empty()
+    {
+        ctx.event(cluster, EventType::Warning, "MembersMissing", "Observe", format!("not running members: {missing}"))
+            .await;
+    }
+    Observation {
+        stateful_set,
+        broker,
+        why_not_checked,
+        scaling,
+        error,
+        all_ready,
+        unschedulable,
+        membership,
+        placements,
+    }
+}
+
+/// Where a RabbitMQ node's pod is.
+struct Placement {
+    pod: String,
+    node: Option<String>,
+    ready: bool,
+}
+
+impl Placement {
+    fn describe(&self) -> String {
+        let node = self.node.as_deref().map_or_else(|| "not scheduled".to_string(), |n| format!("on node {n}"));
+        format!("pod {} {node}{}", self.pod, if self.ready { "" } else { ", not ready" })
+    }
+}
+
+/// Each expected RabbitMQ node's pod from the pods' store (no read): its Kubernetes node, ready or
+/// not. A pod the store does not hold is left out.
+fn placements(ctx: &Context, validated: &ValidatedCluster) -> BTreeMap<String, Placement> {
+    let pods = ctx.stores.pods.state();
+    (0..validated.replicas)
+        .filter_map(|ordinal| {
+            let name = format!("{}-{ordinal}", validated.stateful_set_name());
+            let pod = pods
+                .iter()
+                .find(|p| p.namespace().as_deref() == Some(validated.namespace.as_str()) && p.name_any() == name)?;
+            let ready = pod
+                .status
+                .as_ref()
+                .and_then(|s| s.conditions.as_ref())
+                .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
+            let node = pod.spec.as_ref().and_then(|s| s.node_name.clone());
+            Some((validated.node_name(ordinal), Placement { pod: name, node, ready }))
+        })
+        .collect()
 }
 
 /// The cluster's Pending pods the scheduler marked unschedulable, with its message, from the pods'

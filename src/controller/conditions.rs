@@ -2,11 +2,13 @@
 //! merge into the previous conditions (Kubernetes' conventions), for RabbitClusters and
 //! RabbitMigrations alike. Pure: `status.rs` writes what these decide.
 
+use std::collections::BTreeMap;
+
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 
 use crate::error::Error;
-use crate::rabbitmq::broker::{BrokerObservation, HaOutcome};
+use crate::rabbitmq::broker::{BrokerObservation, HaOutcome, Membership};
 
 pub const READY: &str = "Ready";
 pub const ALL_REPLICAS_READY: &str = "AllReplicasReady";
@@ -38,6 +40,7 @@ pub fn verdict(type_: &'static str, status: Option<bool>, reason: &str, message:
 }
 
 /// What a full reconcile pass saw.
+#[derive(Clone)]
 pub struct Observed<'a> {
     pub desired_replicas: i32,
     pub stateful_set: Option<&'a StatefulSet>,
@@ -45,6 +48,31 @@ pub struct Observed<'a> {
     pub error: Option<&'a Error>,
     /// Pods the scheduler could not place, with why (empty when all are placed or unknown).
     pub unschedulable: &'a [String],
+    /// While some pods are not ready: which members run, if a serving node was asked.
+    pub membership: Option<&'a Membership>,
+    /// RabbitMQ node → `pod <pod> on node <node>[, not ready]`.
+    pub placements: &'a BTreeMap<String, String>,
+}
+
+/// The missing members, each with where its pod is: `rabbit@x (pod x on node n, not ready)`.
+pub fn describe_missing(missing: &[String], placements: &BTreeMap<String, String>) -> String {
+    missing
+        .iter()
+        .map(|node| match placements.get(node) {
+            Some(placement) => format!("{node} ({placement})"),
+            None => format!("{node} (no pod)"),
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn members_missing(missing: &[String], placements: &BTreeMap<String, String>) -> Verdict {
+    verdict(
+        CLUSTER_FORMED,
+        Some(false),
+        "MembersMissing",
+        format!("not running members: {}", describe_missing(missing, placements)),
+    )
 }
 
 /// Whether the StatefulSet runs the desired replicas, all updated and ready.
@@ -96,12 +124,7 @@ pub fn verdicts(observed: &Observed) -> Vec<Verdict> {
                     format!("{} running members", broker.members.len()),
                 )
             } else {
-                verdict(
-                    CLUSTER_FORMED,
-                    Some(false),
-                    "MembersMissing",
-                    format!("not running members: {}", broker.missing.join(", ")),
-                )
+                members_missing(&broker.missing, observed.placements)
             },
             if broker.partitions.is_empty() {
                 verdict(NO_PARTITIONS, Some(true), "NoPartitions", "no node reports a partition")
@@ -114,7 +137,16 @@ pub fn verdicts(observed: &Observed) -> Vec<Verdict> {
             },
         ),
         Err(why) => (
-            verdict(CLUSTER_FORMED, None, "BrokerNotChecked", why.clone()),
+            match observed.membership {
+                Some(m) if !m.missing.is_empty() => members_missing(&m.missing, observed.placements),
+                Some(m) => verdict(
+                    CLUSTER_FORMED,
+                    Some(true),
+                    "AllNodesMembers",
+                    format!("{} running members ({why})", m.members.len()),
+                ),
+                None => verdict(CLUSTER_FORMED, None, "BrokerNotChecked", why.clone()),
+            },
             verdict(NO_PARTITIONS, None, "BrokerNotChecked", why.clone()),
             match observed.error {
                 Some(Error::InvalidSpec { reason, message }) => {
@@ -214,4 +246,48 @@ pub fn steady_scaling(replicas: i32) -> Verdict {
 
 pub fn now() -> Time {
     Time(jiff::Timestamp::now())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn formed(observed: &Observed) -> Verdict {
+        verdicts(observed).into_iter().find(|v| v.type_ == CLUSTER_FORMED).expect("ClusterFormed")
+    }
+
+    /// A machine lost: its pod not ready, the broker asked through a node that runs. The status
+    /// names the member that is gone and where its pod was, not only "waiting for all pods".
+    #[test]
+    fn a_missing_member_is_named_with_its_pod_and_node() {
+        let gone = "rabbit@ha-2.ha-nodes.apps.svc.cluster.local".to_string();
+        let members = vec!["rabbit@ha-0.ha-nodes.apps.svc.cluster.local".to_string(), "rabbit@ha-1.x".into()];
+        let placements = BTreeMap::from([(gone.clone(), "pod ha-2 on node worker-c, not ready".to_string())]);
+        let membership = Membership { members, missing: vec![gone.clone()] };
+        let observed = Observed {
+            desired_replicas: 3,
+            stateful_set: None,
+            broker: Err("waiting for all pods to be ready".into()),
+            error: None,
+            unschedulable: &[],
+            membership: Some(&membership),
+            placements: &placements,
+        };
+        let verdict = formed(&observed);
+        assert_eq!((verdict.status, verdict.reason.as_str()), (Some(false), "MembersMissing"));
+        assert_eq!(
+            verdict.message,
+            "not running members: rabbit@ha-2.ha-nodes.apps.svc.cluster.local (pod ha-2 on node worker-c, not ready)"
+        );
+
+        // Every member runs (a pod restarting its readiness only): formed, and why the rest waits.
+        let whole = Membership { members: vec!["a".into(), "b".into(), "c".into()], missing: Vec::new() };
+        let verdict = formed(&Observed { membership: Some(&whole), ..observed.clone() });
+        assert_eq!(verdict.status, Some(true));
+        assert_eq!(verdict.message, "3 running members (waiting for all pods to be ready)");
+
+        // Nobody asked (no pod serves): unknown, as before.
+        let verdict = formed(&Observed { membership: None, ..observed });
+        assert_eq!((verdict.status, verdict.reason.as_str()), (None, "BrokerNotChecked"));
+    }
 }

@@ -62,13 +62,25 @@ pub async fn write(
     validated: &ValidatedCluster,
     observed: &Observation,
 ) -> Result<()> {
-    let Observation { stateful_set, broker, why_not_checked, scaling, error, unschedulable, .. } = observed;
+    let Observation {
+        stateful_set,
+        broker,
+        why_not_checked,
+        scaling,
+        error,
+        unschedulable,
+        membership,
+        placements,
+        ..
+    } = observed;
     let mut verdicts = verdicts(&Observed {
         desired_replicas: validated.replicas,
         stateful_set: stateful_set.as_deref(),
         broker: broker.as_ref().ok_or(why_not_checked.clone()),
         error: error.as_ref(),
         unschedulable,
+        membership: membership.as_ref(),
+        placements,
     });
     verdicts.push(match &scaling {
         Some(pass) => pass.verdict.clone(),

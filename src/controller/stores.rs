@@ -235,15 +235,18 @@ pub fn slim_job(job: &mut Job) {
     job.spec = None;
 }
 
-/// Of a pod, its metadata, phase and PodScheduled condition: whether the scheduler could place it,
-/// and why not (`broker_step` names unschedulable pods from this store, without a read).
+/// Of a pod, its metadata, phase, node and its PodScheduled and Ready conditions: whether the
+/// scheduler could place it and why not, where it runs and whether it serves (`broker_step` names
+/// unschedulable pods and where a missing member was from this store, without a read).
 pub fn slim_pod(pod: &mut Pod) {
     slim_metadata(pod);
-    pod.spec = None;
+    let node_name = pod.spec.take().and_then(|s| s.node_name);
+    pod.spec = Some(PodSpec { node_name, containers: Vec::new(), ..Default::default() });
     if let Some(status) = pod.status.take() {
-        let scheduled =
-            status.conditions.map(|c| c.into_iter().filter(|c| c.type_ == "PodScheduled").collect::<Vec<_>>());
-        pod.status = Some(PodStatus { phase: status.phase, conditions: scheduled, ..Default::default() });
+        let kept = status
+            .conditions
+            .map(|c| c.into_iter().filter(|c| c.type_ == "PodScheduled" || c.type_ == "Ready").collect::<Vec<_>>());
+        pod.status = Some(PodStatus { phase: status.phase, conditions: kept, ..Default::default() });
     }
 }
 

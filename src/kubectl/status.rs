@@ -50,6 +50,8 @@ pub struct ConditionLine {
 #[derive(Debug, Default, Serialize)]
 pub struct NodeLine {
     pub pod: String,
+    /// The Kubernetes node the pod is scheduled to (none while Pending).
+    pub scheduled_on: Option<String>,
     pub ready: bool,
     pub restarts: i32,
     /// The RabbitMQ node, as the cluster names it.
@@ -118,6 +120,7 @@ pub async fn status(client: &Client, namespace: &str, name: &str) -> Result<Stat
             let rabbitmq = containers.and_then(|c| c.iter().find(|c| c.name == RABBITMQ_CONTAINER));
             NodeLine {
                 pod: pod.name_any(),
+                scheduled_on: pod.spec.as_ref().and_then(|s| s.node_name.clone()),
                 ready,
                 restarts: rabbitmq.map_or(0, |c| c.restart_count),
                 ..NodeLine::default()
@@ -339,8 +342,8 @@ pub fn render(status: &Status, now: jiff::Timestamp) -> String {
     }
     out.push(String::new());
     out.push(format!(
-        "{:<16} {:<5} {:>8}  {:<7} {:<8} {:<11} {}",
-        "POD", "READY", "RESTARTS", "MEMBER", "VERSION", "ALARMS", "PARTITIONED FROM"
+        "{:<16} {:<14} {:<5} {:>8}  {:<7} {:<8} {:<11} {}",
+        "POD", "NODE", "READY", "RESTARTS", "MEMBER", "VERSION", "ALARMS", "PARTITIONED FROM"
     ));
     for n in &status.nodes {
         let alarms = if n.running.is_none() {
@@ -356,8 +359,9 @@ pub fn render(status: &Status, now: jiff::Timestamp) -> String {
             n.partitioned_from.iter().map(|p| pod_of(p)).collect::<Vec<_>>().join(",")
         };
         out.push(format!(
-            "{:<16} {:<5} {:>8}  {:<7} {:<8} {:<11} {}",
+            "{:<16} {:<14} {:<5} {:>8}  {:<7} {:<8} {:<11} {}",
             fit(&n.pod, 16),
+            fit(n.scheduled_on.as_deref().unwrap_or("-"), 14),
             yes_no(Some(n.ready)),
             n.restarts,
             yes_no(n.running),
@@ -454,6 +458,7 @@ mod tests {
             ],
             nodes: vec![NodeLine {
                 pod: "orders-0".into(),
+                scheduled_on: Some("worker-a".into()),
                 ready: true,
                 restarts: 2,
                 node: Some("rabbit@orders-0.orders-nodes.apps.svc.cluster.local".into()),
@@ -495,7 +500,8 @@ mod tests {
         assert!(screen.contains("\n  ok: ClusterFormed Scaling=False\n"), "{screen}");
         assert!(screen.contains("\n  NoPartitions=False PartitionDetected: rabbit@orders-0"), "{screen}");
         assert!(
-            screen.contains("\norders-0         yes          2  yes     4.3.6    memory      orders-1\n"),
+            screen
+                .contains("\norders-0         worker-a       yes          2  yes     4.3.6    memory      orders-1\n"),
             "{screen}"
         );
         assert!(screen.contains("QUEUES  1 queues, 5 messages: 4 ready, 1 unacknowledged"), "{screen}");

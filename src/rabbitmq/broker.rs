@@ -130,6 +130,29 @@ async fn enable_feature_flags(
     Ok(left)
 }
 
+/// Which expected nodes run as members of the cluster, and which do not.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Membership {
+    /// Running members, sorted.
+    pub members: Vec<String>,
+    /// Expected nodes that are not running members.
+    pub missing: Vec<String>,
+}
+
+/// Membership alone, read-only (one GET /api/nodes): what a cluster with a pod not ready (a
+/// machine lost, a pod evicted) can still say about itself through a node that runs.
+pub async fn membership(broker: &ManagementClient, expected_nodes: &[String]) -> Result<Membership> {
+    let nodes = broker.nodes().await?;
+    Ok(running_members(&nodes, expected_nodes))
+}
+
+fn running_members(nodes: &[super::management::NodeInfo], expected_nodes: &[String]) -> Membership {
+    let mut members: Vec<String> = nodes.iter().filter(|n| n.running).map(|n| n.name.clone()).collect();
+    members.sort();
+    let missing = expected_nodes.iter().filter(|n| !members.contains(n)).cloned().collect();
+    Membership { members, missing }
+}
+
 /// Observes the cluster and applies the HA plan. `expected_nodes` are the node names of the
 /// StatefulSet's pods.
 pub async fn converge(
@@ -145,9 +168,7 @@ pub async fn converge(
         message: format!("unparsable rabbitmq_version {version_text:?}"),
     })?;
     let nodes = broker.nodes().await?;
-    let mut members: Vec<String> = nodes.iter().filter(|n| n.running).map(|n| n.name.clone()).collect();
-    members.sort();
-    let missing: Vec<String> = expected_nodes.iter().filter(|n| !members.contains(n)).cloned().collect();
+    let Membership { members, missing } = running_members(&nodes, expected_nodes);
     let extra = nodes.iter().filter(|n| !expected_nodes.contains(&n.name)).map(|n| n.name.clone()).collect();
     let drained = nodes.iter().filter(|n| n.running && n.being_drained == Some(true)).map(|n| n.name.clone()).collect();
     let partitions = nodes

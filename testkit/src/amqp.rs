@@ -192,9 +192,36 @@ pub async fn publish_until(
     confirmed: Arc<Mutex<BTreeSet<u32>>>,
     stop: Arc<AtomicBool>,
 ) -> usize {
+    publish_timed_until(urls, queue, 100, confirmed, stop).await.moves
+}
+
+/// What a publisher saw while a fault ran.
+#[derive(Debug, Clone, Copy)]
+pub struct Publishing {
+    /// How many times it moved to the next URL (its node failed).
+    pub moves: usize,
+    /// The longest time it went without a confirm: what its users waited.
+    pub longest_silence: Duration,
+}
+
+/// `publish_until` in batches of `batch` (the smaller, the finer the silence is measured), timing
+/// the longest stretch between two confirmed batches.
+pub async fn publish_timed_until(
+    urls: Vec<String>,
+    queue: &'static str,
+    batch: u32,
+    confirmed: Arc<Mutex<BTreeSet<u32>>>,
+    stop: Arc<AtomicBool>,
+) -> Publishing {
     let (mut next, mut target, mut moves) = (0u32, 0usize, 0usize);
+    let mut last_confirm = std::time::Instant::now();
+    let mut longest_silence = Duration::ZERO;
     while !stop.load(Ordering::Relaxed) {
-        let (acked, error) = publish(&urls[target % urls.len()], queue, next..next + 100, 50).await;
+        let (acked, error) = publish(&urls[target % urls.len()], queue, next..next + batch, batch as usize / 2).await;
+        if !acked.is_empty() {
+            longest_silence = longest_silence.max(last_confirm.elapsed());
+            last_confirm = std::time::Instant::now();
+        }
         // Confirms are awaited in order: what was acked is a prefix; the rest is published again.
         next += acked.len() as u32;
         confirmed.lock().await.extend(acked);
@@ -204,7 +231,7 @@ pub async fn publish_until(
             tokio::time::sleep(Duration::from_millis(300)).await;
         }
     }
-    moves
+    Publishing { moves, longest_silence: longest_silence.max(last_confirm.elapsed()) }
 }
 
 /// Consumes `queue` until `stop` and an idle queue, moving to the next URL when its node fails;

@@ -26,7 +26,8 @@ use warren::api::RabbitCluster;
 pub fn repo() -> &'static str {
     static ROOT: std::sync::OnceLock<String> = std::sync::OnceLock::new();
     ROOT.get_or_init(|| {
-        let dir = std::env::var("CARGO_MANIFEST_DIR").unwrap_or_else(|_| concat!(env!("CARGO_MANIFEST_DIR"), "/..").into());
+        let dir =
+            std::env::var("CARGO_MANIFEST_DIR").unwrap_or_else(|_| concat!(env!("CARGO_MANIFEST_DIR"), "/..").into());
         match dir.strip_suffix("/testkit") {
             Some(root) => root.to_string(),
             None => dir,
