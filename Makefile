@@ -33,8 +33,9 @@ rootfs:
 ## containerd, CoreDNS, Prometheus, images built here); each started for its run and removed after it.
 e2e: tier3 tier4
 
-## tier3: the chart linted, then the control plane's tests (no node).
+## tier3: the chart and the GitHub workflows linted, then the control plane's tests (no node).
 tier3: deps control-plane
+	$(CACHE_DIR)/bin/actionlint-$(ACTIONLINT_VERSION)/actionlint .github/workflows/*.yaml
 	$(HELM) lint --strict charts/warren
 	$(HELM) lint --strict charts/warren --set 'watchNamespaces={apps,jobs}' --set metrics.serviceMonitor.enabled=true \
 	  --set rabbitmqPodMonitor.enabled=true
@@ -44,7 +45,7 @@ tier3: deps control-plane
 ## tier4: a local cluster with a real node, and the node tests.
 tier4: deps control-plane node
 	$(CARGO) build --locked
-	e2e/with-control-plane.sh --node $(CARGO) test --locked --features e2e --test e2e_node -- --test-threads=1
+	e2e/with-control-plane.sh --node $(CARGO) test --locked --features e2e --test e2e_node -- --test-threads=1 --nocapture
 
 ## bench: prints figures: `warren migrate` vs the Shovel plugin and a PerfTest ceiling on the same
 ## brokers, the migrator's peak memory; the operator watching 200 then 1,000 RabbitClusters (time

@@ -3,8 +3,8 @@
 # (kube-scheduler, kubelet, kube-proxy), CoreDNS and helm from their Go modules into a cache keyed by
 # version, and fetches the Prometheus operator's CRDs from its module. Idempotent: a component whose
 # binaries are already cached is not rebuilt.
-# Usage: e2e/build.sh [etcd|kubernetes|node|coredns|prometheus|monitoring-crds|helm]...
-#        (default: etcd helm kubernetes monitoring-crds)
+# Usage: e2e/build.sh [etcd|kubernetes|node|coredns|prometheus|monitoring-crds|helm|actionlint]...
+#        (default: etcd helm kubernetes monitoring-crds actionlint)
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 # shellcheck source=e2e/versions.env
@@ -160,8 +160,16 @@ build_helm() {
   GOBIN=$out go install -trimpath -ldflags "$ld" "helm.sh/helm/v3/cmd/helm@$HELM_VERSION"
 }
 
+# actionlint lints .github/workflows (run by tier 3; the workflows themselves run on GitHub).
+build_actionlint() {
+  local out=$cache/bin/actionlint-$ACTIONLINT_VERSION
+  [[ -x $out/actionlint ]] && return 0
+  log "actionlint $ACTIONLINT_VERSION"
+  GOBIN=$out go install -trimpath -ldflags "-s -w" "github.com/rhysd/actionlint/cmd/actionlint@$ACTIONLINT_VERSION"
+}
+
 components=("$@")
-[[ ${#components[@]} -gt 0 ]] || components=(etcd helm kubernetes monitoring-crds)
+[[ ${#components[@]} -gt 0 ]] || components=(etcd helm kubernetes monitoring-crds actionlint)
 for c in "${components[@]}"; do
   start=$SECONDS
   "build_${c//-/_}"

@@ -22,7 +22,7 @@ formatting() {
 # are built, then the node's parts for tier 4. Fails when a build does.
 go_parts_and_tier3() {
   local plane built
-  nice -n 19 e2e/build.sh etcd helm kubernetes monitoring-crds
+  nice -n 19 e2e/build.sh etcd helm kubernetes monitoring-crds actionlint
   plane=$?
   if [ "$plane" = 0 ]; then
     { "$MAKE" --no-print-directory tier3 > "$logs/tier3.log" 2>&1; echo $? > "$logs/tier3.rc"; } &
