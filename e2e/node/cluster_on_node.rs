@@ -136,9 +136,10 @@ async fn a_rabbit_cluster_runs_heals_grows_and_keeps_its_data_on_a_real_node() {
     let names = ["ha-0", "ha-1", "ha-2"];
     observability::prometheus_sees_the_cluster(&ns, NAME, &names, KEPT, KEPT_COUNT as u64).await;
     observability::kubectl_warren_on(&client, &ns, NAME, &names, KEPT, KEPT_COUNT as u64).await;
-    a_deleted_pod_comes_back_on_its_volume(&client, &ns, &endpoint, &claims).await;
     every_pod_deleted_at_once_reforms_the_cluster(&client, &ns, &endpoint, &claims).await;
+    // Each pod evicted by a drain comes back on its own volume.
     drain_on_node::drains_every_node_in_turn_under_load(&client, &ns, NAME, &endpoint).await;
+    assert_eq!(volumes(&client, &ns).await, claims, "the same volumes after the drains");
     machine_loss_on_node::loses_the_leaders_machine_and_gets_it_back(&client, &ns, NAME, &endpoint).await;
     endpoint.wait_depth(KEPT, KEPT_COUNT as u64).await;
     // What people do to a running cluster (issue: day-2 safety), on this formed cluster.
@@ -147,6 +148,9 @@ async fn a_rabbit_cluster_runs_heals_grows_and_keeps_its_data_on_a_real_node() {
     scales_down_while_the_leading_operator_is_killed(&client, &ns, &endpoint).await;
     scales_back_up_and_every_message_is_there_once(&client, &ns, &endpoint).await;
     deleted_and_applied_again_keeps_claims_credentials_and_messages(&client, &ns, &endpoint, &claims).await;
+    // Last: the claims of the replaced members are new ones.
+    let endpoint = Endpoint::of(&client, &ns, NAME).await;
+    machine_loss_on_node::a_member_on_a_machine_declared_gone_is_replaced(&client, &ns, NAME, &endpoint, 5).await;
 }
 
 /// Three pods running RabbitMQ, one cluster, HA applied (quorum by default on 4.x), conditions
@@ -196,22 +200,6 @@ async fn forms_one_cluster_with_high_availability(client: &Client, ns: &str) -> 
     assert!(claims.values().all(|v| !v.is_empty()), "every claim bound: {claims:?}");
 
     (endpoint, claims)
-}
-
-/// One pod deleted: it comes back on its volume and rejoins; the messages are kept.
-async fn a_deleted_pod_comes_back_on_its_volume(
-    client: &Client,
-    ns: &str,
-    endpoint: &Endpoint,
-    claims: &BTreeMap<String, String>,
-) {
-    let first_pods = pods(client, ns, NAME).await;
-    let ha1 = first_pods.iter().find(|p| p.0 == "ha-1").map(|p| p.1.clone()).expect("ha-1");
-    delete(&["pod", "ha-1", "-n", ns, "--wait=false"]);
-    wait_replaced(client, ns, std::slice::from_ref(&ha1), 3).await;
-    wait_ready(client, ns, NAME, 3).await;
-    assert_eq!(volumes(client, ns).await, *claims, "the same volumes");
-    endpoint.wait_depth(KEPT, KEPT_COUNT as u64).await;
 }
 
 /// Every pod deleted at once: the cluster re-forms by itself.

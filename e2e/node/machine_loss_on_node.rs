@@ -2,7 +2,8 @@
 //! (`e2e/node.sh power-off`: its link cut, then its kubelet, containerd and every container killed
 //! at once, no preStop). The two other pods keep serving (a quorum of 3), no confirmed message is
 //! lost, and the RabbitCluster says which member is missing and on which node. Powered on again,
-//! the pod comes back on its volume and rejoins. Printed: the longest time the publisher went
+//! the pod comes back on its volume and rejoins. Then a machine declared gone, with the opt-in:
+//! its members replaced on the machines left. Printed: the longest time the publisher went
 //! without a confirm, and the time from the fault to the cluster whole again.
 
 use std::collections::BTreeMap;
@@ -18,7 +19,9 @@ use warren::api::RabbitCluster;
 use crate::rig::{Endpoint, POD_TIMEOUT, pod_nodes, wait_ready};
 use testkit::amqp;
 use testkit::control_plane::cluster::{condition, summary};
-use testkit::control_plane::{e2e_dir, repo, wait_for};
+use testkit::control_plane::{e2e_dir, kubectl, ok, repo, wait_for};
+
+use crate::cluster_on_node::events;
 
 const QUEUE: &str = "e2e-loss";
 
@@ -97,4 +100,93 @@ pub async fn loses_the_leaders_machine_and_gets_it_back(client: &Client, ns: &st
         published.moves,
         whole.as_secs_f64()
     );
+}
+
+/// The machine of `ha-0` lost again, with `spec.replaceLostMembers: true`. While the node is only
+/// unreachable nothing is replaced (it may come back with its data). Declared gone with the
+/// out-of-service taint, each member on it is replaced: its claim and pod deleted by the operator
+/// (an Event for each), made anew on a running node, joined, its queue members grown back; every
+/// message is there. Then the machine comes back and the taint is lifted, for the tests after.
+pub async fn a_member_on_a_machine_declared_gone_is_replaced(
+    client: &Client,
+    ns: &str,
+    name: &str,
+    endpoint: &Endpoint,
+    replicas: usize,
+) {
+    testkit::control_plane::cluster::patch(ns, name, r#"{"spec":{"replaceLostMembers":true}}"#);
+    const KEPT: &str = "e2e-replace";
+    endpoint.declare_queue(KEPT).await;
+    endpoint.wait_copies(KEPT, replicas).await;
+    let (confirmed, error) = amqp::publish(&endpoint.amqp(), KEPT, 0..300, 50).await;
+    assert_eq!((confirmed.len(), error), (300, None));
+
+    let placed: BTreeMap<String, Option<String>> = pod_nodes(client, ns, name).await.into_iter().collect();
+    let lost = placed.get(&format!("{name}-0")).cloned().flatten().expect("pod 0 scheduled");
+    let stranded: Vec<String> =
+        placed.iter().filter(|(_, n)| n.as_deref() == Some(&lost)).map(|(p, _)| p.clone()).collect();
+    let uids_before: BTreeMap<String, String> =
+        crate::rig::pods(client, ns, name).await.into_iter().map(|(pod, uid, _)| (pod, uid)).collect();
+    let fault = Instant::now();
+    machine("power-off", &lost);
+    eprintln!("powered off {lost}, which runs {stranded:?}");
+    let api: Api<RabbitCluster> = Api::namespaced(client.clone(), ns);
+    wait_for("ClusterFormed naming the missing members", POD_TIMEOUT, || async {
+        let cluster = api.get(name).await.map_err(|e| e.to_string())?;
+        match condition(&cluster, "ClusterFormed") {
+            Some(c) if c.reason == "MembersMissing" && c.message.contains(&format!("on node {lost}")) => Ok(()),
+            _ => Err(summary(&cluster)),
+        }
+    })
+    .await;
+    // Unreachable is not gone: opted in or not, nothing is replaced yet.
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let uids_now: BTreeMap<String, String> =
+        crate::rig::pods(client, ns, name).await.into_iter().map(|(pod, uid, _)| (pod, uid)).collect();
+    for pod in &stranded {
+        assert_eq!(uids_now.get(pod), uids_before.get(pod), "{pod} replaced while its node was only unreachable");
+    }
+    assert!(events(ns, "LostMemberReplaced").is_empty(), "a member replaced before its node was declared gone");
+
+    let declared = Instant::now();
+    ok("kubectl taint", kubectl(&["taint", "node", &lost, "node.kubernetes.io/out-of-service=nodeshutdown:NoExecute"]));
+    wait_for("the stranded members back on running nodes", POD_TIMEOUT, || async {
+        let now = pod_nodes(client, ns, name).await;
+        let misplaced: Vec<_> =
+            now.iter().filter(|(p, n)| stranded.contains(p) && n.as_deref() != Some(&*lost)).collect();
+        let uids: BTreeMap<String, String> =
+            crate::rig::pods(client, ns, name).await.into_iter().map(|(pod, uid, _)| (pod, uid)).collect();
+        let renewed = stranded.iter().all(|p| uids.get(p).is_some_and(|u| Some(u) != uids_before.get(p)));
+        if misplaced.len() == stranded.len() && renewed { Ok(()) } else { Err(format!("{now:?}")) }
+    })
+    .await;
+    wait_ready(client, ns, name, replicas).await;
+    endpoint.wait_copies(KEPT, replicas).await;
+    let whole = fault.elapsed();
+    let notes = events(ns, "LostMemberReplaced");
+    for pod in &stranded {
+        assert!(
+            notes.iter().any(|n| n.starts_with(&format!("{pod} was on node {lost}"))),
+            "no Event for {pod}: {notes:?}"
+        );
+    }
+    eprintln!(
+        "member(s) {stranded:?} of lost node {lost} replaced: the cluster whole again {:.1} s after the power-off, \
+         {:.1} s after the node was declared gone; {}",
+        whole.as_secs_f64(),
+        declared.elapsed().as_secs_f64(),
+        notes.first().map(String::as_str).unwrap_or_default()
+    );
+    let seen = amqp::drain(&endpoint.amqp(), KEPT, usize::MAX, Duration::from_secs(5)).await.expect("consume");
+    let missing: Vec<_> = (0..300).filter(|id| !seen.contains_key(id)).collect();
+    assert!(missing.is_empty(), "{} confirmed messages lost: {missing:?}", missing.len());
+
+    machine("power-on", &lost);
+    ok("kubectl taint", kubectl(&["taint", "node", &lost, "node.kubernetes.io/out-of-service-"]));
+    wait_for(&format!("node {lost} Ready"), POD_TIMEOUT, || async {
+        let out = kubectl(&["get", "node", &lost, "-o", "jsonpath={.status.conditions[?(@.type==\"Ready\")].status}"]);
+        let ready = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        if ready == "True" { Ok(()) } else { Err(ready) }
+    })
+    .await;
 }

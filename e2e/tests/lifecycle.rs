@@ -143,11 +143,15 @@ async fn the_chart_grants_no_more_than_the_operator_needs() {
     {
         assert!(can(verb, resource, &ns.name), "the operator may not {verb} {resource} in its namespace");
     }
-    // Scale-down's node commands: exec into the RabbitMQ pods, and nothing else on pods. Claims:
-    // listed (does the cluster have data?), expanded, and deleted by the forget step only; never made.
-    for (verb, resource) in
-        [("list", "persistentvolumeclaims"), ("patch", "persistentvolumeclaims"), ("delete", "persistentvolumeclaims")]
-    {
+    // Scale-down's node commands: exec into the RabbitMQ pods; pods deleted only to replace a
+    // member on a node declared gone (opt-in). Claims: listed (does the cluster have data?),
+    // expanded, read, deleted by the forget step and that replacement only; never made.
+    for (verb, resource) in [
+        ("list", "persistentvolumeclaims"),
+        ("patch", "persistentvolumeclaims"),
+        ("delete", "persistentvolumeclaims"),
+        ("delete", "pods"),
+    ] {
         assert!(can(verb, resource, &ns.name), "the operator may not {verb} {resource} in its namespace");
     }
     let exec =
@@ -158,10 +162,15 @@ async fn the_chart_grants_no_more_than_the_operator_needs() {
         ("delete", "statefulsets.apps"),
         ("update", "rabbitclusters.warren.dev"),
         ("create", "pods"),
-        ("delete", "pods"),
         ("create", "persistentvolumeclaims"),
         ("create", "clusterroles.rbac.authorization.k8s.io"),
     ] {
+        assert!(!can(verb, resource, &ns.name), "the operator may {verb} {resource}: more than it needs");
+    }
+    // Nodes and volumes: one read at a time (is a not-ready member's node gone?), nothing more.
+    assert!(can("get", "nodes", &ns.name) && can("get", "persistentvolumes", &ns.name), "cannot read nodes, volumes");
+    for (verb, resource) in [("list", "nodes"), ("watch", "nodes"), ("patch", "nodes"), ("delete", "persistentvolumes")]
+    {
         assert!(!can(verb, resource, &ns.name), "the operator may {verb} {resource}: more than it needs");
     }
     // Leader election: the release's own Lease, nothing else of leases.

@@ -101,6 +101,15 @@ pub struct RabbitClusterSpec {
     #[serde(default)]
     pub spread: SpreadSpec,
 
+    /// Replace a member whose Kubernetes node was declared gone (the Node object deleted, or the
+    /// `node.kubernetes.io/out-of-service` taint of a non-graceful node shutdown) while its volume
+    /// is local to that node: the operator deletes its claim and its pod, the StatefulSet makes
+    /// both anew on a running node, and the member joins afresh (its old incarnation forgotten, its
+    /// quorum queues grown back). Its data on the lost node is given up. Off by default: a node
+    /// that is only unreachable may come back with its data, and only a person can tell.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub replace_lost_members: bool,
+
     /// Pod tolerations.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub tolerations: Vec<Toleration>,

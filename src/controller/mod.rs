@@ -6,6 +6,7 @@ pub mod broker_step;
 pub mod build;
 pub mod conditions;
 pub mod dereference;
+pub mod lost_nodes;
 pub mod migration;
 pub mod namespaces;
 pub mod recover;
@@ -389,6 +390,7 @@ async fn reconcile_cluster(cluster: &RabbitCluster, ctx: &Context) -> Result<Act
         Err(error) => return fail_early(cluster, ctx, error).await,
     };
     report_applied(cluster, ctx, &validated, &applied).await;
+    lost_nodes::replace_lost_members(cluster, ctx, &validated).await;
     for note in &world.recovered {
         ctx.event(cluster, EventType::Warning, "CredentialsRecovered", "Dereference", note.clone()).await;
     }

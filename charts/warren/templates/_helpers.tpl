@@ -57,10 +57,11 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
   verbs: [get, list, watch, create]
 # Pods: a migration Job's termination message (the migrator's summary, read into status), a
 # scale-down's view of the RabbitMQ pods (ready, stopping), and the watch that names a pod the
-# scheduler cannot place.
+# scheduler cannot place. Deleted only to replace a member whose node was declared gone, where
+# the RabbitCluster opts in (spec.replaceLostMembers): its kubelet will never confirm.
 - apiGroups: [""]
   resources: [pods]
-  verbs: [list, watch]
+  verbs: [list, watch, delete]
 # Scale-down runs rabbitmqctl-level commands in the RabbitMQ pods (quorum shrink, maintenance
 # mode, forget_cluster_node), as `kubectl exec` does: a WebSocket upgrade of a GET, which servers
 # before the WebSocket create check authorise as get; so do the recovery of a deleted Erlang
@@ -71,11 +72,12 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
   verbs: [create, get]
 # Claims: listed to know whether a cluster has data (a missing Secret is then recovered, never
 # re-invented); patched to expand them to a larger spec.persistence.storage (their StorageClass
-# decides whether it may); deleted only by a scale-down's forget step, for the node the operator
-# removed.
+# decides whether it may); read to find a not-ready member's volume; deleted only by a
+# scale-down's forget step, for the node the operator removed, and to replace a member whose node
+# was declared gone (spec.replaceLostMembers).
 - apiGroups: [""]
   resources: [persistentvolumeclaims]
-  verbs: [list, patch, delete]
+  verbs: [get, list, patch, delete]
 - apiGroups: [events.k8s.io]
   resources: [events]
   verbs: [create, patch]
