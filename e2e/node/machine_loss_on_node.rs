@@ -25,14 +25,47 @@ use crate::cluster_on_node::events;
 
 const QUEUE: &str = "e2e-loss";
 
-/// `e2e/node.sh ACTION` on node `node` (named `<cluster>-<N>`) of the cluster under test.
-fn machine(action: &str, node: &str) {
+/// A machine powered off for the length of a scenario: powered on again when dropped, also when
+/// the scenario fails, so that the tests after it find three nodes.
+struct PoweredOff {
+    node: String,
+    on: bool,
+}
+
+impl PoweredOff {
+    fn new(node: &str) -> Self {
+        machine("power-off", node);
+        Self { node: node.to_string(), on: false }
+    }
+
+    fn power_on(&mut self) {
+        machine("power-on", &self.node);
+        self.on = true;
+    }
+}
+
+impl Drop for PoweredOff {
+    fn drop(&mut self) {
+        if !self.on {
+            let _ = run_node_script("power-on", &self.node);
+            let _ =
+                testkit::control_plane::kubectl(&["taint", "node", &self.node, "node.kubernetes.io/out-of-service-"]);
+        }
+    }
+}
+
+fn run_node_script(action: &str, node: &str) -> std::process::Output {
     let index = node.rsplit('-').next().expect("a node named <cluster>-<N>");
     let dir = e2e_dir();
-    let output = Command::new(format!("{}/e2e/node.sh", repo()))
+    Command::new(format!("{}/e2e/node.sh", repo()))
         .args([action, &dir.to_string_lossy(), index])
         .output()
-        .expect("e2e/node.sh");
+        .expect("e2e/node.sh")
+}
+
+/// `e2e/node.sh ACTION` on node `node` (named `<cluster>-<N>`) of the cluster under test.
+fn machine(action: &str, node: &str) {
+    let output = run_node_script(action, node);
     let said = String::from_utf8_lossy(&output.stdout).to_string() + &String::from_utf8_lossy(&output.stderr);
     assert!(output.status.success(), "e2e/node.sh {action} {node}: {said}");
 }
@@ -56,7 +89,7 @@ pub async fn loses_the_leaders_machine_and_gets_it_back(client: &Client, ns: &st
     .await;
 
     let fault = Instant::now();
-    machine("power-off", &lost);
+    let mut powered_off = PoweredOff::new(&lost);
     eprintln!("powered off {lost}, which runs {leader_pod}, the leader of {QUEUE}");
     let before = confirmed.lock().await.len();
     wait_for("confirms from the two machines left", POD_TIMEOUT, || async {
@@ -78,7 +111,7 @@ pub async fn loses_the_leaders_machine_and_gets_it_back(client: &Client, ns: &st
     assert!(said.contains(&leader), "names the member: {said}");
     assert!(said.contains(&format!("pod {leader_pod} on node {lost}")), "names its pod and node: {said}");
 
-    machine("power-on", &lost);
+    powered_off.power_on();
     wait_ready(client, ns, name, 3).await;
     endpoint.wait_copies(QUEUE, 3).await;
     let whole = fault.elapsed();
@@ -128,7 +161,7 @@ pub async fn a_member_on_a_machine_declared_gone_is_replaced(
     let uids_before: BTreeMap<String, String> =
         crate::rig::pods(client, ns, name).await.into_iter().map(|(pod, uid, _)| (pod, uid)).collect();
     let fault = Instant::now();
-    machine("power-off", &lost);
+    let mut powered_off = PoweredOff::new(&lost);
     eprintln!("powered off {lost}, which runs {stranded:?}");
     let api: Api<RabbitCluster> = Api::namespaced(client.clone(), ns);
     wait_for("ClusterFormed naming the missing members", POD_TIMEOUT, || async {
@@ -181,7 +214,7 @@ pub async fn a_member_on_a_machine_declared_gone_is_replaced(
     let missing: Vec<_> = (0..300).filter(|id| !seen.contains_key(id)).collect();
     assert!(missing.is_empty(), "{} confirmed messages lost: {missing:?}", missing.len());
 
-    machine("power-on", &lost);
+    powered_off.power_on();
     ok("kubectl taint", kubectl(&["taint", "node", &lost, "node.kubernetes.io/out-of-service-"]));
     wait_for(&format!("node {lost} Ready"), POD_TIMEOUT, || async {
         let out = kubectl(&["get", "node", &lost, "-o", "jsonpath={.status.conditions[?(@.type==\"Ready\")].status}"]);

@@ -101,15 +101,22 @@ pub async fn wait_ready(client: &Client, namespace: &str, name: &str, members: u
     .await
 }
 
-/// The cluster's pods by name: (uid, ready).
-pub async fn pods(client: &Client, namespace: &str, name: &str) -> Vec<(String, String, bool)> {
+/// The cluster's pods, sorted by name.
+async fn cluster_pods(client: &Client, namespace: &str, name: &str) -> Vec<Pod> {
     let api: Api<Pod> = Api::namespaced(client.clone(), namespace);
     let list = api
         .list(&ListParams::default().labels(&format!("app.kubernetes.io/instance={name}")))
         .await
         .expect("list pods");
-    let mut pods: Vec<_> = list
-        .items
+    let mut pods = list.items;
+    pods.sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
+    pods
+}
+
+/// The cluster's pods by name: (uid, ready).
+pub async fn pods(client: &Client, namespace: &str, name: &str) -> Vec<(String, String, bool)> {
+    cluster_pods(client, namespace, name)
+        .await
         .into_iter()
         .map(|p| {
             let ready = p
@@ -119,25 +126,16 @@ pub async fn pods(client: &Client, namespace: &str, name: &str) -> Vec<(String, 
                 .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
             (p.metadata.name.unwrap_or_default(), p.metadata.uid.unwrap_or_default(), ready)
         })
-        .collect();
-    pods.sort();
-    pods
+        .collect()
 }
 
 /// The cluster's pods by name, each with the node it was scheduled to (None while Pending).
 pub async fn pod_nodes(client: &Client, namespace: &str, name: &str) -> Vec<(String, Option<String>)> {
-    let api: Api<Pod> = Api::namespaced(client.clone(), namespace);
-    let list = api
-        .list(&ListParams::default().labels(&format!("app.kubernetes.io/instance={name}")))
+    cluster_pods(client, namespace, name)
         .await
-        .expect("list pods");
-    let mut pods: Vec<_> = list
-        .items
         .into_iter()
         .map(|p| (p.metadata.name.unwrap_or_default(), p.spec.and_then(|s| s.node_name)))
-        .collect();
-    pods.sort();
-    pods
+        .collect()
 }
 
 /// How a client on the node reaches a cluster: its client Service's address and the default user.

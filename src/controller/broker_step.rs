@@ -118,8 +118,15 @@ pub async fn observe(
         None
     };
     let placements: BTreeMap<String, String> = placements.into_iter().map(|(node, p)| (node, p.describe())).collect();
+    // One Warning when a formed cluster loses a member (the condition still says formed), not at
+    // every pass after, nor while a new cluster is still forming.
+    let was_formed = cluster
+        .status
+        .as_ref()
+        .is_some_and(|s| s.conditions.iter().any(|c| c.type_ == conditions::CLUSTER_FORMED && c.status == "True"));
     if let Some(missing) = membership.as_ref().map(|m| conditions::describe_missing(&m.missing, &placements))
         && !missing.is_empty()
+        && was_formed
     {
         ctx.event(cluster, EventType::Warning, "MembersMissing", "Observe", format!("not running members: {missing}"))
             .await;
