@@ -222,16 +222,17 @@ start() {
   log "node $name ready in $SECONDS s at $address, pods $subnet.0/24"
 }
 
-# Every process the node runs: the ones started here (by their recorded pids), the shims containerd
-# recorded, and whatever runs in the node's cgroup tree (its containers).
+# Every process the node runs: the ones started here (by their recorded pids), every process in
+# the node's network namespace (containerd's shims, one started as containerd stopped included),
+# and whatever runs in the node's cgroup tree (its containers, in their pods' namespaces).
 kill_machine() {
-  local what pid pidfile c
+  local what pid c
   for what in kubelet kube-proxy containerd; do
     [[ -f $node/pids/$what ]] && kill -KILL "$(cat "$node/pids/$what")" 2>/dev/null || true
   done
-  for pidfile in $(find "$node/containerd/state" -name shim.pid 2>/dev/null); do
-    kill -KILL "$(cat "$pidfile")" 2>/dev/null || true
-  done
+  if [[ -e /run/netns/$netns ]]; then
+    for pid in $(ip netns pids "$netns" 2>/dev/null); do kill -KILL "$pid" 2>/dev/null || true; done
+  fi
   for c in /sys/fs/cgroup/*/"$name"; do
     [[ -d $c ]] || continue
     for pid in $(find "$c" -name cgroup.procs -exec cat {} + 2>/dev/null); do kill -KILL "$pid" 2>/dev/null || true; done
