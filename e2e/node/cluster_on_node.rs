@@ -148,9 +148,6 @@ async fn a_rabbit_cluster_runs_heals_grows_and_keeps_its_data_on_a_real_node() {
     scales_down_while_the_leading_operator_is_killed(&client, &ns, &endpoint).await;
     scales_back_up_and_every_message_is_there_once(&client, &ns, &endpoint).await;
     deleted_and_applied_again_keeps_claims_credentials_and_messages(&client, &ns, &endpoint, &claims).await;
-    // Last: the claims of the replaced members are new ones.
-    let endpoint = Endpoint::of(&client, &ns, NAME).await;
-    machine_loss_on_node::a_member_on_a_machine_declared_gone_is_replaced(&client, &ns, NAME, &endpoint, 5).await;
 }
 
 /// Three pods running RabbitMQ, one cluster, HA applied (quorum by default on 4.x), conditions

@@ -135,19 +135,23 @@ pub async fn loses_the_leaders_machine_and_gets_it_back(client: &Client, ns: &st
     );
 }
 
-/// The machine of `ha-0` lost again, with `spec.replaceLostMembers: true`. While the node is only
+/// The machine of pod 0 lost, with `spec.replaceLostMembers: true`. While the node is only
 /// unreachable nothing is replaced (it may come back with its data). Declared gone with the
 /// out-of-service taint, each member on it is replaced: its claim and pod deleted by the operator
 /// (an Event for each), made anew on a running node, joined, its queue members grown back; every
 /// message is there. Then the machine comes back and the taint is lifted, for the tests after.
-pub async fn a_member_on_a_machine_declared_gone_is_replaced(
-    client: &Client,
-    ns: &str,
-    name: &str,
-    endpoint: &Endpoint,
-    replicas: usize,
-) {
-    testkit::control_plane::cluster::patch(ns, name, r#"{"spec":{"replaceLostMembers":true}}"#);
+#[tokio::test]
+async fn a_member_on_a_machine_declared_gone_is_replaced() {
+    crate::rig::ensure_operator().await;
+    let client = &testkit::control_plane::admin_client().await;
+    let namespace = testkit::control_plane::TestNamespace::create(client, "node-lost").await;
+    let (ns, name, replicas) = (namespace.name.as_str(), "lost", 3);
+    testkit::control_plane::cluster::apply(
+        ns,
+        &format!("{}  replaceLostMembers: true\n", crate::rig::manifest(name, replicas as i32)),
+    );
+    wait_ready(client, ns, name, replicas).await;
+    let endpoint = &Endpoint::of(client, ns, name).await;
     const KEPT: &str = "e2e-replace";
     endpoint.declare_queue(KEPT).await;
     endpoint.wait_copies(KEPT, replicas).await;
