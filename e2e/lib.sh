@@ -48,7 +48,9 @@ issue_cert() { # ca-dir out-dir stem subject ext-lines: OUT/STEM.key and .crt, s
     openssl ecparam -name prime256v1 -genkey -noout -out "$out/$stem.key"
     openssl req -new -key "$out/$stem.key" -subj "$subject" -out "$out/$stem.csr" 2>/dev/null
     printf '%b' "$ext" > "$out/$stem.ext"
-    openssl x509 -req -in "$out/$stem.csr" -CA "$ca/ca.crt" -CAkey "$ca/ca.key" -CAcreateserial -days 30 \
+    # A random serial, not -CAcreateserial: the nodes start side by side, and their certificates
+    # would race on the CA's one serial file.
+    openssl x509 -req -in "$out/$stem.csr" -CA "$ca/ca.crt" -CAkey "$ca/ca.key" -set_serial "0x$(openssl rand -hex 16)" -days 30 \
       -extfile "$out/$stem.ext" -out "$out/$stem.crt" 2>/dev/null
     rm -f "$out/$stem.csr" "$out/$stem.ext"
   )
