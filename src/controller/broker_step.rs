@@ -12,7 +12,7 @@ use kube::runtime::reflector::ObjectRef;
 
 use super::dereference::Dereferenced;
 use super::validate::ValidatedCluster;
-use super::{Context, build, conditions, recover, scale};
+use super::{Context, conditions, recover, scale, stores};
 use crate::api::{FEATURE_FLAGS_ANNOTATION, RabbitCluster};
 use crate::error::{BrokerReason, Error};
 use crate::rabbitmq::broker::{self, BrokerObservation, Membership};
@@ -161,18 +161,12 @@ impl Placement {
 /// Each expected RabbitMQ node's pod from the pods' store (no read): its Kubernetes node, ready or
 /// not. A pod the store does not hold is left out.
 fn placements(ctx: &Context, validated: &ValidatedCluster) -> BTreeMap<String, Placement> {
-    let pods = ctx.stores.pods.state();
+    let pods = stores::rabbitmq_pods(ctx, validated);
     (0..validated.replicas)
         .filter_map(|ordinal| {
             let name = format!("{}-{ordinal}", validated.stateful_set_name());
-            let pod = pods
-                .iter()
-                .find(|p| p.namespace().as_deref() == Some(validated.namespace.as_str()) && p.name_any() == name)?;
-            let ready = pod
-                .status
-                .as_ref()
-                .and_then(|s| s.conditions.as_ref())
-                .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
+            let pod = pods.iter().find(|p| p.name_any() == name)?;
+            let ready = stores::pod_ready(pod);
             let node = pod.spec.as_ref().and_then(|s| s.node_name.clone());
             Some((validated.node_name(ordinal), Placement { pod: name, node, ready }))
         })
@@ -182,14 +176,8 @@ fn placements(ctx: &Context, validated: &ValidatedCluster) -> BTreeMap<String, P
 /// The cluster's Pending pods the scheduler marked unschedulable, with its message, from the pods'
 /// store (no read).
 fn unschedulable_pods(ctx: &Context, validated: &ValidatedCluster) -> Vec<String> {
-    let mut waiting: Vec<String> = ctx
-        .stores
-        .pods
-        .state()
+    let mut waiting: Vec<String> = stores::rabbitmq_pods(ctx, validated)
         .iter()
-        .filter(|pod| pod.namespace().as_deref() == Some(validated.namespace.as_str()))
-        .filter(|pod| pod.labels().get(build::INSTANCE_LABEL) == Some(&validated.name))
-        .filter(|pod| pod.labels().get(build::NAME_LABEL).is_some_and(|v| v == "rabbitmq"))
         .filter(|pod| pod.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Pending"))
         .filter_map(|pod| {
             let conditions = pod.status.as_ref()?.conditions.as_ref()?;

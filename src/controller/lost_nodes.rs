@@ -16,8 +16,8 @@ use kube::api::DeleteParams;
 use kube::runtime::events::EventType;
 use kube::{Api, ResourceExt};
 
+use super::Context;
 use super::validate::ValidatedCluster;
-use super::{Context, build};
 use crate::api::RabbitCluster;
 use crate::error::{Error, Result};
 
@@ -69,7 +69,7 @@ pub fn pinned_node(volume: &PersistentVolume) -> Option<String> {
 pub fn may_be_stranded(pod: &Pod) -> bool {
     let conditions = pod.status.as_ref().and_then(|s| s.conditions.as_deref()).unwrap_or_default();
     let scheduled = pod.spec.as_ref().and_then(|s| s.node_name.as_ref()).is_some();
-    let ready = conditions.iter().any(|c| c.type_ == "Ready" && c.status == "True");
+    let ready = super::stores::pod_ready(pod);
     let volume_conflict = conditions.iter().any(|c| {
         c.type_ == "PodScheduled"
             && c.status == "False"
@@ -83,17 +83,10 @@ pub fn may_be_stranded(pod: &Pod) -> bool {
 /// Warning Events; the pass goes on.
 pub async fn replace_lost_members(cluster: &RabbitCluster, ctx: &Context, validated: &ValidatedCluster) {
     let stranded: Vec<(i32, String)> = {
-        let pods = ctx.stores.pods.state();
+        let pods = super::stores::rabbitmq_pods(ctx, validated);
         (0..validated.replicas)
             .map(|ordinal| (ordinal, format!("{}-{ordinal}", validated.stateful_set_name())))
-            .filter(|(_, name)| {
-                pods.iter().any(|p| {
-                    p.namespace().as_deref() == Some(validated.namespace.as_str())
-                        && &p.name_any() == name
-                        && p.labels().get(build::INSTANCE_LABEL) == Some(&validated.name)
-                        && may_be_stranded(p)
-                })
-            })
+            .filter(|(_, name)| pods.iter().any(|p| &p.name_any() == name && may_be_stranded(p)))
             .collect()
     };
     for (ordinal, pod) in stranded {

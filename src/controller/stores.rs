@@ -250,6 +250,24 @@ pub fn slim_pod(pod: &mut Pod) {
     }
 }
 
+/// A RabbitCluster's RabbitMQ pods as the pods' store holds them (no read).
+pub fn rabbitmq_pods(ctx: &super::Context, validated: &super::validate::ValidatedCluster) -> Vec<Arc<Pod>> {
+    ctx.stores
+        .pods
+        .state()
+        .into_iter()
+        .filter(|pod| pod.namespace().as_deref() == Some(validated.namespace.as_str()))
+        .filter(|pod| pod.labels().get(super::build::INSTANCE_LABEL) == Some(&validated.name))
+        .filter(|pod| pod.labels().get(super::build::NAME_LABEL).is_some_and(|v| v == "rabbitmq"))
+        .collect()
+}
+
+/// Whether a pod's Ready condition is true.
+pub fn pod_ready(pod: &Pod) -> bool {
+    let conditions = pod.status.as_ref().and_then(|s| s.conditions.as_deref()).unwrap_or_default();
+    conditions.iter().any(|c| c.type_ == "Ready" && c.status == "True")
+}
+
 /// The key of a cert-manager Secret that holds the CA certificate.
 pub const CA_KEY: &str = "ca.crt";
 
