@@ -1,7 +1,8 @@
 //! Tier 1: the pod's bootstrap.sh (from the built ConfigMap) run with stand-ins for RabbitMQ's
 //! programs, for what a real node cannot be made to do on demand: abort its boot (RabbitMQ 4.0 on
-//! Mnesia does so at random when every node of a cluster boots at once), keep aborting, or crash
-//! after it booted. The real nodes run the same script in tier 2.
+//! Mnesia does so at random when every node of a cluster boots at once), keep aborting, crash
+//! after it booted, or fail its first start after join_cluster (RabbitMQ 3.10 on Mnesia, when two
+//! nodes join at once on a loaded machine). The real nodes run the same script in tier 2.
 
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
@@ -21,6 +22,9 @@ enum Server {
     NeverBoots,
     /// Boots, and exits with status 4 once the script has seen it booted.
     CrashesAfterBoot,
+    /// A first boot (no marker): the node joins node 0, and `rabbitmqctl start_app` after
+    /// join_cluster fails this many times before it succeeds.
+    JoinsStartAppFails(u32),
 }
 
 /// A pod of one: a directory with the script, its config, its data directory (holding the
@@ -50,7 +54,10 @@ impl Pod {
         }
         std::fs::write(dir.join("cookie"), "COOKIE").expect("cookie");
         std::fs::create_dir_all(dir.join("mnesia").join(NODE)).expect("node data dir");
-        std::fs::write(dir.join("mnesia").join(NODE).join("warren-clustered"), "").expect("marker");
+        let first_boot = matches!(server, Server::JoinsStartAppFails(_));
+        if !first_boot {
+            std::fs::write(dir.join("mnesia").join(NODE).join("warren-clustered"), "").expect("marker");
+        }
 
         let state = dir.join("state");
         let booted_flag = dir.join("mnesia").join(format!("{NODE}-warren-booted"));
@@ -63,7 +70,23 @@ impl Pod {
                 "touch \"$STATE/running\"; until [ -f '{}' ]; do sleep 0.1; done; rm -f \"$STATE/running\"; exit 4",
                 booted_flag.display()
             ),
+            Server::JoinsStartAppFails(_) => run_until_term.to_string(),
         };
+        let start_app_failures = match server {
+            Server::JoinsStartAppFails(n) => n,
+            _ => 0,
+        };
+        // cluster_status: node 0 is a cluster of its own; this node lists node 0 once it has joined.
+        let peer = NODE.replace("demo-1.", "demo-0.");
+        let cluster_status = format!(
+            "if [ \"$2\" = '{NODE}' ] && [ ! -f \"$STATE/joined\" ]; then echo '{{\"disk_nodes\":[\"{NODE}\"]}}'; \
+             elif [ \"$2\" = '{NODE}' ]; then echo '{{\"disk_nodes\":[\"{peer}\",\"{NODE}\"]}}'; \
+             else echo '{{\"disk_nodes\":[\"{peer}\"]}}'; fi"
+        );
+        let start_app = format!(
+            "n=$(( $(cat \"$STATE/start_app\" 2>/dev/null || echo 0) + 1 )); echo $n > \"$STATE/start_app\"; \
+             if [ $n -le {start_app_failures} ]; then echo 'Error: {{:rabbit, {{:badmatch, mnesia_app}}}}' >&2; exit 70; fi"
+        );
         let programs = [
             (
                 "rabbitmq-server",
@@ -71,12 +94,21 @@ impl Pod {
                     "n=$(( $(cat \"$STATE/starts\" 2>/dev/null || echo 0) + 1 )); echo $n > \"$STATE/starts\"\n{behaviour}"
                 ),
             ),
-            // await_startup answers whether the server runs; `eval` (the maintenance-mode check) says no.
+            // await_startup answers whether the server runs; `eval` (the maintenance-mode check) says
+            // no; the clustering commands are recorded in order.
             (
                 "rabbitmqctl",
-                "case \" $* \" in *' await_startup '*) [ -f \"$STATE/running\" ];; *' eval '*) echo false;; esac"
-                    .to_string(),
+                format!(
+                    "case \" $* \" in *' await_startup '*) [ -f \"$STATE/running\" ];; *' eval '*) echo false;; \
+                     *' cluster_status '*) {cluster_status};; \
+                     *' join_cluster '*) echo join_cluster >> \"$STATE/calls\"; touch \"$STATE/joined\";; \
+                     *' start_app '*) echo start_app >> \"$STATE/calls\"; {start_app};; \
+                     *) echo \"$2\" >> \"$STATE/calls\";; esac"
+                ),
             ),
+            // check_running: every node runs; grow: the queues grow.
+            ("rabbitmq-diagnostics", "exit 0".to_string()),
+            ("rabbitmq-queues", "exit 0".to_string()),
         ];
         for (name, body) in programs {
             let path = dir.join("bin").join(name);
@@ -193,4 +225,37 @@ fn a_member_that_crashes_after_it_booted_is_left_to_the_kubelet() {
     assert_eq!(status.code(), Some(4), "the server's own status: {}", pod.console());
     assert_eq!(pod.starts(), 1, "a crash after the boot is not retried in the container: {}", pod.console());
     assert!(!pod.console().contains("starting it again"), "{}", pod.console());
+}
+
+#[test]
+fn a_joining_node_whose_first_start_fails_is_started_again_and_marked_clustered() {
+    let mut pod = Pod::start("join-start-fails", Server::JoinsStartAppFails(1));
+    pod.wait_until("booted after joining", Duration::from_secs(60), || pod.booted_flag().exists());
+    let calls = std::fs::read_to_string(pod.dir.join("state/calls")).unwrap_or_default();
+    assert_eq!(calls.lines().collect::<Vec<_>>(), ["stop_app", "reset", "join_cluster", "start_app", "start_app"]);
+    let console = pod.console();
+    assert!(console.contains("joining the cluster of rabbit@demo-0.demo-nodes"), "{console}");
+    assert!(console.contains("failed to start after joining rabbit@demo-0.demo-nodes.default.svc.cluster.local (try 1); starting it again"), "{console}");
+    assert!(console.contains("is clustered"), "{console}");
+    assert!(pod.dir.join("mnesia").join(NODE).join("warren-clustered").exists(), "{console}");
+    pod.terminate();
+    assert!(pod.wait_exit(Duration::from_secs(15)).success(), "{}", pod.console());
+}
+
+#[test]
+fn a_joining_node_that_never_starts_exits_unmarked_for_the_kubelet_to_restart() {
+    let mut pod = Pod::start("join-never-starts", Server::JoinsStartAppFails(3));
+    let status = pod.wait_exit(Duration::from_secs(60));
+    assert!(!status.success(), "{}", pod.console());
+    let calls = std::fs::read_to_string(pod.dir.join("state/calls")).unwrap_or_default();
+    assert_eq!(calls.matches("start_app").count(), 3, "{calls}");
+    assert!(
+        pod.console()
+            .contains("failed to start after joining rabbit@demo-0.demo-nodes.default.svc.cluster.local, 3 times"),
+        "{}",
+        pod.console()
+    );
+    // Unmarked: the restarted container joins from the start again.
+    assert!(!pod.dir.join("mnesia").join(NODE).join("warren-clustered").exists());
+    assert!(!pod.booted_flag().exists());
 }

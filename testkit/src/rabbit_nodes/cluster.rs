@@ -370,8 +370,12 @@ impl NodeCluster {
         let node = &self.nodes[index];
         let expected: Vec<&str> = members.iter().map(|&i| self.nodes[i].name.as_str()).collect();
         wait_for(&format!("node {index}: not ready with running members {members:?}"), limit, || async {
-            if let Some(status) = node.exited() {
-                panic!("node {index}: bootstrap.sh exited ({status}); console:\n{}", node.console_tail());
+            // Any member's bootstrap.sh that exited is the answer (there is no kubelet here to
+            // restart it), not only the waited node's.
+            for &i in members.iter().chain([&index]) {
+                if let Some(status) = self.nodes[i].exited() {
+                    panic!("node {i}: bootstrap.sh exited ({status}); console:\n{}", self.nodes[i].console_digest());
+                }
             }
             let running = node_list(&node.cluster_status().await?["running_nodes"]);
             let all = expected.iter().all(|n| running.iter().any(|r| r == n));
@@ -379,10 +383,18 @@ impl NodeCluster {
             if all && ready {
                 Ok(())
             } else {
-                Err(format!(
-                    "cluster_status running_nodes {running:?}, ready.sh {ready}\nconsole:\n{}",
-                    node.console_tail()
-                ))
+                // The consoles of the nodes not running yet say why: the waited node's own when
+                // it is not ready, else those of the members it does not list.
+                let missing: Vec<usize> = members
+                    .iter()
+                    .copied()
+                    .filter(|&i| !running.iter().any(|r| r == &self.nodes[i].name) || (i == index && !ready))
+                    .collect();
+                let consoles: Vec<String> = missing
+                    .iter()
+                    .map(|&i| format!("--- console of node {i}:\n{}", self.nodes[i].console_digest()))
+                    .collect();
+                Err(format!("cluster_status running_nodes {running:?}, ready.sh {ready}\n{}", consoles.join("\n")))
             }
         })
         .await;
@@ -410,7 +422,7 @@ impl Drop for NodeCluster {
     fn drop(&mut self) {
         if std::thread::panicking() {
             for node in &self.nodes {
-                eprintln!("--- node {} ({}), console tail:\n{}", node.index, node.name, node.console_tail());
+                eprintln!("--- node {} ({}), console:\n{}", node.index, node.name, node.console_digest());
             }
         }
         for node in &mut self.nodes {

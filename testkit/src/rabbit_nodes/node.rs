@@ -53,6 +53,34 @@ impl Node {
         lines[lines.len().saturating_sub(25)..].join("\n")
     }
 
+    /// What a failure message needs from the node's console, short enough to survive a truncated
+    /// CI log: every line of bootstrap.sh (timestamped), RabbitMQ's warnings and errors and the
+    /// boot and membership milestones (at most 40, the last ones), then the last 10 lines.
+    pub fn console_digest(&self) -> String {
+        let text = std::fs::read_to_string(self.console_log()).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        let milestones: Vec<&str> = lines
+            .iter()
+            .copied()
+            .filter(|l| {
+                [
+                    "warren-bootstrap",
+                    "[error]",
+                    "[warning]",
+                    "Starting RabbitMQ",
+                    "startup complete",
+                    "node '",
+                    "Waiting for",
+                ]
+                .iter()
+                .any(|m| l.contains(m))
+            })
+            .collect();
+        let milestones = &milestones[milestones.len().saturating_sub(40)..];
+        let tail = &lines[lines.len().saturating_sub(10)..];
+        format!("{}\n[...] last lines:\n{}", milestones.join("\n"), tail.join("\n"))
+    }
+
     /// A command of the pod's image with the pod's environment (as `kubectl exec`).
     pub(super) fn exec(&self, program: &str, args: &[&str]) -> Command {
         let tmp = std::env::temp_dir();

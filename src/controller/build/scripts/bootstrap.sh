@@ -15,7 +15,7 @@
 #   WARREN_COOKIE_FILE  the Erlang cookie from its Secret
 set -euo pipefail
 
-log() { echo "warren-bootstrap: $*" >&2; }
+log() { echo "warren-bootstrap: $(date -u +%FT%T.%3NZ) $*" >&2; }
 
 : "${RABBITMQ_NODENAME:?must be set}" "${WARREN_STS_NAME:?must be set}" "${WARREN_PEER_DOMAIN:?must be set}"
 config_dir="${WARREN_CONFIG_DIR:-/etc/warren/config}"
@@ -96,7 +96,16 @@ join_cluster() {
         sleep 5
     done
     rabbitmqctl -q join_cluster "$seed"
-    rabbitmqctl -q start_app
+    # RabbitMQ 3.x on Mnesia can fail this first start when peers join at the same moment: Mnesia's
+    # start is cut short ({error,{normal,{mnesia_app,start,...}}}, seen on 3.10.8 with two nodes
+    # joining the seed at once on a loaded machine). The node is a member by now; starting it again
+    # syncs its tables from the peers.
+    for try in 1 2 3; do
+        rabbitmqctl -q start_app && break
+        [[ "$try" == 3 ]] && { log "RabbitMQ failed to start after joining $seed, $try times"; return 1; }
+        log "RabbitMQ failed to start after joining $seed (try $try); starting it again in 5 s"
+        sleep 5
+    done
     # A node that joins (a new replica, or one whose volume was lost and was forgotten) holds no
     # member of the existing quorum queues: give each one a member here, so every queue is
     # replicated on every node again. Not fatal: the cluster works without it.
