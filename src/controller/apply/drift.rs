@@ -54,10 +54,24 @@ pub async fn apply_stateful_set(
     // Force: the StatefulSet's spec is the operator's. A field another manager took (`kubectl
     // scale` owns spec.replicas after it ran) is taken back, and the change is reported.
     let params = PatchParams::apply(FIELD_MANAGER).force();
-    let after = api
-        .patch(&name, &params, &Patch::Apply(&desired))
-        .await
-        .map_err(|e| Error::kube(format!("apply StatefulSet {name}"), e))?;
+    // Conditional on the version read: a change made after the read and before the apply (`kubectl
+    // scale` then `kubectl set image` a moment later) would be taken back unreported. On a
+    // conflict the StatefulSet is read again and the apply retried, so the report names every
+    // change the apply takes back.
+    let mut attempt = 0;
+    let after = loop {
+        attempt += 1;
+        desired.metadata.resource_version =
+            before.as_ref().or(existing).and_then(|s: &StatefulSet| s.metadata.resource_version.clone());
+        match api.patch(&name, &params, &Patch::Apply(&desired)).await {
+            Ok(after) => break after,
+            Err(kube::Error::Api(response)) if response.code == 409 && attempt < 4 => {
+                let full = api.get(&name).await.map_err(|e| Error::kube(format!("get StatefulSet {name}"), e))?;
+                before = Some(full);
+            }
+            Err(e) => return Err(Error::kube(format!("apply StatefulSet {name}"), e)),
+        }
+    };
     match (existing, &before) {
         (None, _) => applied.created.push(("StatefulSet".into(), name.clone())),
         // What the operator applies changed: an update (drift made at the same time goes with it).
@@ -67,7 +81,7 @@ pub async fn apply_stateful_set(
         (Some(_), Some(before)) if before.metadata.generation != after.metadata.generation => {
             let changes = spec_changes(&spec_json(before)?, &spec_json(&after)?);
             let managers = changed_by(before, &changes);
-            let note = describe_drift(&name, &changes, &managers);
+            let note = describe_drift(&name, &changes, &managers, replicas_unattributed(before, &changes));
             applied.reverted.push(Reverted { note, resource_version: before.metadata.resource_version.clone() });
         }
         (Some(_), _) => {}
@@ -179,6 +193,14 @@ pub fn changed_by(live: &StatefulSet, changes: &[Change]) -> Vec<String> {
     managers
 }
 
+/// spec.replicas changed and no other manager's fields hold it: a change through /scale, for
+/// which the API server records no field manager (seen on Kubernetes 1.34: `kubectl scale`).
+pub fn replicas_unattributed(live: &StatefulSet, changes: &[Change]) -> bool {
+    changes.iter().any(|c| c.path == "spec.replicas")
+        && changed_by(live, &[Change { path: "spec.replicas".into(), found: String::new(), applied: String::new() }])
+            .is_empty()
+}
+
 /// A StatefulSet change the operator set back: the Event's text, and the object as it was
 /// (its resource version tells one change from the next).
 #[derive(Clone, Debug, PartialEq)]
@@ -187,8 +209,9 @@ pub struct Reverted {
     pub resource_version: Option<String>,
 }
 
-/// The Warning's text: what changed, from what to what, and by whom when the managed fields say.
-pub fn describe_drift(name: &str, changes: &[Change], managers: &[String]) -> String {
+/// The Warning's text: what changed, from what to what, and by whom when the managed fields say
+/// (`scaled`: spec.replicas changed through /scale, which leaves no manager).
+pub fn describe_drift(name: &str, changes: &[Change], managers: &[String], scaled: bool) -> String {
     let mut listed: Vec<String> = changes
         .iter()
         .take(CHANGES_SHOWN)
@@ -197,15 +220,14 @@ pub fn describe_drift(name: &str, changes: &[Change], managers: &[String]) -> St
     if changes.len() > CHANGES_SHOWN {
         listed.push(format!("and {} more", changes.len() - CHANGES_SHOWN));
     }
-    let who = if !managers.is_empty() {
-        format!(" by {}", managers.join(", "))
-    } else if changes.iter().any(|c| c.path == "spec.replicas") {
-        // The API server records no field manager for a change made through /scale (seen on
-        // Kubernetes 1.34: `kubectl scale` leaves no managed-fields entry).
-        " through the scale subresource (kubectl scale, an autoscaler or a downscaler)".to_string()
-    } else {
-        String::new()
-    };
+    let mut who = Vec::new();
+    if !managers.is_empty() {
+        who.push(format!(" by {}", managers.join(", ")));
+    }
+    if scaled {
+        who.push(" through the scale subresource (kubectl scale, an autoscaler or a downscaler)".to_string());
+    }
+    let who = who.join(" and");
     format!(
         "StatefulSet {name} was changed outside the RabbitCluster{who}: {}. Reverted: change the RabbitCluster \
          instead (spec.replicas 0 stops the cluster and keeps its data; `kubectl scale rabbitcluster` works)",
@@ -257,14 +279,49 @@ mod tests {
         let changes = vec![Change { path: "spec.replicas".into(), found: "0".into(), applied: "3".into() }];
         let managers = changed_by(&live, &changes);
         assert_eq!(managers, ["kubectl (through /scale)"]);
-        let text = describe_drift("demo", &changes, &managers);
+        assert!(!replicas_unattributed(&live, &changes));
+        let text = describe_drift("demo", &changes, &managers, false);
         assert!(text.contains("by kubectl (through /scale): spec.replicas 0 (set back to 3)"), "{text}");
         // Kubernetes 1.34 records no manager for a change through /scale.
-        let text = describe_drift("demo", &changes, &[]);
+        let text = describe_drift("demo", &changes, &[], true);
         assert!(
             text.contains(
                 "through the scale subresource (kubectl scale, an autoscaler or a downscaler): spec.replicas 0"
             )
+        );
+    }
+
+    /// `kubectl scale` (no manager) and `kubectl set image` read in one pass: both are named.
+    #[test]
+    fn a_scale_and_an_image_change_read_together_are_both_attributed() {
+        let live: StatefulSet = serde_json::from_value(json!({
+            "metadata": {"name": "demo", "managedFields": [
+                {"manager": "warren", "operation": "Apply", "fieldsType": "FieldsV1",
+                 "fieldsV1": {"f:spec": {"f:template": {}}}},
+                {"manager": "kubectl-set", "operation": "Update", "fieldsType": "FieldsV1",
+                 "fieldsV1": {"f:spec": {"f:template": {"f:spec": {"f:containers": {"k:{\"name\":\"rabbitmq\"}": {"f:image": {}}}}}}}}
+            ]}
+        }))
+        .expect("a StatefulSet");
+        let changes = vec![
+            Change { path: "spec.replicas".into(), found: "0".into(), applied: "3".into() },
+            Change {
+                path: "spec.template.spec.containers[rabbitmq].image".into(),
+                found: "rabbitmq:4.1.99".into(),
+                applied: "rabbitmq:4.3.6".into(),
+            },
+        ];
+        let managers = changed_by(&live, &changes);
+        assert_eq!(managers, ["kubectl-set"]);
+        assert!(replicas_unattributed(&live, &changes));
+        let text = describe_drift("demo", &changes, &managers, true);
+        assert!(
+            text.contains("outside the RabbitCluster by kubectl-set and through the scale subresource (kubectl scale"),
+            "{text}"
+        );
+        assert!(
+            text.contains("spec.replicas 0 (set back to 3); spec.template.spec.containers[rabbitmq].image"),
+            "{text}"
         );
     }
 }
