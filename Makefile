@@ -42,12 +42,9 @@ tier3: deps control-plane
 	$(HELM) lint --strict charts/warren --set clusterWide=true --set rabbitmqPodMonitor.enabled=true
 	e2e/with-control-plane.sh $(CARGO) test --locked --features e2e --test e2e
 
-## tier4: a local cluster with a real node, and the node tests. The operator's image is packed
-## from the binary built with the tests' feature set (`e2e` gates test targets only; src/ never
-## reads it): after tier 3 this build is up to date, where a build without it compiled the same
-## binary again (37 s).
+## tier4: a local cluster with a real node, and the node tests.
 tier4: deps control-plane node
-	$(CARGO) build --locked --features e2e
+	$(CARGO) build --locked
 	e2e/with-control-plane.sh --node $(CARGO) test --locked --features e2e --test e2e_node -- --test-threads=1 --nocapture
 
 ## bench: prints figures: `warren migrate` vs the Shovel plugin and a PerfTest ceiling on the same
