@@ -14,6 +14,7 @@ use warren::rabbitmq::version::RabbitVersion;
 
 use testkit::control_plane::cluster::{condition, summary};
 use testkit::control_plane::{ensure_crds, helm, kubectl, ok, wait_for};
+use testkit::rabbit_nodes::console_digest;
 
 /// Formation, restarts and rejoins of real pods on two cores: generous, never asserted on.
 pub const POD_TIMEOUT: Duration = Duration::from_secs(300);
@@ -87,18 +88,85 @@ pub fn default_is_quorum() -> bool {
 }
 
 /// Waits until the RabbitCluster's status (for its current generation) says Ready with `members`
-/// running members.
+/// running members. On a timeout the failure carries, for each pod not ready, its containers'
+/// states, the digest of its console (this container's and the previous one's) and what its node
+/// says of itself (running, in maintenance mode, cluster members).
 pub async fn wait_ready(client: &Client, namespace: &str, name: &str, members: usize) -> RabbitCluster {
     let api: Api<RabbitCluster> = Api::namespaced(client.clone(), namespace);
-    wait_for(&format!("RabbitCluster {name} Ready with {members} members"), POD_TIMEOUT, || async {
+    let what = format!("RabbitCluster {name} Ready with {members} members");
+    let probe = || async {
         let cluster = api.get(name).await.map_err(|e| e.to_string())?;
         let current = cluster.status.as_ref().and_then(|s| s.observed_generation) == cluster.metadata.generation;
         let ready = condition(&cluster, "Ready").is_some_and(|c| c.status == "True");
         let formed = condition(&cluster, "ClusterFormed")
             .is_some_and(|c| c.status == "True" && c.message == format!("{members} running members"));
         if current && ready && formed { Ok(cluster) } else { Err(summary(&cluster)) }
-    })
-    .await
+    };
+    // wait_for's own limit is never reached: the timeout below ends the wait and explains it.
+    match tokio::time::timeout(POD_TIMEOUT, wait_for(&what, POD_TIMEOUT * 2, probe)).await {
+        Ok(cluster) => cluster,
+        Err(_) => {
+            let last = match api.get(name).await {
+                Ok(cluster) => summary(&cluster),
+                Err(e) => e.to_string(),
+            };
+            let pods = not_ready_pods_explained(client, namespace, name).await;
+            panic!("waited {} s for {what}; last seen: {last}\n{pods}", POD_TIMEOUT.as_secs())
+        }
+    }
+}
+
+/// For each pod of cluster `name` that is not ready: its containers' states, its console's digest
+/// (and the previous container's, after a restart), and its node's own view through `kubectl exec`.
+async fn not_ready_pods_explained(client: &Client, namespace: &str, name: &str) -> String {
+    let mut out = String::new();
+    for pod in cluster_pods(client, namespace, name).await {
+        let pod_name = pod.metadata.name.clone().unwrap_or_default();
+        let status = pod.status.unwrap_or_default();
+        let ready = status.conditions.iter().flatten().any(|c| c.type_ == "Ready" && c.status == "True");
+        if ready {
+            continue;
+        }
+        let node = pod.spec.and_then(|s| s.node_name).unwrap_or_else(|| "no node".into());
+        out.push_str(&format!("--- pod {pod_name} on {node}, phase {:?}, not ready\n", status.phase));
+        for c in status.container_statuses.iter().flatten() {
+            out.push_str(&format!("container {}: restarts {}, state {:?}\n", c.name, c.restart_count, c.state));
+        }
+        let logs = |previous: bool| {
+            let mut args = vec!["logs", pod_name.as_str(), "-n", namespace, "-c", "rabbitmq"];
+            if previous {
+                args.push("--previous");
+            }
+            let output = kubectl(&args);
+            output.status.success().then(|| console_digest(&String::from_utf8_lossy(&output.stdout)))
+        };
+        if let Some(previous) = logs(true) {
+            out.push_str(&format!("previous container's console:\n{previous}\n"));
+        }
+        out.push_str(&format!("console:\n{}\n", logs(false).unwrap_or_else(|| "(no logs)".into())));
+        let view = kubectl(&[
+            "exec",
+            &pod_name,
+            "-n",
+            namespace,
+            "-c",
+            "rabbitmq",
+            "--",
+            "timeout",
+            "60",
+            "rabbitmqctl",
+            "-q",
+            "eval",
+            "{{running, rabbit:is_running()}, {drained, rabbit_maintenance:is_being_drained_local_read(node())}, \
+             {members, rabbit_nodes:list_members()}, {running_members, rabbit_nodes:list_running()}}.",
+        ]);
+        out.push_str(&format!(
+            "its node says: {}{}\n",
+            String::from_utf8_lossy(&view.stdout).trim(),
+            String::from_utf8_lossy(&view.stderr).trim()
+        ));
+    }
+    out
 }
 
 /// The cluster's pods, sorted by name.

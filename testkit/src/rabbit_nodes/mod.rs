@@ -31,6 +31,7 @@ mod node;
 
 pub use super::wait::wait_for;
 pub use cluster::NodeCluster;
+pub use node::console_digest;
 
 pub(super) const RABBITMQ_BIN: &str = "/usr/lib/rabbitmq/bin";
 /// Enters the pod: its hostname, /proc, the test's temporary directory (where the node directories

@@ -57,28 +57,7 @@ impl Node {
     /// CI log: every line of bootstrap.sh (timestamped), RabbitMQ's warnings and errors and the
     /// boot and membership milestones (at most 40, the last ones), then the last 10 lines.
     pub fn console_digest(&self) -> String {
-        let text = std::fs::read_to_string(self.console_log()).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        let milestones: Vec<&str> = lines
-            .iter()
-            .copied()
-            .filter(|l| {
-                [
-                    "warren-bootstrap",
-                    "[error]",
-                    "[warning]",
-                    "Starting RabbitMQ",
-                    "startup complete",
-                    "node '",
-                    "Waiting for",
-                ]
-                .iter()
-                .any(|m| l.contains(m))
-            })
-            .collect();
-        let milestones = &milestones[milestones.len().saturating_sub(40)..];
-        let tail = &lines[lines.len().saturating_sub(10)..];
-        format!("{}\n[...] last lines:\n{}", milestones.join("\n"), tail.join("\n"))
+        console_digest(&std::fs::read_to_string(self.console_log()).unwrap_or_default())
     }
 
     /// A command of the pod's image with the pod's environment (as `kubectl exec`).
@@ -263,4 +242,31 @@ impl Node {
     pub fn set_link(&self, up: bool) {
         must("ip", &["link", "set", &self.host_link, if up { "up" } else { "down" }]);
     }
+}
+
+/// A RabbitMQ console (a node's, or a pod's `kubectl logs`) cut to what a failure message needs:
+/// every line of bootstrap.sh (timestamped), RabbitMQ's warnings and errors and the boot and
+/// membership milestones (at most 40, the last ones), then the last 10 lines.
+pub fn console_digest(text: &str) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    let milestones: Vec<&str> = lines
+        .iter()
+        .copied()
+        .filter(|l| {
+            [
+                "warren-bootstrap",
+                "[error]",
+                "[warning]",
+                "Starting RabbitMQ",
+                "startup complete",
+                "node '",
+                "Waiting for",
+            ]
+            .iter()
+            .any(|m| l.contains(m))
+        })
+        .collect();
+    let milestones = &milestones[milestones.len().saturating_sub(40)..];
+    let tail = &lines[lines.len().saturating_sub(10)..];
+    format!("{}\n[...] last lines:\n{}", milestones.join("\n"), tail.join("\n"))
 }
