@@ -42,9 +42,11 @@ tier3: deps control-plane
 	$(HELM) lint --strict charts/warren --set clusterWide=true --set rabbitmqPodMonitor.enabled=true
 	e2e/with-control-plane.sh $(CARGO) test --locked --features e2e --test e2e
 
-## tier4: a local cluster with a real node, and the node tests.
+## tier4: a local cluster with a real node, and the node tests. Compiled first: that also builds the
+## operator's binary the images pack (target/debug/warren), with the feature set tier 3 built it
+## with, so it is not compiled a second time (a plain `cargo build` would be: another profile).
 tier4: deps control-plane node
-	$(CARGO) build --locked
+	$(CARGO) test --locked --features e2e --test e2e_node --no-run
 	e2e/with-control-plane.sh --node $(CARGO) test --locked --features e2e --test e2e_node -- --test-threads=1 --nocapture
 
 ## bench: prints figures: `warren migrate` vs the Shovel plugin and a PerfTest ceiling on the same

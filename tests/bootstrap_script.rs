@@ -230,7 +230,10 @@ fn a_member_that_crashes_after_it_booted_is_left_to_the_kubelet() {
 #[test]
 fn a_joining_node_whose_first_start_fails_is_started_again_and_marked_clustered() {
     let mut pod = Pod::start("join-start-fails", Server::JoinsStartAppFails(1));
-    pod.wait_until("booted after joining", Duration::from_secs(60), || pod.booted_flag().exists());
+    // The script marks the node, flags the boot, then says so: wait for its last word.
+    pod.wait_until("booted after joining and said so", Duration::from_secs(60), || {
+        pod.booted_flag().exists() && pod.console().contains("is clustered")
+    });
     let calls = std::fs::read_to_string(pod.dir.join("state/calls")).unwrap_or_default();
     assert_eq!(calls.lines().collect::<Vec<_>>(), ["stop_app", "reset", "join_cluster", "start_app", "start_app"]);
     let console = pod.console();
