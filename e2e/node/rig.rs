@@ -15,6 +15,7 @@ use warren::rabbitmq::version::RabbitVersion;
 use testkit::control_plane::cluster::{condition, summary};
 use testkit::control_plane::{ensure_crds, helm, kubectl, ok, wait_for};
 use testkit::rabbit_nodes::console_digest;
+use testkit::wait::try_wait_for;
 
 /// Formation, restarts and rejoins of real pods on two cores: generous, never asserted on.
 pub const POD_TIMEOUT: Duration = Duration::from_secs(300);
@@ -102,14 +103,9 @@ pub async fn wait_ready(client: &Client, namespace: &str, name: &str, members: u
             .is_some_and(|c| c.status == "True" && c.message == format!("{members} running members"));
         if current && ready && formed { Ok(cluster) } else { Err(summary(&cluster)) }
     };
-    // wait_for's own limit is never reached: the timeout below ends the wait and explains it.
-    match tokio::time::timeout(POD_TIMEOUT, wait_for(&what, POD_TIMEOUT * 2, probe)).await {
+    match try_wait_for(POD_TIMEOUT, probe).await {
         Ok(cluster) => cluster,
-        Err(_) => {
-            let last = match api.get(name).await {
-                Ok(cluster) => summary(&cluster),
-                Err(e) => e.to_string(),
-            };
+        Err(last) => {
             let pods = not_ready_pods_explained(client, namespace, name).await;
             panic!("waited {} s for {what}; last seen: {last}\n{pods}", POD_TIMEOUT.as_secs())
         }
@@ -121,12 +117,11 @@ pub async fn wait_ready(client: &Client, namespace: &str, name: &str, members: u
 async fn not_ready_pods_explained(client: &Client, namespace: &str, name: &str) -> String {
     let mut out = String::new();
     for pod in cluster_pods(client, namespace, name).await {
-        let pod_name = pod.metadata.name.clone().unwrap_or_default();
-        let status = pod.status.unwrap_or_default();
-        let ready = status.conditions.iter().flatten().any(|c| c.type_ == "Ready" && c.status == "True");
-        if ready {
+        if pod_ready(&pod) {
             continue;
         }
+        let pod_name = pod.metadata.name.clone().unwrap_or_default();
+        let status = pod.status.unwrap_or_default();
         let node = pod.spec.and_then(|s| s.node_name).unwrap_or_else(|| "no node".into());
         out.push_str(&format!("--- pod {pod_name} on {node}, phase {:?}, not ready\n", status.phase));
         for c in status.container_statuses.iter().flatten() {
@@ -169,6 +164,14 @@ async fn not_ready_pods_explained(client: &Client, namespace: &str, name: &str) 
     out
 }
 
+/// Whether the pod's Ready condition is True.
+fn pod_ready(pod: &Pod) -> bool {
+    pod.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+}
+
 /// The cluster's pods, sorted by name.
 async fn cluster_pods(client: &Client, namespace: &str, name: &str) -> Vec<Pod> {
     let api: Api<Pod> = Api::namespaced(client.clone(), namespace);
@@ -187,11 +190,7 @@ pub async fn pods(client: &Client, namespace: &str, name: &str) -> Vec<(String, 
         .await
         .into_iter()
         .map(|p| {
-            let ready = p
-                .status
-                .as_ref()
-                .and_then(|s| s.conditions.as_ref())
-                .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
+            let ready = pod_ready(&p);
             (p.metadata.name.unwrap_or_default(), p.metadata.uid.unwrap_or_default(), ready)
         })
         .collect()

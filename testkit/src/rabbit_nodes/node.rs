@@ -53,9 +53,8 @@ impl Node {
         lines[lines.len().saturating_sub(25)..].join("\n")
     }
 
-    /// What a failure message needs from the node's console, short enough to survive a truncated
-    /// CI log: every line of bootstrap.sh (timestamped), RabbitMQ's warnings and errors and the
-    /// boot and membership milestones (at most 40, the last ones), then the last 10 lines.
+    /// What a failure message needs from the node's console (see `console_digest`), short enough
+    /// to survive a truncated CI log.
     pub fn console_digest(&self) -> String {
         console_digest(&std::fs::read_to_string(self.console_log()).unwrap_or_default())
     }
