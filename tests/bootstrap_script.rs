@@ -25,6 +25,8 @@ enum Server {
     /// A first boot (no marker): the node joins node 0, and `rabbitmqctl start_app` after
     /// join_cluster fails this many times before it succeeds.
     JoinsStartAppFails(u32),
+    /// Boots with a child process (its Erlang VM), and ignores SIGTERM: a stop that never ends.
+    HangsOnStop,
 }
 
 /// A pod of one: a directory with the script, its config, its data directory (holding the
@@ -71,6 +73,9 @@ impl Pod {
                 booted_flag.display()
             ),
             Server::JoinsStartAppFails(_) => run_until_term.to_string(),
+            Server::HangsOnStop => "touch \"$STATE/running\"; trap '' TERM; sleep 1000 & echo $! > \"$STATE/vm\"; \
+                                    while :; do sleep 0.1; done"
+                .to_string(),
         };
         let start_app_failures = match server {
             Server::JoinsStartAppFails(n) => n,
@@ -128,6 +133,7 @@ impl Pod {
             .env("WARREN_PEER_DOMAIN", "demo-nodes.default.svc.cluster.local")
             .env("WARREN_CONFIG_DIR", dir.join("config"))
             .env("WARREN_COOKIE_FILE", dir.join("cookie"))
+            .env("WARREN_STOP_TIMEOUT", "2")
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)
@@ -261,4 +267,19 @@ fn a_joining_node_that_never_starts_exits_unmarked_for_the_kubelet_to_restart() 
     // Unmarked: the restarted container joins from the start again.
     assert!(!pod.dir.join("mnesia").join(NODE).join("warren-clustered").exists());
     assert!(!pod.booted_flag().exists());
+}
+
+#[test]
+fn a_member_that_does_not_stop_after_sigterm_is_killed_with_its_vm() {
+    let mut pod = Pod::start("hangs-on-stop", Server::HangsOnStop);
+    pod.wait_until("booted", Duration::from_secs(30), || pod.booted_flag().exists());
+    let vm = std::fs::read_to_string(pod.dir.join("state/vm")).expect("the VM's pid");
+    let vm = PathBuf::from(format!("/proc/{}", vm.trim()));
+    assert!(vm.exists(), "the VM stand-in runs");
+    pod.terminate();
+    let status = pod.wait_exit(Duration::from_secs(30));
+    assert_eq!(status.code(), Some(137), "the server's status once killed: {}", pod.console());
+    assert!(pod.console().contains("RabbitMQ has not stopped 2s after SIGTERM: killing it"), "{}", pod.console());
+    assert_eq!(pod.starts(), 1, "a killed server is not started again: {}", pod.console());
+    pod.wait_until("the VM gone with it", Duration::from_secs(10), || !vm.exists());
 }

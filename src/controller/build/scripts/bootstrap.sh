@@ -13,6 +13,8 @@
 #   WARREN_CONFIG_DIR   the mounted ConfigMap (holds `replicas`, and `formed`: true once the
 #                       operator has seen the cluster formed)
 #   WARREN_COOKIE_FILE  the Erlang cookie from its Secret
+#   WARREN_STOP_TIMEOUT seconds RabbitMQ gets to stop after SIGTERM (default 120) before it is
+#                       killed (its preStop hook, run before SIGTERM, has its own bound)
 set -euo pipefail
 
 log() { echo "warren-bootstrap: $(date -u +%FT%T.%3NZ) $*" >&2; }
@@ -68,9 +70,38 @@ rm -f "$booted_flag"
 rabbitmq-server &
 server_pid=$!
 terminating=false
-trap 'terminating=true; kill -TERM "$server_pid" 2>/dev/null || true' TERM INT
+stop_timeout="${WARREN_STOP_TIMEOUT:-120}"
 
 server_alive() { kill -0 "$server_pid" 2>/dev/null; }
+
+# The server's script and the processes it started (the Erlang VM), by parent pid.
+kill_server() {
+    local stat pid _comm _state ppid children=()
+    for stat in /proc/[0-9]*/stat; do
+        read -r pid _comm _state ppid _ < "$stat" 2>/dev/null || continue
+        [[ "$ppid" == "$server_pid" ]] && children+=("$pid")
+    done
+    kill -KILL "${children[@]}" "$server_pid" 2>/dev/null || true
+}
+
+# SIGTERM stops RabbitMQ; a stop that has not finished in WARREN_STOP_TIMEOUT is ended with SIGKILL.
+# A RabbitMQ 4.3 node stopping while its peers stop too has been seen to hang for good after
+# "RabbitMQ metadata store: worker exited with shutdown", which held its pod Terminating for the
+# whole grace period and the cluster one member short. Killed, it restarts as after a crash:
+# quorum queues and the metadata store recover from their logs.
+stop_server() {
+    terminating=true
+    kill -TERM "$server_pid" 2>/dev/null || true
+    (
+        for ((waited = 0; waited < stop_timeout; waited++)); do
+            kill -0 $$ 2>/dev/null && server_alive || exit 0
+            sleep 1
+        done
+        log "RabbitMQ has not stopped ${stop_timeout}s after SIGTERM: killing it"
+        kill_server
+    ) &
+}
+trap stop_server TERM INT
 
 join_cluster() {
     local seed="$1" seed_members="$2"
