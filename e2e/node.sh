@@ -145,6 +145,9 @@ containerRuntimeEndpoint: unix://$socket
 clusterDNS: [$gateway]
 clusterDomain: cluster.local
 resolvConf: $node/resolv.conf
+# The pods' logs under the node's own directory: a kubelet removes the log directories of pods it
+# does not run, so nodes sharing /var/log/pods would remove each other's.
+podLogsDir: $node/pod-logs
 failSwapOn: false
 imageGCHighThresholdPercent: 100
 evictionHard: {memory.available: 100Mi, nodefs.available: 1%, imagefs.available: 1%, nodefs.inodesFree: 1%}
@@ -208,7 +211,7 @@ YAML
 start() {
   [[ -x $k8s_bin/kubelet ]] || "$here/build.sh" node
   [[ ! -e /run/netns/$netns ]] || die "network namespace $netns exists: stop the cluster that made it first"
-  mkdir -p "$node"/{pids,logs,pki}
+  mkdir -p "$node"/{pids,logs,pki,pod-logs}
   make_network
   write_containerd_config
   start_containerd
