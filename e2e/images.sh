@@ -6,6 +6,9 @@
 #             server's own scripts (Debian's wrapper would drop to a user), named
 #             warren.local/rabbitmq:<version>-management
 #   warren    the warren binary and the shared libraries it links (the migration Job, the operator)
+#   celery    a Celery worker as teams run one: Debian's python3 (the rootfs e2e/rootfs.sh python
+#             built), the Celery line CELERY_LINE pinned in tests/fixtures/celery from PyPI, and the
+#             tests' app (tasks.py); runs `celery -A tasks worker` as uid 65532
 # Each is written as a `docker save` archive, which `ctr images import` reads.
 #
 #   e2e/images.sh build           build what is missing; prints one `NAME=REF ARCHIVE` line per image
@@ -105,9 +108,36 @@ build_warren() {
   echo "$archive" > "$images/warren.current"
 }
 
+build_celery() {
+  local fixtures=$here/../tests/fixtures/celery
+  local requirements=$fixtures/requirements-$CELERY_LINE.txt key archive
+  "$here/rootfs.sh" python
+  key=$(cat "$requirements" "$fixtures/tasks.py" | sha256sum | cut -c1-16)
+  archive=$images/celery-$CELERY_LINE-$key.tar
+  if [[ ! -f $archive ]]; then
+    log "celery worker: Celery $CELERY_LINE from PyPI on $PYTHON_SUITE's python3"
+    rm -f "$images"/celery-*.tar
+    local rootfs=$images/celery-rootfs
+    rm -rf "$rootfs"
+    cp -a "$cache/rootfs/python-$PYTHON_SUITE" "$rootfs"
+    # Pure-Python wheels (and one abi3 extension) for the same Python minor version as the rootfs's.
+    python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore --no-deps --target "$rootfs/opt/celery" \
+      -r "$requirements"
+    mkdir -p "$rootfs/app"
+    cp "$fixtures/tasks.py" "$rootfs/app/tasks.py"
+    printf 'nonroot:x:65532:65532::/app:/nonexistent\n' >> "$rootfs/etc/passwd"
+    printf 'nonroot:x:65532:\n' >> "$rootfs/etc/group"
+    pack "$rootfs" "$CELERY_IMAGE" "$archive" \
+      '{"Env":["PATH=/usr/local/bin:/usr/bin:/bin","PYTHONPATH=/opt/celery","PYTHONDONTWRITEBYTECODE=1","LANG=C.UTF-8"],"WorkingDir":"/app","Cmd":["python3","-m","celery","-A","tasks","worker","--loglevel=INFO"],"User":"65532:65532"}'
+    rm -rf "$rootfs"
+  fi
+  echo "$archive" > "$images/celery.current"
+}
+
 build() {
   mkdir -p "$images"
   build_pause
+  build_celery
   local generation
   for generation in $RABBITMQ_GENERATIONS; do build_rabbitmq "$generation"; done
   build_warren
@@ -116,6 +146,7 @@ build() {
     echo "rabbitmq-$generation=$(rabbitmq_image "$generation") $images/rabbitmq-$(cat "$cache/rootfs/rabbitmq-$generation.version").tar"
   done
   echo "warren=$WARREN_IMAGE $(cat "$images/warren.current")"
+  echo "celery=$CELERY_IMAGE $(cat "$images/celery.current")"
 }
 
 import() {

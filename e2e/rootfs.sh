@@ -5,7 +5,9 @@
 # (the host's Erlang cannot run 4.x, and sid's binaries need a newer glibc), and e2e/images.sh packs
 # them as the node's images, so the tests and the pods run the same bits.
 #
-#   e2e/rootfs.sh [GENERATION...]     default: every generation of RABBITMQ_GENERATIONS, in parallel
+#   e2e/rootfs.sh [GENERATION...]     default: every generation of RABBITMQ_GENERATIONS, in parallel,
+#                                     and the Python rootfs of the Celery worker's image
+#   e2e/rootfs.sh python              the Python rootfs only
 #
 # A rootfs is built in a temporary directory and renamed when complete, so an interrupted build is
 # never mistaken for a finished one.
@@ -90,6 +92,29 @@ build_generation() {
   log "$generation: rabbitmq-server $upstream from $suite ready ($((SECONDS - start)) s, $(du -sm "$root" | cut -f1) MB)"
 }
 
+# Debian's python3 (the Celery worker's image, e2e/images.sh): minbase $PYTHON_SUITE with python3,
+# nothing else; Celery itself comes from PyPI, pinned, when the image is packed.
+build_python() {
+  local root=$rootfs_dir/python-$PYTHON_SUITE
+  [[ -d $root ]] && return 0
+  mkdir -p "$rootfs_dir"
+  local work=$rootfs_dir/.build-python-$PYTHON_SUITE start=$SECONDS
+  rm -rf "$work" "$work.log"
+  log "python: debootstrap $PYTHON_SUITE with python3 (once per machine)"
+  nice -n 10 debootstrap --variant=minbase --include=python3 "$PYTHON_SUITE" "$work" "$mirror" > "$work.log" 2>&1 ||
+    die "python: debootstrap $PYTHON_SUITE failed; see $work.log"
+  rm -rf "$work"/var/cache/apt/archives/*.deb "$work"/var/lib/apt/lists/* "$work"/usr/share/doc \
+    "$work"/usr/share/man "$work"/usr/share/locale
+  printf '127.0.0.1 localhost\n' > "$work/etc/hosts"
+  mv "$work" "$root"
+  mv "$work.log" "$root.log"
+  log "python: $(chroot "$root" python3 --version) from $PYTHON_SUITE ready ($((SECONDS - start)) s)"
+}
+
+if [[ ${1:-} == python ]]; then
+  build_python
+  exit
+fi
 generations=("$@")
 # shellcheck disable=SC2206
 [[ ${#generations[@]} -gt 0 ]] || generations=($RABBITMQ_GENERATIONS)
@@ -97,8 +122,11 @@ if [[ ${#generations[@]} -eq 1 ]]; then
   build_generation "${generations[0]}"
   exit
 fi
-# Downloads and unpacking overlap well: build the generations side by side.
+# Downloads and unpacking overlap well: build the generations (and, with all of them, the Python
+# rootfs) side by side.
 pids=()
+build_python &
+pids+=($!)
 for generation in "${generations[@]}"; do
   build_generation "$generation" &
   pids+=($!)

@@ -6,7 +6,7 @@
 #   e2e/with-control-plane.sh --node cargo test --features e2e --test e2e_node
 # The command sees KUBECONFIG (admin), WARREN_E2E_DIR (audit.log, pki/), WARREN_HELM and
 # WARREN_MONITORING_CRDS (the Prometheus operator's ServiceMonitor and PodMonitor CRDs); with
-# --node also WARREN_IMAGE, RABBITMQ_IMAGE (the default generation's) and RABBITMQ_IMAGE_<generation>
+# --node also WARREN_IMAGE, CELERY_IMAGE (and CELERY_LINE), RABBITMQ_IMAGE (the default generation's) and RABBITMQ_IMAGE_<generation>
 # (RABBITMQ_IMAGE_3_10, ...): the images imported into the node, and a Prometheus scraping them
 # (its address in $WARREN_E2E_DIR/node/prometheus.url).
 set -euo pipefail
@@ -22,7 +22,7 @@ if [[ ${1:-} == --node ]]; then
   shift
   script=cluster.sh components+=(node coredns prometheus)
   "$here/rootfs.sh"
-  export WARREN_IMAGE
+  export WARREN_IMAGE CELERY_IMAGE CELERY_LINE
   export_rabbitmq_images
 fi
 "$here/build.sh" "${components[@]}"

@@ -1,8 +1,9 @@
 //! One RabbitCluster through a user's day on a real node: it forms, serves through its client
 //! Service, survives losing a pod and losing every pod, grows, shrinks (with the operator killed
 //! half-way) and grows again, and when deleted takes its pods and Services but leaves the data.
-//! Once formed and holding messages, it is also watched: Prometheus and `kubectl warren`, and its
-//! three nodes are drained in turn under load (drain_on_node).
+//! Once formed and holding messages, it is also watched: Prometheus and `kubectl warren`; its
+//! three nodes are drained in turn and the queue leader's machine is lost, under load and under a
+//! Celery app (drain_on_node, machine_loss_on_node, celery_on_node).
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -13,6 +14,7 @@ use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod, Service};
 use kube::api::ListParams;
 use kube::{Api, Client};
 
+use crate::celery_on_node::CeleryApp;
 use crate::day_two;
 use crate::drain_on_node;
 use crate::machine_loss_on_node;
@@ -137,10 +139,13 @@ async fn a_rabbit_cluster_runs_heals_grows_and_keeps_its_data_on_a_real_node() {
     observability::prometheus_sees_the_cluster(&ns, NAME, &names, KEPT, KEPT_COUNT as u64).await;
     observability::kubectl_warren_on(&client, &ns, NAME, &names, KEPT, KEPT_COUNT as u64).await;
     every_pod_deleted_at_once_reforms_the_cluster(&client, &ns, &endpoint, &claims).await;
+    // A Celery app runs through the drains and the machine loss: two workers on the failover URIs.
+    let mut celery = CeleryApp::deploy(&ns, NAME);
     // Each pod evicted by a drain comes back on its own volume.
-    drain_on_node::drains_every_node_in_turn_under_load(&client, &ns, NAME, &endpoint).await;
+    drain_on_node::drains_every_node_in_turn_under_load(&client, &ns, NAME, &endpoint, &mut celery).await;
     assert_eq!(volumes(&client, &ns).await, claims, "the same volumes after the drains");
-    machine_loss_on_node::loses_the_leaders_machine_and_gets_it_back(&client, &ns, NAME, &endpoint).await;
+    machine_loss_on_node::loses_the_leaders_machine_and_gets_it_back(&client, &ns, NAME, &endpoint, &mut celery).await;
+    drop(celery);
     endpoint.wait_depth(KEPT, KEPT_COUNT as u64).await;
     // What people do to a running cluster (issue: day-2 safety), on this formed cluster.
     day_two::survives_what_people_do(&client, &ns, NAME, &mut endpoint, KEPT, KEPT_COUNT as u64).await;

@@ -1,11 +1,12 @@
 //! `kubectl drain` of every node in turn under load, as a cluster administrator patches machines:
-//! a confirming publisher and a consumer run through the client Service the whole time. Each
+//! a confirming publisher and a consumer run through the client Service the whole time, and a
+//! Celery app (two workers on the failover URIs, a web process sending tasks) too. Each
 //! drain evicts the node's RabbitMQ pod through the PodDisruptionBudget (its preStop hands its
 //! queues over); its volume is on that node, so the pod waits, Pending, until the node is
 //! uncordoned. Meanwhile the next node's drain is already asked for and must wait: the budget
 //! lets one RabbitMQ pod go at a time, so it evicts nothing until the cluster is whole again.
 //! Printed: the longest time the publisher went without a confirm, and for each node the time
-//! from its drain to the cluster whole again.
+//! from its drain to the cluster whole again; every task sent ran, those run twice counted.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::process::{Child, Command, Stdio};
@@ -16,6 +17,7 @@ use std::time::{Duration, Instant};
 use kube::Client;
 use tokio::sync::Mutex;
 
+use crate::celery_on_node::CeleryApp;
 use crate::rig::{Endpoint, POD_TIMEOUT, pod_nodes, pods, wait_ready};
 use testkit::amqp;
 use testkit::control_plane::{kubectl, ok, repo, wait_for};
@@ -42,7 +44,13 @@ async fn uid_of(client: &Client, ns: &str, name: &str, pod: &str) -> Option<Stri
     pods(client, ns, name).await.into_iter().find(|p| p.0 == pod).map(|p| p.1)
 }
 
-pub async fn drains_every_node_in_turn_under_load(client: &Client, ns: &str, name: &str, endpoint: &Endpoint) {
+pub async fn drains_every_node_in_turn_under_load(
+    client: &Client,
+    ns: &str,
+    name: &str,
+    endpoint: &Endpoint,
+    celery: &mut CeleryApp,
+) {
     let placed: Vec<(String, String)> = pod_nodes(client, ns, name)
         .await
         .into_iter()
@@ -53,6 +61,8 @@ pub async fn drains_every_node_in_turn_under_load(client: &Client, ns: &str, nam
 
     endpoint.declare_queue(QUEUE).await;
     endpoint.wait_copies(QUEUE, 3).await;
+    eprintln!("celery workers: {}", celery.placement());
+    celery.start_sending(endpoint);
     let confirmed = Arc::new(Mutex::new(BTreeSet::new()));
     let seen = Arc::new(Mutex::new(BTreeMap::new()));
     let (stop_publishing, stop_consuming) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicBool::new(false)));
@@ -109,6 +119,15 @@ pub async fn drains_every_node_in_turn_under_load(client: &Client, ns: &str, nam
 
     stop_publishing.store(true, Ordering::Relaxed);
     let published = publishing.await.expect("publisher task");
+    let tasks = celery.stop_sending();
+    assert!(tasks.len() >= 100, "the web process sent {} tasks:\n{}", tasks.len(), celery.sender_log());
+    let (twice, ran) = celery.wait_every_task_ran(&tasks).await;
+    eprintln!(
+        "celery during the drains: {} tasks confirmed, every one run ({ran} runs; {twice} run twice or more); \
+         workers now: {}",
+        tasks.len(),
+        celery.placement()
+    );
     let confirmed = confirmed.lock().await.clone();
     wait_for("every confirmed message consumed", POD_TIMEOUT, || async {
         let seen = seen.lock().await;

@@ -2,6 +2,7 @@
 //! RabbitCluster manifests that fit this machine, and clients that reach a cluster the way a user on
 //! the node does, through its client Service.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{Pod, Secret, Service};
@@ -121,9 +122,13 @@ async fn not_ready_pods_explained(client: &Client, namespace: &str, name: &str) 
             continue;
         }
         let pod_name = pod.metadata.name.clone().unwrap_or_default();
+        let terminating = match &pod.metadata.deletion_timestamp {
+            Some(since) => format!(", terminating since {}", since.0),
+            None => String::new(),
+        };
         let status = pod.status.unwrap_or_default();
         let node = pod.spec.and_then(|s| s.node_name).unwrap_or_else(|| "no node".into());
-        out.push_str(&format!("--- pod {pod_name} on {node}, phase {:?}, not ready\n", status.phase));
+        out.push_str(&format!("--- pod {pod_name} on {node}, phase {:?}{terminating}, not ready\n", status.phase));
         for c in status.container_statuses.iter().flatten() {
             out.push_str(&format!("container {}: restarts {}, state {:?}\n", c.name, c.restart_count, c.state));
         }
@@ -205,6 +210,15 @@ pub async fn pod_nodes(client: &Client, namespace: &str, name: &str) -> Vec<(Str
         .collect()
 }
 
+/// The address of each pod of the cluster that has one.
+pub async fn pod_addresses(client: &Client, namespace: &str, name: &str) -> BTreeMap<String, String> {
+    cluster_pods(client, namespace, name)
+        .await
+        .into_iter()
+        .filter_map(|p| Some((p.metadata.name?, p.status?.pod_ip?)))
+        .collect()
+}
+
 /// How a client on the node reaches a cluster: its client Service's address and the default user.
 pub struct Endpoint {
     pub address: String,
@@ -224,6 +238,11 @@ impl Endpoint {
             String::from_utf8(bytes.0.clone()).expect("utf-8")
         };
         Self { address, username: field("username"), password: field("password") }
+    }
+
+    /// The same user, at one pod's address rather than the client Service's.
+    pub fn at(&self, address: &str) -> Self {
+        Self { address: address.to_string(), username: self.username.clone(), password: self.password.clone() }
     }
 
     pub fn amqp(&self) -> String {
@@ -254,13 +273,30 @@ impl Endpoint {
     /// Declares a durable queue with no arguments in vhost `/`: its type is the vhost's default
     /// (quorum on 4.x, which the operator sets; classic, mirrored by ha-all, on 3.x).
     pub async fn declare_queue(&self, queue: &str) {
+        self.declare_queue_with(queue, serde_json::json!({})).await;
+    }
+
+    /// As `declare_queue`, with `arguments`.
+    pub async fn declare_queue_with(&self, queue: &str, arguments: Value) {
         self.management(
             reqwest::Method::PUT,
             &format!("queues/%2F/{queue}"),
-            Some(serde_json::json!({"durable": true})),
+            Some(serde_json::json!({"durable": true, "arguments": arguments})),
         )
         .await
         .unwrap_or_else(|e| panic!("declare {queue}: {e}"));
+    }
+
+    /// Closes a client connection (by its name in the management API), as an administrator does.
+    pub async fn close_connection(&self, name: &str) -> Result<(), String> {
+        let encoded: String = name
+            .bytes()
+            .map(|b| match b {
+                b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => (b as char).to_string(),
+                _ => format!("%{b:02X}"),
+            })
+            .collect();
+        self.management(reqwest::Method::DELETE, &format!("connections/{encoded}"), None).await.map(drop)
     }
 
     /// Waits until `queue` is replicated on `copies` nodes, each online: quorum members (4.x) or a
