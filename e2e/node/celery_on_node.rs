@@ -214,19 +214,16 @@ spec:
         said
     }
 
+    /// `kubectl get pods` of the workers, printed as `output` says.
+    fn get_workers(&self, output: &str) -> String {
+        let selector = format!("app={WORKERS}");
+        let out = kubectl(&["get", "pods", "-n", &self.namespace, "-l", &selector, "-o", output, "--no-headers"]);
+        String::from_utf8_lossy(&out.stdout).to_string()
+    }
+
     /// The workers: pod, address and node of each that has them.
     pub fn workers(&self) -> Vec<(String, String, String)> {
-        let out = kubectl(&[
-            "get",
-            "pods",
-            "-n",
-            &self.namespace,
-            "-l",
-            &format!("app={WORKERS}"),
-            "-o",
-            r#"jsonpath={range .items[*]}{.metadata.name} {.status.podIP} {.spec.nodeName}{"\n"}{end}"#,
-        ]);
-        String::from_utf8_lossy(&out.stdout)
+        self.get_workers(r#"jsonpath={range .items[*]}{.metadata.name} {.status.podIP} {.spec.nodeName}{"\n"}{end}"#)
             .lines()
             .filter_map(|line| match line.split_whitespace().collect::<Vec<_>>()[..] {
                 [pod, address, node] => Some((pod.to_string(), address.to_string(), node.to_string())),
@@ -237,18 +234,11 @@ spec:
 
     /// Where the workers run.
     pub fn placement(&self) -> String {
-        let out = kubectl(&[
-            "get",
-            "pods",
-            "-n",
-            &self.namespace,
-            "-l",
-            &format!("app={WORKERS}"),
-            "-o",
+        self.get_workers(
             "custom-columns=POD:.metadata.name,NODE:.spec.nodeName,READY:.status.containerStatuses[0].ready",
-            "--no-headers",
-        ]);
-        String::from_utf8_lossy(&out.stdout).trim().replace('\n', "; ")
+        )
+        .trim()
+        .replace('\n', "; ")
     }
 }
 
