@@ -111,9 +111,16 @@ impl Pod {
                      *) echo \"$2\" >> \"$STATE/calls\";; esac"
                 ),
             ),
-            // check_running: every node runs; grow: the queues grow.
+            // check_running: every node runs. grow: the first one succeeds but a queue refuses the
+            // member (another node joins at the same moment), the next one grows it.
             ("rabbitmq-diagnostics", "exit 0".to_string()),
-            ("rabbitmq-queues", "exit 0".to_string()),
+            (
+                "rabbitmq-queues",
+                "n=$(( $(cat \"$STATE/grows\" 2>/dev/null || echo 0) + 1 )); echo $n > \"$STATE/grows\"; \
+                 if [ $n = 1 ]; then echo '[{\"name\":\"celery\",\"result\":\"cluster_change_not_permitted\"}]'; \
+                 else echo '[]'; fi"
+                    .to_string(),
+            ),
         ];
         for (name, body) in programs {
             let path = dir.join("bin").join(name);
@@ -247,6 +254,9 @@ fn a_joining_node_whose_first_start_fails_is_started_again_and_marked_clustered(
     assert!(console.contains("failed to start after joining rabbit@demo-0.demo-nodes.default.svc.cluster.local (try 1); starting it again"), "{console}");
     assert!(console.contains("is clustered"), "{console}");
     assert!(pod.dir.join("mnesia").join(NODE).join("warren-clustered").exists(), "{console}");
+    let grows = std::fs::read_to_string(pod.dir.join("state/grows")).unwrap_or_default();
+    assert_eq!(grows.trim(), "2", "grown again after a queue refused the member: {console}");
+    assert!(!console.contains("growing quorum queues"), "{console}");
     pod.terminate();
     assert!(pod.wait_exit(Duration::from_secs(15)).success(), "{}", pod.console());
 }

@@ -139,12 +139,17 @@ join_cluster() {
     done
     # A node that joins (a new replica, or one whose volume was lost and was forgotten) holds no
     # member of the existing quorum queues: give each one a member here, so every queue is
-    # replicated on every node again. Not fatal: the cluster works without it.
-    for try in 1 2 3 4 5; do
-        rabbitmq-queues -q grow "$RABBITMQ_NODENAME" all >/dev/null 2>&1 && return 0
-        sleep 5
+    # replicated on every node again. Not fatal: the cluster works without it. `grow` succeeds even
+    # when a queue refused the new member (a queue takes one membership change at a time, and two
+    # nodes joining at once both change every queue): it is run again until no queue reports an
+    # error (queues that have the member already are skipped).
+    local errors=""
+    for try in 1 2 3 4 5 6 7 8 9 10; do
+        errors=$(rabbitmq-queues -q grow "$RABBITMQ_NODENAME" all --errors-only --formatter json 2>/dev/null) &&
+            [[ "$errors" == "[]" ]] && return 0
+        sleep 3
     done
-    log "growing quorum queues onto $RABBITMQ_NODENAME failed; they keep their other members"
+    log "growing quorum queues onto $RABBITMQ_NODENAME failed; they keep their other members: ${errors:0:500}"
 }
 
 # Maintenance mode outlives a restart: a node drained by its previous pod's preStop hook (or by a
