@@ -602,6 +602,12 @@ async fn a_pod_the_scheduler_cannot_place_is_named_with_why() {
         Call::event("default", "PodUnschedulable").check(move |body| {
             assert_eq!(body["type"], "Warning");
             assert_eq!(body["note"], format!("demo-2 cannot be scheduled: {why}"), "{body}");
+            // The pod is the Event's related object: one series per pod, each with its own note.
+            assert_eq!(
+                (&body["related"]["kind"], &body["related"]["name"]),
+                (&json!("Pod"), &json!("demo-2")),
+                "{body}"
+            );
         }),
         Call::status_patch(CLUSTER).check(move |body| {
             let replicas = condition(body, "AllReplicasReady");

@@ -5,7 +5,6 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use k8s_openapi::api::apps::v1::StatefulSet;
-use k8s_openapi::api::core::v1::ObjectReference;
 use kube::ResourceExt;
 use kube::runtime::events::EventType;
 use kube::runtime::reflector::ObjectRef;
@@ -103,8 +102,13 @@ pub async fn observe(
     let error = scaling.as_mut().and_then(|s| s.error.take()).or(error);
     // Not all ready: is a pod waiting for a place (the spread, the volume's node, resources)?
     let unschedulable = if all_ready { Vec::new() } else { unschedulable_pods(ctx, validated) };
-    if !unschedulable.is_empty() {
-        ctx.event(cluster, EventType::Warning, "PodUnschedulable", "Observe", unschedulable.join("; ")).await;
+    // One Event per pod, naming it as the related object: Events of one reason about one object
+    // fold into a series that keeps the first note, so a pod unschedulable for a moment (its claim
+    // not made yet) would otherwise be what the Event says for the pod that stays Pending.
+    for waiting in &unschedulable {
+        let pod = waiting.split_once(' ').map_or(waiting.as_str(), |(pod, _)| pod);
+        let related = super::pod_reference(cluster, pod);
+        ctx.event_related(cluster, EventType::Warning, "PodUnschedulable", "Observe", related, waiting.clone()).await;
     }
     let placements = placements(ctx, validated);
     // A pod not ready (its machine lost, evicted, restarting) while another serves: the members
@@ -209,14 +213,9 @@ async fn report_scaling(cluster: &RabbitCluster, ctx: &Context, pass: &scale::Sc
         let note = format!(
             "{node} left the cluster for good: the cluster no longer lists it, and its volume claim goes with its pod"
         );
-        let pod = ObjectReference {
-            api_version: Some("v1".into()),
-            kind: Some("Pod".into()),
-            name: node.split_once('@').and_then(|(_, host)| host.split('.').next()).map(str::to_string),
-            namespace: cluster.namespace(),
-            ..ObjectReference::default()
-        };
-        ctx.event_related(cluster, "NodeRemoved", "Scale", pod, note).await;
+        let pod = node.split_once('@').and_then(|(_, host)| host.split('.').next()).unwrap_or(node);
+        let pod = super::pod_reference(cluster, pod);
+        ctx.event_related(cluster, EventType::Normal, "NodeRemoved", "Scale", pod, note).await;
     }
     if let Some(error) = &pass.error {
         ctx.event(cluster, EventType::Warning, error.reason(), "Scale", error.to_string()).await;

@@ -90,13 +90,20 @@ pub async fn replace_lost_members(cluster: &RabbitCluster, ctx: &Context, valida
             .collect()
     };
     for (ordinal, pod) in stranded {
+        // Each Event names its pod as the related object: the recorder folds Events of one reason
+        // about one object into a series that keeps the first note, so a second member replaced
+        // within minutes would otherwise be reported under the first one's words.
+        let related = super::pod_reference(cluster, &pod);
+        let event = |reason: &'static str, note: String| {
+            ctx.event_related(cluster, EventType::Warning, reason, "ReplaceMember", related.clone(), note)
+        };
         match lost_member(ctx, validated, ordinal).await {
             Ok(None) => {}
             Ok(Some(lost)) if cluster.spec.replace_lost_members => match replace(ctx, validated, &pod, &lost).await {
-                Ok(note) => ctx.event(cluster, EventType::Warning, "LostMemberReplaced", "ReplaceMember", note).await,
+                Ok(note) => event("LostMemberReplaced", note).await,
                 Err(error) => {
                     let note = format!("replacing {pod} on lost node {}: {error}", lost.node);
-                    ctx.event(cluster, EventType::Warning, "LostMemberReplacementFailed", "ReplaceMember", note).await
+                    event("LostMemberReplacementFailed", note).await
                 }
             },
             Ok(Some(lost)) => {
@@ -109,11 +116,11 @@ pub async fn replace_lost_members(cluster: &RabbitCluster, ctx: &Context, valida
                     lost.declared.describe(),
                     lost.node
                 );
-                ctx.event(cluster, EventType::Warning, "MemberOnLostNode", "ReplaceMember", note).await;
+                event("MemberOnLostNode", note).await;
             }
             Err(error) => {
                 let note = format!("checking whether {pod}'s node is lost: {error}");
-                ctx.event(cluster, EventType::Warning, "LostMemberCheckFailed", "ReplaceMember", note).await;
+                event("LostMemberCheckFailed", note).await;
             }
         }
     }

@@ -150,12 +150,13 @@ impl Context {
     async fn event_related(
         &self,
         cluster: &RabbitCluster,
+        type_: EventType,
         reason: &str,
         action: &str,
         related: ObjectReference,
         note: String,
     ) {
-        self.record(&cluster.object_ref(&()), Some(related), EventType::Normal, reason, action, note).await;
+        self.record(&cluster.object_ref(&()), Some(related), type_, reason, action, note).await;
     }
 
     /// An Event about `regarding`; a failure to publish is logged, never fatal.
@@ -506,4 +507,15 @@ async fn fail_early(cluster: &RabbitCluster, ctx: &Context, error: Error) -> Res
     ctx.event(cluster, EventType::Warning, error.reason(), "Reconcile", error.to_string()).await;
     status::write_early(cluster, ctx, error.reason(), &error.to_string(), Some(false)).await?;
     Err(error)
+}
+
+/// A reference to pod `name` of `cluster`, for an Event about the cluster that names the pod.
+fn pod_reference(cluster: &RabbitCluster, name: &str) -> ObjectReference {
+    ObjectReference {
+        api_version: Some("v1".into()),
+        kind: Some("Pod".into()),
+        name: Some(name.to_string()),
+        namespace: cluster.namespace(),
+        ..ObjectReference::default()
+    }
 }
