@@ -23,6 +23,7 @@ use crate::rig::{Endpoint, POD_TIMEOUT, pod_addresses, pod_nodes, wait_ready};
 use testkit::amqp;
 use testkit::control_plane::cluster::{condition, summary};
 use testkit::control_plane::{e2e_dir, kubectl, ok, repo, wait_for};
+use warren::kubectl::status::pod_of;
 
 use crate::cluster_on_node::events;
 
@@ -71,12 +72,6 @@ fn machine(action: &str, node: &str) {
     let output = run_node_script(action, node);
     let said = String::from_utf8_lossy(&output.stdout).to_string() + &String::from_utf8_lossy(&output.stderr);
     assert!(output.status.success(), "e2e/node.sh {action} {node}: {said}");
-}
-
-/// `ha-1` of `rabbit@ha-1.ha-nodes.<namespace>.svc.cluster.local`.
-fn pod_of(node: &str) -> &str {
-    let host = node.split_once('@').map_or(node, |(_, host)| host);
-    host.split('.').next().unwrap_or(host)
 }
 
 /// A RabbitMQ pod that a Celery worker running on another machine consumes from (the consumers of

@@ -213,8 +213,7 @@ async fn report_scaling(cluster: &RabbitCluster, ctx: &Context, pass: &scale::Sc
         let note = format!(
             "{node} left the cluster for good: the cluster no longer lists it, and its volume claim goes with its pod"
         );
-        let pod = node.split_once('@').and_then(|(_, host)| host.split('.').next()).unwrap_or(node);
-        let pod = super::pod_reference(cluster, pod);
+        let pod = super::pod_reference(cluster, crate::kubectl::status::pod_of(node));
         ctx.event_related(cluster, EventType::Normal, "NodeRemoved", "Scale", pod, note).await;
     }
     if let Some(error) = &pass.error {

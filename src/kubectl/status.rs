@@ -94,7 +94,7 @@ pub struct EventLine {
 }
 
 /// The pod a RabbitMQ node runs in: `rabbit@<pod>.<headless service>...`.
-fn pod_of(node: &str) -> &str {
+pub fn pod_of(node: &str) -> &str {
     let host = node.split_once('@').map_or(node, |(_, host)| host);
     host.split('.').next().unwrap_or(host)
 }
