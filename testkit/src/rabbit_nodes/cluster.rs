@@ -17,7 +17,7 @@ use super::super::rabbit_broker::node_list;
 use super::network::{self, free_subnet, sweep_abandoned};
 use super::node::Node;
 use super::wait_for;
-use super::{BOOT, MOUNTS, NAMESPACE, ONE_AT_A_TIME, RABBITMQ_BIN, must};
+use super::{BOOT, MOUNTS, NAMESPACE, ONE_AT_A_TIME, RABBITMQ_BIN, must, scratch_dir};
 
 /// A RabbitCluster's nodes.
 pub struct NodeCluster {
@@ -64,8 +64,8 @@ impl PodTemplate {
             "the image names {version}, its rootfs holds {}",
             rootfs.version
         );
-        // The mount point of the test's temporary directory inside the rootfs.
-        let tmp = std::env::temp_dir();
+        // The mount point of the scratch directory inside the rootfs.
+        let tmp = scratch_dir();
         std::fs::create_dir_all(rootfs.path.join(tmp.strip_prefix("/").unwrap_or(&tmp))).expect("tmp in the rootfs");
         let objects = build::build(cluster, credentials);
         PodTemplate {
@@ -143,7 +143,7 @@ impl NodeCluster {
             None => (format!("wrb{id}"), free_subnet(), 1),
         };
         let owns_bridge = first_host == 1;
-        let dir = std::env::temp_dir().join(format!("warren-nodes-{id}"));
+        let dir = scratch_dir().join(format!("warren-nodes-{id}"));
         let mut this = Self {
             nodes: Vec::new(),
             credentials,
@@ -461,7 +461,7 @@ fn pod_environment(env: &[EnvVar], index: usize, sts: &str, node_dir: &Path) -> 
             expanded = expanded.replace(&format!("$({name})"), earlier);
         }
         // Each word that is a mounted path (`-ssl_dist_optfile /etc/warren/config/...` too), once:
-        // the node's directories are under /tmp, itself a mount.
+        // the node's directories are under the scratch directory, itself a mount.
         let words: Vec<String> = expanded
             .split(' ')
             .map(|word| {

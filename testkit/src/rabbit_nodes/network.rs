@@ -46,7 +46,7 @@ pub(super) fn remove_namespace(netns: &str) {
 /// Removes what clusters of test processes that no longer exist left behind (a test binary killed
 /// by a signal runs no Drop): the processes in their namespaces, the namespaces, bridge and dirs.
 pub(super) fn sweep_abandoned() {
-    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else { return };
+    let Ok(entries) = std::fs::read_dir(super::scratch_dir()) else { return };
     for entry in entries.flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
         let Some(id) = name.strip_prefix("warren-nodes-") else { continue };

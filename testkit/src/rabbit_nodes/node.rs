@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use warren::controller::build::Credentials;
 
-use super::{ENTER_POD, RABBITMQ_BIN, must, run};
+use super::{ENTER_POD, RABBITMQ_BIN, must, run, scratch_dir};
 
 /// One node: pod `<sts>-<index>`.
 pub struct Node {
@@ -61,12 +61,12 @@ impl Node {
 
     /// A command of the pod's image with the pod's environment (as `kubectl exec`).
     pub(super) fn exec(&self, program: &str, args: &[&str]) -> Command {
-        let tmp = std::env::temp_dir();
+        let scratch = scratch_dir();
         let mut command = Command::new("ip");
         command
             .args(["netns", "exec", &self.netns, "unshare", "--uts", "--", "/bin/sh", "-c", ENTER_POD, &self.pod])
             .arg(&self.root)
-            .arg(&tmp)
+            .arg(&scratch)
             .arg(program)
             .args(args)
             .env_clear()
