@@ -45,9 +45,15 @@ tier3: deps control-plane
 ## tier4: a local cluster with a real node, and the node tests. Compiled first: that also builds the
 ## operator's binary the images pack (target/debug/warren), with the feature set tier 3 built it
 ## with, so it is not compiled a second time (a plain `cargo build` would be: another profile).
+## On one cluster: the tests that drain nodes and power them off one at a time, then those that
+## leave every node running (NODE_TESTS_BESIDE) side by side. Not the other way round: a drain
+## waits for every pod on its node, the terminating ones of a namespace just deleted too.
+NODE_TESTS_BESIDE := migration_job:: spread_on_node:: tls_on_node::
+NODE_TEST := $(CARGO) test --locked --features e2e --test e2e_node --
 tier4: deps control-plane node
 	$(CARGO) test --locked --features e2e --test e2e_node --no-run
-	e2e/with-control-plane.sh --node $(CARGO) test --locked --features e2e --test e2e_node -- --test-threads=1 --nocapture
+	e2e/with-control-plane.sh --node bash -c '$(NODE_TEST) --test-threads=1 --nocapture $(addprefix --skip ,$(NODE_TESTS_BESIDE)) && \
+	  $(NODE_TEST) --test-threads=3 --nocapture $(NODE_TESTS_BESIDE)'
 
 ## bench: prints figures: `warren migrate` vs the Shovel plugin and a PerfTest ceiling on the same
 ## brokers, the migrator's peak memory; the operator watching 200 then 1,000 RabbitClusters (time

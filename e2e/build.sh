@@ -10,7 +10,9 @@ here=$(cd "$(dirname "$0")" && pwd)
 # shellcheck source=e2e/versions.env
 source "$here/versions.env"
 cache=${WARREN_CACHE:-$HOME/.cache/warren}
-export GOTOOLCHAIN=local CGO_ENABLED=0 GOFLAGS=-mod=mod
+# No DWARF from the compiler: the binaries are stripped (-s -w) anyway, and the packages compile
+# in 15 % less time (helm from an empty cache: 102 s against 87 s).
+export GOTOOLCHAIN=local CGO_ENABLED=0 GOFLAGS="-mod=mod -gcflags=all=-dwarf=false"
 export GOCACHE=${GOCACHE:-$cache/go-build}
 
 log() { printf '[build %s] %s\n' "$(date +%T)" "$*" >&2; }

@@ -30,7 +30,10 @@ pub fn image(variable: &str) -> String {
 static OPERATOR: Mutex<bool> = Mutex::const_new(false);
 
 /// `helm install` of charts/warren in warren-system, watching every namespace, with the warren image
-/// built and imported by e2e/images.sh; waits until its Deployment is available.
+/// built and imported by e2e/images.sh; waits until its Deployment is available. As `upgrade
+/// --install`: `make test` runs the node tests in two processes on one cluster, and the second
+/// finds the release the first installed (the same chart and values: nothing changes, nothing
+/// restarts).
 pub async fn ensure_operator() {
     let mut done = OPERATOR.lock().await;
     if *done {
@@ -40,9 +43,10 @@ pub async fn ensure_operator() {
     let warren = image("WARREN_IMAGE");
     let (repository, tag) = warren.rsplit_once(':').expect("image with a tag");
     ok(
-        "helm install",
+        "helm upgrade --install",
         helm(&[
-            "install",
+            "upgrade",
+            "--install",
             "warren",
             "charts/warren",
             "-n",
