@@ -10,7 +10,7 @@ WARREN := $(CARGO_TARGET_DIR)/debug/warren
 include e2e/versions.env
 HELM := $(CACHE_DIR)/bin/helm-$(HELM_VERSION)/helm
 
-.PHONY: test unit e2e tier3 tier4 bench deps rootfs control-plane node build crds render fmt lint up down reset
+.PHONY: test unit e2e tier3 tier4 bench deps rootfs control-plane node node-parts build crds render fmt lint up down reset
 
 ## test: every tier: pure builders and mocked API server, real RabbitMQ nodes of three generations
 ## (tests/rabbitmq_*.rs, tests/migrate.rs), the real control plane, then a real node running
@@ -50,7 +50,9 @@ tier3: deps control-plane
 ## waits for every pod on its node, the terminating ones of a namespace just deleted too.
 NODE_TESTS_BESIDE := migration_job:: spread_on_node:: tls_on_node::
 NODE_TEST := $(CARGO) test --locked --features e2e --test e2e_node --
-tier4: deps control-plane node
+## With WARREN_PROMETHEUS_BUILD (the pid of Prometheus' build, which make test runs beside it), the
+## cluster starts without waiting for Prometheus (e2e/host.sh).
+tier4: deps control-plane $(if $(WARREN_PROMETHEUS_BUILD),node-parts,node)
 	$(CARGO) test --locked --features e2e --test e2e_node --no-run
 	e2e/with-control-plane.sh --node bash -c '$(NODE_TEST) --test-threads=1 --nocapture $(addprefix --skip ,$(NODE_TESTS_BESIDE)) && \
 	  $(NODE_TEST) --test-threads=3 --nocapture $(NODE_TESTS_BESIDE)'
@@ -72,8 +74,11 @@ control-plane:
 
 ## node: kube-scheduler, kubelet, kube-proxy (same module as the control plane), CoreDNS and
 ## Prometheus.
-node:
-	e2e/build.sh node coredns prometheus
+node: node-parts
+	e2e/build.sh prometheus
+
+node-parts:
+	e2e/build.sh node coredns
 
 build:
 	$(CARGO) build --locked

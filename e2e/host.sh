@@ -7,6 +7,11 @@
 #
 #   e2e/host.sh start DIR   DIR holds a running control plane and cluster.env (e2e/cluster.sh)
 #   e2e/host.sh stop DIR    stop by pid, remove the host kube-proxy's rules and DIR/host
+#
+# WARREN_PROMETHEUS_BUILD=PID (make test's tier 4): Prometheus' binary is still being built by
+# process PID, beside the cluster's start and the first tests; Prometheus starts once it is there
+# (DIR/host/prometheus.url appears then), or DIR/host/prometheus.failed says the build ended
+# without it.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 # shellcheck source=e2e/versions.env
@@ -140,6 +145,18 @@ PROM
   echo "http://127.0.0.1:$port" > "$host/prometheus.url"
 }
 
+# prometheus_later BUILD-PID: waits for the binary the build makes, then starts Prometheus.
+prometheus_later() {
+  until [[ -x $prometheus_bin ]]; do
+    if ! kill -0 "$1" 2> /dev/null && [[ ! -x $prometheus_bin ]]; then
+      echo "the Prometheus build (pid $1) ended without $prometheus_bin" | tee "$host/prometheus.failed" >&2
+      return 1
+    fi
+    sleep 2
+  done
+  start_prometheus
+}
+
 storage_class() {
   admin apply -f - > /dev/null <<YAML
 apiVersion: storage.k8s.io/v1
@@ -154,17 +171,24 @@ YAML
 }
 
 start() {
-  [[ -x $k8s_bin/kube-scheduler && -x $coredns_bin && -x $prometheus_bin ]] || "$here/build.sh" node coredns prometheus
+  local later=${WARREN_PROMETHEUS_BUILD:-}
+  [[ -x $k8s_bin/kube-scheduler && -x $coredns_bin ]] || "$here/build.sh" node coredns
+  [[ -n $later || -x $prometheus_bin ]] || "$here/build.sh" prometheus
   mkdir -p "$host"/{pids,logs,pki}
   storage_class
   start_scheduler
   start_coredns
   start_proxy
-  start_prometheus
+  if [[ -n $later && ! -x $prometheus_bin ]]; then
+    start_process prometheus-later prometheus_later "$later"
+  else
+    start_prometheus
+  fi
 }
 
-# After the nodes are up: Prometheus answering.
+# After the nodes are up: Prometheus answering (when it started with them).
 wait_ready() {
+  [[ -f $host/prometheus.url ]] || return 0
   wait_for "Prometheus ready" 60 curl -fsS "$(cat "$host/prometheus.url")/-/ready"
 }
 
@@ -172,6 +196,8 @@ stop() {
   [[ -d $host ]] || return 0
   stop_process kube-proxy
   stop_process coredns
+  # The waiter first: it starts (and records) Prometheus, which is stopped next.
+  stop_process prometheus-later
   stop_process prometheus
   stop_process kube-scheduler
   # kube-proxy's rules, its own way (the nodes' went with their network namespaces).

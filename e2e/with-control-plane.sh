@@ -8,7 +8,8 @@
 # WARREN_MONITORING_CRDS (the Prometheus operator's ServiceMonitor and PodMonitor CRDs); with
 # --node also WARREN_IMAGE, CELERY_IMAGE (and CELERY_LINE), RABBITMQ_IMAGE (the default generation's) and RABBITMQ_IMAGE_<generation>
 # (RABBITMQ_IMAGE_3_10, ...): the images imported into the node, and a Prometheus scraping them
-# (its address in $WARREN_E2E_DIR/node/prometheus.url).
+# (its address in $WARREN_E2E_DIR/host/prometheus.url; with WARREN_PROMETHEUS_BUILD, once its
+# binary is built: e2e/host.sh).
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 # shellcheck source=e2e/versions.env
@@ -20,7 +21,9 @@ source "$here/lib.sh"
 script=control-plane.sh components=(etcd helm kubernetes monitoring-crds)
 if [[ ${1:-} == --node ]]; then
   shift
-  script=cluster.sh components+=(node coredns prometheus)
+  script=cluster.sh components+=(node coredns)
+  # Prometheus too, unless make test builds it beside the tier-4 tests (e2e/host.sh says how).
+  [[ -n ${WARREN_PROMETHEUS_BUILD:-} ]] || components+=(prometheus)
   "$here/rootfs.sh"
   export WARREN_IMAGE CELERY_IMAGE CELERY_LINE
   export_rabbitmq_images

@@ -66,7 +66,7 @@ async fn a_migration_job_in_the_cluster_moves_every_message() {
     assert_eq!(types, [Some(if quorum { "quorum" } else { "classic" }); 3], "{status:?}");
     assert!(status.ha_lost.is_empty(), "{status:?}");
     // The same counts, as the operator exports them to Prometheus.
-    let prometheus = Prometheus::of_node();
+    let prometheus = Prometheus::of_node().await;
     let object = format!(r#"exported_namespace="{ns}",name="old-to-new""#);
     for (metric, value) in [("moved", 3.0 * PER_QUEUE as f64), ("left", 0.0)] {
         let promql = format!("max(warren_migration_messages_{metric}{{{object}}})");

@@ -23,10 +23,29 @@ pub struct Prometheus {
     url: String,
 }
 
+/// How long a test waits for Prometheus to start: `make test` builds it beside the first node
+/// tests (e2e/test.sh), niced, on a cold machine. Generous, never asserted on.
+const PROMETHEUS_BUILD: Duration = Duration::from_secs(1200);
+
 impl Prometheus {
-    pub fn of_node() -> Self {
-        let file = e2e_dir().join("host/prometheus.url");
-        let url = std::fs::read_to_string(&file).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
+    /// The cluster's Prometheus, once started: at once when it started with the cluster, else
+    /// when e2e/host.sh starts it, its binary built (DIR/host/prometheus.failed: it was not).
+    pub async fn of_node() -> Self {
+        let host = e2e_dir().join("host");
+        let url = wait_for("Prometheus to start once its binary is built", PROMETHEUS_BUILD, || async {
+            if let Ok(failed) = std::fs::read_to_string(host.join("prometheus.failed")) {
+                let cache = std::env::var("WARREN_CACHE").unwrap_or_else(|_| "$WARREN_CACHE".into());
+                panic!("{failed}: see the build's log, {cache}/logs/prometheus-build.log");
+            }
+            std::fs::read_to_string(host.join("prometheus.url")).map_err(|e| {
+                format!(
+                    "{}/prometheus.url: {e} (its waiter's log: {}/logs/prometheus-later.log)",
+                    host.display(),
+                    host.display()
+                )
+            })
+        })
+        .await;
         Self { url: url.trim().to_string() }
     }
 
@@ -79,7 +98,7 @@ fn label<'a>(sample: &'a Sample, name: &str) -> &'a str {
 /// Prometheus found every pod of the cluster and the operator by their annotations, reads the
 /// filled queue's ready messages per pod, and the operator's own series.
 pub async fn prometheus_sees_the_cluster(namespace: &str, name: &str, pods: &[&str], queue: &str, messages: u64) {
-    let prometheus = Prometheus::of_node();
+    let prometheus = Prometheus::of_node().await;
     let up = prometheus
         .wait(&format!("Prometheus scraping {pods:?}"), &format!(r#"up{{namespace="{namespace}"}} == 1"#), |s| {
             let mut scraped: Vec<&str> = s.iter().map(|s| label(s, "pod")).collect();
@@ -234,7 +253,7 @@ pub async fn kubectl_warren_on(
     // Pause: the operator stops reconciling and says so; resume: it reconciles again.
     let paused = ok("kubectl warren pause", kubectl_warren(&["pause", name, "-n", namespace]));
     assert!(paused.contains("paused"), "{paused}");
-    let prometheus = Prometheus::of_node();
+    let prometheus = Prometheus::of_node().await;
     ready_condition(&prometheus, namespace, name, "false").await;
     let screen = ok("kubectl warren status", kubectl_warren(&["status", name, "-n", namespace]));
     assert!(screen.lines().next().is_some_and(|l| l.contains("Ready=False   PAUSED")), "{screen}");
