@@ -20,7 +20,7 @@ use crate::drain_on_node;
 use crate::machine_loss_on_node;
 use crate::observability;
 use crate::rig::{
-    Endpoint, POD_TIMEOUT, default_is_quorum, delete, ensure_operator, manifest, pod_nodes, pods, wait_ready,
+    Endpoint, POD_TIMEOUT, default_is_quorum, delete, ensure_operator, manifest, phase, pod_nodes, pods, wait_ready,
 };
 use testkit::amqp;
 use testkit::control_plane::cluster::{apply, condition, patch};
@@ -129,30 +129,42 @@ async fn high_availability_applied(endpoint: &Endpoint) -> Result<(), String> {
 
 #[tokio::test]
 async fn a_rabbit_cluster_runs_heals_grows_and_keeps_its_data_on_a_real_node() {
+    phase("ha: the operator");
     ensure_operator().await;
     let client = admin_client().await;
     let namespace = TestNamespace::create(&client, "node-ha").await;
     let ns = namespace.name.clone();
+    phase("ha: formation");
     let (mut endpoint, claims) = forms_one_cluster_with_high_availability(&client, &ns).await;
     // What the team watches it with, on this formed cluster: Prometheus and `kubectl warren`.
     let names = ["ha-0", "ha-1", "ha-2"];
+    phase("ha: Prometheus and kubectl warren");
     observability::prometheus_sees_the_cluster(&ns, NAME, &names, KEPT, KEPT_COUNT as u64).await;
     observability::kubectl_warren_on(&client, &ns, NAME, &names, KEPT, KEPT_COUNT as u64).await;
+    phase("ha: every pod deleted");
     every_pod_deleted_at_once_reforms_the_cluster(&client, &ns, &endpoint, &claims).await;
     // A Celery app runs through the drains and the machine loss: two workers on the failover URIs.
     let mut celery = CeleryApp::deploy(&ns, NAME);
     // Each pod evicted by a drain comes back on its own volume.
+    phase("ha: drains");
     drain_on_node::drains_every_node_in_turn_under_load(&client, &ns, NAME, &endpoint, &mut celery).await;
     assert_eq!(volumes(&client, &ns).await, claims, "the same volumes after the drains");
+    phase("ha: machine loss");
     machine_loss_on_node::loses_the_leaders_machine_and_gets_it_back(&client, &ns, NAME, &endpoint, &mut celery).await;
     drop(celery);
     endpoint.wait_depth(KEPT, KEPT_COUNT as u64).await;
     // What people do to a running cluster (issue: day-2 safety), on this formed cluster.
+    phase("ha: day two");
     day_two::survives_what_people_do(&client, &ns, NAME, &mut endpoint, KEPT, KEPT_COUNT as u64).await;
+    phase("ha: scale up, a scale-down called off");
     scales_up_and_a_scale_down_called_off_half_way(&client, &ns, &endpoint).await;
+    phase("ha: scale down, the operator killed");
     scales_down_while_the_leading_operator_is_killed(&client, &ns, &endpoint).await;
+    phase("ha: scale back up");
     scales_back_up_and_every_message_is_there_once(&client, &ns, &endpoint).await;
+    phase("ha: deleted and applied again");
     deleted_and_applied_again_keeps_claims_credentials_and_messages(&client, &ns, &endpoint, &claims).await;
+    phase("ha: done");
 }
 
 /// Three pods running RabbitMQ, one cluster, HA applied (quorum by default on 4.x), conditions

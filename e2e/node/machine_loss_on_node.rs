@@ -232,6 +232,7 @@ enum Declare {
 /// replacement. Both machines are back at the end, for the tests after.
 #[tokio::test]
 async fn a_member_on_a_machine_declared_gone_is_replaced() {
+    crate::rig::phase("lost: formation");
     crate::rig::ensure_operator().await;
     let client = &testkit::control_plane::admin_client().await;
     let namespace = testkit::control_plane::TestNamespace::create(client, "node-lost").await;
@@ -247,6 +248,7 @@ async fn a_member_on_a_machine_declared_gone_is_replaced() {
 
     let placed: BTreeMap<String, Option<String>> = pod_nodes(client, ns, name).await.into_iter().collect();
     let lost = placed.get(&format!("{name}-0")).cloned().flatten().expect("pod 0 scheduled");
+    crate::rig::phase("lost: a machine tainted out-of-service");
     replaces_the_members_of_a_lost_machine(client, ns, name, endpoint, &lost, Declare::OutOfService, 0..300).await;
 
     // Now a machine that runs one member (pod 0's replacement shares a machine with another).
@@ -256,7 +258,9 @@ async fn a_member_on_a_machine_declared_gone_is_replaced() {
         members.entry(node.unwrap_or_else(|| panic!("{pod} not scheduled"))).or_default().push(pod);
     }
     let (lost, _) = members.iter().find(|(_, pods)| pods.len() == 1).expect("a machine running one member");
+    crate::rig::phase("lost: a machine's Node deleted");
     replaces_the_members_of_a_lost_machine(client, ns, name, endpoint, lost, Declare::DeleteNode, 300..600).await;
+    crate::rig::phase("lost: done");
 }
 
 const KEPT: &str = "e2e-replace";

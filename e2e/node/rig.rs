@@ -29,6 +29,14 @@ pub fn image(variable: &str) -> String {
 
 static OPERATOR: Mutex<bool> = Mutex::const_new(false);
 
+/// Stamps a phase of a node test on stderr with the seconds since the first stamp of this test
+/// process: tier 4's time varies by minutes between runs of the same tests, and these say where.
+pub fn phase(what: &str) {
+    static FIRST: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    let first = FIRST.get_or_init(std::time::Instant::now);
+    eprintln!("[node tests +{} s] {what}", first.elapsed().as_secs());
+}
+
 /// `helm install` of charts/warren in warren-system, watching every namespace, with the warren image
 /// built and imported by e2e/images.sh; waits until its Deployment is available. As `upgrade
 /// --install`: `make test` runs the node tests in two processes on one cluster, and the second

@@ -56,10 +56,9 @@ pub(super) const MOUNTS: [(&str, &str); 6] = [
 
 /// Where the node directories (the pods' volumes) live: `WARREN_NODE_SCRATCH` when set, else
 /// /dev/shm when the machine has it, else the temporary directory. On tmpfs a quorum queue's or
-/// Khepri's fsync costs nothing: on this machine's virtual disk the same tests took 14 % longer
-/// alone (tests/migrate.rs, 276 s against 240 s), and longer still beside `make test`'s Go builds,
-/// whose writes the fsyncs queue behind. What the tests prove does not depend on the disk; a
-/// node's restart still finds its data (the directory outlives the process, not the machine).
+/// Khepri's fsync costs nothing: on this machine's virtual disk tests/migrate.rs alone took 276 s
+/// and 372 CPU-seconds, on tmpfs 240 s and 308. What the tests prove does not depend on the disk;
+/// a node's restart still finds its data (the directory outlives the process, not the machine).
 pub(super) fn scratch_dir() -> PathBuf {
     if let Some(dir) = std::env::var_os("WARREN_NODE_SCRATCH") {
         return PathBuf::from(dir);
