@@ -8,9 +8,10 @@
 # build was the last thing tier 4 waited for, with the tests all done.
 #
 # Until tier 4 both cores are busy all the time (the tests, the builds), while tier 4 mostly waits
-# (kubelets, drains, grace periods: 60-90 % of the CPU idle in its test phases). So the tier-2
-# binaries named in TIER2_BESIDE_NODE run beside tier 4 instead of before it, niced: the node tests
-# come first, they take what the node leaves.
+# (kubelets, drains, grace periods: 54 % of the CPU idle over `make tier4` alone, 80-90 % through
+# its drains and machine loss). So the tier-2 binaries named in TIER2_BESIDE_NODE run beside tier 4
+# instead of before it, niced: the node tests come first, they take what the node leaves (a cold
+# run went from 65.7 to 51.2 min, docs/testing.md).
 #
 # Run by the Makefile, which exports WARREN_CACHE, CARGO_TARGET_DIR and GOCACHE; CARGO and MAKE
 # name the tools it uses.
@@ -21,7 +22,7 @@ CARGO=${CARGO:-cargo}
 MAKE=${MAKE:-make}
 logs=$WARREN_CACHE/logs
 # Test targets (tests/NAME.rs) of tier 2 that run beside tier 4: real brokers in their own network
-# namespaces (10.231.0.0/16; the node's are 10.244.0.0/16), no timing asserted.
+# namespaces (10.231.0.0/16; the node's are 10.244.0.0/16), none of them asserting on time.
 TIER2_BESIDE_NODE=(migrate migrate_memory celery)
 
 formatting() {
