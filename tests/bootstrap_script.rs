@@ -22,11 +22,22 @@ enum Server {
     NeverBoots,
     /// Boots, and exits with status 4 once the script has seen it booted.
     CrashesAfterBoot,
-    /// A first boot (no marker): the node joins node 0, and `rabbitmqctl start_app` after
-    /// join_cluster fails this many times before it succeeds.
-    JoinsStartAppFails(u32),
+    /// A first boot (no marker): the node joins node 0, and the first `rabbitmqctl start_app`
+    /// after join_cluster fails (as RabbitMQ 3.10 fails it with its VM left unable to start
+    /// again). Then the script's new Erlang VM does what `NewVm` says.
+    JoinsStartAppFails(NewVm),
     /// Boots with a child process (its Erlang VM), and ignores SIGTERM: a stop that never ends.
     HangsOnStop,
+}
+
+#[derive(Clone, Copy)]
+enum NewVm {
+    /// Boots as the member join_cluster made it.
+    BootsAsMember,
+    /// Boots as a node of its own (its data did not survive); node 0 still lists it.
+    BootsAlone,
+    /// Every new VM aborts its boot (exit 3).
+    NeverBoots,
 }
 
 /// A pod of one: a directory with the script, its config, its data directory (holding the
@@ -72,26 +83,29 @@ impl Pod {
                 "touch \"$STATE/running\"; until [ -f '{}' ]; do sleep 0.1; done; rm -f \"$STATE/running\"; exit 4",
                 booted_flag.display()
             ),
-            Server::JoinsStartAppFails(_) => run_until_term.to_string(),
+            Server::JoinsStartAppFails(NewVm::BootsAsMember) => run_until_term.to_string(),
+            Server::JoinsStartAppFails(NewVm::BootsAlone) => {
+                format!("if [ \"$n\" -gt 1 ]; then rm -f \"$STATE/joined\"; fi; {run_until_term}")
+            }
+            Server::JoinsStartAppFails(NewVm::NeverBoots) => {
+                format!("if [ \"$n\" -gt 1 ]; then sleep 0.3; exit 3; fi; {run_until_term}")
+            }
             Server::HangsOnStop => "touch \"$STATE/running\"; trap '' TERM; sleep 1000 & echo $! > \"$STATE/vm\"; \
                                     while :; do sleep 0.1; done"
                 .to_string(),
         };
-        let start_app_failures = match server {
-            Server::JoinsStartAppFails(n) => n,
-            _ => 0,
-        };
-        // cluster_status: node 0 is a cluster of its own; this node lists node 0 once it has joined.
+        // cluster_status (`-q -n <node> cluster_status`): node 0 is a cluster of its own; this node
+        // lists node 0 once it has joined.
         let peer = NODE.replace("demo-1.", "demo-0.");
         let cluster_status = format!(
-            "if [ \"$2\" = '{NODE}' ] && [ ! -f \"$STATE/joined\" ]; then echo '{{\"disk_nodes\":[\"{NODE}\"]}}'; \
-             elif [ \"$2\" = '{NODE}' ]; then echo '{{\"disk_nodes\":[\"{peer}\",\"{NODE}\"]}}'; \
+            "if [ \"$3\" = '{NODE}' ] && [ ! -f \"$STATE/joined\" ]; then echo '{{\"disk_nodes\":[\"{NODE}\"]}}'; \
+             elif [ \"$3\" = '{NODE}' ]; then echo '{{\"disk_nodes\":[\"{peer}\",\"{NODE}\"]}}'; \
              else echo '{{\"disk_nodes\":[\"{peer}\"]}}'; fi"
         );
-        let start_app = format!(
-            "n=$(( $(cat \"$STATE/start_app\" 2>/dev/null || echo 0) + 1 )); echo $n > \"$STATE/start_app\"; \
-             if [ $n -le {start_app_failures} ]; then echo 'Error: {{:rabbit, {{:badmatch, mnesia_app}}}}' >&2; exit 70; fi"
-        );
+        let start_app = "n=$(( $(cat \"$STATE/start_app\" 2>/dev/null || echo 0) + 1 )); echo $n > \"$STATE/start_app\"; \
+                         if [ $n = 1 ]; then \
+                         echo 'Error: {:rabbit, {{:cannot_create_schema, {:has_no_disc, :\"rabbit@demo-1\"}}}}' >&2; \
+                         exit 70; fi";
         let programs = [
             (
                 "rabbitmq-server",
@@ -241,39 +255,72 @@ fn a_member_that_crashes_after_it_booted_is_left_to_the_kubelet() {
 }
 
 #[test]
-fn a_joining_node_whose_first_start_fails_is_started_again_and_marked_clustered() {
-    let mut pod = Pod::start("join-start-fails", Server::JoinsStartAppFails(1));
+fn a_joining_node_whose_first_start_fails_boots_in_a_new_vm_and_is_marked_clustered() {
+    let mut pod = Pod::start("join-start-fails", Server::JoinsStartAppFails(NewVm::BootsAsMember));
     // The script marks the node, flags the boot, then says so: wait for its last word.
     pod.wait_until("booted after joining and said so", Duration::from_secs(60), || {
         pod.booted_flag().exists() && pod.console().contains("is clustered")
     });
     let calls = std::fs::read_to_string(pod.dir.join("state/calls")).unwrap_or_default();
-    assert_eq!(calls.lines().collect::<Vec<_>>(), ["stop_app", "reset", "join_cluster", "start_app", "start_app"]);
+    // start_app once: its VM cannot start the app again; the second start is a new VM's boot.
+    assert_eq!(calls.lines().collect::<Vec<_>>(), ["stop_app", "reset", "join_cluster", "start_app"]);
+    assert_eq!(pod.starts(), 2, "the first VM stopped, a second one booted: {}", pod.console());
     let console = pod.console();
     assert!(console.contains("joining the cluster of rabbit@demo-0.demo-nodes"), "{console}");
-    assert!(console.contains("failed to start after joining rabbit@demo-0.demo-nodes.default.svc.cluster.local (try 1); starting it again"), "{console}");
+    assert!(
+        console.contains(
+            "failed to start after joining rabbit@demo-0.demo-nodes.default.svc.cluster.local (try 1); starting it \
+             again in a new Erlang VM"
+        ),
+        "{console}"
+    );
+    assert!(console.contains("booted in its new Erlang VM as a member of the cluster it joined"), "{console}");
     assert!(console.contains("is clustered"), "{console}");
     assert!(pod.dir.join("mnesia").join(NODE).join("warren-clustered").exists(), "{console}");
     let grows = std::fs::read_to_string(pod.dir.join("state/grows")).unwrap_or_default();
     assert_eq!(grows.trim(), "2", "grown again after a queue refused the member: {console}");
     assert!(!console.contains("growing quorum queues"), "{console}");
+    // The pod's main process follows the new VM: SIGTERM stops it, and the script exits with it.
+    pod.terminate();
+    assert!(pod.wait_exit(Duration::from_secs(15)).success(), "{}", pod.console());
+    assert!(!pod.dir.join("state/running").exists(), "the new VM got the SIGTERM");
+    assert_eq!(pod.starts(), 2, "{}", pod.console());
+}
+
+#[test]
+fn a_joining_node_whose_new_vm_boots_alone_joins_again() {
+    let mut pod = Pod::start("join-boots-alone", Server::JoinsStartAppFails(NewVm::BootsAlone));
+    pod.wait_until("joined again and said so", Duration::from_secs(60), || {
+        pod.booted_flag().exists() && pod.console().contains("is clustered")
+    });
+    let calls = std::fs::read_to_string(pod.dir.join("state/calls")).unwrap_or_default();
+    let join = ["stop_app", "reset", "join_cluster", "start_app"];
+    assert_eq!(calls.lines().collect::<Vec<_>>(), [join, join].concat(), "{}", pod.console());
+    assert_eq!(pod.starts(), 2, "{}", pod.console());
+    let console = pod.console();
+    assert!(console.contains("(try 1); starting it again in a new Erlang VM"), "{console}");
+    assert!(!console.contains("as a member of the cluster it joined"), "{console}");
+    assert_eq!(console.matches("joining the cluster of rabbit@demo-0").count(), 2, "{console}");
+    assert!(pod.dir.join("mnesia").join(NODE).join("warren-clustered").exists(), "{console}");
     pod.terminate();
     assert!(pod.wait_exit(Duration::from_secs(15)).success(), "{}", pod.console());
 }
 
 #[test]
 fn a_joining_node_that_never_starts_exits_unmarked_for_the_kubelet_to_restart() {
-    let mut pod = Pod::start("join-never-starts", Server::JoinsStartAppFails(3));
+    let mut pod = Pod::start("join-never-starts", Server::JoinsStartAppFails(NewVm::NeverBoots));
     let status = pod.wait_exit(Duration::from_secs(60));
     assert!(!status.success(), "{}", pod.console());
     let calls = std::fs::read_to_string(pod.dir.join("state/calls")).unwrap_or_default();
-    assert_eq!(calls.matches("start_app").count(), 3, "{calls}");
+    assert_eq!(calls.matches("start_app").count(), 1, "{calls}");
+    assert_eq!(pod.starts(), 3, "start_app, then two new VMs: {}", pod.console());
     assert!(
         pod.console()
             .contains("failed to start after joining rabbit@demo-0.demo-nodes.default.svc.cluster.local, 3 times"),
         "{}",
         pod.console()
     );
+    assert!(pod.console().contains("RabbitMQ exited while booting in its new Erlang VM"), "{}", pod.console());
     // Unmarked: the restarted container joins from the start again.
     assert!(!pod.dir.join("mnesia").join(NODE).join("warren-clustered").exists());
     assert!(!pod.booted_flag().exists());

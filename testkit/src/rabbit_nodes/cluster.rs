@@ -308,6 +308,21 @@ impl NodeCluster {
         }
     }
 
+    /// Puts `script` (a shell script) as `program` first in pod `index`'s PATH, before it starts:
+    /// a stand-in in front of the image's own program, for a state a real node gets into only at
+    /// random. The script finds the image's programs under `RABBITMQ_BIN`.
+    pub fn wrap_program(&mut self, index: usize, program: &str, script: &str) {
+        let node = &mut self.nodes[index];
+        assert!(!node.is_started(), "node {index} runs already");
+        let dir = node.dir.join("wrapped");
+        std::fs::create_dir_all(&dir).expect("wrapper dir");
+        let path = dir.join(program);
+        std::fs::write(&path, format!("#!/bin/sh\nRABBITMQ_BIN={RABBITMQ_BIN}\n{script}\n")).expect("wrapper");
+        must("chmod", &["755", &path.to_string_lossy()]);
+        let search = node.env.iter_mut().find(|(key, _)| key == "PATH").expect("the pod's PATH");
+        search.1 = format!("{}:{}", dir.display(), search.1);
+    }
+
     /// What the operator does on a scale-up: the ConfigMap's replica count changes (every pod's
     /// mounted copy follows) and the StatefulSet adds pods `current..replicas`, started at once.
     pub fn scale_to(&mut self, replicas: usize) {

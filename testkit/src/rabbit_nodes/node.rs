@@ -46,6 +46,11 @@ impl Node {
         self.dir.join("console.log")
     }
 
+    /// Everything the pod's main process (bootstrap.sh and RabbitMQ) printed.
+    pub fn console(&self) -> String {
+        std::fs::read_to_string(self.console_log()).unwrap_or_default()
+    }
+
     /// The last lines the node printed, for failure messages.
     pub fn console_tail(&self) -> String {
         let text = std::fs::read_to_string(self.console_log()).unwrap_or_default();

@@ -103,10 +103,32 @@ stop_server() {
 }
 trap stop_server TERM INT
 
+# Stops RabbitMQ's Erlang VM and starts a new one; succeeds once it has booted. The pod exits on a
+# SIGTERM received meanwhile.
+restart_server() {
+    kill -TERM "$server_pid" 2>/dev/null || true
+    local waited
+    for ((waited = 0; waited < stop_timeout; waited++)); do
+        server_alive || break
+        sleep 1
+    done
+    server_alive && kill_server
+    wait "$server_pid" 2>/dev/null || true
+    [[ "$terminating" == true ]] && exit 0
+    rabbitmq-server &
+    server_pid=$!
+    until timeout 120 rabbitmqctl -q await_startup >/dev/null 2>&1; do
+        server_alive || { log "RabbitMQ exited while booting in its new Erlang VM"; return 1; }
+        sleep 2
+    done
+}
+
+# Makes this node a member of the cluster of SEED (whose disk nodes are SEED_MEMBERS) and starts
+# it. Returns 1 when a step before the start fails, 2 when RabbitMQ fails to start after joining.
 join_cluster() {
     local seed="$1" seed_members="$2"
     log "joining the cluster of $seed"
-    rabbitmqctl -q stop_app
+    rabbitmqctl -q stop_app || return 1
     if grep -qxF "$RABBITMQ_NODENAME" <<<"$seed_members"; then
         # This node's volume was lost: the cluster still lists its old incarnation. Forget it first,
         # on either store. Mnesia refuses the join otherwise; Khepri would take the node back under
@@ -115,7 +137,7 @@ join_cluster() {
         # 4.3.6: a queue left with a member that never runs). Forgotten, the node joins as a new
         # member and its quorum queue members are grown below, as for a new replica.
         log "the cluster still lists $RABBITMQ_NODENAME (its data was lost); forgetting it"
-        rabbitmqctl -q -n "$seed" forget_cluster_node "$RABBITMQ_NODENAME"
+        rabbitmqctl -q -n "$seed" forget_cluster_node "$RABBITMQ_NODENAME" || return 1
     fi
     # On Khepri, reset can fail once while the cluster's leader still contacts the wiped node's own
     # single-node store (leader_saw_append_entries_rpc_in_same_term): retry it.
@@ -126,30 +148,47 @@ join_cluster() {
         log "reset failed (try $try); retrying in 5 s"
         sleep 5
     done
-    rabbitmqctl -q join_cluster "$seed"
-    # RabbitMQ 3.x on Mnesia can fail this first start when peers join at the same moment: Mnesia's
-    # start is cut short ({error,{normal,{mnesia_app,start,...}}}, seen on 3.10.8 with two nodes
-    # joining the seed at once on a loaded machine). The node is a member by now; starting it again
-    # syncs its tables from the peers.
-    for try in 1 2 3; do
-        rabbitmqctl -q start_app && break
-        [[ "$try" == 3 ]] && { log "RabbitMQ failed to start after joining $seed, $try times"; return 1; }
-        log "RabbitMQ failed to start after joining $seed (try $try); starting it again in 5 s"
-        sleep 5
-    done
-    # A node that joins (a new replica, or one whose volume was lost and was forgotten) holds no
-    # member of the existing quorum queues: give each one a member here, so every queue is
-    # replicated on every node again. Not fatal: the cluster works without it. `grow` succeeds even
-    # when a queue refused the new member (a queue takes one membership change at a time, and two
-    # nodes joining at once both change every queue): it is run again until no queue reports an
-    # error (queues that have the member already are skipped).
-    local errors=""
+    rabbitmqctl -q join_cluster "$seed" || return 1
+    rabbitmqctl -q start_app || return 2
+    grow_quorum_queues
+}
+
+# A node that joins (a new replica, or one whose volume was lost and was forgotten) holds no member
+# of the existing quorum queues: give each one a member here, so every queue is replicated on every
+# node again. Not fatal: the cluster works without it. `grow` succeeds even when a queue refused
+# the new member (a queue takes one membership change at a time, and two nodes joining at once both
+# change every queue): it is run again until no queue reports an error (queues that have the member
+# already are skipped).
+grow_quorum_queues() {
+    local errors="" try
     for try in 1 2 3 4 5 6 7 8 9 10; do
         errors=$(rabbitmq-queues -q grow "$RABBITMQ_NODENAME" all --errors-only --formatter json 2>/dev/null) &&
             [[ "$errors" == "[]" ]] && return 0
         sleep 3
     done
     log "growing quorum queues onto $RABBITMQ_NODENAME failed; they keep their other members: ${errors:0:500}"
+}
+
+# RabbitMQ 3.x on Mnesia can fail the first start after join_cluster when peers join at the same
+# moment (seen on 3.10.8 with two nodes joining the seed at once on a loaded machine: Mnesia's start
+# cut short, {error,{normal,{mnesia_app,start,...}}}). Starting the app again in the same Erlang VM
+# is not enough: a make test saw the next two start_app fail with
+# {cannot_create_schema,{has_no_disc,...}}, the VM left unable to start it. So the node gets a new
+# VM, which boots from what join_cluster wrote, and the first boot's loop looks again: booted as a
+# member, the node is done; booted alone (its data did not survive), it joins again.
+join_failures=0
+start_app_failed() {
+    local seed="$1"
+    while true; do
+        join_failures=$((join_failures + 1))
+        if [[ "$join_failures" -ge 3 ]]; then
+            log "RabbitMQ failed to start after joining $seed, $join_failures times"
+            exit 1
+        fi
+        log "RabbitMQ failed to start after joining $seed (try $join_failures); starting it again in a new Erlang VM in 5 s"
+        sleep 5
+        restart_server && return 0
+    done
 }
 
 # Maintenance mode outlives a restart: a node drained by its previous pod's preStop hook (or by a
@@ -187,7 +226,11 @@ else
     done
     while true; do
         own=$(members_of "$RABBITMQ_NODENAME" || true)
-        if [[ $(grep -c . <<<"$own") -gt 1 ]]; then
+        if [[ $(grep -c . <<<"$own") -gt 1 && "$join_failures" -gt 0 ]]; then
+            log "$RABBITMQ_NODENAME booted in its new Erlang VM as a member of the cluster it joined"
+            grow_quorum_queues
+            break
+        elif [[ $(grep -c . <<<"$own") -gt 1 ]]; then
             log "other nodes joined $RABBITMQ_NODENAME already"
             break
         fi
@@ -200,7 +243,10 @@ else
             peer="rabbit@${WARREN_STS_NAME}-${i}.${WARREN_PEER_DOMAIN}"
             members=$(members_of "$peer") || continue
             if [[ "$i" == 0 || $(grep -c . <<<"$members") -gt 1 ]]; then
-                join_cluster "$peer" "$members"
+                status=0
+                join_cluster "$peer" "$members" || status=$?
+                [[ "$status" == 1 ]] && exit 1
+                [[ "$status" == 2 ]] && { start_app_failed "$peer"; continue 2; }
                 joined="$peer"
                 break
             fi
