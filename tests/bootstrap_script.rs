@@ -189,6 +189,18 @@ impl Pod {
         }
     }
 
+    /// The clustering commands the script ran, one per line, in order.
+    fn calls(&self) -> String {
+        std::fs::read_to_string(self.dir.join("state/calls")).unwrap_or_default()
+    }
+
+    /// Waits for a first boot's last word: the script marks the node, flags the boot, then says so.
+    fn wait_clustered(&self) {
+        self.wait_until("clustered and said so", Duration::from_secs(60), || {
+            self.booted_flag().exists() && self.console().contains("is clustered")
+        });
+    }
+
     fn wait_until(&self, what: &str, limit: Duration, done: impl Fn() -> bool) {
         let deadline = Instant::now() + limit;
         while !done() {
@@ -257,11 +269,8 @@ fn a_member_that_crashes_after_it_booted_is_left_to_the_kubelet() {
 #[test]
 fn a_joining_node_whose_first_start_fails_boots_in_a_new_vm_and_is_marked_clustered() {
     let mut pod = Pod::start("join-start-fails", Server::JoinsStartAppFails(NewVm::BootsAsMember));
-    // The script marks the node, flags the boot, then says so: wait for its last word.
-    pod.wait_until("booted after joining and said so", Duration::from_secs(60), || {
-        pod.booted_flag().exists() && pod.console().contains("is clustered")
-    });
-    let calls = std::fs::read_to_string(pod.dir.join("state/calls")).unwrap_or_default();
+    pod.wait_clustered();
+    let calls = pod.calls();
     // start_app once: its VM cannot start the app again; the second start is a new VM's boot.
     assert_eq!(calls.lines().collect::<Vec<_>>(), ["stop_app", "reset", "join_cluster", "start_app"]);
     assert_eq!(pod.starts(), 2, "the first VM stopped, a second one booted: {}", pod.console());
@@ -290,10 +299,8 @@ fn a_joining_node_whose_first_start_fails_boots_in_a_new_vm_and_is_marked_cluste
 #[test]
 fn a_joining_node_whose_new_vm_boots_alone_joins_again() {
     let mut pod = Pod::start("join-boots-alone", Server::JoinsStartAppFails(NewVm::BootsAlone));
-    pod.wait_until("joined again and said so", Duration::from_secs(60), || {
-        pod.booted_flag().exists() && pod.console().contains("is clustered")
-    });
-    let calls = std::fs::read_to_string(pod.dir.join("state/calls")).unwrap_or_default();
+    pod.wait_clustered();
+    let calls = pod.calls();
     let join = ["stop_app", "reset", "join_cluster", "start_app"];
     assert_eq!(calls.lines().collect::<Vec<_>>(), [join, join].concat(), "{}", pod.console());
     assert_eq!(pod.starts(), 2, "{}", pod.console());
@@ -311,7 +318,7 @@ fn a_joining_node_that_never_starts_exits_unmarked_for_the_kubelet_to_restart() 
     let mut pod = Pod::start("join-never-starts", Server::JoinsStartAppFails(NewVm::NeverBoots));
     let status = pod.wait_exit(Duration::from_secs(60));
     assert!(!status.success(), "{}", pod.console());
-    let calls = std::fs::read_to_string(pod.dir.join("state/calls")).unwrap_or_default();
+    let calls = pod.calls();
     assert_eq!(calls.matches("start_app").count(), 1, "{calls}");
     assert_eq!(pod.starts(), 3, "start_app, then two new VMs: {}", pod.console());
     assert!(
