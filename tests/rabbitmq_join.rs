@@ -62,9 +62,7 @@ async fn a_node_whose_start_after_joining_fails_boots_in_a_new_vm(generation: &s
     assert_eq!(node_list(&status["disk_nodes"]), nodes.names(&[0, 1]), "{generation}: {status}");
     wait_for(&format!("{generation}: orders with a member on node 1"), Duration::from_secs(60), || async {
         let info = nodes.api(0, "/api/queues/%2F/orders").await?;
-        let mut members = node_list(&info["members"]);
-        members.sort();
-        (members == nodes.names(&[0, 1])).then_some(()).ok_or(info["members"].to_string())
+        (node_list(&info["members"]) == nodes.names(&[0, 1])).then_some(()).ok_or(info["members"].to_string())
     })
     .await;
     let data = nodes.nodes[1].data_dir().join("mnesia").join(&nodes.nodes[1].name);

@@ -89,7 +89,7 @@ pub async fn drains_every_node_in_turn_under_load(
     for (pod, node) in placed.iter().skip(1) {
         // The next drain is asked for while the previous node's pod is still Pending.
         let uid = uid_of(client, ns, name, pod).await.expect("the next node's pod");
-        let next = drain(node);
+        let mut next = drain(node);
         tokio::time::sleep(Duration::from_secs(15)).await;
         assert_eq!(
             uid_of(client, ns, name, pod).await.as_deref(),
@@ -101,9 +101,8 @@ pub async fn drains_every_node_in_turn_under_load(
         // running, it evicts this pod as soon as the budget allows, which can be before the
         // cluster's Ready condition has counted three members again, and that state would never
         // be seen (a run of tier 4 beside other tests lost this race once).
-        let mut held = next;
-        held.kill().expect("stop kubectl drain");
-        held.wait().expect("kubectl drain stopped");
+        next.kill().expect("stop kubectl drain");
+        next.wait().expect("kubectl drain stopped");
         ok("kubectl uncordon", kubectl(&["uncordon", &previous.1]));
         wait_ready(client, ns, name, 3).await;
         endpoint.wait_copies(QUEUE, 3).await;

@@ -88,39 +88,42 @@ kill_server() {
 # A RabbitMQ 4.3 node stopping while its peers stop too has been seen to hang for good after
 # "RabbitMQ metadata store: worker exited with shutdown", which held its pod Terminating for the
 # whole grace period and the cluster one member short. Killed, it restarts as after a crash:
-# quorum queues and the metadata store recover from their logs.
+# quorum queues and the metadata store recover from their logs. Returns once it has stopped (or
+# once this script has exited, when run in the background).
+stop_vm() {
+    kill -TERM "$server_pid" 2>/dev/null || true
+    local waited
+    for ((waited = 0; waited < stop_timeout; waited++)); do
+        kill -0 $$ 2>/dev/null && server_alive || return 0
+        sleep 1
+    done
+    log "RabbitMQ has not stopped ${stop_timeout}s after SIGTERM: killing it"
+    kill_server
+}
+
 stop_server() {
     terminating=true
-    kill -TERM "$server_pid" 2>/dev/null || true
-    (
-        for ((waited = 0; waited < stop_timeout; waited++)); do
-            kill -0 $$ 2>/dev/null && server_alive || exit 0
-            sleep 1
-        done
-        log "RabbitMQ has not stopped ${stop_timeout}s after SIGTERM: killing it"
-        kill_server
-    ) &
+    stop_vm &
 }
 trap stop_server TERM INT
+
+# Waits until RabbitMQ has booted; fails when it exits first.
+await_boot() {
+    until timeout 120 rabbitmqctl -q await_startup >/dev/null 2>&1; do
+        server_alive || return 1
+        sleep 2
+    done
+}
 
 # Stops RabbitMQ's Erlang VM and starts a new one; succeeds once it has booted. The pod exits on a
 # SIGTERM received meanwhile.
 restart_server() {
-    kill -TERM "$server_pid" 2>/dev/null || true
-    local waited
-    for ((waited = 0; waited < stop_timeout; waited++)); do
-        server_alive || break
-        sleep 1
-    done
-    server_alive && kill_server
+    stop_vm
     wait "$server_pid" 2>/dev/null || true
     [[ "$terminating" == true ]] && exit 0
     rabbitmq-server &
     server_pid=$!
-    until timeout 120 rabbitmqctl -q await_startup >/dev/null 2>&1; do
-        server_alive || { log "RabbitMQ exited while booting in its new Erlang VM"; return 1; }
-        sleep 2
-    done
+    await_boot || { log "RabbitMQ exited while booting in its new Erlang VM"; return 1; }
 }
 
 # Makes this node a member of the cluster of SEED (whose disk nodes are SEED_MEMBERS) and starts
@@ -196,10 +199,7 @@ start_app_failed() {
 # closed and the pod never becomes ready (seen on the node tests). This pod is not leaving: once
 # booted, a node still marked as being drained is revived.
 revive_if_drained() {
-    until timeout 120 rabbitmqctl -q await_startup >/dev/null 2>&1; do
-        server_alive || return 0
-        sleep 2
-    done
+    await_boot || return 0
     local drained
     drained=$(timeout 60 rabbitmqctl -q eval 'rabbit_maintenance:is_being_drained_local_read(node()).' 2>/dev/null)
     if [[ "$drained" == true ]]; then
@@ -220,18 +220,16 @@ if [[ -f "$marker" ]]; then
         revive_if_drained
     ) &
 else
-    until timeout 120 rabbitmqctl -q await_startup >/dev/null 2>&1; do
-        server_alive || { log "RabbitMQ exited during its first boot"; wait "$server_pid"; exit 1; }
-        sleep 2
-    done
+    await_boot || { log "RabbitMQ exited during its first boot"; wait "$server_pid"; exit 1; }
     while true; do
         own=$(members_of "$RABBITMQ_NODENAME" || true)
-        if [[ $(grep -c . <<<"$own") -gt 1 && "$join_failures" -gt 0 ]]; then
-            log "$RABBITMQ_NODENAME booted in its new Erlang VM as a member of the cluster it joined"
-            grow_quorum_queues
-            break
-        elif [[ $(grep -c . <<<"$own") -gt 1 ]]; then
-            log "other nodes joined $RABBITMQ_NODENAME already"
+        if [[ $(grep -c . <<<"$own") -gt 1 ]]; then
+            if [[ "$join_failures" -gt 0 ]]; then
+                log "$RABBITMQ_NODENAME booted in its new Erlang VM as a member of the cluster it joined"
+                grow_quorum_queues
+            else
+                log "other nodes joined $RABBITMQ_NODENAME already"
+            fi
             break
         fi
         # The lowest-ordinal running peer that is part of the cluster: the seed (ordinal 0) or a node
